@@ -1,0 +1,3 @@
+//! Types shared by Tandem's binaries. Never depends on the engine or on CUDA.
+
+pub mod generate;

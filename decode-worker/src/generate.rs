@@ -1,0 +1,197 @@
+//! Single-process generation: load, run one sequence through the continuous-batching engine,
+//! print text or one JSON object.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tandem_common::generate::{DeviceArg, GenerateArgs, OutputFormat};
+use tandem_engine::{
+    CpuBackend, Device, DeviceChoice, Engine, EngineConfig, EngineError, LoadProgress, Model,
+    SamplingParams, SeqId, StopCriteria, Tokenizer,
+};
+
+/// Failures of `generate`, split by whether the user's input was at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("loading model from {dir}: {source}")]
+    Load {
+        dir: PathBuf,
+        #[source]
+        source: EngineError,
+    },
+    #[error("{0}")]
+    Request(#[source] EngineError),
+    #[error("running the model: {0}")]
+    Run(#[source] EngineError),
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl GenerateError {
+    /// True when the command line asked for something impossible (exit code 64).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::Request(_))
+    }
+}
+
+/// The JSON contract of `generate --output json`.
+#[derive(Debug, Serialize)]
+pub struct GenerateOutput {
+    /// Generated ids only, prompt excluded.
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    /// Log-probability of each generated token under the model's raw distribution.
+    pub logprobs: Vec<f32>,
+    /// Per token, the `--top-logprobs` most likely alternatives.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_logprobs: Vec<Vec<TopLogprobJson>>,
+    pub finish_reason: &'static str,
+    pub prompt_token_ids: Vec<u32>,
+    pub usage: Usage,
+    pub device: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TopLogprobJson {
+    pub token_id: u32,
+    pub logprob: f32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Runs the command and prints its result on stdout.
+pub fn run(args: &GenerateArgs) -> Result<(), GenerateError> {
+    let device = match args.device {
+        DeviceArg::Auto => DeviceChoice::Auto,
+        DeviceArg::Cpu => DeviceChoice::Cpu,
+        DeviceArg::Cuda => DeviceChoice::Cuda,
+    }
+    .resolve()
+    .map_err(GenerateError::Request)?;
+    let Device::Cpu { fallback_reason } = device;
+    if let Some(reason) = fallback_reason {
+        if args.output == OutputFormat::Text {
+            eprintln!("device auto: using cpu ({reason})");
+        }
+    }
+    let dir = match &args.model {
+        Some(dir) => dir.clone(),
+        None => tandem_engine::ensure_demo_model().map_err(|source| GenerateError::Load {
+            dir: tandem_engine::demo_model_dir(),
+            source,
+        })?,
+    };
+    let load_error = |source| GenerateError::Load {
+        dir: dir.clone(),
+        source,
+    };
+    let tokenizer = Arc::new(Tokenizer::from_dir(&dir).map_err(load_error)?);
+    let model = load_with_progress(&dir).map_err(load_error)?;
+    let prompt = match (&args.prompt_ids, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => tokenizer.encode(text).map_err(GenerateError::Request)?,
+        (None, None) => Vec::new(),
+    };
+    let prompt_len = prompt.len();
+    let engine_config = EngineConfig {
+        num_blocks: (prompt_len + args.max_tokens).div_ceil(EngineConfig::default().block_size),
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(model, Some(tokenizer), engine_config).map_err(GenerateError::Request)?;
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        seed: args.seed,
+        repetition_penalty: args.repetition_penalty,
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
+        top_logprobs: args.top_logprobs,
+    };
+    let stop = StopCriteria {
+        max_new_tokens: args.max_tokens,
+        stop_token_ids: args.stop_token_ids.clone(),
+        stop_strings: args.stop.clone(),
+        ignore_eos: args.ignore_eos,
+    };
+    engine
+        .add_request(SeqId(0), prompt.clone(), params, stop)
+        .map_err(GenerateError::Request)?;
+
+    let mut out = GenerateOutput {
+        token_ids: Vec::new(),
+        text: String::new(),
+        logprobs: Vec::new(),
+        top_logprobs: Vec::new(),
+        finish_reason: "length",
+        prompt_token_ids: prompt,
+        usage: Usage {
+            prompt_tokens: prompt_len,
+            completion_tokens: 0,
+        },
+        device: engine.model().backend_name(),
+    };
+    let stdout = std::io::stdout();
+    while engine.has_work() {
+        for event in engine.step().map_err(GenerateError::Run)?.events {
+            if args.output == OutputFormat::Text {
+                let mut lock = stdout.lock();
+                lock.write_all(event.text.as_bytes())?;
+                lock.flush()?;
+            }
+            out.token_ids.push(event.token);
+            out.text.push_str(&event.text);
+            out.logprobs.push(event.logprobs.chosen);
+            if args.top_logprobs > 0 {
+                out.top_logprobs.push(
+                    event
+                        .logprobs
+                        .top
+                        .iter()
+                        .map(|t| TopLogprobJson {
+                            token_id: t.token,
+                            logprob: t.logprob,
+                        })
+                        .collect(),
+                );
+            }
+            if let Some(finish) = event.finish {
+                out.finish_reason = finish.as_str();
+            }
+        }
+    }
+    out.usage.completion_tokens = out.token_ids.len();
+    let mut lock = stdout.lock();
+    match args.output {
+        OutputFormat::Text => writeln!(lock)?,
+        OutputFormat::Json => {
+            serde_json::to_writer(&mut lock, &out).map_err(std::io::Error::from)?;
+            writeln!(lock)?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads the checkpoint, drawing a progress bar when stderr is a terminal.
+fn load_with_progress(dir: &std::path::Path) -> Result<Model<CpuBackend>, EngineError> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} tensors")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(dir.display().to_string());
+    let model = Model::load(dir, CpuBackend, &mut |p: LoadProgress| {
+        bar.set_length(p.tensors_total as u64);
+        bar.set_position(p.tensors_loaded as u64);
+    });
+    bar.finish_and_clear();
+    model
+}

@@ -1,0 +1,35 @@
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tandem_common::generate::GenerateArgs;
+
+/// Exit code for bad command-line input (sysexits EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+/// Tandem decode worker.
+#[derive(Parser)]
+#[command(name = "tandem-decode-worker", version, about)]
+struct Config {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one prompt through the model in this process and print the result.
+    Generate(GenerateArgs),
+}
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    match config.command {
+        Command::Generate(args) => match tandem_decode_worker::generate::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                let code = if e.is_usage() { EXIT_USAGE } else { 1 };
+                ExitCode::from(code)
+            }
+        },
+    }
+}

@@ -1,0 +1,165 @@
+//! The narrow kernel interface the model is written against, and the choice of device.
+
+use std::ops::Range;
+
+use crate::block_pool::BlockId;
+use crate::checkpoint::HostTensor;
+use crate::error::{EngineError, Result};
+use crate::weights::ExpertWeights;
+
+pub(crate) mod cpu;
+
+/// Kernels one device provides. Model code is written once against this trait; each backend
+/// picks its own storage layouts and dtypes behind the associated types.
+pub trait Backend: Send + Sync + Sized {
+    /// 2-D activations, `[rows, cols]`.
+    type Tensor: Send;
+    /// A weight matrix `[out, in]` as the checkpoint stores it (the backend may re-layout it).
+    type Matrix: Send + Sync;
+    /// A 1-D weight: norm scales and biases.
+    type Vector: Send + Sync;
+    /// K and V storage of one layer's block pool.
+    type KvStore: Send;
+
+    /// Short name for logs and benches.
+    fn name(&self) -> &'static str;
+    fn matrix(&self, host: HostTensor) -> Result<Self::Matrix>;
+    fn vector(&self, host: Vec<f32>) -> Result<Self::Vector>;
+    fn kv_store(&self, spec: &KvSpec) -> Result<Self::KvStore>;
+
+    /// Gathers rows of `table` (`[vocab, hidden]`).
+    fn embed(&self, table: &Self::Matrix, ids: &[u32]) -> Result<Self::Tensor>;
+    /// RMSNorm over each run of `weight.len()` values (a whole row, or one head).
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Vector, eps: f32) -> Result<Self::Tensor>;
+    /// `x · wᵀ + bias`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Matrix,
+        bias: Option<&Self::Vector>,
+    ) -> Result<Self::Tensor>;
+    fn add_assign(&self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()>;
+    /// Multiplies row i by `scales[i]`.
+    fn scale_rows(&self, x: &mut Self::Tensor, scales: &[f32]) -> Result<()>;
+    /// `silu(gate) * up` for a `[rows, 2·I]` tensor holding gate then up.
+    fn swiglu(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Rotary position embedding (rotate-half form) applied to every head of every row.
+    fn rope(&self, x: &mut Self::Tensor, positions: &[u32], rope: &RopeSpec) -> Result<()>;
+    /// Writes row i of `k` and `v` into cache slot `slots[i]`.
+    fn write_kv(
+        &self,
+        store: &mut Self::KvStore,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        slots: &[usize],
+    ) -> Result<()>;
+    /// Causal grouped-query attention of `q` over the paged cache.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        store: &Self::KvStore,
+        batch: &AttentionBatch<'_>,
+    ) -> Result<Self::Tensor>;
+    /// Runs each token through its routed experts (grouped by expert) and returns the
+    /// routing-weighted sum.
+    fn moe_experts(
+        &self,
+        x: &Self::Tensor,
+        routing: &Routing,
+        experts: &[ExpertWeights<Self>],
+    ) -> Result<Self::Tensor>;
+    fn select_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+}
+
+/// Shape of one layer's paged KV storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvSpec {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Rotary embedding parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeSpec {
+    pub head_dim: usize,
+    pub theta: f32,
+}
+
+/// One sequence's share of an attention call.
+#[derive(Debug, Clone)]
+pub struct AttentionSeq<'a> {
+    /// Rows of `q` that belong to this sequence, in position order.
+    pub rows: Range<usize>,
+    /// Position of the first of those rows; earlier positions are already cached.
+    pub first_position: usize,
+    pub block_table: &'a [BlockId],
+}
+
+/// Everything attention needs besides the tensors.
+#[derive(Debug, Clone)]
+pub struct AttentionBatch<'a> {
+    pub seqs: Vec<AttentionSeq<'a>>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+}
+
+/// Top-k expert choice per token, `experts_per_token` entries per row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub experts_per_token: usize,
+    pub expert_ids: Vec<usize>,
+    pub weights: Vec<f32>,
+}
+
+/// What the operator asked for with `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// The device the engine will run on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Device {
+    /// `fallback_reason` says why `auto` did not pick CUDA.
+    Cpu { fallback_reason: Option<String> },
+}
+
+const NO_CUDA_BACKEND: &str = "this build has no CUDA backend yet";
+
+impl DeviceChoice {
+    /// Resolves the choice against what this build and machine offer.
+    pub fn resolve(self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu {
+                fallback_reason: None,
+            }),
+            Self::Auto => Ok(Device::Cpu {
+                fallback_reason: Some(NO_CUDA_BACKEND.to_owned()),
+            }),
+            Self::Cuda => Err(EngineError::DeviceUnavailable {
+                device: "cuda".into(),
+                reason: NO_CUDA_BACKEND.into(),
+            }),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda),
+            other => Err(format!("unknown device {other}; expected auto, cpu or cuda")),
+        }
+    }
+}

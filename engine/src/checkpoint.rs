@@ -1,0 +1,206 @@
+//! Memory-mapped safetensors checkpoints, single file or sharded through
+//! `model.safetensors.index.json`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata, SafeTensors};
+use serde::Deserialize;
+
+use crate::error::{EngineError, Result};
+
+const SINGLE_FILE: &str = "model.safetensors";
+const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Bytes of the little-endian header length that starts every safetensors file.
+const HEADER_LEN_BYTES: usize = 8;
+
+/// Progress of weight loading, reported once per tensor.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadProgress {
+    pub tensors_loaded: usize,
+    pub tensors_total: usize,
+}
+
+/// A tensor read from the checkpoint and widened to f32, row-major.
+#[derive(Debug, Clone)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// An opened checkpoint: every shard mapped, every header parsed once.
+pub(crate) struct Checkpoint {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    /// Tensor name → index into `shards`.
+    locations: HashMap<String, usize>,
+}
+
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    data_start: usize,
+    metadata: Metadata,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Maps the checkpoint in `dir`, preferring the sharded index when both exist.
+    pub(crate) fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join(INDEX_FILE);
+        let files: Vec<String> = if index_path.exists() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| EngineError::io(&index_path, e))?;
+            let index: ShardIndex = serde_json::from_str(&text).map_err(|source| {
+                EngineError::Json {
+                    path: index_path.clone(),
+                    source,
+                }
+            })?;
+            let mut files: Vec<String> = index.weight_map.into_values().collect();
+            files.sort();
+            files.dedup();
+            files
+        } else if dir.join(SINGLE_FILE).exists() {
+            vec![SINGLE_FILE.to_owned()]
+        } else {
+            return Err(EngineError::Checkpoint {
+                path: dir.to_owned(),
+                message: format!("neither {SINGLE_FILE} nor {INDEX_FILE} is present"),
+            });
+        };
+        let mut shards = Vec::with_capacity(files.len());
+        let mut locations = HashMap::new();
+        for file in files {
+            let shard = Shard::open(&dir.join(file))?;
+            for name in shard.metadata.tensors().into_keys() {
+                locations.insert(name, shards.len());
+            }
+            shards.push(shard);
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            shards,
+            locations,
+        })
+    }
+
+    /// Number of tensors in the checkpoint.
+    pub(crate) fn len(&self) -> usize {
+        self.locations.len()
+    }
+
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
+        self.locations.keys().map(String::as_str)
+    }
+
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.locations.contains_key(name)
+    }
+
+    /// Reads `name`, checks its shape and widens it to f32.
+    pub(crate) fn tensor(&self, name: &str, expected_shape: &[usize]) -> Result<HostTensor> {
+        let shard = self
+            .locations
+            .get(name)
+            .map(|&i| &self.shards[i])
+            .ok_or_else(|| EngineError::MissingTensor {
+                name: name.to_owned(),
+                dir: self.dir.clone(),
+            })?;
+        let info = shard
+            .metadata
+            .info(name)
+            .ok_or_else(|| EngineError::MissingTensor {
+                name: name.to_owned(),
+                dir: self.dir.clone(),
+            })?;
+        if info.shape != expected_shape {
+            return Err(EngineError::ShapeMismatch {
+                name: name.to_owned(),
+                expected: expected_shape.to_vec(),
+                actual: info.shape.clone(),
+            });
+        }
+        let (start, end) = info.data_offsets;
+        let bytes = shard
+            .map
+            .get(shard.data_start + start..shard.data_start + end)
+            .ok_or_else(|| EngineError::Checkpoint {
+                path: shard.path.clone(),
+                message: format!("tensor `{name}` lies outside the file"),
+            })?;
+        let data = widen(name, info.dtype, bytes)?;
+        let count: usize = info.shape.iter().product();
+        if data.len() != count {
+            return Err(EngineError::Checkpoint {
+                path: shard.path.clone(),
+                message: format!(
+                    "tensor `{name}` holds {} values, its shape {:?} needs {count}",
+                    data.len(),
+                    info.shape
+                ),
+            });
+        }
+        Ok(HostTensor {
+            shape: info.shape.clone(),
+            data,
+        })
+    }
+}
+
+impl Shard {
+    fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+        let map = map_read_only(&file).map_err(|e| EngineError::io(path, e))?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&map).map_err(|e| EngineError::Checkpoint {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            path: path.to_owned(),
+            map,
+            data_start: HEADER_LEN_BYTES + header_len,
+            metadata,
+        })
+    }
+}
+
+#[allow(unsafe_code)]
+fn map_read_only(file: &File) -> std::io::Result<Mmap> {
+    // SAFETY: the mapping is read-only and checkpoints are not modified while a worker runs;
+    // a concurrent truncation would be an operator error that the kernel reports as SIGBUS.
+    unsafe { Mmap::map(file) }
+}
+
+fn widen(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
+    let values = match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(EngineError::UnsupportedDtype {
+                name: name.to_owned(),
+                dtype: format!("{other:?}"),
+            });
+        }
+    };
+    Ok(values)
+}

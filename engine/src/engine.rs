@@ -1,0 +1,390 @@
+//! Continuous batching: sequences join and leave between steps; each step mixes prompt chunks
+//! (chunked prefill under a token budget) with one token for every running sequence.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::backend::{Backend, KvSpec};
+use crate::error::{EngineError, Result};
+use crate::kv_cache::KvCache;
+use crate::model::{ForwardBatch, ForwardSeq, Model};
+use crate::sampling::{Logprobs, Sampler, SamplingParams};
+use crate::sequence::{SeqId, Sequence, StopCriteria};
+use crate::tokenizer::{IncrementalText, Tokenizer};
+
+/// Sizing of the KV cache and of each step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV blocks per layer.
+    pub num_blocks: usize,
+    /// Most tokens one step computes (decode tokens plus prompt chunks).
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            num_blocks: 2048,
+            max_batch_tokens: 512,
+            max_running: 256,
+        }
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `max_new_tokens` reached.
+    Length,
+    /// An end-of-sequence token, a stop token or a stop string.
+    Stop,
+}
+
+impl FinishReason {
+    /// The OpenAI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Length => "length",
+            Self::Stop => "stop",
+        }
+    }
+}
+
+/// One token produced for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent {
+    pub seq: SeqId,
+    pub token: u32,
+    pub logprobs: Logprobs,
+    /// Text that became final with this token (empty without a tokenizer).
+    pub text: String,
+    /// Set on the sequence's last token; its blocks are already free.
+    pub finish: Option<FinishReason>,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepOutput {
+    pub events: Vec<TokenEvent>,
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+}
+
+/// A model, its KV cache and the sequences sharing them.
+pub struct Engine<B: Backend> {
+    model: Model<B>,
+    kv: KvCache<B>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    config: EngineConfig,
+    eos_token_ids: Vec<u32>,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    seed_base: u64,
+}
+
+impl<B: Backend> Engine<B> {
+    /// Allocates the KV cache for `model`. With a tokenizer, events carry text and stop
+    /// strings work.
+    pub fn new(model: Model<B>, tokenizer: Option<Arc<Tokenizer>>, config: EngineConfig) -> Result<Self> {
+        if config.block_size == 0 || config.num_blocks == 0 || config.max_batch_tokens == 0 || config.max_running == 0 {
+            return Err(EngineError::InvalidRequest(format!(
+                "engine config needs every size >= 1, got {config:?}"
+            )));
+        }
+        let c = model.config();
+        let spec = KvSpec {
+            num_blocks: config.num_blocks,
+            block_size: config.block_size,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let kv = KvCache::new(model.backend(), c.num_layers, spec)?;
+        let mut eos_token_ids = c.eos_token_ids.clone();
+        if let Some(t) = &tokenizer {
+            eos_token_ids.extend(t.eos_token_ids());
+        }
+        eos_token_ids.sort_unstable();
+        eos_token_ids.dedup();
+        let seed_base = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        Ok(Self {
+            model,
+            kv,
+            tokenizer,
+            config,
+            eos_token_ids,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            seed_base,
+        })
+    }
+
+    pub fn model(&self) -> &Model<B> {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> Option<&Arc<Tokenizer>> {
+        self.tokenizer.as_ref()
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The end-of-sequence ids from config.json and tokenizer_config.json.
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.kv.pool.free_count()
+    }
+
+    pub fn used_blocks(&self) -> usize {
+        self.kv.pool.used_count()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+
+    /// Queues a request. It joins the running batch at the next step with room for it.
+    pub fn add_request(&mut self, id: SeqId, prompt: Vec<u32>, params: SamplingParams, stop: StopCriteria) -> Result<()> {
+        self.validate(id, &prompt, &params, &stop)?;
+        let text = self
+            .tokenizer
+            .as_ref()
+            .map(|_| IncrementalText::new(stop.stop_strings.clone()));
+        let fallback_seed = self.seed_base ^ id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.waiting.push_back(Sequence {
+            id,
+            prompt,
+            output: Vec::new(),
+            blocks: Vec::new(),
+            computed: 0,
+            sampler: Sampler::new(params, fallback_seed),
+            stop,
+            text,
+        });
+        Ok(())
+    }
+
+    /// Removes a sequence and frees its blocks. Returns false if it was not in the engine.
+    pub fn abort(&mut self, id: SeqId) -> bool {
+        if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            self.waiting.remove(i);
+            return true;
+        }
+        match self.running.iter().position(|s| s.id == id) {
+            Some(i) => {
+                let seq = self.running.remove(i);
+                self.kv.pool.release(&seq.blocks);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Logits at every position of `prompt` (`[len, vocab]`), computed outside the batch.
+    pub fn score(&mut self, prompt: &[u32]) -> Result<Vec<f32>> {
+        self.validate_tokens(prompt)?;
+        let needed = self.kv.blocks_for(prompt.len());
+        let blocks = self.kv.pool.allocate(needed).ok_or(EngineError::OutOfBlocks {
+            needed,
+            free: self.kv.pool.free_count(),
+            total: self.kv.pool.total(),
+        })?;
+        let batch = ForwardBatch {
+            tokens: prompt.to_vec(),
+            positions: (0..prompt.len() as u32).collect(),
+            seqs: vec![ForwardSeq {
+                rows: 0..prompt.len(),
+                first_position: 0,
+                block_table: blocks.clone(),
+            }],
+            logit_rows: (0..prompt.len()).collect(),
+        };
+        let logits = self.model.forward(&batch, &mut self.kv);
+        self.kv.pool.release(&blocks);
+        logits
+    }
+
+    /// Advances every running sequence by one token and feeds prompt chunks, admitting waiting
+    /// sequences while blocks, the running limit and the token budget allow.
+    pub fn step(&mut self) -> Result<StepOutput> {
+        self.admit();
+        let mut budget = self.config.max_batch_tokens;
+        let mut batch = ForwardBatch::default();
+        // (index into running, tokens scheduled) in batch order.
+        let mut scheduled: Vec<(usize, usize)> = Vec::new();
+        let (mut prefill_tokens, mut decode_tokens) = (0, 0);
+        // Decode first: one token each keeps inter-token latency flat while prompts stream in.
+        for pass_prefill in [false, true] {
+            for (i, seq) in self.running.iter().enumerate() {
+                if budget == 0 || seq.is_prefilling() != pass_prefill {
+                    continue;
+                }
+                let n = (seq.len() - seq.computed).min(budget);
+                budget -= n;
+                if pass_prefill {
+                    prefill_tokens += n;
+                } else {
+                    decode_tokens += n;
+                }
+                let start = batch.tokens.len();
+                batch.tokens.extend((seq.computed..seq.computed + n).map(|p| seq.token_at(p)));
+                batch.positions.extend((seq.computed..seq.computed + n).map(|p| p as u32));
+                if seq.computed + n == seq.len() {
+                    batch.logit_rows.push(start + n - 1);
+                }
+                batch.seqs.push(ForwardSeq {
+                    rows: start..start + n,
+                    first_position: seq.computed,
+                    block_table: seq.blocks.clone(),
+                });
+                scheduled.push((i, n));
+            }
+        }
+        if scheduled.is_empty() {
+            return Ok(StepOutput::default());
+        }
+        let logits = self.model.forward(&batch, &mut self.kv)?;
+        let vocab = self.model.config().vocab_size;
+        let mut logit_chunks = logits.chunks_exact(vocab);
+        let mut events = Vec::new();
+        let mut finished = Vec::new();
+        for (i, n) in scheduled {
+            let seq = &mut self.running[i];
+            seq.computed += n;
+            if seq.computed < seq.len() {
+                continue;
+            }
+            let Some(row) = logit_chunks.next() else {
+                break;
+            };
+            let event = Self::advance(seq, row, &self.eos_token_ids, self.tokenizer.as_deref())?;
+            if event.finish.is_some() {
+                finished.push(seq.id);
+            }
+            events.push(event);
+        }
+        for id in finished {
+            self.abort(id);
+        }
+        Ok(StepOutput {
+            events,
+            prefill_tokens,
+            decode_tokens,
+        })
+    }
+
+    /// Samples the next token of `seq` and applies its stop criteria.
+    fn advance(seq: &mut Sequence, logits: &[f32], eos: &[u32], tokenizer: Option<&Tokenizer>) -> Result<TokenEvent> {
+        let (token, logprobs) = seq.sampler.sample(logits, &seq.prompt, &seq.output);
+        seq.output.push(token);
+        let mut finish = None;
+        if seq.stop.stop_token_ids.contains(&token) || (!seq.stop.ignore_eos && eos.contains(&token)) {
+            finish = Some(FinishReason::Stop);
+        }
+        let mut text = String::new();
+        if let (Some(incremental), Some(tokenizer)) = (seq.text.as_mut(), tokenizer) {
+            let (delta, stopped) = incremental.push(tokenizer, token)?;
+            text = delta;
+            if stopped {
+                finish = Some(FinishReason::Stop);
+            }
+        }
+        if finish.is_none() && seq.output.len() >= seq.stop.max_new_tokens {
+            finish = Some(FinishReason::Length);
+        }
+        if let (Some(_), Some(incremental)) = (finish, seq.text.as_mut()) {
+            text.push_str(&incremental.flush());
+        }
+        Ok(TokenEvent {
+            seq: seq.id,
+            token,
+            logprobs,
+            text,
+            finish,
+        })
+    }
+
+    /// Moves waiting sequences into the running batch, oldest first, reserving the blocks for
+    /// their whole prompt plus `max_new_tokens` so a running sequence never runs out.
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_running {
+            let Some(seq) = self.waiting.front() else {
+                return;
+            };
+            let needed = self.kv.blocks_for(seq.prompt.len() + seq.stop.max_new_tokens);
+            let Some(blocks) = self.kv.pool.allocate(needed) else {
+                return;
+            };
+            if let Some(mut seq) = self.waiting.pop_front() {
+                seq.blocks = blocks;
+                self.running.push(seq);
+            }
+        }
+    }
+
+    fn validate_tokens(&self, prompt: &[u32]) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("prompt is empty".into()));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::InvalidRequest(format!(
+                "prompt token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn validate(&self, id: SeqId, prompt: &[u32], params: &SamplingParams, stop: &StopCriteria) -> Result<()> {
+        if self.running.iter().chain(&self.waiting).any(|s| s.id == id) {
+            return Err(EngineError::DuplicateSequence(id.0));
+        }
+        self.validate_tokens(prompt)?;
+        params.validate()?;
+        if stop.max_new_tokens == 0 {
+            return Err(EngineError::InvalidRequest("max_new_tokens must be >= 1, got 0".into()));
+        }
+        let total = prompt.len() + stop.max_new_tokens;
+        let limit = self.model.config().max_position_embeddings;
+        if total > limit {
+            return Err(EngineError::InvalidRequest(format!(
+                "prompt of {} tokens plus max_new_tokens {} is {total}, over the model's max_position_embeddings {limit}",
+                prompt.len(),
+                stop.max_new_tokens
+            )));
+        }
+        let needed = self.kv.blocks_for(total);
+        if needed > self.kv.pool.total() {
+            return Err(EngineError::OutOfBlocks {
+                needed,
+                free: self.kv.pool.free_count(),
+                total: self.kv.pool.total(),
+            });
+        }
+        if !stop.stop_strings.is_empty() && self.tokenizer.is_none() {
+            return Err(EngineError::InvalidRequest("stop strings need a tokenizer, and this engine has none".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,35 @@
+//! Tandem's model engine.
+//!
+//! Loads Hugging Face MoE checkpoints (Qwen3-MoE, Mixtral, Qwen2-MoE), runs them over a paged
+//! KV cache with continuous batching, and samples tokens. The engine is synchronous and knows
+//! nothing of gRPC or etcd: workers drive it from a dedicated thread through [`Engine::step`].
+
+mod backend;
+mod block_pool;
+mod checkpoint;
+mod config;
+mod demo;
+mod engine;
+mod error;
+mod kv_cache;
+mod model;
+mod rng;
+mod sampling;
+mod sequence;
+mod tokenizer;
+mod weights;
+
+pub use backend::cpu::{CpuBackend, CpuKvStore, CpuMatrix, CpuTensor};
+pub use backend::{AttentionBatch, AttentionSeq, Backend, Device, DeviceChoice, KvSpec, RopeSpec, Routing};
+pub use block_pool::{BlockId, BlockPool};
+pub use checkpoint::{HostTensor, LoadProgress};
+pub use config::{Family, ModelConfig, MoeConfig, WeightDtype};
+pub use demo::{DEMO_MODEL_NAME, demo_model_dir, ensure_demo_model, write_demo_model};
+pub use engine::{Engine, EngineConfig, FinishReason, StepOutput, TokenEvent};
+pub use error::EngineError;
+pub use kv_cache::{BlockHash, prefix_block_hashes};
+pub use model::Model;
+pub use sampling::{Logprobs, MAX_TOP_LOGPROBS, SamplingParams, TopLogprob};
+pub use sequence::{SeqId, StopCriteria};
+pub use weights::ExpertWeights;
+pub use tokenizer::{IncrementalText, Tokenizer, TokenizerConfig};
