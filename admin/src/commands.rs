@@ -8,7 +8,10 @@ pub mod generate;
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     #[error("cannot find the {binary} binary next to tandemctl ({searched}) or on PATH")]
-    BinaryNotFound { binary: &'static str, searched: String },
+    BinaryNotFound {
+        binary: &'static str,
+        searched: String,
+    },
     #[error("starting {path}: {source}")]
     Spawn {
         path: PathBuf,

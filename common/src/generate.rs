@@ -154,16 +154,47 @@ mod tests {
     #[test]
     fn to_args_round_trips_every_flag() {
         let args = parse(&[
-            "--model", "/m", "--prompt-ids", "1,2,3", "--max-tokens", "7", "--temperature", "0.5",
-            "--top-k", "4", "--top-p", "0.9", "--min-p", "0.1", "--seed", "42",
-            "--repetition-penalty", "1.1", "--presence-penalty", "-0.5", "--frequency-penalty", "0.25",
-            "--top-logprobs", "3", "--stop", "a b", "--stop", "c", "--stop-token-ids", "5,6",
-            "--ignore-eos", "--device", "cpu", "--output", "json",
+            "--model",
+            "/m",
+            "--prompt-ids",
+            "1,2,3",
+            "--max-tokens",
+            "7",
+            "--temperature",
+            "0.5",
+            "--top-k",
+            "4",
+            "--top-p",
+            "0.9",
+            "--min-p",
+            "0.1",
+            "--seed",
+            "42",
+            "--repetition-penalty",
+            "1.1",
+            "--presence-penalty",
+            "-0.5",
+            "--frequency-penalty",
+            "0.25",
+            "--top-logprobs",
+            "3",
+            "--stop",
+            "a b",
+            "--stop",
+            "c",
+            "--stop-token-ids",
+            "5,6",
+            "--ignore-eos",
+            "--device",
+            "cpu",
+            "--output",
+            "json",
         ])
         .expect("valid flags");
-        let again = Cli::try_parse_from(std::iter::once(OsString::from("generate")).chain(args.to_args()))
-            .expect("to_args output parses")
-            .args;
+        let again =
+            Cli::try_parse_from(std::iter::once(OsString::from("generate")).chain(args.to_args()))
+                .expect("to_args output parses")
+                .args;
         assert_eq!(args, again);
     }
 
@@ -172,7 +203,10 @@ mod tests {
         assert!(parse(&["--prompt", "hi", "--prompt-ids", "1"]).is_err());
         let missing = parse(&[]).expect_err("no prompt");
         assert!(missing.to_string().contains("--prompt"), "{missing}");
-        assert_eq!(parse(&["--prompt", "hi"]).expect("prompt").max_tokens, DEFAULT_MAX_TOKENS);
+        assert_eq!(
+            parse(&["--prompt", "hi"]).expect("prompt").max_tokens,
+            DEFAULT_MAX_TOKENS
+        );
     }
 
     #[test]

@@ -76,10 +76,9 @@ pub fn run(args: &GenerateArgs) -> Result<(), GenerateError> {
     .resolve()
     .map_err(GenerateError::Request)?;
     let Device::Cpu { fallback_reason } = device;
+    // stderr, so `--output json` stays one clean object on stdout.
     if let Some(reason) = fallback_reason {
-        if args.output == OutputFormat::Text {
-            eprintln!("device auto: using cpu ({reason})");
-        }
+        eprintln!("device auto: using cpu ({reason})");
     }
     let dir = match &args.model {
         Some(dir) => dir.clone(),
@@ -104,7 +103,8 @@ pub fn run(args: &GenerateArgs) -> Result<(), GenerateError> {
         num_blocks: (prompt_len + args.max_tokens).div_ceil(EngineConfig::default().block_size),
         ..EngineConfig::default()
     };
-    let mut engine = Engine::new(model, Some(tokenizer), engine_config).map_err(GenerateError::Request)?;
+    let mut engine =
+        Engine::new(model, Some(tokenizer), engine_config).map_err(GenerateError::Request)?;
     let params = SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,

@@ -159,7 +159,9 @@ impl std::str::FromStr for DeviceChoice {
             "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda),
-            other => Err(format!("unknown device {other}; expected auto, cpu or cuda")),
+            other => Err(format!(
+                "unknown device {other}; expected auto, cpu or cuda"
+            )),
         }
     }
 }

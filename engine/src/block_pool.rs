@@ -62,10 +62,9 @@ impl BlockPool {
     pub fn release(&mut self, blocks: &[BlockId]) -> bool {
         let mut drops: Vec<BlockId> = blocks.to_vec();
         drops.sort_unstable();
-        let valid = drops.chunk_by(|a, b| a == b).all(|run| {
-            self.count(run[0])
-                .is_some_and(|c| c as usize >= run.len())
-        });
+        let valid = drops
+            .chunk_by(|a, b| a == b)
+            .all(|run| self.count(run[0]).is_some_and(|c| c as usize >= run.len()));
         if !valid {
             return false;
         }

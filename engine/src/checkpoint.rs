@@ -56,14 +56,13 @@ impl Checkpoint {
     pub(crate) fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join(INDEX_FILE);
         let files: Vec<String> = if index_path.exists() {
-            let text =
-                std::fs::read_to_string(&index_path).map_err(|e| EngineError::io(&index_path, e))?;
-            let index: ShardIndex = serde_json::from_str(&text).map_err(|source| {
-                EngineError::Json {
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|e| EngineError::io(&index_path, e))?;
+            let index: ShardIndex =
+                serde_json::from_str(&text).map_err(|source| EngineError::Json {
                     path: index_path.clone(),
                     source,
-                }
-            })?;
+                })?;
             let mut files: Vec<String> = index.weight_map.into_values().collect();
             files.sort();
             files.dedup();

@@ -84,7 +84,9 @@ impl ModelConfig {
 
         let hidden_size = fields.usize("hidden_size")?;
         let num_heads = fields.usize("num_attention_heads")?;
-        let num_kv_heads = fields.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        let num_kv_heads = fields
+            .opt_usize("num_key_value_heads")?
+            .unwrap_or(num_heads);
         let head_dim = match fields.opt_usize("head_dim")? {
             Some(d) => d,
             None if hidden_size % num_heads == 0 => hidden_size / num_heads,
@@ -144,7 +146,9 @@ impl ModelConfig {
             head_dim,
             rms_norm_eps: fields.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
             rope_theta: rope_theta(&fields, family)? as f32,
-            max_position_embeddings: fields.opt_usize("max_position_embeddings")?.unwrap_or(32768),
+            max_position_embeddings: fields
+                .opt_usize("max_position_embeddings")?
+                .unwrap_or(32768),
             tie_word_embeddings: fields.opt_bool("tie_word_embeddings")?.unwrap_or(false),
             qkv_bias,
             o_bias,
@@ -247,9 +251,7 @@ fn sparse_layers(
         }
     };
     Ok((0..num_layers)
-        .map(|i| {
-            !dense_only.contains(&i) && num_experts > 0 && step > 0 && (i + 1) % step == 0
-        })
+        .map(|i| !dense_only.contains(&i) && num_experts > 0 && step > 0 && (i + 1) % step == 0)
         .collect())
 }
 
@@ -313,8 +315,9 @@ impl Fields<'_> {
     fn opt_bool(&self, name: &str) -> Result<Option<bool>> {
         self.present(name)
             .map(|v| {
-                v.as_bool()
-                    .ok_or_else(|| EngineError::Config(format!("{name} is {v}, expected a boolean")))
+                v.as_bool().ok_or_else(|| {
+                    EngineError::Config(format!("{name} is {v}, expected a boolean"))
+                })
             })
             .transpose()
     }
@@ -337,7 +340,9 @@ impl Fields<'_> {
             return unsupported(format!("hidden_act {act}; only silu is implemented"));
         }
         if let Some(scaling) = self.present("rope_scaling") {
-            return unsupported(format!("rope_scaling {scaling}; only default RoPE is implemented"));
+            return unsupported(format!(
+                "rope_scaling {scaling}; only default RoPE is implemented"
+            ));
         }
         if let Some(params) = self.present("rope_parameters") {
             let rope_type = params.get("rope_type").and_then(Value::as_str);
@@ -349,7 +354,9 @@ impl Fields<'_> {
             }
         }
         if self.opt_bool("use_sliding_window")? == Some(true) {
-            return unsupported("use_sliding_window true; sliding-window attention is not implemented".into());
+            return unsupported(
+                "use_sliding_window true; sliding-window attention is not implemented".into(),
+            );
         }
         if family == Family::Mixtral
             && let Some(window) = self.present("sliding_window")
@@ -361,7 +368,9 @@ impl Fields<'_> {
         if let Some(Value::Array(types)) = self.present("layer_types")
             && let Some(other) = types.iter().find(|t| t.as_str() != Some("full_attention"))
         {
-            return unsupported(format!("layer_types entry {other}; only full_attention is implemented"));
+            return unsupported(format!(
+                "layer_types entry {other}; only full_attention is implemented"
+            ));
         }
         Ok(())
     }

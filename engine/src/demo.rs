@@ -29,7 +29,9 @@ pub fn demo_model_dir() -> PathBuf {
     let base = std::env::var_os("TANDEM_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("tandem")))
-        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache").join("tandem")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache").join("tandem"))
+        })
         .unwrap_or_else(|| std::env::temp_dir().join("tandem"));
     base.join(DEMO_MODEL_NAME)
 }
@@ -92,7 +94,10 @@ pub fn write_demo_model(dir: &Path) -> Result<()> {
         "chat_template": CHAT_TEMPLATE,
         "model_max_length": 4096
     });
-    write_file(&dir.join("tokenizer_config.json"), tokenizer_config.to_string().as_bytes())?;
+    write_file(
+        &dir.join("tokenizer_config.json"),
+        tokenizer_config.to_string().as_bytes(),
+    )?;
 
     let mut rng = Rng::seeded(DEMO_SEED);
     let tensors: Vec<(String, Bf16Tensor)> = demo_tensor_shapes(&config)
@@ -103,9 +108,11 @@ pub fn write_demo_model(dir: &Path) -> Result<()> {
         })
         .collect();
     let path = dir.join("model.safetensors");
-    safetensors::tensor::serialize_to_file(tensors, None, &path).map_err(|e| EngineError::Checkpoint {
-        path: path.clone(),
-        message: e.to_string(),
+    safetensors::tensor::serialize_to_file(tensors, None, &path).map_err(|e| {
+        EngineError::Checkpoint {
+            path: path.clone(),
+            message: e.to_string(),
+        }
     })
 }
 
@@ -117,28 +124,84 @@ enum Init {
 }
 
 fn demo_tensor_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
-    let (h, e, i) = (c.hidden_size, c.moe.num_experts, c.moe.expert_intermediate_size);
+    let (h, e, i) = (
+        c.hidden_size,
+        c.moe.num_experts,
+        c.moe.expert_intermediate_size,
+    );
     let mut out = vec![
-        ("model.embed_tokens.weight".to_owned(), vec![c.vocab_size, h], Init::Scaled((h as f32).sqrt())),
+        (
+            "model.embed_tokens.weight".to_owned(),
+            vec![c.vocab_size, h],
+            Init::Scaled((h as f32).sqrt()),
+        ),
         ("model.norm.weight".to_owned(), vec![h], Init::Ones),
-        ("lm_head.weight".to_owned(), vec![c.vocab_size, h], Init::Scaled(LM_HEAD_GAIN)),
+        (
+            "lm_head.weight".to_owned(),
+            vec![c.vocab_size, h],
+            Init::Scaled(LM_HEAD_GAIN),
+        ),
     ];
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}");
         let mut push = |name: String, shape: Vec<usize>, init| out.push((name, shape, init));
         push(format!("{p}.input_layernorm.weight"), vec![h], Init::Ones);
-        push(format!("{p}.post_attention_layernorm.weight"), vec![h], Init::Ones);
-        push(format!("{p}.self_attn.q_proj.weight"), vec![c.q_width(), h], Init::Scaled(1.0));
-        push(format!("{p}.self_attn.k_proj.weight"), vec![c.kv_width(), h], Init::Scaled(1.0));
-        push(format!("{p}.self_attn.v_proj.weight"), vec![c.kv_width(), h], Init::Scaled(1.0));
-        push(format!("{p}.self_attn.o_proj.weight"), vec![h, c.q_width()], Init::Scaled(1.0));
-        push(format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim], Init::Ones);
-        push(format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim], Init::Ones);
-        push(format!("{p}.mlp.gate.weight"), vec![e, h], Init::Scaled(ROUTER_GAIN));
+        push(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            Init::Ones,
+        );
+        push(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![c.q_width(), h],
+            Init::Scaled(1.0),
+        );
+        push(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![c.kv_width(), h],
+            Init::Scaled(1.0),
+        );
+        push(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![c.kv_width(), h],
+            Init::Scaled(1.0),
+        );
+        push(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, c.q_width()],
+            Init::Scaled(1.0),
+        );
+        push(
+            format!("{p}.self_attn.q_norm.weight"),
+            vec![c.head_dim],
+            Init::Ones,
+        );
+        push(
+            format!("{p}.self_attn.k_norm.weight"),
+            vec![c.head_dim],
+            Init::Ones,
+        );
+        push(
+            format!("{p}.mlp.gate.weight"),
+            vec![e, h],
+            Init::Scaled(ROUTER_GAIN),
+        );
         for x in 0..e {
-            push(format!("{p}.mlp.experts.{x}.gate_proj.weight"), vec![i, h], Init::Scaled(1.0));
-            push(format!("{p}.mlp.experts.{x}.up_proj.weight"), vec![i, h], Init::Scaled(1.0));
-            push(format!("{p}.mlp.experts.{x}.down_proj.weight"), vec![h, i], Init::Scaled(1.0));
+            push(
+                format!("{p}.mlp.experts.{x}.gate_proj.weight"),
+                vec![i, h],
+                Init::Scaled(1.0),
+            );
+            push(
+                format!("{p}.mlp.experts.{x}.up_proj.weight"),
+                vec![i, h],
+                Init::Scaled(1.0),
+            );
+            push(
+                format!("{p}.mlp.experts.{x}.down_proj.weight"),
+                vec![h, i],
+                Init::Scaled(1.0),
+            );
         }
     }
     out

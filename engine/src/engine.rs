@@ -91,8 +91,16 @@ pub struct Engine<B: Backend> {
 impl<B: Backend> Engine<B> {
     /// Allocates the KV cache for `model`. With a tokenizer, events carry text and stop
     /// strings work.
-    pub fn new(model: Model<B>, tokenizer: Option<Arc<Tokenizer>>, config: EngineConfig) -> Result<Self> {
-        if config.block_size == 0 || config.num_blocks == 0 || config.max_batch_tokens == 0 || config.max_running == 0 {
+    pub fn new(
+        model: Model<B>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        config: EngineConfig,
+    ) -> Result<Self> {
+        if config.block_size == 0
+            || config.num_blocks == 0
+            || config.max_batch_tokens == 0
+            || config.max_running == 0
+        {
             return Err(EngineError::InvalidRequest(format!(
                 "engine config needs every size >= 1, got {config:?}"
             )));
@@ -165,7 +173,13 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Queues a request. It joins the running batch at the next step with room for it.
-    pub fn add_request(&mut self, id: SeqId, prompt: Vec<u32>, params: SamplingParams, stop: StopCriteria) -> Result<()> {
+    pub fn add_request(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        stop: StopCriteria,
+    ) -> Result<()> {
         self.validate(id, &prompt, &params, &stop)?;
         let text = self
             .tokenizer
@@ -205,11 +219,15 @@ impl<B: Backend> Engine<B> {
     pub fn score(&mut self, prompt: &[u32]) -> Result<Vec<f32>> {
         self.validate_tokens(prompt)?;
         let needed = self.kv.blocks_for(prompt.len());
-        let blocks = self.kv.pool.allocate(needed).ok_or(EngineError::OutOfBlocks {
-            needed,
-            free: self.kv.pool.free_count(),
-            total: self.kv.pool.total(),
-        })?;
+        let blocks = self
+            .kv
+            .pool
+            .allocate(needed)
+            .ok_or(EngineError::OutOfBlocks {
+                needed,
+                free: self.kv.pool.free_count(),
+                total: self.kv.pool.total(),
+            })?;
         let batch = ForwardBatch {
             tokens: prompt.to_vec(),
             positions: (0..prompt.len() as u32).collect(),
@@ -248,8 +266,12 @@ impl<B: Backend> Engine<B> {
                     decode_tokens += n;
                 }
                 let start = batch.tokens.len();
-                batch.tokens.extend((seq.computed..seq.computed + n).map(|p| seq.token_at(p)));
-                batch.positions.extend((seq.computed..seq.computed + n).map(|p| p as u32));
+                batch
+                    .tokens
+                    .extend((seq.computed..seq.computed + n).map(|p| seq.token_at(p)));
+                batch
+                    .positions
+                    .extend((seq.computed..seq.computed + n).map(|p| p as u32));
                 if seq.computed + n == seq.len() {
                     batch.logit_rows.push(start + n - 1);
                 }
@@ -295,11 +317,18 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Samples the next token of `seq` and applies its stop criteria.
-    fn advance(seq: &mut Sequence, logits: &[f32], eos: &[u32], tokenizer: Option<&Tokenizer>) -> Result<TokenEvent> {
+    fn advance(
+        seq: &mut Sequence,
+        logits: &[f32],
+        eos: &[u32],
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<TokenEvent> {
         let (token, logprobs) = seq.sampler.sample(logits, &seq.prompt, &seq.output);
         seq.output.push(token);
         let mut finish = None;
-        if seq.stop.stop_token_ids.contains(&token) || (!seq.stop.ignore_eos && eos.contains(&token)) {
+        if seq.stop.stop_token_ids.contains(&token)
+            || (!seq.stop.ignore_eos && eos.contains(&token))
+        {
             finish = Some(FinishReason::Stop);
         }
         let mut text = String::new();
@@ -332,7 +361,9 @@ impl<B: Backend> Engine<B> {
             let Some(seq) = self.waiting.front() else {
                 return;
             };
-            let needed = self.kv.blocks_for(seq.prompt.len() + seq.stop.max_new_tokens);
+            let needed = self
+                .kv
+                .blocks_for(seq.prompt.len() + seq.stop.max_new_tokens);
             let Some(blocks) = self.kv.pool.allocate(needed) else {
                 return;
             };
@@ -356,14 +387,22 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    fn validate(&self, id: SeqId, prompt: &[u32], params: &SamplingParams, stop: &StopCriteria) -> Result<()> {
+    fn validate(
+        &self,
+        id: SeqId,
+        prompt: &[u32],
+        params: &SamplingParams,
+        stop: &StopCriteria,
+    ) -> Result<()> {
         if self.running.iter().chain(&self.waiting).any(|s| s.id == id) {
             return Err(EngineError::DuplicateSequence(id.0));
         }
         self.validate_tokens(prompt)?;
         params.validate()?;
         if stop.max_new_tokens == 0 {
-            return Err(EngineError::InvalidRequest("max_new_tokens must be >= 1, got 0".into()));
+            return Err(EngineError::InvalidRequest(
+                "max_new_tokens must be >= 1, got 0".into(),
+            ));
         }
         let total = prompt.len() + stop.max_new_tokens;
         let limit = self.model.config().max_position_embeddings;
@@ -383,7 +422,9 @@ impl<B: Backend> Engine<B> {
             });
         }
         if !stop.stop_strings.is_empty() && self.tokenizer.is_none() {
-            return Err(EngineError::InvalidRequest("stop strings need a tokenizer, and this engine has none".into()));
+            return Err(EngineError::InvalidRequest(
+                "stop strings need a tokenizer, and this engine has none".into(),
+            ));
         }
         Ok(())
     }

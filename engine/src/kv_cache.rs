@@ -41,7 +41,9 @@ pub(crate) struct KvCache<B: Backend> {
 impl<B: Backend> KvCache<B> {
     pub(crate) fn new(backend: &B, num_layers: usize, spec: KvSpec) -> Result<Self> {
         Ok(Self {
-            layers: (0..num_layers).map(|_| backend.kv_store(&spec)).collect::<Result<_>>()?,
+            layers: (0..num_layers)
+                .map(|_| backend.kv_store(&spec))
+                .collect::<Result<_>>()?,
             pool: BlockPool::new(spec.num_blocks as u32),
             block_size: spec.block_size,
         })

@@ -20,7 +20,9 @@ mod tokenizer;
 mod weights;
 
 pub use backend::cpu::{CpuBackend, CpuKvStore, CpuMatrix, CpuTensor};
-pub use backend::{AttentionBatch, AttentionSeq, Backend, Device, DeviceChoice, KvSpec, RopeSpec, Routing};
+pub use backend::{
+    AttentionBatch, AttentionSeq, Backend, Device, DeviceChoice, KvSpec, RopeSpec, Routing,
+};
 pub use block_pool::{BlockId, BlockPool};
 pub use checkpoint::{HostTensor, LoadProgress};
 pub use config::{Family, ModelConfig, MoeConfig, WeightDtype};
@@ -31,5 +33,5 @@ pub use kv_cache::{BlockHash, prefix_block_hashes};
 pub use model::Model;
 pub use sampling::{Logprobs, MAX_TOP_LOGPROBS, SamplingParams, TopLogprob};
 pub use sequence::{SeqId, StopCriteria};
-pub use weights::ExpertWeights;
 pub use tokenizer::{IncrementalText, Tokenizer, TokenizerConfig};
+pub use weights::ExpertWeights;

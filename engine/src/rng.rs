@@ -48,14 +48,18 @@ mod tests {
 
     #[test]
     fn same_seed_same_stream_other_seed_other_stream() {
-        let a: Vec<u64> = (0..4).map({
-            let mut r = Rng::seeded(7);
-            move |_| r.next_u64()
-        }).collect();
-        let b: Vec<u64> = (0..4).map({
-            let mut r = Rng::seeded(7);
-            move |_| r.next_u64()
-        }).collect();
+        let a: Vec<u64> = (0..4)
+            .map({
+                let mut r = Rng::seeded(7);
+                move |_| r.next_u64()
+            })
+            .collect();
+        let b: Vec<u64> = (0..4)
+            .map({
+                let mut r = Rng::seeded(7);
+                move |_| r.next_u64()
+            })
+            .collect();
         let c = Rng::seeded(8).next_u64();
         assert_eq!(a, b);
         assert_ne!(a[0], c);

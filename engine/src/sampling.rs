@@ -69,7 +69,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(EngineError::InvalidRequest(m));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!("temperature must be a finite number >= 0, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -81,15 +84,24 @@ impl SamplingParams {
             return bad("top_k must be >= 1 when set, got 0".into());
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return bad(format!("repetition_penalty must be a finite number > 0, got {}", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty must be a finite number > 0, got {}",
+                self.repetition_penalty
+            ));
         }
-        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
             if !(-2.0..=2.0).contains(&v) {
                 return bad(format!("{name} must be in [-2, 2], got {v}"));
             }
         }
         if self.top_logprobs > MAX_TOP_LOGPROBS {
-            return bad(format!("top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {}", self.top_logprobs));
+            return bad(format!(
+                "top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {}",
+                self.top_logprobs
+            ));
         }
         Ok(())
     }
@@ -109,7 +121,12 @@ impl Sampler {
     }
 
     /// Chooses the next token from `logits` given the `prompt` and `output` so far.
-    pub(crate) fn sample(&mut self, logits: &[f32], prompt: &[u32], output: &[u32]) -> (u32, Logprobs) {
+    pub(crate) fn sample(
+        &mut self,
+        logits: &[f32],
+        prompt: &[u32],
+        output: &[u32],
+    ) -> (u32, Logprobs) {
         let log_z = log_sum_exp(logits);
         let mut processed = logits.to_vec();
         self.apply_penalties(&mut processed, prompt, output);
@@ -141,7 +158,11 @@ impl Sampler {
                 }
             }
             for (l, _) in logits.iter_mut().zip(seen).filter(|(_, s)| *s) {
-                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
             }
         }
         if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
@@ -161,7 +182,11 @@ impl Sampler {
     fn draw(&mut self, logits: &mut [f32]) -> u32 {
         let p = &self.params;
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        order.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
         if let Some(k) = p.top_k {
             order.truncate(k.max(1));
         }
@@ -221,7 +246,11 @@ fn top_n(logits: &[f32], n: usize) -> Vec<u32> {
         return Vec::new();
     }
     let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-    order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
     order.truncate(n);
     order
 }

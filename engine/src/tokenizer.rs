@@ -45,10 +45,11 @@ impl Tokenizer {
 
     /// Builds a tokenizer from the bytes of a `tokenizer.json`.
     pub fn from_bytes(bytes: &[u8], config: TokenizerConfig, path: PathBuf) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| EngineError::Tokenizer {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let inner =
+            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| EngineError::Tokenizer {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
         Ok(Self {
             inner,
             config,
@@ -88,9 +89,9 @@ impl Tokenizer {
 
     /// Decodes `ids`, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| EngineError::Tokenize(format!("decoding with {}: {e}", self.path.display())))
+        self.inner.decode(ids, true).map_err(|e| {
+            EngineError::Tokenize(format!("decoding with {}: {e}", self.path.display()))
+        })
     }
 }
 
@@ -150,7 +151,10 @@ impl IncrementalText {
         self.ids.push(token);
         let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{fffd}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{fffd}')
+            && full.is_char_boundary(prefix.len())
+        {
             let search_from = self.text.len().saturating_sub(self.longest_stop());
             self.text.push_str(&full[prefix.len()..]);
             self.prefix_offset = self.read_offset;

@@ -133,7 +133,13 @@ impl<B: Backend> Loader<'_, B> {
         }
     }
 
-    fn linear(&mut self, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear<B>> {
+    fn linear(
+        &mut self,
+        prefix: &str,
+        out_dim: usize,
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<Linear<B>> {
         Ok(Linear {
             weight: self.matrix(&format!("{prefix}.weight"), &[out_dim, in_dim])?,
             bias: if bias {
@@ -145,7 +151,12 @@ impl<B: Backend> Loader<'_, B> {
     }
 
     /// Fuses separate gate and up projections into one `[2·I, H]` matrix.
-    fn swiglu(&mut self, names: [&str; 3], hidden: usize, width: usize) -> Result<ExpertWeights<B>> {
+    fn swiglu(
+        &mut self,
+        names: [&str; 3],
+        hidden: usize,
+        width: usize,
+    ) -> Result<ExpertWeights<B>> {
         let [gate, up, down] = names;
         let mut gate_up = self.host(gate, &[width, hidden])?;
         gate_up.data.extend(self.host(up, &[width, hidden])?.data);
@@ -170,8 +181,16 @@ impl<B: Backend> Loader<'_, B> {
 
     /// Experts in transformers 5's fused in-memory layout: `gate_up_proj [E, 2·I, H]` and
     /// `down_proj [E, H, I]`.
-    fn fused_experts(&mut self, prefix: &str, config: &ModelConfig) -> Result<Vec<ExpertWeights<B>>> {
-        let (e, h, i) = (config.moe.num_experts, config.hidden_size, config.moe.expert_intermediate_size);
+    fn fused_experts(
+        &mut self,
+        prefix: &str,
+        config: &ModelConfig,
+    ) -> Result<Vec<ExpertWeights<B>>> {
+        let (e, h, i) = (
+            config.moe.num_experts,
+            config.hidden_size,
+            config.moe.expert_intermediate_size,
+        );
         let gate_up = self.host(&format!("{prefix}.gate_up_proj"), &[e, 2 * i, h])?;
         let down = self.host(&format!("{prefix}.down_proj"), &[e, h, i])?;
         gate_up
@@ -180,21 +199,34 @@ impl<B: Backend> Loader<'_, B> {
             .zip(down.data.chunks_exact(h * i))
             .map(|(gu, d)| {
                 Ok(ExpertWeights {
-                    gate_up: self.backend.matrix(HostTensor { shape: vec![2 * i, h], data: gu.to_vec() })?,
-                    down: self.backend.matrix(HostTensor { shape: vec![h, i], data: d.to_vec() })?,
+                    gate_up: self.backend.matrix(HostTensor {
+                        shape: vec![2 * i, h],
+                        data: gu.to_vec(),
+                    })?,
+                    down: self.backend.matrix(HostTensor {
+                        shape: vec![h, i],
+                        data: d.to_vec(),
+                    })?,
                 })
             })
             .collect()
     }
 
     fn sparse(&mut self, config: &ModelConfig, layer: &str) -> Result<SparseMlp<B>> {
-        let (h, e, width) = (config.hidden_size, config.moe.num_experts, config.moe.expert_intermediate_size);
+        let (h, e, width) = (
+            config.hidden_size,
+            config.moe.num_experts,
+            config.moe.expert_intermediate_size,
+        );
         let block = match config.family {
             Family::Mixtral => format!("{layer}.block_sparse_moe"),
             Family::Qwen3Moe | Family::Qwen2Moe => format!("{layer}.mlp"),
         };
         let router = self.matrix(&format!("{block}.gate.weight"), &[e, h])?;
-        let experts = if self.checkpoint.contains(&format!("{block}.experts.gate_up_proj")) {
+        let experts = if self
+            .checkpoint
+            .contains(&format!("{block}.experts.gate_up_proj"))
+        {
             self.fused_experts(&format!("{block}.experts"), config)?
         } else {
             (0..e)
@@ -202,7 +234,11 @@ impl<B: Backend> Loader<'_, B> {
                     let p = format!("{block}.experts.{x}");
                     match config.family {
                         Family::Mixtral => self.swiglu(
-                            [&format!("{p}.w1.weight"), &format!("{p}.w3.weight"), &format!("{p}.w2.weight")],
+                            [
+                                &format!("{p}.w1.weight"),
+                                &format!("{p}.w3.weight"),
+                                &format!("{p}.w2.weight"),
+                            ],
                             h,
                             width,
                         ),
@@ -218,7 +254,11 @@ impl<B: Backend> Loader<'_, B> {
             }),
             None => None,
         };
-        Ok(SparseMlp { router, experts, shared })
+        Ok(SparseMlp {
+            router,
+            experts,
+            shared,
+        })
     }
 
     fn layer(&mut self, config: &ModelConfig, index: usize) -> Result<LayerWeights<B>> {
@@ -227,7 +267,10 @@ impl<B: Backend> Loader<'_, B> {
         let (qw, kvw) = (config.q_width(), config.kv_width());
         let qk_norm = |loader: &mut Self, which: &str| -> Result<Option<B::Vector>> {
             if config.qk_norm {
-                Ok(Some(loader.vector(&format!("{p}.self_attn.{which}.weight"), config.head_dim)?))
+                Ok(Some(loader.vector(
+                    &format!("{p}.self_attn.{which}.weight"),
+                    config.head_dim,
+                )?))
             } else {
                 Ok(None)
             }

@@ -30,7 +30,9 @@ struct Case {
 }
 
 fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
 }
 
 fn read_reference(dir: &Path) -> Vec<Case> {
@@ -93,9 +95,15 @@ fn prefill_logits_match_transformers() {
             let scale = case.logits.iter().map(|v| v.abs()).fold(0.0, f32::max);
             if bf16 {
                 let rel = max_abs / scale;
-                assert!(rel <= BF16_MAX_REL_DIFF, "{name} prompt {i}: relative diff {rel}");
+                assert!(
+                    rel <= BF16_MAX_REL_DIFF,
+                    "{name} prompt {i}: relative diff {rel}"
+                );
             } else {
-                assert!(max_abs <= F32_MAX_ABS_DIFF, "{name} prompt {i}: max abs diff {max_abs}");
+                assert!(
+                    max_abs <= F32_MAX_ABS_DIFF,
+                    "{name} prompt {i}: max abs diff {max_abs}"
+                );
             }
             assert_eq!(engine.used_blocks(), 0, "score frees its blocks");
         }
@@ -110,7 +118,9 @@ fn greedy_continuations_match_transformers_one_by_one() {
         for (i, case) in read_reference(&dir).iter().enumerate() {
             let id = SeqId(i as u64);
             let (params, stop) = greedy(case.greedy.len());
-            engine.add_request(id, case.ids.clone(), params, stop).expect("add");
+            engine
+                .add_request(id, case.ids.clone(), params, stop)
+                .expect("add");
             let mut tokens = Vec::new();
             while engine.has_work() {
                 tokens.extend(engine.step().expect("step").events.iter().map(|e| e.token));
@@ -140,7 +150,9 @@ fn greedy_continuations_match_in_one_continuous_batch() {
             for (i, case) in cases.iter().enumerate() {
                 if join_step[i % join_step.len()] == step {
                     let (params, stop) = greedy(case.greedy.len());
-                    engine.add_request(SeqId(i as u64), case.ids.clone(), params, stop).expect("add");
+                    engine
+                        .add_request(SeqId(i as u64), case.ids.clone(), params, stop)
+                        .expect("add");
                 }
             }
             if step > last_join && !engine.has_work() {

@@ -58,7 +58,12 @@ impl CpuTensor {
 
 impl CpuMatrix {
     /// Builds a matrix from `[out, in]` rows; `keep_rows` keeps a row-major copy for gathers.
-    pub(crate) fn from_rows(out_dim: usize, in_dim: usize, rows: Vec<f32>, keep_rows: bool) -> Self {
+    pub(crate) fn from_rows(
+        out_dim: usize,
+        in_dim: usize,
+        rows: Vec<f32>,
+        keep_rows: bool,
+    ) -> Self {
         let mut transposed = vec![0.0; rows.len()];
         for (o, row) in rows.chunks_exact(in_dim.max(1)).enumerate() {
             for (i, &value) in row.iter().enumerate() {
@@ -76,7 +81,13 @@ impl CpuMatrix {
     /// `x · selfᵀ` for a packed row-major `x` of `m` rows.
     pub(crate) fn apply(&self, x: &[f32], m: usize, threads: Threads) -> Vec<f32> {
         let mut out = vec![0.0; m * self.out_dim];
-        matmul(&mut out, x, &self.transposed, (m, self.in_dim, self.out_dim), threads);
+        matmul(
+            &mut out,
+            x,
+            &self.transposed,
+            (m, self.in_dim, self.out_dim),
+            threads,
+        );
         out
     }
 }
@@ -101,7 +112,10 @@ impl Backend for CpuBackend {
 
     fn matrix(&self, host: HostTensor) -> Result<CpuMatrix> {
         let [out_dim, in_dim] = host.shape[..] else {
-            return Err(shape_error("matrix", format!("shape {:?} is not 2-D", host.shape)));
+            return Err(shape_error(
+                "matrix",
+                format!("shape {:?} is not 2-D", host.shape),
+            ));
         };
         Ok(CpuMatrix::from_rows(out_dim, in_dim, host.data, false))
     }
@@ -127,7 +141,10 @@ impl Backend for CpuBackend {
             if id >= table.out_dim {
                 return Err(shape_error(
                     "embed",
-                    format!("token id {id} is outside the vocabulary of {}", table.out_dim),
+                    format!(
+                        "token id {id} is outside the vocabulary of {}",
+                        table.out_dim
+                    ),
                 ));
             }
             match &table.rows {
@@ -144,7 +161,7 @@ impl Backend for CpuBackend {
 
     fn rms_norm(&self, x: &CpuTensor, weight: &Vec<f32>, eps: f32) -> Result<CpuTensor> {
         let width = weight.len();
-        if width == 0 || x.cols % width != 0 {
+        if width == 0 || !x.cols.is_multiple_of(width) {
             return Err(shape_error(
                 "rms_norm",
                 format!("row of {} is not a multiple of weight {width}", x.cols),
@@ -183,7 +200,10 @@ impl Backend for CpuBackend {
 
     fn add_assign(&self, acc: &mut CpuTensor, x: &CpuTensor) -> Result<()> {
         if acc.data.len() != x.data.len() {
-            return Err(shape_error("add", format!("{} vs {} values", acc.data.len(), x.data.len())));
+            return Err(shape_error(
+                "add",
+                format!("{} vs {} values", acc.data.len(), x.data.len()),
+            ));
         }
         acc.data.iter_mut().zip(&x.data).for_each(|(a, b)| *a += b);
         Ok(())
@@ -191,7 +211,10 @@ impl Backend for CpuBackend {
 
     fn scale_rows(&self, x: &mut CpuTensor, scales: &[f32]) -> Result<()> {
         if scales.len() != x.rows {
-            return Err(shape_error("scale_rows", format!("{} scales for {} rows", scales.len(), x.rows)));
+            return Err(shape_error(
+                "scale_rows",
+                format!("{} scales for {} rows", scales.len(), x.rows),
+            ));
         }
         let cols = x.cols;
         for (row, s) in x.data.chunks_exact_mut(cols.max(1)).zip(scales) {
@@ -211,8 +234,16 @@ impl Backend for CpuBackend {
     fn rope(&self, x: &mut CpuTensor, positions: &[u32], rope: &RopeSpec) -> Result<()> {
         let dim = rope.head_dim;
         let half = dim / 2;
-        if positions.len() != x.rows || dim == 0 || x.cols % dim != 0 {
-            return Err(shape_error("rope", format!("{} positions for {} rows of {}", positions.len(), x.rows, x.cols)));
+        if positions.len() != x.rows || dim == 0 || !x.cols.is_multiple_of(dim) {
+            return Err(shape_error(
+                "rope",
+                format!(
+                    "{} positions for {} rows of {}",
+                    positions.len(),
+                    x.rows,
+                    x.cols
+                ),
+            ));
         }
         // Same float32 arithmetic as transformers' default rotary embedding.
         let inv_freq: Vec<f32> = (0..half)
@@ -236,15 +267,34 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn write_kv(&self, store: &mut CpuKvStore, k: &CpuTensor, v: &CpuTensor, slots: &[usize]) -> Result<()> {
+    fn write_kv(
+        &self,
+        store: &mut CpuKvStore,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        slots: &[usize],
+    ) -> Result<()> {
         let width = store.spec.num_kv_heads * store.spec.head_dim;
         let capacity = store.spec.num_blocks * store.spec.block_size;
         if k.cols != width || v.cols != width || k.rows != slots.len() || v.rows != slots.len() {
-            return Err(shape_error("write_kv", format!("k {}x{}, v {}x{}, {} slots of width {width}", k.rows, k.cols, v.rows, v.cols, slots.len())));
+            return Err(shape_error(
+                "write_kv",
+                format!(
+                    "k {}x{}, v {}x{}, {} slots of width {width}",
+                    k.rows,
+                    k.cols,
+                    v.rows,
+                    v.cols,
+                    slots.len()
+                ),
+            ));
         }
         for (i, &slot) in slots.iter().enumerate() {
             if slot >= capacity {
-                return Err(shape_error("write_kv", format!("slot {slot} is outside the cache of {capacity}")));
+                return Err(shape_error(
+                    "write_kv",
+                    format!("slot {slot} is outside the cache of {capacity}"),
+                ));
             }
             store.k[slot * width..(slot + 1) * width].copy_from_slice(k.row(i));
             store.v[slot * width..(slot + 1) * width].copy_from_slice(v.row(i));
@@ -252,7 +302,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention(&self, q: &CpuTensor, store: &CpuKvStore, batch: &AttentionBatch<'_>) -> Result<CpuTensor> {
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        store: &CpuKvStore,
+        batch: &AttentionBatch<'_>,
+    ) -> Result<CpuTensor> {
         let head_dim = batch.head_dim;
         let group = batch.num_heads / batch.num_kv_heads.max(1);
         let kv_width = batch.num_kv_heads * head_dim;
@@ -264,54 +319,76 @@ impl Backend for CpuBackend {
             for (offset, row) in seq.rows.clone().enumerate() {
                 let position = seq.first_position + offset;
                 if position / batch.block_size >= seq.block_table.len() || row >= q.rows {
-                    return Err(shape_error("attention", format!("row {row} at position {position} is past the sequence's {} blocks", seq.block_table.len())));
+                    return Err(shape_error(
+                        "attention",
+                        format!(
+                            "row {row} at position {position} is past the sequence's {} blocks",
+                            seq.block_table.len()
+                        ),
+                    ));
                 }
                 rows[row] = Some((position, seq.block_table));
             }
         }
         let cols = q.cols;
-        out.data.par_chunks_mut(cols).zip(rows.into_par_iter()).enumerate().for_each(|(row, (dst, meta))| {
-            let Some((position, table)) = meta else { return };
-            let query = q.row(row);
-            let mut scores = vec![0.0f32; position + 1];
-            for head in 0..batch.num_heads {
-                let kv_head = head / group;
-                let qh = &query[head * head_dim..(head + 1) * head_dim];
-                let slot_offset = |pos: usize| {
-                    let slot = table[pos / batch.block_size].0 as usize * batch.block_size + pos % batch.block_size;
-                    slot * kv_width + kv_head * head_dim
+        out.data
+            .par_chunks_mut(cols)
+            .zip(rows.into_par_iter())
+            .enumerate()
+            .for_each(|(row, (dst, meta))| {
+                let Some((position, table)) = meta else {
+                    return;
                 };
-                let mut max = f32::NEG_INFINITY;
-                for (pos, s) in scores.iter_mut().enumerate() {
-                    let at = slot_offset(pos);
-                    let key = &store.k[at..at + head_dim];
-                    *s = qh.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    max = max.max(*s);
+                let query = q.row(row);
+                let mut scores = vec![0.0f32; position + 1];
+                for head in 0..batch.num_heads {
+                    let kv_head = head / group;
+                    let qh = &query[head * head_dim..(head + 1) * head_dim];
+                    let slot_offset = |pos: usize| {
+                        let slot = table[pos / batch.block_size].0 as usize * batch.block_size
+                            + pos % batch.block_size;
+                        slot * kv_width + kv_head * head_dim
+                    };
+                    let mut max = f32::NEG_INFINITY;
+                    for (pos, s) in scores.iter_mut().enumerate() {
+                        let at = slot_offset(pos);
+                        let key = &store.k[at..at + head_dim];
+                        *s = qh.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        max = max.max(*s);
+                    }
+                    let mut total = 0.0;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        total += *s;
+                    }
+                    let dh = &mut dst[head * head_dim..(head + 1) * head_dim];
+                    for (pos, s) in scores.iter().enumerate() {
+                        let at = slot_offset(pos);
+                        let value = &store.v[at..at + head_dim];
+                        let w = s / total;
+                        dh.iter_mut().zip(value).for_each(|(d, v)| *d += w * v);
+                    }
                 }
-                let mut total = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    total += *s;
-                }
-                let dh = &mut dst[head * head_dim..(head + 1) * head_dim];
-                for (pos, s) in scores.iter().enumerate() {
-                    let at = slot_offset(pos);
-                    let value = &store.v[at..at + head_dim];
-                    let w = s / total;
-                    dh.iter_mut().zip(value).for_each(|(d, v)| *d += w * v);
-                }
-            }
-        });
+            });
         Ok(out)
     }
 
-    fn moe_experts(&self, x: &CpuTensor, routing: &Routing, experts: &[ExpertWeights<Self>]) -> Result<CpuTensor> {
+    fn moe_experts(
+        &self,
+        x: &CpuTensor,
+        routing: &Routing,
+        experts: &[ExpertWeights<Self>],
+    ) -> Result<CpuTensor> {
         let hidden = x.cols;
         let k = routing.experts_per_token;
         // Tokens grouped by expert: (token row, routing weight).
         let mut groups: Vec<Vec<(usize, f32)>> = vec![Vec::new(); experts.len()];
-        for (slot, (&expert, &weight)) in routing.expert_ids.iter().zip(&routing.weights).enumerate() {
-            let group = groups.get_mut(expert).ok_or_else(|| shape_error("moe", format!("expert {expert} of {}", experts.len())))?;
+        for (slot, (&expert, &weight)) in
+            routing.expert_ids.iter().zip(&routing.weights).enumerate()
+        {
+            let group = groups.get_mut(expert).ok_or_else(|| {
+                shape_error("moe", format!("expert {expert} of {}", experts.len()))
+            })?;
             group.push((slot / k.max(1), weight));
         }
         let outputs: Vec<(usize, Vec<f32>)> = groups
@@ -327,7 +404,9 @@ impl Backend for CpuBackend {
                 let gate_up = CpuTensor {
                     rows: tokens.len(),
                     cols: expert.gate_up.out_dim,
-                    data: expert.gate_up.apply(&gathered, tokens.len(), Threads::Single),
+                    data: expert
+                        .gate_up
+                        .apply(&gathered, tokens.len(), Threads::Single),
                 };
                 let act = silu_mul(&gate_up);
                 (e, expert.down.apply(&act, tokens.len(), Threads::Single))

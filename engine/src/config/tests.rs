@@ -22,14 +22,23 @@ fn without(mut base: Value, key: &str) -> Value {
 }
 
 fn error(value: &Value) -> String {
-    ModelConfig::from_json(value).expect_err("config must be rejected").to_string()
+    ModelConfig::from_json(value)
+        .expect_err("config must be rejected")
+        .to_string()
 }
 
 #[test]
 fn old_and_new_spellings_give_the_same_config() {
     let old = ModelConfig::from_json(&qwen3()).expect("4.x spelling");
-    let new = without(without(without(qwen3(), "rope_theta"), "num_experts"), "torch_dtype");
-    let new = with(new, "rope_parameters", json!({"rope_type": "default", "rope_theta": 5000.0}));
+    let new = without(
+        without(without(qwen3(), "rope_theta"), "num_experts"),
+        "torch_dtype",
+    );
+    let new = with(
+        new,
+        "rope_parameters",
+        json!({"rope_type": "default", "rope_theta": 5000.0}),
+    );
     let new = with(new, "num_local_experts", json!(8));
     let new = with(new, "dtype", json!("bfloat16"));
     assert_eq!(ModelConfig::from_json(&new).expect("5.x spelling"), old);
@@ -40,30 +49,50 @@ fn old_and_new_spellings_give_the_same_config() {
 
 #[test]
 fn head_dim_is_derived_when_absent_and_explicit_when_given() {
-    assert_eq!(ModelConfig::from_json(&qwen3()).expect("derived").head_dim, 16);
+    assert_eq!(
+        ModelConfig::from_json(&qwen3()).expect("derived").head_dim,
+        16
+    );
     let explicit = with(qwen3(), "head_dim", json!(24));
-    assert_eq!(ModelConfig::from_json(&explicit).expect("explicit").head_dim, 24);
+    assert_eq!(
+        ModelConfig::from_json(&explicit)
+            .expect("explicit")
+            .head_dim,
+        24
+    );
 }
 
 #[test]
 fn sparse_layers_follow_mlp_only_layers_and_decoder_sparse_step() {
     let c = ModelConfig::from_json(&with(qwen3(), "mlp_only_layers", json!([1]))).expect("config");
     assert_eq!(c.sparse_layers, vec![true, false, true, true]);
-    let c = ModelConfig::from_json(&with(qwen3(), "decoder_sparse_step", json!(2))).expect("config");
+    let c =
+        ModelConfig::from_json(&with(qwen3(), "decoder_sparse_step", json!(2))).expect("config");
     assert_eq!(c.sparse_layers, vec![false, true, false, true]);
 }
 
 #[test]
 fn family_defaults_for_bias_norm_and_shared_expert() {
-    let qwen2 = with(with(qwen3(), "model_type", json!("qwen2_moe")), "shared_expert_intermediate_size", json!(48));
+    let qwen2 = with(
+        with(qwen3(), "model_type", json!("qwen2_moe")),
+        "shared_expert_intermediate_size",
+        json!(48),
+    );
     let c = ModelConfig::from_json(&qwen2).expect("qwen2");
     assert!(c.qkv_bias && !c.o_bias && !c.qk_norm);
     assert_eq!(c.moe.shared_expert_intermediate_size, Some(48));
-    let mixtral = with(without(qwen3(), "num_experts"), "model_type", json!("mixtral"));
+    let mixtral = with(
+        without(qwen3(), "num_experts"),
+        "model_type",
+        json!("mixtral"),
+    );
     let mixtral = with(mixtral, "num_local_experts", json!(4));
     let c = ModelConfig::from_json(&mixtral).expect("mixtral");
     assert!(c.moe.norm_topk_prob, "mixtral always renormalizes");
-    assert_eq!(c.moe.expert_intermediate_size, 96, "mixtral experts use intermediate_size");
+    assert_eq!(
+        c.moe.expert_intermediate_size, 96,
+        "mixtral experts use intermediate_size"
+    );
     let c = ModelConfig::from_json(&with(qwen3(), "attention_bias", json!(true))).expect("qwen3");
     assert!(c.qkv_bias && c.o_bias && c.qk_norm);
 }
@@ -94,7 +123,11 @@ fn unsupported_fields_are_named() {
         let e = error(&with(qwen3(), key, value));
         assert!(e.contains(expected), "{key}: {e}");
     }
-    let e = error(&with(qwen3(), "rope_parameters", json!({"rope_type": "yarn", "rope_theta": 1.0})));
+    let e = error(&with(
+        qwen3(),
+        "rope_parameters",
+        json!({"rope_type": "yarn", "rope_theta": 1.0}),
+    ));
     assert!(e.contains("rope_type yarn"), "{e}");
 }
 

@@ -5,8 +5,10 @@ use serde_json::json;
 use super::*;
 
 fn tokenizer() -> Tokenizer {
-    Tokenizer::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-moe-f32"))
-        .expect("fixture tokenizer")
+    Tokenizer::from_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-moe-f32"),
+    )
+    .expect("fixture tokenizer")
 }
 
 /// Pushes every token of `text` and returns the emitted pieces and whether a stop matched.
@@ -29,7 +31,12 @@ fn config_reads_eos_and_chat_template() {
     let tok = tokenizer();
     assert_eq!(tok.config().eos_token.as_deref(), Some("<|im_end|>"));
     assert_eq!(tok.eos_token_ids(), vec![2]);
-    assert!(tok.config().chat_template.as_deref().is_some_and(|t| t.contains("im_start")));
+    assert!(
+        tok.config()
+            .chat_template
+            .as_deref()
+            .is_some_and(|t| t.contains("im_start"))
+    );
     assert_eq!(tok.vocab_size(), 1024);
 }
 
