@@ -9,7 +9,7 @@ use half::bf16;
 use safetensors::tensor::{Dtype, View};
 use serde_json::json;
 
-use crate::config::ModelConfig;
+use crate::config::{Family, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::rng::Rng;
 
@@ -59,7 +59,6 @@ pub fn ensure_demo_model() -> Result<PathBuf> {
 
 /// Writes the demo checkpoint (config, bf16 safetensors, tokenizer) into `dir`.
 pub fn write_demo_model(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     let config_json = json!({
         "architectures": ["Qwen3MoeForCausalLM"],
         "model_type": "qwen3_moe",
@@ -85,8 +84,7 @@ pub fn write_demo_model(dir: &Path) -> Result<()> {
         "dtype": "bfloat16",
         "eos_token_id": 2
     });
-    let config = ModelConfig::from_json(&config_json)?;
-    write_file(&dir.join("config.json"), config_json.to_string().as_bytes())?;
+    write_random_checkpoint(dir, &config_json, DEMO_SEED)?;
     write_file(&dir.join("tokenizer.json"), TOKENIZER_JSON)?;
     let tokenizer_config = json!({
         "eos_token": "<|im_end|>",
@@ -97,9 +95,25 @@ pub fn write_demo_model(dir: &Path) -> Result<()> {
     write_file(
         &dir.join("tokenizer_config.json"),
         tokenizer_config.to_string().as_bytes(),
-    )?;
+    )
+}
 
-    let mut rng = Rng::seeded(DEMO_SEED);
+/// Writes `config.json` and a bf16 `model.safetensors` of seeded random weights for a
+/// Qwen3-MoE `config_json` (no tokenizer): the demo model and the benches' synthetic models.
+pub fn write_random_checkpoint(
+    dir: &Path,
+    config_json: &serde_json::Value,
+    seed: u64,
+) -> Result<()> {
+    let config = ModelConfig::from_json(config_json)?;
+    if config.family != Family::Qwen3Moe || !config.sparse_layers.iter().all(|s| *s) {
+        return Err(EngineError::Unsupported(
+            "random checkpoints are written for all-sparse qwen3_moe configs only".into(),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+    write_file(&dir.join("config.json"), config_json.to_string().as_bytes())?;
+    let mut rng = Rng::seeded(seed);
     let tensors: Vec<(String, Bf16Tensor)> = demo_tensor_shapes(&config)
         .into_iter()
         .map(|(name, shape, init)| {

@@ -26,7 +26,9 @@ pub use backend::{
 pub use block_pool::{BlockId, BlockPool};
 pub use checkpoint::{HostTensor, LoadProgress};
 pub use config::{Family, ModelConfig, MoeConfig, WeightDtype};
-pub use demo::{DEMO_MODEL_NAME, demo_model_dir, ensure_demo_model, write_demo_model};
+pub use demo::{
+    DEMO_MODEL_NAME, demo_model_dir, ensure_demo_model, write_demo_model, write_random_checkpoint,
+};
 pub use engine::{Engine, EngineConfig, FinishReason, StepOutput, TokenEvent};
 pub use error::EngineError;
 pub use kv_cache::{BlockHash, prefix_block_hashes};
