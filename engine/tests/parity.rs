@@ -93,6 +93,10 @@ fn prefill_logits_match_transformers() {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0, f32::max);
             let scale = case.logits.iter().map(|v| v.abs()).fold(0.0, f32::max);
+            eprintln!(
+                "{name} prompt {i}: max abs diff {max_abs:.2e}, relative {:.2e}",
+                max_abs / scale
+            );
             if bf16 {
                 let rel = max_abs / scale;
                 assert!(
