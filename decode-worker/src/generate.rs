@@ -100,7 +100,11 @@ pub fn run(args: &GenerateArgs) -> Result<(), GenerateError> {
     };
     let prompt_len = prompt.len();
     let engine_config = EngineConfig {
-        num_blocks: (prompt_len + args.max_tokens).div_ceil(EngineConfig::default().block_size),
+        // At least one block, so an empty prompt or `--max-tokens 0` reaches the request
+        // validation and its message rather than a cache-size error.
+        num_blocks: (prompt_len + args.max_tokens)
+            .div_ceil(EngineConfig::default().block_size)
+            .max(1),
         ..EngineConfig::default()
     };
     let mut engine =

@@ -44,7 +44,7 @@ pub trait Backend: Send + Sync + Sized {
     /// `silu(gate) * up` for a `[rows, 2·I]` tensor holding gate then up.
     fn swiglu(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
     /// Rotary position embedding (rotate-half form) applied to every head of every row.
-    fn rope(&self, x: &mut Self::Tensor, positions: &[u32], rope: &RopeSpec) -> Result<()>;
+    fn rope(&self, x: &mut Self::Tensor, table: &RopeTable) -> Result<()>;
     /// Writes row i of `k` and `v` into cache slot `slots[i]`.
     fn write_kv(
         &self,
@@ -81,11 +81,34 @@ pub struct KvSpec {
     pub head_dim: usize,
 }
 
-/// Rotary embedding parameters.
-#[derive(Debug, Clone, Copy)]
-pub struct RopeSpec {
+/// cos and sin of every row's rotation angles, computed once per forward pass and shared by
+/// the queries and keys of every layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeTable {
     pub head_dim: usize,
-    pub theta: f32,
+    /// `[rows, head_dim / 2]`.
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// Angles for `positions` with the same float32 arithmetic as transformers' default
+    /// rotary embedding.
+    pub fn new(positions: &[u32], head_dim: usize, theta: f32) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let (sin, cos) = positions
+            .iter()
+            .flat_map(|&p| inv_freq.iter().map(move |f| (p as f32 * f).sin_cos()))
+            .unzip();
+        Self { head_dim, cos, sin }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.cos.len() / (self.head_dim / 2).max(1)
+    }
 }
 
 /// One sequence's share of an attention call.
@@ -101,7 +124,7 @@ pub struct AttentionSeq<'a> {
 /// Everything attention needs besides the tensors.
 #[derive(Debug, Clone)]
 pub struct AttentionBatch<'a> {
-    pub seqs: Vec<AttentionSeq<'a>>,
+    pub seqs: &'a [AttentionSeq<'a>],
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,

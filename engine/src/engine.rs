@@ -5,10 +5,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::backend::AttentionSeq;
 use crate::backend::{Backend, KvSpec};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
-use crate::model::{ForwardBatch, ForwardSeq, Model};
+use crate::model::{ForwardBatch, Model};
 use crate::sampling::{Logprobs, Sampler, SamplingParams};
 use crate::sequence::{SeqId, Sequence, StopCriteria};
 use crate::tokenizer::{IncrementalText, Tokenizer};
@@ -231,10 +232,10 @@ impl<B: Backend> Engine<B> {
         let batch = ForwardBatch {
             tokens: prompt.to_vec(),
             positions: (0..prompt.len() as u32).collect(),
-            seqs: vec![ForwardSeq {
+            seqs: vec![AttentionSeq {
                 rows: 0..prompt.len(),
                 first_position: 0,
-                block_table: blocks.clone(),
+                block_table: &blocks,
             }],
             logit_rows: (0..prompt.len()).collect(),
         };
@@ -275,10 +276,10 @@ impl<B: Backend> Engine<B> {
                 if seq.computed + n == seq.len() {
                     batch.logit_rows.push(start + n - 1);
                 }
-                batch.seqs.push(ForwardSeq {
+                batch.seqs.push(AttentionSeq {
                     rows: start..start + n,
                     first_position: seq.computed,
-                    block_table: seq.blocks.clone(),
+                    block_table: &seq.blocks,
                 });
                 scheduled.push((i, n));
             }

@@ -21,7 +21,7 @@ mod weights;
 
 pub use backend::cpu::{CpuBackend, CpuKvStore, CpuMatrix, CpuTensor};
 pub use backend::{
-    AttentionBatch, AttentionSeq, Backend, Device, DeviceChoice, KvSpec, RopeSpec, Routing,
+    AttentionBatch, AttentionSeq, Backend, Device, DeviceChoice, KvSpec, RopeTable, Routing,
 };
 pub use block_pool::{BlockId, BlockPool};
 pub use checkpoint::{HostTensor, LoadProgress};

@@ -1,10 +1,8 @@
 //! The MoE transformer forward pass, written once against [`Backend`].
 
-use std::ops::Range;
 use std::path::Path;
 
-use crate::backend::{AttentionBatch, AttentionSeq, Backend, RopeSpec, Routing};
-use crate::block_pool::BlockId;
+use crate::backend::{AttentionBatch, AttentionSeq, Backend, RopeTable, Routing};
 use crate::checkpoint::{Checkpoint, LoadProgress};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -18,22 +16,13 @@ pub struct Model<B: Backend> {
     pub(crate) weights: ModelWeights<B>,
 }
 
-/// One sequence's part of a forward pass.
-#[derive(Debug, Clone)]
-pub(crate) struct ForwardSeq {
-    /// Rows of the batch holding this sequence's new tokens.
-    pub(crate) rows: Range<usize>,
-    /// Position of the first new token.
-    pub(crate) first_position: usize,
-    pub(crate) block_table: Vec<BlockId>,
-}
-
-/// The tokens one forward pass computes, and the rows whose logits are wanted.
+/// The tokens one forward pass computes, each sequence's share of them (borrowing its block
+/// table), and the rows whose logits are wanted.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct ForwardBatch {
+pub(crate) struct ForwardBatch<'a> {
     pub(crate) tokens: Vec<u32>,
     pub(crate) positions: Vec<u32>,
-    pub(crate) seqs: Vec<ForwardSeq>,
+    pub(crate) seqs: Vec<AttentionSeq<'a>>,
     pub(crate) logit_rows: Vec<usize>,
 }
 
@@ -64,31 +53,21 @@ impl<B: Backend> Model<B> {
 
     /// Runs `batch`, writing its K and V into `kv`, and returns the logits of
     /// `batch.logit_rows` as `[rows, vocab]`.
-    pub(crate) fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache<B>) -> Result<Vec<f32>> {
+    pub(crate) fn forward(
+        &self,
+        batch: &ForwardBatch<'_>,
+        kv: &mut KvCache<B>,
+    ) -> Result<Vec<f32>> {
         let b = &self.backend;
         let c = &self.config;
-        let rope = RopeSpec {
-            head_dim: c.head_dim,
-            theta: c.rope_theta,
-        };
+        let rope = RopeTable::new(&batch.positions, c.head_dim, c.rope_theta);
         let slots: Vec<usize> = batch
             .seqs
             .iter()
-            .flat_map(|s| {
-                let table = &s.block_table;
-                (0..s.rows.len()).map(|i| kv.slot(table, s.first_position + i))
-            })
+            .flat_map(|s| (0..s.rows.len()).map(|i| kv.slot(s.block_table, s.first_position + i)))
             .collect();
         let attention = AttentionBatch {
-            seqs: batch
-                .seqs
-                .iter()
-                .map(|s| AttentionSeq {
-                    rows: s.rows.clone(),
-                    first_position: s.first_position,
-                    block_table: &s.block_table,
-                })
-                .collect(),
+            seqs: &batch.seqs,
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
@@ -105,8 +84,8 @@ impl<B: Backend> Model<B> {
                 q = b.rms_norm(&q, qn, c.rms_norm_eps)?;
                 k = b.rms_norm(&k, kn, c.rms_norm_eps)?;
             }
-            b.rope(&mut q, &batch.positions, &rope)?;
-            b.rope(&mut k, &batch.positions, &rope)?;
+            b.rope(&mut q, &rope)?;
+            b.rope(&mut k, &rope)?;
             b.write_kv(store, &k, &v, &slots)?;
             let attn = b.attention(&q, store, &attention)?;
             let o = b.linear(&attn, &layer.o.weight, layer.o.bias.as_ref())?;

@@ -188,7 +188,7 @@ fn bad_input_exits_with_a_message_naming_the_problem() {
     let cache = temp_dir("bad");
     let model = fixture("qwen3-moe-f32");
     let model = model.to_str().expect("utf-8 path");
-    let cases: [(&[&str], i32, &str); 4] = [
+    let cases: [(&[&str], i32, &str); 5] = [
         (
             &["generate", "--model", model, "--prompt-ids", "5,4096"],
             64,
@@ -211,6 +211,19 @@ fn bad_input_exits_with_a_message_naming_the_problem() {
             ],
             1,
             "/nonexistent/model",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "hi",
+                "--max-tokens",
+                "0",
+            ],
+            64,
+            "max_new_tokens must be >= 1, got 0",
         ),
         (
             &[

@@ -3,14 +3,14 @@
 
 use rayon::prelude::*;
 
-use crate::backend::{AttentionBatch, Backend, KvSpec, RopeSpec, Routing};
+use crate::backend::{AttentionBatch, Backend, KvSpec, RopeTable, Routing};
 use crate::checkpoint::HostTensor;
 use crate::error::{EngineError, Result};
 use crate::weights::ExpertWeights;
 
 mod matmul;
 
-pub(crate) use matmul::{Threads, matmul};
+use matmul::{Threads, matmul};
 
 /// The CPU backend. Stateless: threads come from rayon's global pool.
 #[derive(Debug, Default, Clone, Copy)]
@@ -30,8 +30,6 @@ pub struct CpuMatrix {
     pub out_dim: usize,
     pub in_dim: usize,
     transposed: Vec<f32>,
-    /// The `[out, in]` rows, kept only for embedding tables that are gathered by row.
-    rows: Option<Vec<f32>>,
 }
 
 /// One layer's K and V, `[slot, kv_head, head_dim]`.
@@ -57,13 +55,8 @@ impl CpuTensor {
 }
 
 impl CpuMatrix {
-    /// Builds a matrix from `[out, in]` rows; `keep_rows` keeps a row-major copy for gathers.
-    pub(crate) fn from_rows(
-        out_dim: usize,
-        in_dim: usize,
-        rows: Vec<f32>,
-        keep_rows: bool,
-    ) -> Self {
+    /// Builds a matrix from `[out, in]` rows.
+    fn from_rows(out_dim: usize, in_dim: usize, rows: &[f32]) -> Self {
         let mut transposed = vec![0.0; rows.len()];
         for (o, row) in rows.chunks_exact(in_dim.max(1)).enumerate() {
             for (i, &value) in row.iter().enumerate() {
@@ -74,7 +67,6 @@ impl CpuMatrix {
             out_dim,
             in_dim,
             transposed,
-            rows: keep_rows.then_some(rows),
         }
     }
 
@@ -117,7 +109,7 @@ impl Backend for CpuBackend {
                 format!("shape {:?} is not 2-D", host.shape),
             ));
         };
-        Ok(CpuMatrix::from_rows(out_dim, in_dim, host.data, false))
+        Ok(CpuMatrix::from_rows(out_dim, in_dim, &host.data))
     }
 
     fn vector(&self, host: Vec<f32>) -> Result<Vec<f32>> {
@@ -147,13 +139,10 @@ impl Backend for CpuBackend {
                     ),
                 ));
             }
-            match &table.rows {
-                Some(rows) => dst.copy_from_slice(&rows[id * hidden..(id + 1) * hidden]),
-                None => {
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        *d = table.transposed[i * table.out_dim + id];
-                    }
-                }
+            // A strided gather: only a handful of rows per step, not worth a second copy of
+            // the table in row order.
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = table.transposed[i * table.out_dim + id];
             }
         }
         Ok(out)
@@ -231,31 +220,30 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn rope(&self, x: &mut CpuTensor, positions: &[u32], rope: &RopeSpec) -> Result<()> {
-        let dim = rope.head_dim;
+    fn rope(&self, x: &mut CpuTensor, table: &RopeTable) -> Result<()> {
+        let dim = table.head_dim;
         let half = dim / 2;
-        if positions.len() != x.rows || dim == 0 || !x.cols.is_multiple_of(dim) {
+        if table.rows() != x.rows || dim == 0 || !x.cols.is_multiple_of(dim) {
             return Err(shape_error(
                 "rope",
                 format!(
-                    "{} positions for {} rows of {}",
-                    positions.len(),
+                    "{} table rows for {} rows of {}",
+                    table.rows(),
                     x.rows,
                     x.cols
                 ),
             ));
         }
-        // Same float32 arithmetic as transformers' default rotary embedding.
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / rope.theta.powf((2 * i) as f32 / dim as f32))
-            .collect();
         let cols = x.cols;
         x.data
             .par_chunks_mut(cols)
-            .zip(positions.par_iter())
-            .for_each(|(row, &pos)| {
-                let (sin, cos): (Vec<f32>, Vec<f32>) =
-                    inv_freq.iter().map(|f| (pos as f32 * f).sin_cos()).unzip();
+            .zip(
+                table
+                    .cos
+                    .par_chunks(half.max(1))
+                    .zip(table.sin.par_chunks(half.max(1))),
+            )
+            .for_each(|(row, (cos, sin))| {
                 for head in row.chunks_exact_mut(dim) {
                     for i in 0..half {
                         let (a, b) = (head[i], head[i + half]);
@@ -315,7 +303,7 @@ impl Backend for CpuBackend {
         let mut out = CpuTensor::zeros(q.rows, q.cols);
         // (position, block table) of every query row.
         let mut rows: Vec<Option<(usize, &[crate::block_pool::BlockId])>> = vec![None; q.rows];
-        for seq in &batch.seqs {
+        for seq in batch.seqs {
             for (offset, row) in seq.rows.clone().enumerate() {
                 let position = seq.first_position + offset;
                 if position / batch.block_size >= seq.block_table.len() || row >= q.rows {
