@@ -53,6 +53,10 @@ pub trait Backend: Send + Sync + Sized {
         v: &Self::Tensor,
         slots: &[usize],
     ) -> Result<()>;
+    /// Copies the K and V rows in `slots` to the host, to send them to another worker.
+    fn read_kv(&self, store: &Self::KvStore, slots: &[usize]) -> Result<KvRows>;
+    /// Writes host K and V rows (received from another worker) into `slots`.
+    fn load_kv(&self, store: &mut Self::KvStore, rows: &KvRows, slots: &[usize]) -> Result<()>;
     /// Causal grouped-query attention of `q` over the paged cache.
     fn attention(
         &self,
@@ -79,6 +83,14 @@ pub struct KvSpec {
     pub block_size: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+}
+
+/// K and V of some cache slots on the host, each `[slots, num_kv_heads · head_dim]`, row i
+/// belonging to the i-th slot asked for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KvRows {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
 }
 
 /// cos and sin of every row's rotation angles, computed once per forward pass and shared by

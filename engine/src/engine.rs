@@ -1,12 +1,12 @@
 //! Continuous batching: sequences join and leave between steps; each step mixes prompt chunks
 //! (chunked prefill under a token budget) with one token for every running sequence.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::backend::AttentionSeq;
-use crate::backend::{Backend, KvSpec};
+use crate::backend::{AttentionSeq, Backend, KvRows, KvSpec};
+use crate::block_pool::BlockId;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::model::{ForwardBatch, Model};
@@ -77,6 +77,21 @@ pub struct StepOutput {
     pub decode_tokens: usize,
 }
 
+/// One layer of one exporting sequence's prompt KV, ready to send to a decode worker.
+#[derive(Debug)]
+pub struct LayerKv<'a> {
+    pub seq: SeqId,
+    pub layer: usize,
+    /// Rows for prompt positions `0..len`, in order.
+    pub rows: &'a KvRows,
+}
+
+/// A sequence whose blocks are reserved while its prompt KV arrives from a prefill worker.
+struct Reservation {
+    seq: Sequence,
+    landed: Vec<bool>,
+}
+
 /// A model, its KV cache and the sequences sharing them.
 pub struct Engine<B: Backend> {
     model: Model<B>,
@@ -86,6 +101,7 @@ pub struct Engine<B: Backend> {
     eos_token_ids: Vec<u32>,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
+    reserved: HashMap<SeqId, Reservation>,
     seed_base: u64,
 }
 
@@ -132,6 +148,7 @@ impl<B: Backend> Engine<B> {
             eos_token_ids,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            reserved: HashMap::new(),
             seed_base,
         })
     }
@@ -169,6 +186,20 @@ impl<B: Backend> Engine<B> {
         self.waiting.len()
     }
 
+    /// Sequences whose blocks are reserved while their KV arrives.
+    pub fn num_reserved(&self) -> usize {
+        self.reserved.len()
+    }
+
+    /// Prompt tokens not yet computed, over waiting and running sequences.
+    pub fn queued_prefill_tokens(&self) -> usize {
+        self.waiting
+            .iter()
+            .chain(&self.running)
+            .map(|s| s.prompt.len().saturating_sub(s.computed))
+            .sum()
+    }
+
     pub fn has_work(&self) -> bool {
         !self.running.is_empty() || !self.waiting.is_empty()
     }
@@ -182,28 +213,149 @@ impl<B: Backend> Engine<B> {
         stop: StopCriteria,
     ) -> Result<()> {
         self.validate(id, &prompt, &params, &stop)?;
-        let text = self
-            .tokenizer
-            .as_ref()
-            .map(|_| IncrementalText::new(stop.stop_strings.clone()));
-        let fallback_seed = self.seed_base ^ id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.waiting.push_back(Sequence {
-            id,
-            prompt,
-            output: Vec::new(),
-            blocks: Vec::new(),
-            computed: 0,
-            sampler: Sampler::new(params, fallback_seed),
-            stop,
-            text,
-        });
+        let seq = self.new_sequence(id, prompt, params, stop, false);
+        self.waiting.push_back(seq);
         Ok(())
+    }
+
+    /// Queues a prompt whose KV is sent elsewhere: [`Engine::step_exporting`] hands out each
+    /// layer of its prompt KV as soon as it is computed, and its one event carries the first
+    /// token, sampled with `params`.
+    pub fn add_prefill_request(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<()> {
+        let stop = StopCriteria {
+            ignore_eos: true,
+            ..StopCriteria::max_new_tokens(1)
+        };
+        self.validate(id, &prompt, &params, &stop)?;
+        let seq = self.new_sequence(id, prompt, params, stop, true);
+        self.waiting.push_back(seq);
+        Ok(())
+    }
+
+    /// Reserves blocks for a sequence whose prompt KV a prefill worker will send; returns the
+    /// blocks, in position order, that [`Engine::import_kv`] fills. Fails at once, rather than
+    /// waiting, when the blocks or the running limit are not available now.
+    pub fn reserve(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        stop: StopCriteria,
+    ) -> Result<Vec<BlockId>> {
+        self.validate(id, &prompt, &params, &stop)?;
+        let limit = self.config.max_running;
+        let busy = self.running.len() + self.reserved.len();
+        if busy >= limit {
+            return Err(EngineError::AtCapacity { busy, limit });
+        }
+        let needed = self.kv.blocks_for(prompt.len() + stop.max_new_tokens);
+        let blocks = self
+            .kv
+            .pool
+            .allocate(needed)
+            .ok_or(EngineError::OutOfBlocks {
+                needed,
+                free: self.kv.pool.free_count(),
+                total: self.kv.pool.total(),
+            })?;
+        let mut seq = self.new_sequence(id, prompt, params, stop, false);
+        seq.blocks = blocks.clone();
+        let landed = vec![false; self.model.config().num_layers];
+        self.reserved.insert(id, Reservation { seq, landed });
+        Ok(blocks)
+    }
+
+    /// Writes one layer of a reserved sequence's prompt KV: rows for positions `0..prompt
+    /// len`. Checks the sequence, the layer and the size; a failed import leaves the blocks of
+    /// other sequences untouched.
+    pub fn import_kv(&mut self, id: SeqId, layer: usize, rows: &KvRows) -> Result<()> {
+        let c = self.model.config();
+        let width = c.num_kv_heads * c.head_dim;
+        let num_layers = c.num_layers;
+        let reservation = self
+            .reserved
+            .get_mut(&id)
+            .ok_or(EngineError::UnknownSequence(id.0))?;
+        let tokens = reservation.seq.prompt.len();
+        if layer >= num_layers {
+            return Err(EngineError::InvalidRequest(format!(
+                "kv for layer {layer}, but the model has {num_layers} layers"
+            )));
+        }
+        if rows.k.len() != tokens * width || rows.v.len() != tokens * width {
+            return Err(EngineError::InvalidRequest(format!(
+                "kv for layer {layer} holds {} k and {} v values, expected {tokens} tokens × {width}",
+                rows.k.len(),
+                rows.v.len()
+            )));
+        }
+        let slots: Vec<usize> = (0..tokens)
+            .map(|p| self.kv.slot(&reservation.seq.blocks, p))
+            .collect();
+        self.model
+            .backend()
+            .load_kv(&mut self.kv.layers[layer], rows, &slots)?;
+        reservation.landed[layer] = true;
+        Ok(())
+    }
+
+    /// Starts decoding a reserved sequence whose every layer has landed, from the first
+    /// token the prefill worker sampled. Returns that token's event (which may finish it).
+    pub fn admit_prefilled(
+        &mut self,
+        id: SeqId,
+        first_token: u32,
+        logprobs: Logprobs,
+    ) -> Result<TokenEvent> {
+        let reservation = self
+            .reserved
+            .get(&id)
+            .ok_or(EngineError::UnknownSequence(id.0))?;
+        if let Some(missing) = reservation.landed.iter().position(|l| !l) {
+            return Err(EngineError::InvalidRequest(format!(
+                "sequence {} cannot start: kv for layer {missing} has not arrived",
+                id.0
+            )));
+        }
+        let vocab = self.model.config().vocab_size;
+        if first_token as usize >= vocab {
+            return Err(EngineError::InvalidRequest(format!(
+                "first token {first_token} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let Some(Reservation { mut seq, .. }) = self.reserved.remove(&id) else {
+            return Err(EngineError::UnknownSequence(id.0));
+        };
+        seq.computed = seq.prompt.len();
+        seq.sampler.replay_draw();
+        let event = Self::accept_token(
+            &mut seq,
+            first_token,
+            logprobs,
+            &self.eos_token_ids,
+            self.tokenizer.as_deref(),
+        )?;
+        if event.finish.is_some() {
+            self.kv.pool.release(&seq.blocks);
+        } else {
+            self.running.push(seq);
+        }
+        Ok(event)
     }
 
     /// Removes a sequence and frees its blocks. Returns false if it was not in the engine.
     pub fn abort(&mut self, id: SeqId) -> bool {
         if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
             self.waiting.remove(i);
+            return true;
+        }
+        if let Some(reservation) = self.reserved.remove(&id) {
+            self.kv.pool.release(&reservation.seq.blocks);
             return true;
         }
         match self.running.iter().position(|s| s.id == id) {
@@ -239,7 +391,7 @@ impl<B: Backend> Engine<B> {
             }],
             logit_rows: (0..prompt.len()).collect(),
         };
-        let logits = self.model.forward(&batch, &mut self.kv);
+        let logits = self.model.forward(&batch, &mut self.kv, &mut |_, _| Ok(()));
         self.kv.pool.release(&blocks);
         logits
     }
@@ -247,6 +399,13 @@ impl<B: Backend> Engine<B> {
     /// Advances every running sequence by one token and feeds prompt chunks, admitting waiting
     /// sequences while blocks, the running limit and the token budget allow.
     pub fn step(&mut self) -> Result<StepOutput> {
+        self.step_exporting(&mut |_| {})
+    }
+
+    /// [`Engine::step`], also handing `export` each layer of the prompt KV of every sequence
+    /// from [`Engine::add_prefill_request`] whose prompt completes in this step, as soon as
+    /// that layer is computed.
+    pub fn step_exporting(&mut self, export: &mut dyn FnMut(LayerKv<'_>)) -> Result<StepOutput> {
         self.admit();
         let mut budget = self.config.max_batch_tokens;
         let mut batch = ForwardBatch::default();
@@ -287,7 +446,32 @@ impl<B: Backend> Engine<B> {
         if scheduled.is_empty() {
             return Ok(StepOutput::default());
         }
-        let logits = self.model.forward(&batch, &mut self.kv)?;
+        // Cache slots of every prompt that completes in this step and is sent elsewhere.
+        let exports: Vec<(SeqId, Vec<usize>)> = scheduled
+            .iter()
+            .map(|&(i, n)| (&self.running[i], n))
+            .filter(|(seq, n)| seq.export_kv && seq.computed + n == seq.prompt.len())
+            .map(|(seq, _)| {
+                let slots = (0..seq.prompt.len())
+                    .map(|p| self.kv.slot(&seq.blocks, p))
+                    .collect();
+                (seq.id, slots)
+            })
+            .collect();
+        let backend = self.model.backend();
+        let logits = self
+            .model
+            .forward(&batch, &mut self.kv, &mut |layer, store| {
+                for (seq, slots) in &exports {
+                    let rows = backend.read_kv(store, slots)?;
+                    export(LayerKv {
+                        seq: *seq,
+                        layer,
+                        rows: &rows,
+                    });
+                }
+                Ok(())
+            })?;
         let vocab = self.model.config().vocab_size;
         let mut logit_chunks = logits.chunks_exact(vocab);
         let mut events = Vec::new();
@@ -325,6 +509,17 @@ impl<B: Backend> Engine<B> {
         tokenizer: Option<&Tokenizer>,
     ) -> Result<TokenEvent> {
         let (token, logprobs) = seq.sampler.sample(logits, &seq.prompt, &seq.output);
+        Self::accept_token(seq, token, logprobs, eos, tokenizer)
+    }
+
+    /// Appends `token` to `seq` and applies its stop criteria.
+    fn accept_token(
+        seq: &mut Sequence,
+        token: u32,
+        logprobs: Logprobs,
+        eos: &[u32],
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<TokenEvent> {
         seq.output.push(token);
         let mut finish = None;
         if seq.stop.stop_token_ids.contains(&token)
@@ -375,6 +570,32 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    fn new_sequence(
+        &self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        stop: StopCriteria,
+        export_kv: bool,
+    ) -> Sequence {
+        let text = self
+            .tokenizer
+            .as_ref()
+            .map(|_| IncrementalText::new(stop.stop_strings.clone()));
+        let fallback_seed = self.seed_base ^ id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        Sequence {
+            id,
+            prompt,
+            output: Vec::new(),
+            blocks: Vec::new(),
+            computed: 0,
+            sampler: Sampler::new(params, fallback_seed),
+            stop,
+            text,
+            export_kv,
+        }
+    }
+
     fn validate_tokens(&self, prompt: &[u32]) -> Result<()> {
         let vocab = self.model.config().vocab_size;
         if prompt.is_empty() {
@@ -395,7 +616,9 @@ impl<B: Backend> Engine<B> {
         params: &SamplingParams,
         stop: &StopCriteria,
     ) -> Result<()> {
-        if self.running.iter().chain(&self.waiting).any(|s| s.id == id) {
+        if self.reserved.contains_key(&id)
+            || self.running.iter().chain(&self.waiting).any(|s| s.id == id)
+        {
             return Err(EngineError::DuplicateSequence(id.0));
         }
         self.validate_tokens(prompt)?;

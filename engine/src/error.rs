@@ -44,6 +44,10 @@ pub enum EngineError {
         free: usize,
         total: usize,
     },
+    #[error("engine at capacity: {busy} sequences running or reserved, limit {limit}")]
+    AtCapacity { busy: usize, limit: usize },
+    #[error("sequence {0} is not reserved in this engine")]
+    UnknownSequence(u64),
     #[error("sequence {0} is already in the engine")]
     DuplicateSequence(u64),
     #[error("device {device} unavailable: {reason}")]

@@ -21,7 +21,7 @@ mod weights;
 
 pub use backend::cpu::{CpuBackend, CpuKvStore, CpuMatrix, CpuTensor};
 pub use backend::{
-    AttentionBatch, AttentionSeq, Backend, Device, DeviceChoice, KvSpec, RopeTable, Routing,
+    AttentionBatch, AttentionSeq, Backend, Device, DeviceChoice, KvRows, KvSpec, RopeTable, Routing,
 };
 pub use block_pool::{BlockId, BlockPool};
 pub use checkpoint::{HostTensor, LoadProgress};
@@ -29,7 +29,7 @@ pub use config::{Family, ModelConfig, MoeConfig, WeightDtype};
 pub use demo::{
     DEMO_MODEL_NAME, demo_model_dir, ensure_demo_model, write_demo_model, write_random_checkpoint,
 };
-pub use engine::{Engine, EngineConfig, FinishReason, StepOutput, TokenEvent};
+pub use engine::{Engine, EngineConfig, FinishReason, LayerKv, StepOutput, TokenEvent};
 pub use error::EngineError;
 pub use kv_cache::{BlockHash, prefix_block_hashes};
 pub use model::Model;

@@ -52,11 +52,13 @@ impl<B: Backend> Model<B> {
     }
 
     /// Runs `batch`, writing its K and V into `kv`, and returns the logits of
-    /// `batch.logit_rows` as `[rows, vocab]`.
+    /// `batch.logit_rows` as `[rows, vocab]`. `on_layer(l, store)` runs as soon as layer l's
+    /// K and V are in the cache, so they can be sent on while later layers compute.
     pub(crate) fn forward(
         &self,
         batch: &ForwardBatch<'_>,
         kv: &mut KvCache<B>,
+        on_layer: &mut dyn FnMut(usize, &B::KvStore) -> Result<()>,
     ) -> Result<Vec<f32>> {
         let b = &self.backend;
         let c = &self.config;
@@ -75,7 +77,7 @@ impl<B: Backend> Model<B> {
         };
 
         let mut h = b.embed(&self.weights.embed, &batch.tokens)?;
-        for (layer, store) in self.weights.layers.iter().zip(kv.layers.iter_mut()) {
+        for (index, (layer, store)) in self.weights.layers.iter().zip(&mut kv.layers).enumerate() {
             let x = b.rms_norm(&h, &layer.input_norm, c.rms_norm_eps)?;
             let mut q = b.linear(&x, &layer.q.weight, layer.q.bias.as_ref())?;
             let mut k = b.linear(&x, &layer.k.weight, layer.k.bias.as_ref())?;
@@ -87,6 +89,7 @@ impl<B: Backend> Model<B> {
             b.rope(&mut q, &rope)?;
             b.rope(&mut k, &rope)?;
             b.write_kv(store, &k, &v, &slots)?;
+            on_layer(index, store)?;
             let attn = b.attention(&q, store, &attention)?;
             let o = b.linear(&attn, &layer.o.weight, layer.o.bias.as_ref())?;
             b.add_assign(&mut h, &o)?;

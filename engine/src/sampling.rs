@@ -148,6 +148,14 @@ impl Sampler {
         (token, logprobs)
     }
 
+    /// Consumes the randomness `sample` would have drawn, for a token another worker sampled
+    /// with the same seed, so the tokens after it match a single-process run.
+    pub(crate) fn replay_draw(&mut self) {
+        if self.params.temperature > 0.0 {
+            self.rng.next_f64();
+        }
+    }
+
     fn apply_penalties(&self, logits: &mut [f32], prompt: &[u32], output: &[u32]) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {

@@ -40,6 +40,8 @@ pub(crate) struct Sequence {
     pub(crate) sampler: Sampler,
     pub(crate) stop: StopCriteria,
     pub(crate) text: Option<IncrementalText>,
+    /// Its prompt KV is handed out layer by layer for another worker.
+    pub(crate) export_kv: bool,
 }
 
 impl Sequence {

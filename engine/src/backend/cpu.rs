@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::backend::{AttentionBatch, Backend, KvSpec, RopeTable, Routing};
+use crate::backend::{AttentionBatch, Backend, KvRows, KvSpec, RopeTable, Routing};
 use crate::checkpoint::HostTensor;
 use crate::error::{EngineError, Result};
 use crate::weights::ExpertWeights;
@@ -38,6 +38,47 @@ pub struct CpuKvStore {
     spec: KvSpec,
     k: Vec<f32>,
     v: Vec<f32>,
+}
+
+impl CpuKvStore {
+    fn width(&self) -> usize {
+        self.spec.num_kv_heads * self.spec.head_dim
+    }
+
+    /// Where `slot`'s row lives in `k` and `v`.
+    fn slot_range(&self, slot: usize, op: &str) -> Result<std::ops::Range<usize>> {
+        let capacity = self.spec.num_blocks * self.spec.block_size;
+        if slot >= capacity {
+            return Err(shape_error(
+                op,
+                format!("slot {slot} is outside the cache of {capacity}"),
+            ));
+        }
+        let width = self.width();
+        Ok(slot * width..(slot + 1) * width)
+    }
+
+    /// Writes row i of `k` and `v` into `slots[i]`.
+    fn store_rows(&mut self, k: &[f32], v: &[f32], slots: &[usize]) -> Result<()> {
+        let width = self.width();
+        if k.len() != slots.len() * width || v.len() != k.len() {
+            return Err(shape_error(
+                "store_kv",
+                format!(
+                    "{} k and {} v values for {} slots of width {width}",
+                    k.len(),
+                    v.len(),
+                    slots.len()
+                ),
+            ));
+        }
+        for (i, &slot) in slots.iter().enumerate() {
+            let range = self.slot_range(slot, "store_kv")?;
+            self.k[range.clone()].copy_from_slice(&k[i * width..(i + 1) * width]);
+            self.v[range].copy_from_slice(&v[i * width..(i + 1) * width]);
+        }
+        Ok(())
+    }
 }
 
 impl CpuTensor {
@@ -262,32 +303,32 @@ impl Backend for CpuBackend {
         v: &CpuTensor,
         slots: &[usize],
     ) -> Result<()> {
-        let width = store.spec.num_kv_heads * store.spec.head_dim;
-        let capacity = store.spec.num_blocks * store.spec.block_size;
-        if k.cols != width || v.cols != width || k.rows != slots.len() || v.rows != slots.len() {
+        let width = store.width();
+        if k.cols != width || v.cols != width {
             return Err(shape_error(
                 "write_kv",
-                format!(
-                    "k {}x{}, v {}x{}, {} slots of width {width}",
-                    k.rows,
-                    k.cols,
-                    v.rows,
-                    v.cols,
-                    slots.len()
-                ),
+                format!("k has width {}, v {}, the cache {width}", k.cols, v.cols),
             ));
         }
-        for (i, &slot) in slots.iter().enumerate() {
-            if slot >= capacity {
-                return Err(shape_error(
-                    "write_kv",
-                    format!("slot {slot} is outside the cache of {capacity}"),
-                ));
-            }
-            store.k[slot * width..(slot + 1) * width].copy_from_slice(k.row(i));
-            store.v[slot * width..(slot + 1) * width].copy_from_slice(v.row(i));
+        store.store_rows(&k.data, &v.data, slots)
+    }
+
+    fn read_kv(&self, store: &CpuKvStore, slots: &[usize]) -> Result<KvRows> {
+        let width = store.width();
+        let mut rows = KvRows {
+            k: Vec::with_capacity(slots.len() * width),
+            v: Vec::with_capacity(slots.len() * width),
+        };
+        for &slot in slots {
+            let range = store.slot_range(slot, "read_kv")?;
+            rows.k.extend_from_slice(&store.k[range.clone()]);
+            rows.v.extend_from_slice(&store.v[range]);
         }
-        Ok(())
+        Ok(rows)
+    }
+
+    fn load_kv(&self, store: &mut CpuKvStore, rows: &KvRows, slots: &[usize]) -> Result<()> {
+        store.store_rows(&rows.k, &rows.v, slots)
     }
 
     fn attention(
