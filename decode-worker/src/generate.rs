@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use tandem_common::generate::{DeviceArg, GenerateArgs, OutputFormat};
+use tandem_common::generate::{GenerateArgs, OutputFormat};
 use tandem_engine::{
-    CpuBackend, Device, DeviceChoice, Engine, EngineConfig, EngineError, LoadProgress, Model,
-    SamplingParams, SeqId, StopCriteria, Tokenizer,
+    CpuBackend, Device, Engine, EngineConfig, EngineError, LoadProgress, Model, SamplingParams,
+    SeqId, StopCriteria, Tokenizer,
 };
 
 /// Failures of `generate`, split by whether the user's input was at fault.
@@ -68,13 +68,9 @@ pub struct Usage {
 
 /// Runs the command and prints its result on stdout.
 pub fn run(args: &GenerateArgs) -> Result<(), GenerateError> {
-    let device = match args.device {
-        DeviceArg::Auto => DeviceChoice::Auto,
-        DeviceArg::Cpu => DeviceChoice::Cpu,
-        DeviceArg::Cuda => DeviceChoice::Cuda,
-    }
-    .resolve()
-    .map_err(GenerateError::Request)?;
+    let device = tandem_worker::device_choice(args.device)
+        .resolve()
+        .map_err(GenerateError::Request)?;
     let Device::Cpu { fallback_reason } = device;
     // stderr, so `--output json` stays one clean object on stdout.
     if let Some(reason) = fallback_reason {

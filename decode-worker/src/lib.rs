@@ -1,4 +1,8 @@
-//! Decode worker. Today it runs one prompt end to end in this process (`generate`), the
-//! single-process reference the disaggregated path must match token for token.
+//! Decode worker: continuous-batching decode on a dedicated engine thread, taking prompt KV
+//! pushed by prefill workers into reserved blocks (`serve`), and the single-process reference
+//! run the disaggregated path must match token for token (`generate`).
 
+mod engine_thread;
 pub mod generate;
+pub mod serve;
+mod service;

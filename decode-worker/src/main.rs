@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tandem_common::generate::GenerateArgs;
+use tandem_decode_worker::serve::ServeConfig;
 
 /// Exit code for bad command-line input (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -16,6 +17,9 @@ struct Config {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the decode role: take KV from prefill workers and stream tokens to routers.
+    /// Prints `ready grpc=HOST:PORT kv=HOST:PORT` on stdout once it serves.
+    Serve(ServeConfig),
     /// Run one prompt through the model in this process and print the result.
     Generate(GenerateArgs),
 }
@@ -23,6 +27,9 @@ enum Command {
 fn main() -> ExitCode {
     let config = Config::parse();
     match config.command {
+        Command::Serve(config) => {
+            tandem_worker::main_with(tandem_decode_worker::serve::run(config))
+        }
         Command::Generate(args) => match tandem_decode_worker::generate::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -57,6 +57,19 @@ pub enum EngineError {
 pub(crate) type Result<T, E = EngineError> = std::result::Result<T, E>;
 
 impl EngineError {
+    /// True when the request was at fault (retrying it unchanged fails again).
+    pub fn is_invalid_request(&self) -> bool {
+        matches!(
+            self,
+            Self::InvalidRequest(_) | Self::DuplicateSequence(_) | Self::Tokenize(_)
+        )
+    }
+
+    /// True when the engine is full now and the same request may succeed later.
+    pub fn is_capacity(&self) -> bool {
+        matches!(self, Self::OutOfBlocks { .. } | Self::AtCapacity { .. })
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),

@@ -16,6 +16,7 @@ mod model;
 mod rng;
 mod sampling;
 mod sequence;
+mod served;
 mod tokenizer;
 mod weights;
 
@@ -35,5 +36,6 @@ pub use kv_cache::{BlockHash, prefix_block_hashes};
 pub use model::Model;
 pub use sampling::{Logprobs, MAX_TOP_LOGPROBS, SamplingParams, TopLogprob};
 pub use sequence::{SeqId, StopCriteria};
+pub use served::ServedModel;
 pub use tokenizer::{IncrementalText, Tokenizer, TokenizerConfig};
 pub use weights::ExpertWeights;

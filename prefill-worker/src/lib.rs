@@ -1,3 +1,7 @@
-//! Prefill worker: batches prompts on a tensor-parallel group and pushes KV layer by layer.
-//!
-//! Empty until the cluster issue; nothing here pretends to serve yet.
+//! Prefill worker: batches queued prompts under a token budget on a dedicated engine thread,
+//! runs prefill, and pushes each layer's KV to the decode worker named in the request's
+//! ticket as soon as that layer is computed, then the first sampled token.
+
+mod engine_thread;
+pub mod serve;
+mod service;

@@ -1,0 +1,338 @@
+//! The decode engine on its own OS thread. Tokio tasks talk to it through a bounded command
+//! channel; it answers each request through that request's event channel, sized so the
+//! engine never waits on a slow client.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tandem_common::ids::{KvBlockId, TransferId};
+use tandem_engine::{
+    BlockId, CpuBackend, Engine, EngineError, KvRows, Logprobs, SamplingParams, SeqId,
+    StopCriteria, TokenEvent,
+};
+use tandem_proto::internal::v1::{Role, WorkerStats};
+use tandem_worker::WorkerError;
+use tandem_worker::engine_loop::{Next, next_command};
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot};
+
+/// How often reservations waiting for KV are checked for timeouts and vanished clients when
+/// nothing else wakes the thread.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+
+/// One sequence to run.
+#[derive(Debug)]
+pub(crate) struct StartRequest {
+    pub(crate) prompt: Vec<u32>,
+    pub(crate) params: SamplingParams,
+    pub(crate) stop: StopCriteria,
+    /// The prompt KV comes from a prefill worker; reserve blocks and wait for it.
+    pub(crate) remote_prefill: bool,
+}
+
+/// What a request's stream receives.
+#[derive(Debug)]
+pub(crate) enum DecodeEvent {
+    Token(TokenEvent),
+    Failed(WorkerError),
+}
+
+#[derive(Debug)]
+pub(crate) enum Command {
+    Start {
+        id: SeqId,
+        request: StartRequest,
+        events: mpsc::Sender<DecodeEvent>,
+        /// The reserved blocks for a remote prefill, empty otherwise.
+        reply: oneshot::Sender<Result<Vec<BlockId>, EngineError>>,
+    },
+    ImportLayer {
+        transfer: TransferId,
+        layer: usize,
+        blocks: Vec<KvBlockId>,
+        rows: KvRows,
+    },
+    FinishTransfer {
+        transfer: TransferId,
+        first_token: u32,
+        logprobs: Logprobs,
+    },
+    FailTransfer {
+        transfer: TransferId,
+        reason: String,
+    },
+    Stats {
+        reply: oneshot::Sender<WorkerStats>,
+    },
+}
+
+struct Tracked {
+    events: mpsc::Sender<DecodeEvent>,
+    /// Set while the prompt KV is on its way.
+    awaiting_kv: Option<AwaitingKv>,
+}
+
+struct AwaitingKv {
+    deadline: Instant,
+    blocks: Vec<BlockId>,
+}
+
+pub(crate) struct EngineThread {
+    engine: Engine<CpuBackend>,
+    commands: mpsc::Receiver<Command>,
+    runtime: Handle,
+    transfer_timeout: Duration,
+    requests: HashMap<SeqId, Tracked>,
+    generated_tokens_total: u64,
+}
+
+impl EngineThread {
+    pub(crate) fn spawn(
+        engine: Engine<CpuBackend>,
+        commands: mpsc::Receiver<Command>,
+        transfer_timeout: Duration,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let runtime = Handle::current();
+        std::thread::Builder::new()
+            .name("decode-engine".into())
+            .spawn(move || {
+                Self {
+                    engine,
+                    commands,
+                    runtime,
+                    transfer_timeout,
+                    requests: HashMap::new(),
+                    generated_tokens_total: 0,
+                }
+                .run();
+            })
+    }
+
+    /// Runs until every command sender is gone.
+    fn run(mut self) {
+        loop {
+            match next_command(
+                &mut self.commands,
+                &self.runtime,
+                self.engine.has_work(),
+                (!self.requests.is_empty()).then_some(SWEEP_INTERVAL),
+            ) {
+                Next::Shutdown => return,
+                Next::Command(command) => self.handle(command),
+                Next::Tick => {}
+            }
+            while let Ok(command) = self.commands.try_recv() {
+                self.handle(command);
+            }
+            self.sweep();
+            if self.engine.has_work() {
+                self.step();
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Start {
+                id,
+                request,
+                events,
+                reply,
+            } => {
+                let result = self.start(id, request, events);
+                let _ = reply.send(result);
+            }
+            Command::ImportLayer {
+                transfer,
+                layer,
+                blocks,
+                rows,
+            } => {
+                if let Err(reason) = self.import(transfer, layer, &blocks, &rows) {
+                    self.fail(
+                        SeqId(transfer.0),
+                        WorkerError::TransferFailed { transfer, reason },
+                    );
+                }
+            }
+            Command::FinishTransfer {
+                transfer,
+                first_token,
+                logprobs,
+            } => self.finish_transfer(transfer, first_token, logprobs),
+            Command::FailTransfer { transfer, reason } => {
+                self.fail(
+                    SeqId(transfer.0),
+                    WorkerError::TransferFailed { transfer, reason },
+                );
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(WorkerStats {
+                    role: Role::Decode as i32,
+                    running_sequences: self.engine.num_running() as u32,
+                    waiting_sequences: self.engine.num_waiting() as u32,
+                    queued_prefill_tokens: self.engine.queued_prefill_tokens() as u64,
+                    kv_blocks_used: self.engine.used_blocks() as u32,
+                    kv_blocks_total: (self.engine.used_blocks() + self.engine.free_blocks()) as u32,
+                    pending_transfers: self.engine.num_reserved() as u32,
+                    generated_tokens_total: self.generated_tokens_total,
+                });
+            }
+        }
+    }
+
+    fn start(
+        &mut self,
+        id: SeqId,
+        request: StartRequest,
+        events: mpsc::Sender<DecodeEvent>,
+    ) -> Result<Vec<BlockId>, EngineError> {
+        let StartRequest {
+            prompt,
+            params,
+            stop,
+            remote_prefill,
+        } = request;
+        let (blocks, awaiting_kv) = if remote_prefill {
+            let blocks = self.engine.reserve(id, prompt, params, stop)?;
+            let awaiting = AwaitingKv {
+                deadline: Instant::now() + self.transfer_timeout,
+                blocks: blocks.clone(),
+            };
+            (blocks, Some(awaiting))
+        } else {
+            self.engine.add_request(id, prompt, params, stop)?;
+            (Vec::new(), None)
+        };
+        self.requests.insert(
+            id,
+            Tracked {
+                events,
+                awaiting_kv,
+            },
+        );
+        Ok(blocks)
+    }
+
+    /// Checks a layer against its reservation and writes it; the error says why not.
+    fn import(
+        &mut self,
+        transfer: TransferId,
+        layer: usize,
+        blocks: &[KvBlockId],
+        rows: &KvRows,
+    ) -> Result<(), String> {
+        let id = SeqId(transfer.0);
+        let Some(awaiting) = self.requests.get(&id).and_then(|t| t.awaiting_kv.as_ref()) else {
+            return Err("no reservation is waiting for it".into());
+        };
+        let matches = blocks.len() == awaiting.blocks.len()
+            && blocks.iter().zip(&awaiting.blocks).all(|(a, b)| a.0 == b.0);
+        if !matches {
+            return Err(format!(
+                "layer {layer} names blocks {:?}, the reservation holds {:?}",
+                blocks.iter().map(|b| b.0).collect::<Vec<_>>(),
+                awaiting.blocks.iter().map(|b| b.0).collect::<Vec<_>>()
+            ));
+        }
+        self.engine
+            .import_kv(id, layer, rows)
+            .map_err(|e| e.to_string())
+    }
+
+    fn finish_transfer(&mut self, transfer: TransferId, first_token: u32, logprobs: Logprobs) {
+        let id = SeqId(transfer.0);
+        match self.engine.admit_prefilled(id, first_token, logprobs) {
+            Ok(event) => {
+                if let Some(tracked) = self.requests.get_mut(&id) {
+                    tracked.awaiting_kv = None;
+                }
+                self.deliver(event);
+            }
+            Err(e) => self.fail(
+                id,
+                WorkerError::TransferFailed {
+                    transfer,
+                    reason: e.to_string(),
+                },
+            ),
+        }
+    }
+
+    /// Ends a request with `error`, freeing its blocks.
+    fn fail(&mut self, id: SeqId, error: WorkerError) {
+        self.engine.abort(id);
+        if let Some(tracked) = self.requests.remove(&id) {
+            tracing::warn!(seq = id.0, %error, "decode request failed");
+            let _ = tracked.events.try_send(DecodeEvent::Failed(error));
+        }
+    }
+
+    /// Frees the blocks of requests whose client went away or whose KV is late.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        let mut late = Vec::new();
+        for (id, tracked) in &self.requests {
+            if tracked.events.is_closed() {
+                gone.push(*id);
+            } else if tracked
+                .awaiting_kv
+                .as_ref()
+                .is_some_and(|a| now >= a.deadline)
+            {
+                late.push(*id);
+            }
+        }
+        for id in gone {
+            tracing::debug!(seq = id.0, "client went away; freeing its blocks");
+            self.engine.abort(id);
+            self.requests.remove(&id);
+        }
+        for id in late {
+            let transfer = TransferId(id.0);
+            self.fail(
+                id,
+                WorkerError::TransferTimeout {
+                    transfer,
+                    timeout: self.transfer_timeout,
+                },
+            );
+        }
+    }
+
+    fn step(&mut self) {
+        match self.engine.step() {
+            Ok(out) => {
+                for event in out.events {
+                    self.deliver(event);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "decode step failed; failing its requests");
+                let ids: Vec<SeqId> = self.requests.keys().copied().collect();
+                for id in ids {
+                    self.fail(id, WorkerError::EngineStopped);
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, event: TokenEvent) {
+        let id = event.seq;
+        let finished = event.finish.is_some();
+        self.generated_tokens_total += 1;
+        let Some(tracked) = self.requests.get(&id) else {
+            self.engine.abort(id);
+            return;
+        };
+        // The channel holds max_tokens events, so it is never full; closed means the client
+        // went away.
+        if tracked.events.try_send(DecodeEvent::Token(event)).is_err() {
+            self.engine.abort(id);
+            self.requests.remove(&id);
+        } else if finished {
+            self.requests.remove(&id);
+        }
+    }
+}

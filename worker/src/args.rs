@@ -1,0 +1,64 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use tandem_common::generate::DeviceArg;
+use tandem_engine::{DeviceChoice, EngineConfig};
+
+/// Flags every worker takes.
+#[derive(Debug, Clone, PartialEq, Args)]
+pub struct WorkerArgs {
+    /// gRPC address to listen on; port 0 picks a free port (printed on the ready line).
+    #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Hugging Face checkpoint folder; without it, the built-in demo model.
+    #[arg(long, env = "TANDEM_MODEL", value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    #[arg(long, value_enum, env = "TANDEM_DEVICE", default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Tokens per KV block.
+    #[arg(long, env = "TANDEM_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+    /// KV blocks per layer (the cache holds block_size × num_blocks tokens).
+    #[arg(long, env = "TANDEM_NUM_BLOCKS", default_value_t = 2048)]
+    pub num_blocks: usize,
+    /// Most tokens one engine step computes.
+    #[arg(long, env = "TANDEM_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Most sequences in the running batch (decode: also counts reservations).
+    #[arg(long, env = "TANDEM_MAX_RUNNING", default_value_t = 256)]
+    pub max_running: usize,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "TANDEM_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Largest KV frame (one layer of one request) sent or accepted, in bytes.
+    #[arg(long, env = "TANDEM_MAX_KV_FRAME_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_kv_frame_bytes: usize,
+    /// Requests waiting for the engine thread before new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TANDEM_QUEUE_DEPTH", default_value_t = 1024)]
+    pub queue_depth: usize,
+}
+
+impl WorkerArgs {
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            max_batch_tokens: self.max_batch_tokens,
+            max_running: self.max_running,
+        }
+    }
+
+    pub fn device_choice(&self) -> DeviceChoice {
+        device_choice(self.device)
+    }
+}
+
+/// The engine's reading of `--device`.
+pub fn device_choice(arg: DeviceArg) -> DeviceChoice {
+    match arg {
+        DeviceArg::Auto => DeviceChoice::Auto,
+        DeviceArg::Cpu => DeviceChoice::Cpu,
+        DeviceArg::Cuda => DeviceChoice::Cuda,
+    }
+}

@@ -1,0 +1,139 @@
+//! Loading the model a worker serves and running its gRPC server.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use tandem_engine::{Device, EngineError, ServedModel};
+use tandem_proto::internal::v1::{Role, WorkerDescription};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::args::WorkerArgs;
+
+/// Exit code for bad command-line input (sysexits EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+/// Failures that stop a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("loading the model: {0}")]
+    Load(#[from] EngineError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the engine thread: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error("reflection: {0}")]
+    Reflection(String),
+    #[error("grpc server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// A worker's model and the description it gives routers.
+pub struct LoadedWorker {
+    pub served: ServedModel,
+    pub description: WorkerDescription,
+}
+
+/// Binds a listener, naming the address in the error.
+pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let bind_error = |source| ServeError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
+}
+
+/// Loads `--model` (or the demo model) and describes it for `role`.
+pub fn load_model(args: &WorkerArgs, role: Role) -> Result<LoadedWorker, EngineError> {
+    let started = Instant::now();
+    let served = ServedModel::load(args.model.as_deref(), args.device_choice(), &mut |_| {})?;
+    let Device::Cpu { fallback_reason } = &served.device;
+    if let Some(reason) = fallback_reason {
+        tracing::info!(reason = %reason, "device auto: using cpu");
+    }
+    let c = served.model.config();
+    let description = WorkerDescription {
+        role: role as i32,
+        model: served.name.clone(),
+        vocab_size: c.vocab_size as u32,
+        max_position_embeddings: c.max_position_embeddings as u32,
+        eos_token_ids: served.tokenizer.eos_token_ids(),
+        num_layers: c.num_layers as u32,
+        num_kv_heads: c.num_kv_heads as u32,
+        head_dim: c.head_dim as u32,
+        tokenizer_json: served.tokenizer_json.clone(),
+        device: served.model.backend_name().to_owned(),
+    };
+    tracing::info!(
+        model = %served.name,
+        dir = %served.dir.display(),
+        seconds = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    Ok(LoadedWorker {
+        served,
+        description,
+    })
+}
+
+/// Health and reflection routes; the worker adds its services and marks them serving.
+pub fn routes() -> Result<
+    (
+        tonic::service::RoutesBuilder,
+        tonic_health::server::HealthReporter,
+    ),
+    ServeError,
+> {
+    tandem_common::server::standard_routes().map_err(|e| ServeError::Reflection(e.to_string()))
+}
+
+/// Prints the ready line, then serves `routes` on `listener` until Ctrl-C or SIGTERM.
+pub async fn serve_grpc(
+    routes: tonic::service::RoutesBuilder,
+    listener: TcpListener,
+    ready: &[(&str, SocketAddr)],
+) -> Result<(), ServeError> {
+    tandem_common::server::announce_ready(ready);
+    tonic::transport::Server::builder()
+        .add_routes(routes.routes())
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            tandem_common::server::shutdown_signal(),
+        )
+        .await?;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// A worker binary's `main`: logging, a runtime, `serve`, and the exit code (64 for bad
+/// configuration).
+pub fn main_with<F>(serve: F) -> ExitCode
+where
+    F: std::future::Future<Output = Result<(), ServeError>>,
+{
+    tandem_common::telemetry::init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ ServeError::Config(_)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
