@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 pub mod generate;
+mod remote_generate;
+pub mod up;
 
 /// Failures of a `tandemctl` command.
 #[derive(Debug, thiserror::Error)]
@@ -18,4 +20,35 @@ pub enum CommandError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Usage(String),
+    #[error("router {router}: {status}")]
+    Rpc {
+        router: String,
+        status: tonic::Status,
+    },
+    #[error("connecting to router {router}: {source}")]
+    Connect {
+        router: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{process} {what}")]
+    Cluster { process: String, what: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl CommandError {
+    /// True when the user's input was at fault (exit code 64).
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Self::Usage(_) => true,
+            Self::Rpc { status, .. } => matches!(
+                status.code(),
+                tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::OutOfRange
+            ),
+            _ => false,
+        }
+    }
 }

@@ -11,5 +11,6 @@ pub use commands::CommandError;
 pub fn run(cli: args::Cli) -> Result<ExitCode, CommandError> {
     match cli.command {
         args::Command::Generate(generate) => commands::generate::run(&generate),
+        args::Command::Up(up) => commands::up::run(&up),
     }
 }

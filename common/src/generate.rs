@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
+use serde::Serialize;
 
 /// Default number of tokens `generate` produces.
 pub const DEFAULT_MAX_TOKENS: usize = 64;
@@ -79,6 +80,36 @@ pub struct GenerateArgs {
     pub device: DeviceArg,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
+}
+
+/// The JSON contract of `generate --output json`.
+#[derive(Debug, Serialize)]
+pub struct GenerateOutput {
+    /// Generated ids only, prompt excluded.
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    /// Log-probability of each generated token under the model's raw distribution.
+    pub logprobs: Vec<f32>,
+    /// Per token, the `--top-logprobs` most likely alternatives.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_logprobs: Vec<Vec<TopLogprobJson>>,
+    pub finish_reason: &'static str,
+    pub prompt_token_ids: Vec<u32>,
+    pub usage: Usage,
+    /// Where it ran: `cpu`, `cuda`, or `cluster` when it went through a router.
+    pub device: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TopLogprobJson {
+    pub token_id: u32,
+    pub logprob: f32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
 }
 
 impl GenerateArgs {

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
-use tandem_common::generate::{GenerateArgs, OutputFormat};
+use tandem_common::generate::{GenerateArgs, GenerateOutput, OutputFormat, TopLogprobJson, Usage};
 use tandem_engine::{
     CpuBackend, Device, Engine, EngineConfig, EngineError, LoadProgress, Model, SamplingParams,
     SeqId, StopCriteria, Tokenizer,
@@ -35,35 +34,6 @@ impl GenerateError {
     pub fn is_usage(&self) -> bool {
         matches!(self, Self::Request(_))
     }
-}
-
-/// The JSON contract of `generate --output json`.
-#[derive(Debug, Serialize)]
-pub struct GenerateOutput {
-    /// Generated ids only, prompt excluded.
-    pub token_ids: Vec<u32>,
-    pub text: String,
-    /// Log-probability of each generated token under the model's raw distribution.
-    pub logprobs: Vec<f32>,
-    /// Per token, the `--top-logprobs` most likely alternatives.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub top_logprobs: Vec<Vec<TopLogprobJson>>,
-    pub finish_reason: &'static str,
-    pub prompt_token_ids: Vec<u32>,
-    pub usage: Usage,
-    pub device: &'static str,
-}
-
-#[derive(Debug, Serialize)]
-pub struct TopLogprobJson {
-    pub token_id: u32,
-    pub logprob: f32,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Usage {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
 }
 
 /// Runs the command and prints its result on stdout.
@@ -137,7 +107,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), GenerateError> {
             prompt_tokens: prompt_len,
             completion_tokens: 0,
         },
-        device: engine.model().backend_name(),
+        device: engine.model().backend_name().to_owned(),
     };
     let stdout = std::io::stdout();
     while engine.has_work() {

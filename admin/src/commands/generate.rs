@@ -1,17 +1,28 @@
-//! `tandemctl generate`: the model runs in the worker binary, which links the engine, so that
-//! tandemctl itself never links the engine or a GPU library.
+//! `tandemctl generate`: without --router the model runs in the worker binary, which links
+//! the engine, so that tandemctl itself never links the engine or a GPU library.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use tandem_common::generate::GenerateArgs;
+use crate::args::GenerateCommand;
 
-use super::CommandError;
+use super::{CommandError, remote_generate};
 
 const WORKER_BINARY: &str = "tandem-decode-worker";
 
-/// Runs `tandem-decode-worker generate` with the same arguments, passing its output through.
-pub fn run(args: &GenerateArgs) -> Result<ExitCode, CommandError> {
+/// Streams from the router, or runs `tandem-decode-worker generate` with the same arguments,
+/// passing its output through.
+pub fn run(command: &GenerateCommand) -> Result<ExitCode, CommandError> {
+    let args = &command.args;
+    if let Some(router) = &command.router {
+        if args.model.is_some() {
+            return Err(CommandError::Usage(
+                "--model names a folder for runs in this process; with --router the cluster's model is used".into(),
+            ));
+        }
+        remote_generate::run(router, args)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let worker = sibling_binary(WORKER_BINARY)?;
     let status = Command::new(&worker)
         .arg("generate")

@@ -1,0 +1,80 @@
+//! The router's command line.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use tandem_common::limits::Limits;
+
+/// Tandem router: the gRPC front door of a prefill/decode cluster.
+#[derive(Debug, Clone, PartialEq, Parser)]
+#[command(name = "tandem-router", version, about)]
+pub struct Config {
+    /// gRPC address to listen on; port 0 picks a free port. Prints `ready grpc=HOST:PORT`
+    /// on stdout once it serves.
+    #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Prefill worker gRPC address (host:port); repeat or comma-separate. None: decode
+    /// workers prefill their own prompts.
+    #[arg(long = "prefill-worker", env = "TANDEM_PREFILL_WORKERS", value_delimiter = ',')]
+    pub prefill_workers: Vec<String>,
+    /// Decode worker gRPC address (host:port); repeat or comma-separate. At least one.
+    #[arg(
+        long = "decode-worker",
+        env = "TANDEM_DECODE_WORKERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub decode_workers: Vec<String>,
+    /// Tokens generated when a request does not say (capped by --max-new-tokens).
+    #[arg(long, env = "TANDEM_DEFAULT_MAX_TOKENS", default_value_t = 256)]
+    pub default_max_tokens: u32,
+    /// Seconds to wait at startup for every worker to describe its model.
+    #[arg(long, env = "TANDEM_WORKER_STARTUP_TIMEOUT_SECONDS", default_value_t = 120.0)]
+    pub worker_startup_timeout_seconds: f64,
+    #[command(flatten)]
+    pub limits: Limits,
+}
+
+impl Config {
+    /// Checks values clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        self.limits.validate()?;
+        if self.default_max_tokens == 0 {
+            return Err("--default-max-tokens must be >= 1, got 0".into());
+        }
+        let t = self.worker_startup_timeout_seconds;
+        if !(t.is_finite() && t > 0.0) {
+            return Err(format!(
+                "--worker-startup-timeout-seconds must be > 0, got {t}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_are_repeatable_or_comma_separated_and_decode_is_required() {
+        let c = Config::try_parse_from([
+            "tandem-router",
+            "--decode-worker",
+            "a:1,b:2",
+            "--decode-worker",
+            "c:3",
+            "--prefill-worker",
+            "p:1",
+            "--max-prompt-tokens",
+            "9",
+        ])
+        .expect("parses");
+        assert_eq!(c.decode_workers, ["a:1", "b:2", "c:3"]);
+        assert_eq!(c.prefill_workers, ["p:1"]);
+        assert_eq!(c.limits.max_prompt_tokens, 9);
+        assert!(c.validate().is_ok());
+        let missing = Config::try_parse_from(["tandem-router"]).unwrap_err();
+        assert!(missing.to_string().contains("--decode-worker"), "{missing}");
+    }
+}

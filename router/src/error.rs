@@ -1,0 +1,58 @@
+//! Every way a request can fail at the router, and the one place they become gRPC statuses.
+
+use tandem_common::error_class::ErrorClass;
+
+/// A failed request. Messages name the field, the limit and the value.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("model `{asked}` is not served here; this cluster serves `{served}`")]
+    UnknownModel { asked: String, served: String },
+    #[error(
+        "router is full: {concurrent} requests running (--max-concurrent-requests) and {waiting} waiting (--queue-depth {waiting})"
+    )]
+    QueueFull { concurrent: usize, waiting: usize },
+    #[error("request did not finish within {seconds} s (--request-timeout-seconds)")]
+    Timeout { seconds: f64 },
+    #[error("no healthy {role} worker")]
+    NoWorker { role: &'static str },
+    #[error("{role} worker {addr}: {}", status.message())]
+    Worker {
+        role: &'static str,
+        addr: String,
+        status: tonic::Status,
+    },
+    #[error("the client closed the stream")]
+    ClientGone,
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl RouterError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Invalid(_) => ErrorClass::InvalidRequest,
+            Self::UnknownModel { .. } => ErrorClass::NotFound,
+            Self::QueueFull { .. } => ErrorClass::Overloaded,
+            Self::Timeout { .. } => ErrorClass::Timeout,
+            Self::NoWorker { .. } => ErrorClass::Unavailable,
+            Self::Worker { status, .. } => match status.code() {
+                tonic::Code::InvalidArgument => ErrorClass::InvalidRequest,
+                tonic::Code::ResourceExhausted => ErrorClass::Overloaded,
+                tonic::Code::DeadlineExceeded => ErrorClass::Timeout,
+                tonic::Code::Cancelled => ErrorClass::Cancelled,
+                tonic::Code::Internal => ErrorClass::Internal,
+                _ => ErrorClass::Unavailable,
+            },
+            Self::ClientGone => ErrorClass::Cancelled,
+            Self::Internal(_) => ErrorClass::Internal,
+        }
+    }
+}
+
+impl From<RouterError> for tonic::Status {
+    fn from(e: RouterError) -> Self {
+        e.class().status(e)
+    }
+}

@@ -1,0 +1,160 @@
+//! `tandem.v1.Inference` on the router.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tandem_common::ids::RequestId;
+use tandem_proto::v1::inference_server::Inference;
+use tandem_proto::v1::{
+    GenerateError, GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse,
+    TokenizeRequest, TokenizeResponse, generate_response,
+};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::admission::Admission;
+use crate::error::RouterError;
+use crate::orchestrate::{Cluster, Responder};
+use crate::validation::Validator;
+
+/// Metadata key carrying the client's request id.
+pub(crate) const REQUEST_ID_HEADER: &str = "x-tandem-request-id";
+/// Responses buffered per stream before the router waits for the client to read.
+const STREAM_BUFFER: usize = 16;
+
+/// What every request shares.
+pub(crate) struct RouterState {
+    pub validator: Validator,
+    pub cluster: Cluster,
+    pub admission: Admission,
+    pub next_request: AtomicU64,
+}
+
+pub(crate) struct InferenceService {
+    pub state: Arc<RouterState>,
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let state = Arc::clone(&self.state);
+        let timeout = state.validator.limits.request_timeout();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let request_id = request
+            .metadata()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_else(|| {
+                format!("r{}", state.next_request.fetch_add(1, Ordering::Relaxed))
+            });
+        let permit = state.admission.admit(timeout).await?;
+        let validating = Arc::clone(&state);
+        let fallback_id = RequestId(request_id);
+        let valid = tokio::task::spawn_blocking(move || {
+            validating
+                .validator
+                .validate(request.into_inner(), fallback_id)
+        })
+        .await
+        .map_err(|e| RouterError::Internal(format!("validation task: {e}")))??;
+        let span = tracing::info_span!(
+            "request",
+            request_id = %valid.request_id,
+            model = %state.validator.card.name,
+            prompt_tokens = valid.prompt_ids.len(),
+        );
+        let (out, stream) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let mut responder = Responder {
+                    out: out.clone(),
+                    tokens_sent: 0,
+                };
+                let result = tokio::select! {
+                    // The client went away: dropping the legs cancels both workers' calls.
+                    () = out.closed() => Err(RouterError::ClientGone),
+                    result = tokio::time::timeout_at(
+                        deadline,
+                        state.cluster.generate(&valid, &mut responder),
+                    ) => result.unwrap_or(Err(RouterError::Timeout {
+                        seconds: timeout.as_secs_f64(),
+                    })),
+                };
+                match result {
+                    Ok(()) => tracing::debug!(tokens = responder.tokens_sent, "request done"),
+                    Err(RouterError::ClientGone) => tracing::debug!("client went away"),
+                    Err(error) => {
+                        if error.class() == tandem_common::error_class::ErrorClass::Internal {
+                            tracing::error!(%error, "request failed");
+                        } else {
+                            tracing::debug!(%error, "request failed");
+                        }
+                        let status = Status::from(error);
+                        if responder.tokens_sent > 0 {
+                            let message = GenerateError {
+                                code: format!("{:?}", status.code()),
+                                message: status.message().to_owned(),
+                            };
+                            let _ = out
+                                .send(Ok(GenerateResponse {
+                                    kind: Some(generate_response::Kind::Error(message)),
+                                }))
+                                .await;
+                        }
+                        let _ = out.send(Err(status)).await;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        let r = request.into_inner();
+        let card = &self.state.validator.card;
+        if !r.model.is_empty() && r.model != card.name {
+            return Err(RouterError::UnknownModel {
+                asked: r.model,
+                served: card.name.clone(),
+            }
+            .into());
+        }
+        let state = Arc::clone(&self.state);
+        let token_ids = tokio::task::spawn_blocking(move || state.validator.card.encode(&r.text))
+            .await
+            .map_err(|e| RouterError::Internal(format!("tokenize task: {e}")))??;
+        Ok(Response::new(TokenizeResponse { token_ids }))
+    }
+
+    async fn model_info(
+        &self,
+        _: Request<ModelInfoRequest>,
+    ) -> Result<Response<ModelInfoResponse>, Status> {
+        let v = &self.state.validator;
+        Ok(Response::new(ModelInfoResponse {
+            model: v.card.name.clone(),
+            vocab_size: v.card.vocab_size,
+            max_position_embeddings: v.card.max_position_embeddings,
+            eos_token_ids: v.card.eos_token_ids.clone(),
+            max_prompt_tokens: v.limits.max_prompt_tokens,
+            max_new_tokens: v.limits.max_new_tokens,
+        }))
+    }
+}
