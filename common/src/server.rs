@@ -57,3 +57,27 @@ pub async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
 }
+
+/// Runs `serve` until Ctrl-C or SIGTERM, then lets it drain for at most `grace`: `serve` must
+/// be a server started with `stop` as its shutdown signal. Past the grace period the
+/// remaining connections are dropped, so a stuck client cannot hold a rollout.
+pub async fn serve_with_grace<E>(
+    serve: impl std::future::Future<Output = Result<(), E>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    grace: std::time::Duration,
+) -> Result<(), E> {
+    tokio::pin!(serve);
+    tokio::select! {
+        result = &mut serve => return result,
+        () = shutdown_signal() => {}
+    }
+    tracing::info!(grace_seconds = grace.as_secs_f64(), "shutting down");
+    let _ = stop.send(());
+    match tokio::time::timeout(grace, serve).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!("grace period over; dropping the remaining connections");
+            Ok(())
+        }
+    }
+}

@@ -112,5 +112,11 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         .set_serving::<WorkerServer<WorkerInfoService<Command>>>()
         .await;
     tracing::info!(grpc = %grpc_addr, kv = %kv_addr, "decode worker serving");
-    serve_grpc(routes, grpc, &[("grpc", grpc_addr), ("kv", kv_addr)]).await
+    serve_grpc(
+        routes,
+        grpc,
+        &[("grpc", grpc_addr), ("kv", kv_addr)],
+        args.shutdown_grace(),
+    )
+    .await
 }

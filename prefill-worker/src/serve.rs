@@ -66,5 +66,5 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         .set_serving::<WorkerServer<WorkerInfoService<Command>>>()
         .await;
     tracing::info!(grpc = %grpc_addr, "prefill worker serving");
-    serve_grpc(routes, grpc, &[("grpc", grpc_addr)]).await
+    serve_grpc(routes, grpc, &[("grpc", grpc_addr)], args.shutdown_grace()).await
 }

@@ -38,7 +38,10 @@ impl Admission {
 
     /// A running slot, held for the request's whole stream. Waits in the queue (at most
     /// `timeout`) when every slot is taken; refuses at once when the queue is full too.
-    pub(crate) async fn admit(&self, timeout: Duration) -> Result<OwnedSemaphorePermit, RouterError> {
+    pub(crate) async fn admit(
+        &self,
+        timeout: Duration,
+    ) -> Result<OwnedSemaphorePermit, RouterError> {
         if let Ok(permit) = Arc::clone(&self.running).try_acquire_owned() {
             return Ok(permit);
         }
@@ -79,7 +82,10 @@ mod tests {
                 .is_err()
         );
         let refused = admission.admit(Duration::from_secs(1)).await.unwrap_err();
-        assert!(matches!(refused, RouterError::QueueFull { .. }), "{refused}");
+        assert!(
+            matches!(refused, RouterError::QueueFull { .. }),
+            "{refused}"
+        );
         assert!(matches!(
             waiter.await.unwrap_err(),
             RouterError::Timeout { .. }

@@ -15,7 +15,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Prefill worker gRPC address (host:port); repeat or comma-separate. None: decode
     /// workers prefill their own prompts.
-    #[arg(long = "prefill-worker", env = "TANDEM_PREFILL_WORKERS", value_delimiter = ',')]
+    #[arg(
+        long = "prefill-worker",
+        env = "TANDEM_PREFILL_WORKERS",
+        value_delimiter = ','
+    )]
     pub prefill_workers: Vec<String>,
     /// Decode worker gRPC address (host:port); repeat or comma-separate. At least one.
     #[arg(
@@ -29,8 +33,15 @@ pub struct Config {
     #[arg(long, env = "TANDEM_DEFAULT_MAX_TOKENS", default_value_t = 256)]
     pub default_max_tokens: u32,
     /// Seconds to wait at startup for every worker to describe its model.
-    #[arg(long, env = "TANDEM_WORKER_STARTUP_TIMEOUT_SECONDS", default_value_t = 120.0)]
+    #[arg(
+        long,
+        env = "TANDEM_WORKER_STARTUP_TIMEOUT_SECONDS",
+        default_value_t = 120.0
+    )]
     pub worker_startup_timeout_seconds: f64,
+    /// Seconds in-flight streams get to finish after SIGTERM.
+    #[arg(long, env = "TANDEM_SHUTDOWN_GRACE_SECONDS", default_value_t = 30.0)]
+    pub shutdown_grace_seconds: f64,
     #[command(flatten)]
     pub limits: Limits,
 }
@@ -41,6 +52,10 @@ impl Config {
         self.limits.validate()?;
         if self.default_max_tokens == 0 {
             return Err("--default-max-tokens must be >= 1, got 0".into());
+        }
+        let g = self.shutdown_grace_seconds;
+        if !(g.is_finite() && g >= 0.0) {
+            return Err(format!("--shutdown-grace-seconds must be >= 0, got {g}"));
         }
         let t = self.worker_startup_timeout_seconds;
         if !(t.is_finite() && t > 0.0) {

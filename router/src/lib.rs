@@ -108,7 +108,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     for (addr, channel) in decode.iter().chain(&prefill) {
         let description = describe(addr, channel.clone(), startup).await?;
         match &described {
-            Some((first, d)) if d.model != description.model || d.vocab_size != description.vocab_size => {
+            Some((first, d))
+                if d.model != description.model || d.vocab_size != description.vocab_size =>
+            {
                 return Err(StartError::ModelMismatch {
                     first: first.clone(),
                     a: d.model.clone(),
@@ -126,12 +128,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             reason: "no decode worker given".into(),
         });
     };
-    let tokenizer = tokenizers::Tokenizer::from_bytes(&description.tokenizer_json).map_err(|e| {
-        StartError::Tokenizer {
-            addr: card_source,
-            reason: e.to_string(),
-        }
-    })?;
+    let tokenizer =
+        tokenizers::Tokenizer::from_bytes(&description.tokenizer_json).map_err(|e| {
+            StartError::Tokenizer {
+                addr: card_source,
+                reason: e.to_string(),
+            }
+        })?;
     let card = ModelCard {
         name: description.model,
         vocab_size: description.vocab_size,
@@ -185,23 +188,28 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tandem_common::server::announce_ready(&[("grpc", addr)]);
     tracing::info!(%addr, "router serving");
     // Tower layers in front of every RPC: a deadline on producing the response, and a bound
-    // on calls in progress per connection beyond which calls are shed at once. Admission
-    // (inside Generate) bounds whole streams.
-    tonic::transport::Server::builder()
-        .timeout(limits.request_timeout())
+    // on calls in progress per connection beyond which calls are shed at once. Admission and
+    // the request deadline (inside Generate) bound whole streams.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .timeout(limits.request_timeout() + TIMEOUT_BACKSTOP_MARGIN)
         .concurrency_limit_per_connection(
             limits.max_concurrent_requests + limits.queue_depth + HEALTH_HEADROOM,
         )
         .load_shed(true)
         .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            tandem_common::server::shutdown_signal(),
-        )
-        .await?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stopped.await;
+        });
+    let grace = Duration::from_secs_f64(config.shutdown_grace_seconds);
+    tandem_common::server::serve_with_grace(server, stop, grace).await?;
     tracing::info!("router stopped");
     Ok(())
 }
+
+/// The tower timeout is a backstop behind the router's own deadline (which names the limit),
+/// so it fires only if that one fails to.
+const TIMEOUT_BACKSTOP_MARGIN: Duration = Duration::from_secs(1);
 
 /// Calls per connection beyond the request limits, so health checks and model info still get
 /// through a full router.

@@ -37,7 +37,10 @@ impl Cluster {
         request: &ValidGenerateRequest,
         responder: &mut Responder,
     ) -> Result<(), RouterError> {
-        let decode = self.decode.pick(1).ok_or(RouterError::NoWorker { role: "decode" })?;
+        let decode = self
+            .decode
+            .pick(1)
+            .ok_or(RouterError::NoWorker { role: "decode" })?;
         let remote_prefill = !self.prefill.is_empty();
         let decode_error = worker_error("decode", &decode);
         let mut tokens = decode

@@ -56,9 +56,7 @@ impl Inference for InferenceService {
             .get(REQUEST_ID_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
-            .unwrap_or_else(|| {
-                format!("r{}", state.next_request.fetch_add(1, Ordering::Relaxed))
-            });
+            .unwrap_or_else(|| format!("r{}", state.next_request.fetch_add(1, Ordering::Relaxed)));
         let permit = state.admission.admit(timeout).await?;
         let validating = Arc::clone(&state);
         let fallback_id = RequestId(request_id);

@@ -1,6 +1,11 @@
-//! Harness for end-to-end tests: locating the workspace's built binaries and fixtures.
+//! Harness for end-to-end tests: the workspace's built binaries, fixtures, and clusters of
+//! real processes on loopback.
+
+mod cluster;
 
 use std::path::PathBuf;
+
+pub use cluster::{Cluster, ClusterBuilder, Process};
 
 /// The folder holding the workspace's binaries for the profile this test was built with
 /// (the test executable lives in its `deps/` subfolder).
@@ -23,4 +28,15 @@ pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
         .join(name)
+}
+
+/// `target/test-logs/<test>`, emptied.
+pub fn log_dir(test: &str) -> PathBuf {
+    let dir = binary_dir()
+        .parent()
+        .map(|target| target.join("test-logs").join(test))
+        .unwrap_or_else(|| std::env::temp_dir().join("tandem-test-logs").join(test));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::create_dir_all(&dir);
+    dir
 }

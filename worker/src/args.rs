@@ -37,6 +37,9 @@ pub struct WorkerArgs {
     /// Requests waiting for the engine thread before new ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TANDEM_QUEUE_DEPTH", default_value_t = 1024)]
     pub queue_depth: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "TANDEM_SHUTDOWN_GRACE_SECONDS", default_value_t = 30.0)]
+    pub shutdown_grace_seconds: f64,
 }
 
 impl WorkerArgs {
@@ -47,6 +50,10 @@ impl WorkerArgs {
             max_batch_tokens: self.max_batch_tokens,
             max_running: self.max_running,
         }
+    }
+
+    pub fn shutdown_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.shutdown_grace_seconds.max(0.0))
     }
 
     pub fn device_choice(&self) -> DeviceChoice {

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tandem_engine::{Device, EngineError, ServedModel};
 use tandem_proto::internal::v1::{Role, WorkerDescription};
@@ -93,20 +93,22 @@ pub fn routes() -> Result<
     tandem_common::server::standard_routes().map_err(|e| ServeError::Reflection(e.to_string()))
 }
 
-/// Prints the ready line, then serves `routes` on `listener` until Ctrl-C or SIGTERM.
+/// Prints the ready line, then serves `routes` on `listener` until Ctrl-C or SIGTERM, and
+/// drains for at most `grace`.
 pub async fn serve_grpc(
     routes: tonic::service::RoutesBuilder,
     listener: TcpListener,
     ready: &[(&str, SocketAddr)],
+    grace: Duration,
 ) -> Result<(), ServeError> {
     tandem_common::server::announce_ready(ready);
-    tonic::transport::Server::builder()
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            tandem_common::server::shutdown_signal(),
-        )
-        .await?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stopped.await;
+        });
+    tandem_common::server::serve_with_grace(server, stop, grace).await?;
     tracing::info!("worker stopped");
     Ok(())
 }

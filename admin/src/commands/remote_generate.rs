@@ -32,9 +32,8 @@ async fn generate(router: &str, args: &GenerateArgs) -> Result<(), CommandError>
             args.max_tokens
         ))
     })?;
-    let endpoint = Endpoint::from_shared(format!("http://{router}")).map_err(|e| {
-        CommandError::Usage(format!("--router `{router}` is not host:port: {e}"))
-    })?;
+    let endpoint = Endpoint::from_shared(format!("http://{router}"))
+        .map_err(|e| CommandError::Usage(format!("--router `{router}` is not host:port: {e}")))?;
     let channel = endpoint
         .connect()
         .await

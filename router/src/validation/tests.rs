@@ -42,7 +42,8 @@ fn ids(n: usize) -> GenerateRequest {
 }
 
 fn check(v: &Validator, r: GenerateRequest) -> Result<ValidGenerateRequest, String> {
-    v.validate(r, RequestId("r".into())).map_err(|e| e.to_string())
+    v.validate(r, RequestId("r".into()))
+        .map_err(|e| e.to_string())
 }
 
 #[test]
@@ -153,7 +154,10 @@ fn text_is_tokenized_and_an_unset_seed_is_drawn_per_request() {
         ..ids(0)
     };
     let a = check(&v, text("Hello, Tandem")).expect("valid");
-    assert_eq!(a.prompt_ids, v.card.encode("Hello, Tandem").expect("encodes"));
+    assert_eq!(
+        a.prompt_ids,
+        v.card.encode("Hello, Tandem").expect("encodes")
+    );
     let b = check(&v, text("Hello, Tandem")).expect("valid");
     assert_ne!(a.sampling.seed, b.sampling.seed);
     assert_eq!(check(&v, text("")).unwrap_err(), "text is empty");

@@ -1,0 +1,497 @@
+//! The disaggregated cluster end to end: real router, prefill and decode processes on
+//! loopback, real KV transfer over TCP, clients over gRPC.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tandem_proto::internal::v1::worker_client::WorkerClient;
+use tandem_proto::internal::v1::{StatsRequest, WorkerStats};
+use tandem_proto::v1::inference_client::InferenceClient;
+use tandem_proto::v1::{
+    FinishReason, GenerateRequest, ModelInfoRequest, SamplingParams, TokenIds, generate_request,
+    generate_response,
+};
+use tandem_tests::{Cluster, binary, fixture};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// How long stats may take to show freed blocks after a cancellation.
+const FREE_WITHIN: Duration = Duration::from_secs(5);
+
+const FIXTURES: &[&str] = &[
+    "qwen3-moe-f32",
+    "qwen3-moe-tied-bf16",
+    "mixtral-f32-sharded",
+    "mixtral-bf16",
+    "qwen2-moe-f32",
+    "qwen2-moe-bf16",
+];
+
+async fn client(url: String) -> InferenceClient<Channel> {
+    InferenceClient::connect(url)
+        .await
+        .expect("router reachable")
+}
+
+fn ids_request(ids: Vec<u32>, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt: Some(generate_request::Prompt::TokenIds(TokenIds { ids })),
+        max_tokens: Some(max_tokens),
+        ..GenerateRequest::default()
+    }
+}
+
+/// A completion's tokens and finish reason, or the status that ended it.
+async fn generate(
+    client: &mut InferenceClient<Channel>,
+    request: GenerateRequest,
+) -> Result<(Vec<u32>, FinishReason), Status> {
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut tokens = Vec::new();
+    while let Some(message) = stream.message().await? {
+        match message.kind {
+            Some(generate_response::Kind::Chunk(chunk)) => tokens.extend(chunk.token_ids),
+            Some(generate_response::Kind::Final(done)) => {
+                let usage = done.usage.expect("usage");
+                assert_eq!(usage.completion_tokens as usize, tokens.len());
+                let finish = FinishReason::try_from(done.finish_reason).expect("reason");
+                return Ok((tokens, finish));
+            }
+            other => panic!("unexpected message {other:?}"),
+        }
+    }
+    panic!("stream ended without a final message")
+}
+
+/// Greedy tokens of `tandemctl generate` in one process.
+fn single_process(model: &Path, prompt: &[u32], max_tokens: u32) -> Vec<u32> {
+    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let out = Command::new(binary("tandemctl"))
+        .args(["generate", "--output", "json", "--device", "cpu", "--model"])
+        .arg(model)
+        .args(["--prompt-ids", &ids.join(","), "--max-tokens"])
+        .arg(max_tokens.to_string())
+        .output()
+        .expect("tandemctl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    json["token_ids"]
+        .as_array()
+        .expect("token_ids")
+        .iter()
+        .map(|t| t.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// 32 prompts of mixed lengths (1 to 94 tokens) and lengths of output (1 to 24 tokens).
+fn mixed_requests(seed: u32) -> Vec<(Vec<u32>, u32)> {
+    (0..32u32)
+        .map(|i| {
+            let len = 1 + (i * 37 + seed) % 94;
+            let prompt = (0..len)
+                .map(|j| 3 + (j * 101 + i * 7 + seed) % 1000)
+                .collect();
+            (prompt, 1 + (i * 5 + seed) % 24)
+        })
+        .collect()
+}
+
+async fn stats(url: String) -> WorkerStats {
+    WorkerClient::connect(url)
+        .await
+        .expect("worker reachable")
+        .stats(StatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner()
+}
+
+/// Polls a worker's stats until no KV block is in use, failing after [`FREE_WITHIN`].
+async fn wait_blocks_freed(url: String) {
+    let deadline = Instant::now() + FREE_WITHIN;
+    loop {
+        let s = stats(url.clone()).await;
+        if s.kv_blocks_used == 0 && s.running_sequences == 0 && s.pending_transfers == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blocks still held after {FREE_WITHIN:?}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaggregated_greedy_tokens_equal_single_process_for_32_concurrent_requests() {
+    for (n, name) in FIXTURES.iter().enumerate() {
+        let model = fixture(name);
+        // Two of each on the first model, so choice between workers is exercised too.
+        let workers = if n == 0 { 2 } else { 1 };
+        let cluster = Cluster::builder(&format!("exactness-{name}"))
+            .model(model.clone())
+            .prefill(workers)
+            .decode(workers)
+            .start();
+        let requests = mixed_requests(n as u32);
+        let calls = requests.iter().map(|(prompt, max_tokens)| {
+            let url = cluster.router_url();
+            let request = ids_request(prompt.clone(), *max_tokens);
+            tokio::spawn(async move { generate(&mut client(url).await, request).await })
+        });
+        let results = futures_util::future::join_all(calls).await;
+        for ((prompt, max_tokens), result) in requests.iter().zip(results) {
+            let (tokens, finish) = result.expect("task").expect("completion");
+            let expected = single_process(&model, prompt, *max_tokens);
+            assert_eq!(
+                tokens,
+                expected,
+                "{name}: prompt of {} tokens, max_tokens {max_tokens}",
+                prompt.len()
+            );
+            let by_length = tokens.len() == *max_tokens as usize && tokens.last() != Some(&2);
+            assert_eq!(
+                finish == FinishReason::Length,
+                by_length,
+                "{name}: {finish:?}"
+            );
+        }
+        for worker in cluster.decode.iter().chain(&cluster.prefill) {
+            wait_blocks_freed(worker.url()).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_give_the_right_code_at_limit_minus_one_limit_and_plus_one() {
+    const MAX_MESSAGE: usize = 300;
+    let cluster = Cluster::builder("limits")
+        .model(fixture("qwen3-moe-f32"))
+        .router_args(&[
+            "--max-prompt-tokens",
+            "10",
+            "--max-new-tokens",
+            "4",
+            "--max-message-bytes",
+            &MAX_MESSAGE.to_string(),
+        ])
+        .start();
+    let mut c = client(cluster.router_url()).await;
+    for (len, ok) in [(9, true), (10, true), (11, false)] {
+        let result = generate(&mut c, ids_request(vec![7; len], 1)).await;
+        if ok {
+            assert!(result.is_ok(), "{len} tokens: {result:?}");
+        } else {
+            let status = result.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument);
+            assert_eq!(
+                status.message(),
+                "prompt has 11 tokens, over the limit of 10 (--max-prompt-tokens)"
+            );
+        }
+    }
+    for (max_tokens, ok) in [(3, true), (4, true), (5, false)] {
+        let result = generate(&mut c, ids_request(vec![7; 3], max_tokens)).await;
+        match result {
+            Ok((tokens, _)) => {
+                assert!(ok, "max_tokens {max_tokens} must be refused");
+                assert!(tokens.len() <= max_tokens as usize);
+            }
+            Err(status) => {
+                assert!(!ok, "max_tokens {max_tokens}: {status:?}");
+                assert_eq!(status.code(), Code::InvalidArgument);
+                assert_eq!(
+                    status.message(),
+                    "max_tokens must be between 1 and 4 (--max-new-tokens), got 5"
+                );
+            }
+        }
+    }
+    // Message size: a text prompt padded so the encoded request is limit-1, limit, limit+1.
+    let encoded_len = |r: &GenerateRequest| prost::Message::encoded_len(r);
+    for (size, ok) in [
+        (MAX_MESSAGE - 1, true),
+        (MAX_MESSAGE, true),
+        (MAX_MESSAGE + 1, false),
+    ] {
+        let mut request = GenerateRequest {
+            prompt: Some(generate_request::Prompt::Text(String::new())),
+            max_tokens: Some(1),
+            ..GenerateRequest::default()
+        };
+        let base = encoded_len(&request);
+        let mut text = String::new();
+        while encoded_len(&request) < size {
+            text.push('a');
+            request.prompt = Some(generate_request::Prompt::Text(text.clone()));
+        }
+        assert_eq!(encoded_len(&request), size, "base {base}");
+        let result = generate(&mut c, request).await;
+        match result {
+            Ok(_) => assert!(ok, "{size} bytes must be refused"),
+            Err(status) if ok => {
+                // At or under the size limit, only other checks may refuse it.
+                assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+                assert!(
+                    status
+                        .message()
+                        .contains(&format!("the limit is: {MAX_MESSAGE}")),
+                    "{status:?}"
+                );
+            }
+        }
+    }
+    // ModelInfo reports the limits requests are checked against.
+    let info = c
+        .model_info(ModelInfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    assert_eq!((info.max_prompt_tokens, info.max_new_tokens), (10, 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_invalid_argument_naming_the_field() {
+    let cluster = Cluster::builder("malformed")
+        .model(fixture("qwen3-moe-f32"))
+        .start();
+    let mut c = client(cluster.router_url()).await;
+    let sampled = |s: SamplingParams| GenerateRequest {
+        sampling: Some(s),
+        ..ids_request(vec![5, 6], 2)
+    };
+    let cases: Vec<(GenerateRequest, Code, &str)> = vec![
+        (
+            ids_request(Vec::new(), 2),
+            Code::InvalidArgument,
+            "prompt is empty",
+        ),
+        (
+            GenerateRequest {
+                prompt: Some(generate_request::Prompt::Text(String::new())),
+                ..ids_request(Vec::new(), 2)
+            },
+            Code::InvalidArgument,
+            "text is empty",
+        ),
+        (
+            GenerateRequest {
+                model: "gpt-9".into(),
+                ..ids_request(vec![5], 2)
+            },
+            Code::NotFound,
+            "model `gpt-9` is not served here",
+        ),
+        (
+            ids_request(vec![5, 1024], 2),
+            Code::InvalidArgument,
+            "token_ids[1] = 1024 is outside the vocabulary of 1024 tokens",
+        ),
+        (
+            sampled(SamplingParams {
+                temperature: Some(f32::NAN),
+                ..Default::default()
+            }),
+            Code::InvalidArgument,
+            "sampling.temperature must be a finite number >= 0, got NaN",
+        ),
+        (
+            sampled(SamplingParams {
+                top_p: Some(1.01),
+                ..Default::default()
+            }),
+            Code::InvalidArgument,
+            "sampling.top_p must be in (0, 1], got 1.01",
+        ),
+        (
+            ids_request(vec![5], 0),
+            Code::InvalidArgument,
+            "max_tokens must be between 1 and",
+        ),
+        (
+            GenerateRequest {
+                prompt: None,
+                ..ids_request(vec![5], 2)
+            },
+            Code::InvalidArgument,
+            "prompt is missing",
+        ),
+    ];
+    for (request, code, message) in cases {
+        let status = generate(&mut c, request).await.unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(status.message().contains(message), "{status:?}");
+    }
+    // Still serving after all of them.
+    assert!(
+        generate(&mut c, ids_request(vec![5, 6, 7], 3))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_stream_frees_kv_blocks_on_both_workers() {
+    let cluster = Cluster::builder("cancel")
+        .model(fixture("qwen3-moe-f32"))
+        .start();
+    let mut c = client(cluster.router_url()).await;
+    let request = GenerateRequest {
+        ignore_eos: true,
+        ..ids_request(vec![9; 40], 3000)
+    };
+    let mut stream = c.generate(request).await.expect("started").into_inner();
+    let first = stream.message().await.expect("no error").expect("a token");
+    assert!(matches!(
+        first.kind,
+        Some(generate_response::Kind::Chunk(_))
+    ));
+    let during = stats(cluster.decode[0].url()).await;
+    assert!(
+        during.kv_blocks_used > 0,
+        "decode holds the sequence: {during:?}"
+    );
+    drop(stream);
+    wait_blocks_freed(cluster.decode[0].url()).await;
+    wait_blocks_freed(cluster.prefill[0].url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_that_never_arrives_times_out_and_frees_the_reservation() {
+    let cluster = Cluster::builder("kv-timeout")
+        .model(fixture("qwen3-moe-f32"))
+        .decode_args(&["--kv-transfer-timeout-seconds", "1"])
+        .start();
+    // A hung prefill worker: its socket accepts, nothing answers.
+    cluster.prefill[0].signal(Signal::SIGSTOP);
+    let mut c = client(cluster.router_url()).await;
+    let status = generate(&mut c, ids_request(vec![4; 20], 8))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("did not complete within 1s"),
+        "{status:?}"
+    );
+    wait_blocks_freed(cluster.decode[0].url()).await;
+    cluster.prefill[0].signal(Signal::SIGCONT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_and_queue_limits_refuse_at_once_and_time_out_waiters() {
+    let cluster = Cluster::builder("admission")
+        .model(fixture("qwen3-moe-f32"))
+        .router_args(&[
+            "--max-concurrent-requests",
+            "1",
+            "--queue-depth",
+            "1",
+            "--request-timeout-seconds",
+            "2",
+        ])
+        .start();
+    // Requests hang on a stopped prefill worker, so they stay in flight.
+    cluster.prefill[0].signal(Signal::SIGSTOP);
+    let url = cluster.router_url();
+    let spawn = |url: String| {
+        tokio::spawn(
+            async move { generate(&mut client(url).await, ids_request(vec![4; 5], 2)).await },
+        )
+    };
+    let running = spawn(url.clone());
+    // In flight once the decode worker holds its reservation (the KV never comes).
+    let deadline = Instant::now() + FREE_WITHIN;
+    while stats(cluster.decode[0].url()).await.pending_transfers == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "first request never reached the decode worker"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // At the limit one more waits in the queue; beyond it (limit + 1) one is refused at once.
+    let (second, third) = tokio::join!(spawn(url.clone()), spawn(url.clone()));
+    let mut codes: Vec<(Code, String)> = [second, third]
+        .into_iter()
+        .map(|r| {
+            let status = r.expect("task").unwrap_err();
+            (status.code(), status.message().to_owned())
+        })
+        .collect();
+    codes.sort_by_key(|(code, _)| *code as i32);
+    assert_eq!(codes[0].0, Code::DeadlineExceeded, "{codes:?}");
+    assert!(
+        codes[0].1.contains("--request-timeout-seconds"),
+        "{codes:?}"
+    );
+    assert_eq!(codes[1].0, Code::ResourceExhausted, "{codes:?}");
+    assert!(codes[1].1.contains("--queue-depth 1"), "{codes:?}");
+    let status = running.await.expect("task").unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    cluster.prefill[0].signal(Signal::SIGCONT);
+    // Both slots are free again.
+    assert!(
+        generate(&mut client(url).await, ids_request(vec![4; 5], 2))
+            .await
+            .is_ok()
+    );
+}
+
+#[test]
+fn tandemctl_up_prints_the_address_then_ready_and_stops_on_sigterm() {
+    let logs = tandem_tests::log_dir("up");
+    let cache = logs.join("cache");
+    let mut up = Command::new(binary("tandemctl"))
+        .args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--prefill",
+            "1",
+            "--decode",
+            "1",
+        ])
+        .env("TANDEM_CACHE_DIR", &cache)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(logs.join("up.log")).expect("log"))
+        .spawn()
+        .expect("tandemctl up starts");
+    let stdout = up.stdout.take().expect("stdout");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let addr = lines.next().expect("address line").expect("utf-8");
+    assert!(addr.parse::<std::net::SocketAddr>().is_ok(), "{addr}");
+    let ready = lines.next().expect("ready line").expect("utf-8");
+    assert!(ready.contains("ready"), "{ready}");
+    let out = Command::new(binary("tandemctl"))
+        .args([
+            "generate",
+            "--router",
+            &addr,
+            "--prompt",
+            "Hello, Tandem",
+            "--max-tokens",
+            "8",
+        ])
+        .args(["--output", "json"])
+        .output()
+        .expect("generate runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["token_ids"].as_array().map(Vec::len), Some(8));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(up.id()).expect("pid"));
+    nix::sys::signal::kill(pid, Signal::SIGTERM).expect("signal");
+    let status = up.wait().expect("exits");
+    assert!(status.success(), "{status:?}");
+}
