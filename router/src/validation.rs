@@ -152,7 +152,7 @@ impl Validator {
     }
 
     fn sampling(&self, request: &GenerateRequest) -> Result<Sampling, RouterError> {
-        let s = request.sampling.clone().unwrap_or_default();
+        let s = request.sampling.unwrap_or_default();
         let temperature = s.temperature.unwrap_or(0.0);
         if !(temperature.is_finite() && temperature >= 0.0) {
             return Err(invalid(format!(
