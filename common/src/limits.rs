@@ -81,7 +81,7 @@ mod tests {
             cli.limits.validate().unwrap_err(),
             "--max-new-tokens must be >= 1, got 0"
         );
-        let cli = Cli::try_parse_from(["x", "--request-timeout-seconds", "-1"]).expect("parses");
+        let cli = Cli::try_parse_from(["x", "--request-timeout-seconds=-1"]).expect("parses");
         assert!(cli.limits.validate().unwrap_err().contains("-1"));
     }
 }
