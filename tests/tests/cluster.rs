@@ -495,3 +495,140 @@ fn tandemctl_up_prints_the_address_then_ready_and_stops_on_sigterm() {
     let status = up.wait().expect("exits");
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_server_answers_health_and_lists_its_services_by_reflection() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let cluster = Cluster::builder("health")
+        .model(fixture("qwen3-moe-f32"))
+        .start();
+    for (process, service) in [
+        (&cluster.router, "tandem.v1.Inference"),
+        (&cluster.prefill[0], "tandem.internal.v1.Prefill"),
+        (&cluster.decode[0], "tandem.internal.v1.Decode"),
+    ] {
+        let channel = Channel::from_shared(process.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut health = HealthClient::new(channel.clone());
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health")
+            .into_inner()
+            .status;
+        assert_eq!(status, 1, "{service} on {} is SERVING", process.name);
+        let mut reflection = ServerReflectionClient::new(channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = reflection
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect("reflection")
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) = responses
+            .message()
+            .await
+            .expect("response")
+            .and_then(|r| r.message_response)
+        else {
+            panic!("no service list from {}", process.name)
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            names.iter().any(|n| n == "grpc.health.v1.Health"),
+            "{names:?}"
+        );
+        assert!(
+            names.iter().any(|n| n == "tandem.v1.Inference"),
+            "{names:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_kv_frame_fails_its_transfer_and_frees_the_reservation() {
+    use tandem_common::ids::{KvBlockId, TransferId};
+    use tandem_kv_transfer::{Frame, KvShape, LayerFrame, TcpKvSender};
+    use tandem_proto::internal::v1::decode_client::DecodeClient;
+    use tandem_proto::internal::v1::{DecodeRequest, DescribeRequest, Sampling, decode_response};
+
+    let cluster = Cluster::builder("bad-frame")
+        .model(fixture("qwen3-moe-f32"))
+        .prefill(0)
+        .start();
+    let decode = &cluster.decode[0];
+    let described = WorkerClient::connect(decode.url())
+        .await
+        .expect("connect")
+        .describe(DescribeRequest {})
+        .await
+        .expect("describe")
+        .into_inner();
+    let mut client = DecodeClient::connect(decode.url()).await.expect("connect");
+    let prompt = vec![5u32; 20];
+    let mut stream = client
+        .generate(DecodeRequest {
+            request_id: "bad-frame".into(),
+            prompt_ids: prompt.clone(),
+            sampling: Some(Sampling {
+                top_p: 1.0,
+                repetition_penalty: 1.0,
+                ..Sampling::default()
+            }),
+            max_tokens: 4,
+            remote_prefill: true,
+            ..DecodeRequest::default()
+        })
+        .await
+        .expect("reserved")
+        .into_inner();
+    let Some(decode_response::Kind::Ticket(ticket)) =
+        stream.message().await.expect("ticket").and_then(|m| m.kind)
+    else {
+        panic!("the first message is the ticket")
+    };
+    assert!(stats(decode.url()).await.kv_blocks_used > 0);
+    // One KV head too many: the payload is self-consistent, the shape is not the model's.
+    let shape = KvShape {
+        num_tokens: prompt.len() as u32,
+        kv_heads: described.num_kv_heads + 1,
+        head_dim: described.head_dim,
+    };
+    let values = shape.values().expect("small");
+    let frame = LayerFrame::from_f32(
+        TransferId(ticket.transfer_id),
+        0,
+        shape,
+        ticket.block_ids.iter().copied().map(KvBlockId).collect(),
+        &vec![1.0; values],
+        &vec![1.0; values],
+    );
+    let endpoint = ticket.endpoint.parse().expect("host:port");
+    TcpKvSender::new(1 << 20)
+        .send(endpoint, Frame::Layer(frame))
+        .await
+        .expect("sent");
+    let status = stream.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains(&format!("kv transfer {} failed", ticket.transfer_id))
+            && status.message().contains("kv heads"),
+        "{status:?}"
+    );
+    wait_blocks_freed(decode.url()).await;
+}
