@@ -5,6 +5,7 @@ use prost::Message;
 
 const PROTOS: &[&str] = &[
     "tandem/v1/inference.proto",
+    "tandem/v1/admin.proto",
     "tandem/internal/v1/worker.proto",
 ];
 

@@ -26,6 +26,117 @@ pub enum Command {
     /// Prints the router's gRPC address as host:port, then a line containing `ready` once it
     /// serves; stops every process on Ctrl-C or SIGTERM.
     Up(UpArgs),
+    /// List workers or pools with their state and live load.
+    ///
+    /// Example: tandemctl get workers -o json
+    Get(GetArgs),
+    /// Show one worker in full.
+    Describe(DescribeArgs),
+    /// Stop sending new requests to a worker; the ones it runs finish.
+    Cordon(WorkerArgs),
+    /// Send new requests to a cordoned or drained worker again.
+    Uncordon(WorkerArgs),
+    /// Cordon a worker and wait until it has finished every request it had, showing progress.
+    /// Exits non-zero if the timeout passes first (the worker stays cordoned).
+    Drain(DrainArgs),
+    /// A live table of workers and pools, refreshed until Ctrl-C.
+    Top(TopArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Where the router's admin API is and how to get in.
+#[derive(Debug, Clone, Args)]
+pub struct Endpoint {
+    /// The router (host:port); the address `tandemctl up` prints works as is.
+    #[arg(
+        long,
+        env = "TANDEM_ENDPOINT",
+        default_value = "127.0.0.1:50051",
+        global = true
+    )]
+    pub endpoint: String,
+    /// Admin token, when the router has one (`--admin-token`).
+    #[arg(
+        long,
+        env = "TANDEM_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub token: Option<String>,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table, global = true)]
+    pub format: Format,
+}
+
+/// How admin verbs print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    /// Objects carry at least `id`, `role` and `state`.
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GetWhat {
+    Workers,
+    Pools,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    #[arg(value_enum)]
+    pub what: GetWhat,
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DescribeWhat {
+    Worker,
+}
+
+#[derive(Debug, Args)]
+pub struct DescribeArgs {
+    #[arg(value_enum)]
+    pub what: DescribeWhat,
+    pub id: String,
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Worker id, as `tandemctl get workers` shows it.
+    pub id: String,
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+}
+
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// Worker id, as `tandemctl get workers` shows it.
+    pub id: String,
+    /// Seconds to wait; without it, the router's --drain-timeout-seconds.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Seconds between refreshes.
+    #[arg(long, default_value_t = 1.0)]
+    pub interval: f64,
+    /// Stop after this many refreshes (for scripts); without it, until Ctrl-C.
+    #[arg(long)]
+    pub iterations: Option<u64>,
+    #[command(flatten)]
+    pub endpoint: Endpoint,
 }
 
 #[derive(Debug, Args)]

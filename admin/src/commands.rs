@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+pub mod admin;
 pub mod generate;
 mod remote_generate;
 pub mod up;

@@ -12,5 +12,16 @@ pub fn run(cli: args::Cli) -> Result<ExitCode, CommandError> {
     match cli.command {
         args::Command::Generate(generate) => commands::generate::run(&generate),
         args::Command::Up(up) => commands::up::run(&up),
+        args::Command::Get(a) => commands::admin::get(&a),
+        args::Command::Describe(a) => commands::admin::describe(&a),
+        args::Command::Cordon(a) => commands::admin::cordon(&a, true),
+        args::Command::Uncordon(a) => commands::admin::cordon(&a, false),
+        args::Command::Drain(a) => commands::admin::drain(&a),
+        args::Command::Top(a) => commands::admin::top(&a),
+        args::Command::Completions { shell } => {
+            let mut command = <args::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "tandemctl", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -175,7 +175,7 @@ impl EngineThread {
                     kv_blocks_used: self.engine.used_blocks() as u32,
                     kv_blocks_total: (self.engine.used_blocks() + self.engine.free_blocks()) as u32,
                     pending_transfers: self.engine.num_reserved() as u32,
-                    generated_tokens_total: self.generated_tokens_total,
+                    tokens_total: self.generated_tokens_total,
                 });
             }
         }

@@ -69,7 +69,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         source,
     })?;
 
-    let loaded = load_model(args, Role::Decode)?;
+    let loaded = load_model(args, Role::Decode, grpc_addr)?;
     let layout = KvLayout {
         kv_heads: loaded.description.num_kv_heads,
         head_dim: loaded.description.head_dim,

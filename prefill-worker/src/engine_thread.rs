@@ -39,8 +39,8 @@ pub(crate) struct EngineThread {
     commands: mpsc::Receiver<Command>,
     runtime: Handle,
     requests: HashMap<SeqId, mpsc::Sender<PrefillOutput>>,
-    /// First tokens sampled (one per prompt prefilled).
-    prefilled_total: u64,
+    /// Prompt tokens computed since start.
+    prefilled_tokens_total: u64,
 }
 
 impl EngineThread {
@@ -57,7 +57,7 @@ impl EngineThread {
                     commands,
                     runtime,
                     requests: HashMap::new(),
-                    prefilled_total: 0,
+                    prefilled_tokens_total: 0,
                 }
                 .run();
             })
@@ -110,7 +110,7 @@ impl EngineThread {
                     kv_blocks_used: self.engine.used_blocks() as u32,
                     kv_blocks_total: (self.engine.used_blocks() + self.engine.free_blocks()) as u32,
                     pending_transfers: 0,
-                    generated_tokens_total: self.prefilled_total,
+                    tokens_total: self.prefilled_tokens_total,
                 });
             }
         }
@@ -143,8 +143,8 @@ impl EngineThread {
         });
         match result {
             Ok(out) => {
+                self.prefilled_tokens_total += out.prefill_tokens as u64;
                 for event in out.events {
-                    self.prefilled_total += 1;
                     if let Some(outputs) = self.requests.remove(&event.seq) {
                         let _ = outputs.try_send(PrefillOutput::First(event));
                     }

@@ -25,7 +25,7 @@ pub struct ServeConfig {
 pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
     let args = &config.worker;
     let (grpc, grpc_addr) = bind(args.listen).await?;
-    let loaded = load_model(args, Role::Prefill)?;
+    let loaded = load_model(args, Role::Prefill, grpc_addr)?;
     let d = &loaded.description;
     let (num_layers, kv_heads, head_dim) = (d.num_layers as usize, d.num_kv_heads, d.head_dim);
     let engine = Engine::new(

@@ -39,6 +39,13 @@ pub struct Config {
         default_value_t = 120.0
     )]
     pub worker_startup_timeout_seconds: f64,
+    /// Token admin calls must carry (`authorization: Bearer <token>`). Without one, admin
+    /// calls are accepted from loopback clients only.
+    #[arg(long, env = "TANDEM_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Seconds a drain waits for a worker's requests when the call gives no timeout.
+    #[arg(long, env = "TANDEM_DRAIN_TIMEOUT_SECONDS", default_value_t = 300.0)]
+    pub drain_timeout_seconds: f64,
     /// Seconds in-flight streams get to finish after SIGTERM.
     #[arg(long, env = "TANDEM_SHUTDOWN_GRACE_SECONDS", default_value_t = 30.0)]
     pub shutdown_grace_seconds: f64,
@@ -52,6 +59,10 @@ impl Config {
         self.limits.validate()?;
         if self.default_max_tokens == 0 {
             return Err("--default-max-tokens must be >= 1, got 0".into());
+        }
+        let d = self.drain_timeout_seconds;
+        if !(d.is_finite() && d > 0.0) {
+            return Err(format!("--drain-timeout-seconds must be > 0, got {d}"));
         }
         let g = self.shutdown_grace_seconds;
         if !(g.is_finite() && g >= 0.0) {

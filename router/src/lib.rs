@@ -4,6 +4,7 @@
 //! prompt's KV into them, and streams the tokens back. It never links the engine: the model
 //! card and tokenizer come from the workers' `Describe`.
 
+mod admin;
 mod admission;
 pub mod config;
 mod error;
@@ -20,6 +21,7 @@ use tandem_proto::internal::v1::decode_client::DecodeClient;
 use tandem_proto::internal::v1::prefill_client::PrefillClient;
 use tandem_proto::internal::v1::worker_client::WorkerClient;
 use tandem_proto::internal::v1::{DescribeRequest, WorkerDescription};
+use tandem_proto::v1::admin_server::AdminServer;
 use tandem_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -28,9 +30,10 @@ use tonic::transport::{Channel, Endpoint};
 pub use config::Config;
 pub use error::RouterError;
 
+use crate::admin::{AdminService, authorize};
 use crate::admission::Admission;
 use crate::orchestrate::Cluster;
-use crate::pool::Pool;
+use crate::pool::{Pool, WorkerEntry};
 use crate::service::{InferenceService, RouterState};
 use crate::validation::{ModelCard, Validator};
 
@@ -61,6 +64,8 @@ pub enum StartError {
         second: String,
         b: String,
     },
+    #[error("two workers have the id `{id}`; give each its own --worker-id")]
+    DuplicateWorkerId { id: String },
     #[error("worker {addr} sent a tokenizer that does not load: {reason}")]
     Tokenizer { addr: String, reason: String },
     #[error("reflection: {0}")]
@@ -104,13 +109,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .map(channel)
         .collect::<Result<_, _>>()?;
     let startup = Duration::from_secs_f64(config.worker_startup_timeout_seconds);
-    let mut described: Option<(String, WorkerDescription)> = None;
+    let mut described: Vec<WorkerDescription> = Vec::new();
     for (addr, channel) in decode.iter().chain(&prefill) {
         let description = describe(addr, channel.clone(), startup).await?;
-        match &described {
-            Some((first, d))
-                if d.model != description.model || d.vocab_size != description.vocab_size =>
-            {
+        if let Some((first, d)) = config.decode_workers.iter().zip(&described).next() {
+            if d.model != description.model || d.vocab_size != description.vocab_size {
                 return Err(StartError::ModelMismatch {
                     first: first.clone(),
                     a: d.model.clone(),
@@ -118,48 +121,57 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                     b: description.model,
                 });
             }
-            Some(_) => {}
-            None => described = Some((addr.clone(), description)),
         }
+        if described
+            .iter()
+            .any(|d| d.worker_id == description.worker_id)
+        {
+            return Err(StartError::DuplicateWorkerId {
+                id: description.worker_id,
+            });
+        }
+        described.push(description);
     }
-    let Some((card_source, description)) = described else {
+    let Some(card_source) = described.first() else {
         return Err(StartError::BadWorkerAddress {
             addr: String::new(),
             reason: "no decode worker given".into(),
         });
     };
     let tokenizer =
-        tokenizers::Tokenizer::from_bytes(&description.tokenizer_json).map_err(|e| {
+        tokenizers::Tokenizer::from_bytes(&card_source.tokenizer_json).map_err(|e| {
             StartError::Tokenizer {
-                addr: card_source,
+                addr: config.decode_workers.first().cloned().unwrap_or_default(),
                 reason: e.to_string(),
             }
         })?;
     let card = ModelCard {
-        name: description.model,
-        vocab_size: description.vocab_size,
-        max_position_embeddings: description.max_position_embeddings,
-        eos_token_ids: description.eos_token_ids,
+        name: card_source.model.clone(),
+        vocab_size: card_source.vocab_size,
+        max_position_embeddings: card_source.max_position_embeddings,
+        eos_token_ids: card_source.eos_token_ids.clone(),
         tokenizer,
     };
-    let cluster = Cluster {
-        prefill: Pool::new(prefill.into_iter().map(|(a, c)| {
-            (
-                a,
-                PrefillClient::new(c)
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message),
-            )
-        })),
-        decode: Pool::new(decode.into_iter().map(|(a, c)| {
-            (
-                a,
-                DecodeClient::new(c)
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message),
-            )
-        })),
-    };
+    let mut descriptions = described.into_iter();
+    let cluster =
+        Cluster {
+            decode: Pool::new(decode.into_iter().zip(descriptions.by_ref()).map(
+                |((addr, channel), d)| {
+                    let client = DecodeClient::new(channel.clone())
+                        .max_decoding_message_size(max_message)
+                        .max_encoding_message_size(max_message);
+                    worker_entry(addr, channel, d, client)
+                },
+            )),
+            prefill: Pool::new(prefill.into_iter().zip(descriptions).map(
+                |((addr, channel), d)| {
+                    let client = PrefillClient::new(channel.clone())
+                        .max_decoding_message_size(max_message)
+                        .max_encoding_message_size(max_message);
+                    worker_entry(addr, channel, d, client)
+                },
+            )),
+        };
     tracing::info!(
         model = %card.name,
         prefill_workers = cluster.prefill.workers().count(),
@@ -176,12 +188,21 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         admission: Admission::new(limits.max_concurrent_requests, limits.queue_depth),
         next_request: AtomicU64::new(1),
     });
-    let inference = InferenceServer::new(InferenceService { state })
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    let inference = InferenceServer::new(InferenceService {
+        state: Arc::clone(&state),
+    })
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
     let (mut routes, reporter) = tandem_common::server::standard_routes()
         .map_err(|e| StartError::Reflection(e.to_string()))?;
-    routes.add_service(inference);
+    let admin = AdminService {
+        state: Arc::clone(&state),
+        drain_timeout: Duration::from_secs_f64(config.drain_timeout_seconds),
+    };
+    let token: Option<Arc<str>> = config.admin_token.as_deref().map(Arc::from);
+    routes
+        .add_service(inference)
+        .add_service(AdminServer::with_interceptor(admin, authorize(token)));
     reporter
         .set_serving::<InferenceServer<InferenceService>>()
         .await;
@@ -214,6 +235,22 @@ const TIMEOUT_BACKSTOP_MARGIN: Duration = Duration::from_secs(1);
 /// Calls per connection beyond the request limits, so health checks and model info still get
 /// through a full router.
 const HEALTH_HEADROOM: usize = 16;
+
+fn worker_entry<C>(
+    addr: String,
+    channel: Channel,
+    description: WorkerDescription,
+    client: C,
+) -> WorkerEntry<C> {
+    WorkerEntry {
+        id: description.worker_id,
+        addr,
+        model: description.model,
+        device: description.device,
+        client,
+        info: WorkerClient::new(channel),
+    }
+}
 
 /// The worker's model description, retrying while it starts.
 async fn describe(

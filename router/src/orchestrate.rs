@@ -2,8 +2,6 @@
 //! ticket, the prefill worker pushes the prompt's KV into them, and the decode worker's tokens
 //! stream back to the client. Without prefill workers the decode worker prefills itself.
 
-use tandem_proto::internal::v1::decode_client::DecodeClient;
-use tandem_proto::internal::v1::prefill_client::PrefillClient;
 use tandem_proto::internal::v1::{
     DecodeRequest, DecodeResponse, DecodeToken, PrefillRequest, decode_response,
 };
@@ -18,10 +16,13 @@ use crate::error::RouterError;
 use crate::pool::{Lease, Pool};
 use crate::validation::ValidGenerateRequest;
 
+pub(crate) type PrefillClient = tandem_proto::internal::v1::prefill_client::PrefillClient<Channel>;
+pub(crate) type DecodeClient = tandem_proto::internal::v1::decode_client::DecodeClient<Channel>;
+
 /// The worker pools requests are spread over.
 pub(crate) struct Cluster {
-    pub prefill: Pool<PrefillClient<Channel>>,
-    pub decode: Pool<DecodeClient<Channel>>,
+    pub(crate) prefill: Pool<PrefillClient>,
+    pub(crate) decode: Pool<DecodeClient>,
 }
 
 /// Where a request's responses go, and how many tokens went there.

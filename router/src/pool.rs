@@ -1,16 +1,51 @@
-//! Worker pools and the load-aware choice between their members.
+//! Worker pools, each worker's admin state, and the load-aware choice between the workers that
+//! take new requests.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
-/// One worker as this router sees it: its client and the load this router has put on it.
+use tandem_proto::internal::v1::worker_client::WorkerClient;
+use tonic::transport::Channel;
+
+/// What an SRE has asked of a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AdminState {
+    /// Takes new requests.
+    Ready = 0,
+    /// Takes no new requests.
+    Cordoned = 1,
+    /// Takes no new requests, and an SRE is waiting for it to finish the ones it has.
+    Draining = 2,
+}
+
+/// One worker as this router sees it.
 #[derive(Debug)]
 pub(crate) struct Worker<C> {
-    pub addr: String,
-    pub client: C,
+    pub(crate) id: String,
+    pub(crate) addr: String,
+    pub(crate) model: String,
+    pub(crate) device: String,
+    pub(crate) client: C,
+    /// For `Stats`.
+    pub(crate) info: WorkerClient<Channel>,
+    state: AtomicU8,
     /// Load in flight from this router, in the pool's unit (prompt tokens for prefill,
     /// sequences for decode).
     load: AtomicUsize,
+    /// Requests in flight from this router.
+    requests: AtomicUsize,
+    /// The last `tokens_total` seen and when, for a tokens/s figure.
+    pub(crate) last_sample: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+/// How to reach one worker, as learned at startup.
+pub(crate) struct WorkerEntry<C> {
+    pub(crate) id: String,
+    pub(crate) addr: String,
+    pub(crate) model: String,
+    pub(crate) device: String,
+    pub(crate) client: C,
+    pub(crate) info: WorkerClient<Channel>,
 }
 
 /// Workers of one role.
@@ -28,16 +63,41 @@ pub(crate) struct Lease<C> {
     cost: usize,
 }
 
+impl<C> Worker<C> {
+    pub(crate) fn state(&self) -> AdminState {
+        match self.state.load(Ordering::Relaxed) {
+            0 => AdminState::Ready,
+            1 => AdminState::Cordoned,
+            _ => AdminState::Draining,
+        }
+    }
+
+    pub(crate) fn set_state(&self, state: AdminState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    pub(crate) fn requests_in_flight(&self) -> usize {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
 impl<C> Pool<C> {
-    pub(crate) fn new(workers: impl IntoIterator<Item = (String, C)>) -> Self {
+    pub(crate) fn new(workers: impl IntoIterator<Item = WorkerEntry<C>>) -> Self {
         Self {
             workers: workers
                 .into_iter()
-                .map(|(addr, client)| {
+                .map(|e| {
                     Arc::new(Worker {
-                        addr,
-                        client,
+                        id: e.id,
+                        addr: e.addr,
+                        model: e.model,
+                        device: e.device,
+                        client: e.client,
+                        info: e.info,
+                        state: AtomicU8::new(AdminState::Ready as u8),
                         load: AtomicUsize::new(0),
+                        requests: AtomicUsize::new(0),
+                        last_sample: std::sync::Mutex::new(None),
                     })
                 })
                 .collect(),
@@ -49,12 +109,16 @@ impl<C> Pool<C> {
         self.workers.is_empty()
     }
 
-    pub(crate) fn workers(&self) -> impl Iterator<Item = &Worker<C>> {
-        self.workers.iter().map(|w| w.as_ref())
+    pub(crate) fn workers(&self) -> impl Iterator<Item = &Arc<Worker<C>>> {
+        self.workers.iter()
     }
 
-    /// The worker with the least load, ties going round-robin, charged `cost` until the lease
-    /// drops.
+    pub(crate) fn find(&self, id: &str) -> Option<&Arc<Worker<C>>> {
+        self.workers.iter().find(|w| w.id == id)
+    }
+
+    /// The ready worker with the least load, ties going round-robin, charged `cost` until the
+    /// lease drops. None when no worker takes new requests.
     pub(crate) fn pick(&self, cost: usize) -> Option<Lease<C>> {
         let n = self.workers.len();
         if n == 0 {
@@ -63,8 +127,10 @@ impl<C> Pool<C> {
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let worker = (0..n)
             .map(|i| &self.workers[(start + i) % n])
+            .filter(|w| w.state() == AdminState::Ready)
             .min_by_key(|w| w.load.load(Ordering::Relaxed))?;
         worker.load.fetch_add(cost, Ordering::Relaxed);
+        worker.requests.fetch_add(1, Ordering::Relaxed);
         Some(Lease {
             worker: Arc::clone(worker),
             cost,
@@ -81,6 +147,7 @@ impl<C> Lease<C> {
 impl<C> Drop for Lease<C> {
     fn drop(&mut self) {
         self.worker.load.fetch_sub(self.cost, Ordering::Relaxed);
+        self.worker.requests.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -88,26 +155,44 @@ impl<C> Drop for Lease<C> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn pick_prefers_the_least_loaded_and_releases_on_drop() {
-        let pool = Pool::new([("a".to_owned(), ()), ("b".to_owned(), ())]);
+    fn pool(ids: &[&str]) -> Pool<()> {
+        let channel = Channel::from_static("http://127.0.0.1:1").connect_lazy();
+        Pool::new(ids.iter().map(|id| WorkerEntry {
+            id: (*id).to_owned(),
+            addr: String::new(),
+            model: String::new(),
+            device: String::new(),
+            client: (),
+            info: WorkerClient::new(channel.clone()),
+        }))
+    }
+
+    #[tokio::test]
+    async fn pick_prefers_the_least_loaded_and_releases_on_drop() {
+        let pool = pool(&["a", "b"]);
         let first = pool.pick(100).expect("a worker");
         let second = pool.pick(1).expect("a worker");
-        assert_ne!(first.worker().addr, second.worker().addr);
+        assert_ne!(first.worker().id, second.worker().id);
         let third = pool.pick(1).expect("a worker");
-        assert_eq!(third.worker().addr, second.worker().addr, "101 > 1 load");
+        assert_eq!(third.worker().id, second.worker().id, "101 > 1 load");
+        assert_eq!(third.worker().requests_in_flight(), 2);
         drop(first);
         drop(third);
         let fourth = pool.pick(1).expect("a worker");
-        assert_ne!(fourth.worker().addr, second.worker().addr);
+        assert_ne!(fourth.worker().id, second.worker().id);
     }
 
-    #[test]
-    fn ties_rotate_and_an_empty_pool_picks_nothing() {
-        let pool = Pool::new([("a".to_owned(), ()), ("b".to_owned(), ())]);
-        let a = pool.pick(0).expect("worker").worker().addr.clone();
-        let b = pool.pick(0).expect("worker").worker().addr.clone();
+    #[tokio::test]
+    async fn ties_rotate_cordoned_workers_are_skipped_and_none_is_left() {
+        let pool = pool(&["a", "b"]);
+        let a = pool.pick(0).expect("worker").worker().id.clone();
+        let b = pool.pick(0).expect("worker").worker().id.clone();
         assert_ne!(a, b);
-        assert!(Pool::<()>::new([]).pick(1).is_none());
+        pool.find("a").expect("a").set_state(AdminState::Cordoned);
+        for _ in 0..4 {
+            assert_eq!(pool.pick(0).expect("b").worker().id, "b");
+        }
+        pool.find("b").expect("b").set_state(AdminState::Draining);
+        assert!(pool.pick(1).is_none());
     }
 }

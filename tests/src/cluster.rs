@@ -216,14 +216,15 @@ impl ClusterBuilder {
             .flat_map(|m| [OsString::from("--model"), m.clone().into_os_string()])
             .collect();
         let worker = |role: &str, i: usize, extra: &[OsString]| {
-            let mut args = os_args(&["serve", "--listen", "127.0.0.1:0"]);
+            let name = format!("{role}-{i}");
+            let mut args = os_args(&["serve", "--listen", "127.0.0.1:0", "--worker-id", &name]);
             if role == "decode" {
                 args.extend(os_args(&["--kv-listen", "127.0.0.1:0"]));
             }
             args.extend(model.iter().cloned());
             args.extend(extra.iter().cloned());
             Process::start(
-                &format!("{role}-{i}"),
+                &name,
                 &binary(&format!("tandem-{role}-worker")),
                 &args,
                 &logs,

@@ -11,6 +11,10 @@ pub struct WorkerArgs {
     /// gRPC address to listen on; port 0 picks a free port (printed on the ready line).
     #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
+    /// This worker's id in the cluster, what admin commands name it by. Default:
+    /// `<role>@<listen address>`.
+    #[arg(long, env = "TANDEM_WORKER_ID")]
+    pub worker_id: Option<String>,
     /// Hugging Face checkpoint folder; without it, the built-in demo model.
     #[arg(long, env = "TANDEM_MODEL", value_name = "DIR")]
     pub model: Option<PathBuf>,

@@ -49,8 +49,12 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeEr
     Ok((listener, local))
 }
 
-/// Loads `--model` (or the demo model) and describes it for `role`.
-pub fn load_model(args: &WorkerArgs, role: Role) -> Result<LoadedWorker, EngineError> {
+/// Loads `--model` (or the demo model) and describes it for `role`, served at `addr`.
+pub fn load_model(
+    args: &WorkerArgs,
+    role: Role,
+    addr: SocketAddr,
+) -> Result<LoadedWorker, EngineError> {
     let started = Instant::now();
     let served = ServedModel::load(args.model.as_deref(), args.device_choice(), &mut |_| {})?;
     let Device::Cpu { fallback_reason } = &served.device;
@@ -69,6 +73,14 @@ pub fn load_model(args: &WorkerArgs, role: Role) -> Result<LoadedWorker, EngineE
         head_dim: c.head_dim as u32,
         tokenizer_json: served.tokenizer_json.clone(),
         device: served.model.backend_name().to_owned(),
+        worker_id: args.worker_id.clone().unwrap_or_else(|| {
+            let role = if role == Role::Prefill {
+                "prefill"
+            } else {
+                "decode"
+            };
+            format!("{role}@{addr}")
+        }),
     };
     tracing::info!(
         model = %served.name,

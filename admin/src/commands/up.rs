@@ -52,13 +52,19 @@ async fn up(args: &UpArgs) -> Result<ExitCode, CommandError> {
     ] {
         let path = sibling_binary(binary)?;
         for i in 0..count {
-            let mut argv: Vec<OsString> =
-                vec!["serve".into(), "--listen".into(), LOOPBACK_ANY_PORT.into()];
+            let name = format!("{role}-{i}");
+            let mut argv: Vec<OsString> = vec![
+                "serve".into(),
+                "--listen".into(),
+                LOOPBACK_ANY_PORT.into(),
+                "--worker-id".into(),
+                name.clone().into(),
+            ];
             if role == "decode" {
                 argv.extend(["--kv-listen".into(), LOOPBACK_ANY_PORT.into()]);
             }
             argv.extend(model.iter().cloned());
-            pending.push(start(format!("{role}-{i}"), &path, &argv, exits.clone())?);
+            pending.push(start(name, &path, &argv, exits.clone())?);
         }
     }
     for process in pending {
