@@ -23,7 +23,7 @@ pub enum CommandError {
     },
     #[error("{0}")]
     Usage(String),
-    #[error("router {router}: {status}")]
+    #[error("router {router}: {:?}: {}", status.code(), status.message())]
     Rpc {
         router: String,
         status: tonic::Status,

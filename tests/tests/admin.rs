@@ -1,0 +1,250 @@
+//! The SRE verbs against a live cluster: `tandemctl get`, `cordon`, `drain` and the admin
+//! token, with real processes and real traffic.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde_json::Value;
+use tandem_proto::internal::v1::StatsRequest;
+use tandem_proto::internal::v1::worker_client::WorkerClient;
+use tandem_proto::v1::inference_client::InferenceClient;
+use tandem_proto::v1::{GenerateRequest, TokenIds, generate_request, generate_response};
+use tandem_tests::{Cluster, binary, fixture};
+
+fn tandemctl(args: &[&str], endpoint: &str) -> Output {
+    Command::new(binary("tandemctl"))
+        .args(args)
+        .args(["--endpoint", endpoint])
+        .env_remove("TANDEM_ADMIN_TOKEN")
+        .output()
+        .expect("tandemctl runs")
+}
+
+fn json_of(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON value")
+}
+
+fn states(endpoint: &str) -> Vec<(String, String, String)> {
+    let workers = json_of(&tandemctl(&["get", "workers", "-o", "json"], endpoint));
+    workers
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|w| {
+            let field = |k: &str| w[k].as_str().expect("string").to_owned();
+            (field("id"), field("role"), field("state"))
+        })
+        .collect()
+}
+
+async fn tokens_total(url: String) -> u64 {
+    WorkerClient::connect(url)
+        .await
+        .expect("worker")
+        .stats(StatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner()
+        .tokens_total
+}
+
+fn prompt(i: u32) -> Vec<u32> {
+    (0..8 + i % 5)
+        .map(|j| 11 + (i * 13 + j * 29) % 900)
+        .collect()
+}
+
+async fn generate(url: String, i: u32) -> Result<Vec<u32>, tonic::Status> {
+    let mut client = InferenceClient::connect(url).await.expect("router");
+    let request = GenerateRequest {
+        prompt: Some(generate_request::Prompt::TokenIds(TokenIds {
+            ids: prompt(i),
+        })),
+        max_tokens: Some(12),
+        ..GenerateRequest::default()
+    };
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut tokens = Vec::new();
+    while let Some(m) = stream.message().await? {
+        if let Some(generate_response::Kind::Chunk(c)) = m.kind {
+            tokens.extend(c.token_ids);
+        }
+    }
+    Ok(tokens)
+}
+
+fn single_process(model: &Path, i: u32) -> Vec<u32> {
+    let ids: Vec<String> = prompt(i).iter().map(u32::to_string).collect();
+    let out = Command::new(binary("tandemctl"))
+        .args([
+            "generate",
+            "--output",
+            "json",
+            "--device",
+            "cpu",
+            "--max-tokens",
+            "12",
+        ])
+        .arg("--model")
+        .arg(model)
+        .args(["--prompt-ids", &ids.join(",")])
+        .output()
+        .expect("tandemctl runs");
+    json_of(&out)["token_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|t| t.as_u64().expect("id") as u32)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_workers_lists_every_worker_and_a_cordoned_one_gets_no_new_request() {
+    let cluster = Cluster::builder("admin-cordon")
+        .model(fixture("qwen3-moe-f32"))
+        .decode(2)
+        .start();
+    let endpoint = cluster.router.addr("grpc");
+    let mut listed = states(&endpoint);
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            ("decode-0".into(), "decode".into(), "ready".into()),
+            ("decode-1".into(), "decode".into(), "ready".into()),
+            ("prefill-0".into(), "prefill".into(), "ready".into()),
+        ]
+    );
+    let cordoned = json_of(&tandemctl(&["cordon", "decode-0", "-o", "json"], &endpoint));
+    assert_eq!(cordoned["state"], "cordoned");
+    let before = tokens_total(cluster.decode[0].url()).await;
+    for i in 0..6 {
+        generate(cluster.router_url(), i).await.expect("served");
+    }
+    assert_eq!(
+        tokens_total(cluster.decode[0].url()).await,
+        before,
+        "a cordoned worker gets no new request"
+    );
+    assert!(tokens_total(cluster.decode[1].url()).await > 0);
+    let back = json_of(&tandemctl(
+        &["uncordon", "decode-0", "-o", "json"],
+        &endpoint,
+    ));
+    assert_eq!(back["state"], "ready");
+    let unknown = tandemctl(&["cordon", "decode-9"], &endpoint);
+    assert_eq!(unknown.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no worker `decode-9`"));
+    let pools = json_of(&tandemctl(&["get", "pools", "-o", "json"], &endpoint));
+    assert_eq!(pools["pools"][1]["workers"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_decode_worker_under_load_fails_no_request_and_keeps_tokens_exact() {
+    let model = fixture("qwen3-moe-f32");
+    let cluster = Cluster::builder("admin-drain")
+        .model(model.clone())
+        .decode(2)
+        .start();
+    let endpoint = cluster.router.addr("grpc");
+    let expected: Vec<Vec<u32>> = (0..8).map(|i| single_process(&model, i)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4u32)
+        .map(|c| {
+            let url = cluster.router_url();
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                let mut i = c;
+                while !stop.load(Ordering::Relaxed) || results.len() < 4 {
+                    results.push((i % 8, generate(url.clone(), i % 8).await));
+                    i += 4;
+                }
+                results
+            })
+        })
+        .collect();
+    // Drain once decode-0 is busy serving the load.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tokens_total(cluster.decode[0].url()).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "decode-0 never got load"
+        );
+        tokio::task::yield_now().await;
+    }
+    let drain = tokio::task::spawn_blocking({
+        let endpoint = endpoint.clone();
+        move || {
+            tandemctl(
+                &["drain", "decode-0", "--timeout", "60", "-o", "json"],
+                &endpoint,
+            )
+        }
+    })
+    .await
+    .expect("drain ran");
+    let drained = json_of(&drain);
+    assert_eq!(drained["state"], "drained");
+    assert_eq!(drained["load"]["running_sequences"], 0);
+    let after_drain = tokens_total(cluster.decode[0].url()).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut served = 0;
+    for client in clients {
+        for (i, result) in client.await.expect("client") {
+            let tokens = result.expect("no request fails while a worker drains");
+            assert_eq!(tokens, expected[i as usize], "prompt {i}");
+            served += 1;
+        }
+    }
+    assert!(served >= 16, "{served} requests");
+    assert_eq!(
+        tokens_total(cluster.decode[0].url()).await,
+        after_drain,
+        "a drained worker gets nothing new"
+    );
+    let listed = states(&endpoint);
+    assert!(listed.contains(&("decode-0".into(), "decode".into(), "drained".into())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_without_or_with_a_wrong_token_are_unauthenticated_and_change_nothing() {
+    let cluster = Cluster::builder("admin-token")
+        .model(fixture("qwen3-moe-f32"))
+        .router_args(&["--admin-token", "s3cret"])
+        .start();
+    let endpoint = cluster.router.addr("grpc");
+    let missing = tandemctl(&["cordon", "decode-0"], &endpoint);
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("Unauthenticated") && stderr.contains("Bearer"),
+        "{stderr}"
+    );
+    let wrong = tandemctl(&["cordon", "decode-0", "--token", "guess"], &endpoint);
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("the admin token is wrong"),
+        "{wrong:?}"
+    );
+    let right = tandemctl(
+        &["get", "workers", "-o", "json", "--token", "s3cret"],
+        &endpoint,
+    );
+    let workers = json_of(&right);
+    assert!(
+        workers
+            .as_array()
+            .expect("array")
+            .iter()
+            .all(|w| w["state"] == "ready"),
+        "nothing was cordoned: {workers}"
+    );
+}
