@@ -3,22 +3,28 @@
 
 use prost::Message;
 
-const PROTOS: &[&str] = &[
+/// Tandem's own services, which servers describe through reflection.
+const TANDEM_PROTOS: &[&str] = &[
     "tandem/v1/inference.proto",
     "tandem/v1/admin.proto",
     "tandem/internal/v1/worker.proto",
 ];
+/// Clients only: the part of etcd's API the registry uses.
+const ETCD_PROTOS: &[&str] = &["etcd/rpc.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    for proto in PROTOS {
+    for proto in TANDEM_PROTOS.iter().chain(ETCD_PROTOS) {
         println!("cargo:rerun-if-changed={proto}");
     }
-    let descriptors = protox::compile(PROTOS, ["."])?;
+    let tandem = protox::compile(TANDEM_PROTOS, ["."])?;
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(
         out_dir.join("tandem_descriptor.bin"),
-        descriptors.encode_to_vec(),
+        tandem.encode_to_vec(),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure().compile_fds(tandem)?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_fds(protox::compile(ETCD_PROTOS, ["."])?)?;
     Ok(())
 }

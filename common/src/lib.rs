@@ -4,5 +4,6 @@ pub mod error_class;
 pub mod generate;
 pub mod ids;
 pub mod limits;
+pub mod registry;
 pub mod server;
 pub mod telemetry;

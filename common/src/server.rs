@@ -58,18 +58,20 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Runs `serve` until Ctrl-C or SIGTERM, then lets it drain for at most `grace`: `serve` must
-/// be a server started with `stop` as its shutdown signal. Past the grace period the
-/// remaining connections are dropped, so a stuck client cannot hold a rollout.
+/// Runs `serve` until `until` resolves (Ctrl-C or SIGTERM: [`shutdown_signal`]), then lets
+/// it drain for at most `grace`: `serve` must be a server started with `stop` as its shutdown
+/// signal. Past the grace period the remaining connections are dropped, so a stuck client
+/// cannot hold a rollout.
 pub async fn serve_with_grace<E>(
     serve: impl std::future::Future<Output = Result<(), E>>,
     stop: tokio::sync::oneshot::Sender<()>,
     grace: std::time::Duration,
+    until: impl std::future::Future<Output = ()>,
 ) -> Result<(), E> {
     tokio::pin!(serve);
     tokio::select! {
         result = &mut serve => return result,
-        () = shutdown_signal() => {}
+        () = until => {}
     }
     tracing::info!(grace_seconds = grace.as_secs_f64(), "shutting down");
     let _ = stop.send(());

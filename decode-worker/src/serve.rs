@@ -10,7 +10,9 @@ use tandem_kv_transfer::KvListener;
 use tandem_proto::internal::v1::Role;
 use tandem_proto::internal::v1::decode_server::DecodeServer;
 use tandem_proto::internal::v1::worker_server::WorkerServer;
-use tandem_worker::{ServeError, WorkerArgs, WorkerInfoService, bind, load_model, serve_grpc};
+use tandem_worker::{
+    ServeError, Serving, WorkerArgs, WorkerInfoService, bind, load_model, serve_grpc,
+};
 use tokio::sync::mpsc;
 
 use crate::engine_thread::{Command, EngineThread};
@@ -70,6 +72,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
     })?;
 
     let loaded = load_model(args, Role::Decode, grpc_addr)?;
+    let description = loaded.description.clone();
     let layout = KvLayout {
         kv_heads: loaded.description.num_kv_heads,
         head_dim: loaded.description.head_dim,
@@ -96,7 +99,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
     let worker = WorkerInfoService::new(
         commands,
         |reply| Command::Stats { reply },
-        loaded.description,
+        description.clone(),
     );
     let (mut routes, reporter) = tandem_worker::routes()?;
     let max = args.max_message_bytes;
@@ -113,10 +116,14 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         .await;
     tracing::info!(grpc = %grpc_addr, kv = %kv_addr, "decode worker serving");
     serve_grpc(
-        routes,
-        grpc,
-        &[("grpc", grpc_addr), ("kv", kv_addr)],
-        args.shutdown_grace(),
+        Serving {
+            routes,
+            listener: grpc,
+            ready: &[("grpc", grpc_addr), ("kv", kv_addr)],
+            description: &description,
+            grpc_addr,
+        },
+        args,
     )
     .await
 }

@@ -8,7 +8,9 @@ use tandem_kv_transfer::TcpKvSender;
 use tandem_proto::internal::v1::Role;
 use tandem_proto::internal::v1::prefill_server::PrefillServer;
 use tandem_proto::internal::v1::worker_server::WorkerServer;
-use tandem_worker::{ServeError, WorkerArgs, WorkerInfoService, bind, load_model, serve_grpc};
+use tandem_worker::{
+    ServeError, Serving, WorkerArgs, WorkerInfoService, bind, load_model, serve_grpc,
+};
 use tokio::sync::mpsc;
 
 use crate::engine_thread::{Command, EngineThread};
@@ -26,6 +28,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
     let args = &config.worker;
     let (grpc, grpc_addr) = bind(args.listen).await?;
     let loaded = load_model(args, Role::Prefill, grpc_addr)?;
+    let description = loaded.description.clone();
     let d = &loaded.description;
     let (num_layers, kv_heads, head_dim) = (d.num_layers as usize, d.num_kv_heads, d.head_dim);
     let engine = Engine::new(
@@ -48,7 +51,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
     let worker = WorkerInfoService::new(
         commands,
         |reply| Command::Stats { reply },
-        loaded.description,
+        description.clone(),
     );
     let (mut routes, reporter) = tandem_worker::routes()?;
     let max = args.max_message_bytes;
@@ -66,5 +69,15 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         .set_serving::<WorkerServer<WorkerInfoService<Command>>>()
         .await;
     tracing::info!(grpc = %grpc_addr, "prefill worker serving");
-    serve_grpc(routes, grpc, &[("grpc", grpc_addr)], args.shutdown_grace()).await
+    serve_grpc(
+        Serving {
+            routes,
+            listener: grpc,
+            ready: &[("grpc", grpc_addr)],
+            description: &description,
+            grpc_addr,
+        },
+        args,
+    )
+    .await
 }

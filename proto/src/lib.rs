@@ -14,6 +14,11 @@ pub mod internal {
     }
 }
 
+/// The subset of etcd's v3 API the registry uses (KV, Lease, Watch).
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 /// Encoded `FileDescriptorSet` of every Tandem proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tandem_descriptor.bin"));

@@ -33,12 +33,12 @@ pub(crate) struct AdminService {
 }
 
 /// A worker of either pool.
-enum AnyWorker<'a> {
-    Prefill(&'a Worker<crate::orchestrate::PrefillClient>),
-    Decode(&'a Worker<crate::orchestrate::DecodeClient>),
+enum AnyWorker {
+    Prefill(Arc<Worker<crate::orchestrate::PrefillClient>>),
+    Decode(Arc<Worker<crate::orchestrate::DecodeClient>>),
 }
 
-impl AnyWorker<'_> {
+impl AnyWorker {
     fn set_state(&self, state: AdminState) {
         match self {
             Self::Prefill(w) => w.set_state(state),
@@ -119,7 +119,7 @@ async fn worker_info<C>(worker: &Worker<C>, role: WorkerRole) -> WorkerInfo {
 }
 
 impl AdminService {
-    fn find(&self, id: &str) -> Result<AnyWorker<'_>, Status> {
+    fn find(&self, id: &str) -> Result<AnyWorker, Status> {
         let cluster = &self.state.cluster;
         if let Some(w) = cluster.decode.find(id) {
             return Ok(AnyWorker::Decode(w));
@@ -136,10 +136,10 @@ impl AdminService {
         let cluster = &self.state.cluster;
         let mut out = Vec::new();
         for w in cluster.prefill.workers() {
-            out.push(worker_info(w, WorkerRole::Prefill).await);
+            out.push(worker_info(&w, WorkerRole::Prefill).await);
         }
         for w in cluster.decode.workers() {
-            out.push(worker_info(w, WorkerRole::Decode).await);
+            out.push(worker_info(&w, WorkerRole::Decode).await);
         }
         out
     }

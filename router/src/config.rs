@@ -26,9 +26,16 @@ pub struct Config {
         long = "decode-worker",
         env = "TANDEM_DECODE_WORKERS",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "etcd"
     )]
     pub decode_workers: Vec<String>,
+    /// etcd endpoint (host:port): follow the workers registered there instead of taking them
+    /// from the flags.
+    #[arg(long, env = "TANDEM_ETCD_ENDPOINT", conflicts_with_all = ["decode_workers", "prefill_workers"])]
+    pub etcd: Option<String>,
+    /// Cluster name: the etcd key prefix `/tandem/<cluster>/`.
+    #[arg(long, env = "TANDEM_CLUSTER", default_value = "default")]
+    pub cluster: String,
     /// Tokens generated when a request does not say (capped by --max-new-tokens).
     #[arg(long, env = "TANDEM_DEFAULT_MAX_TOKENS", default_value_t = 256)]
     pub default_max_tokens: u32,

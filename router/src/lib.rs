@@ -8,6 +8,7 @@ mod admin;
 mod admission;
 pub mod config;
 mod error;
+mod membership;
 mod orchestrate;
 mod pool;
 mod service;
@@ -17,28 +18,20 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use tandem_proto::internal::v1::decode_client::DecodeClient;
-use tandem_proto::internal::v1::prefill_client::PrefillClient;
-use tandem_proto::internal::v1::worker_client::WorkerClient;
-use tandem_proto::internal::v1::{DescribeRequest, WorkerDescription};
 use tandem_proto::v1::admin_server::AdminServer;
 use tandem_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Channel, Endpoint};
 
 pub use config::Config;
 pub use error::RouterError;
 
 use crate::admin::{AdminService, authorize};
 use crate::admission::Admission;
+use crate::membership::Membership;
 use crate::orchestrate::Cluster;
-use crate::pool::{Pool, WorkerEntry};
 use crate::service::{InferenceService, RouterState};
-use crate::validation::{ModelCard, Validator};
-
-/// Wait between attempts to reach a worker that is still starting.
-const STARTUP_RETRY: Duration = Duration::from_millis(200);
+use crate::validation::Validator;
 
 /// Failures that stop the router.
 #[derive(Debug, thiserror::Error)]
@@ -57,13 +50,10 @@ pub enum StartError {
         seconds: f64,
         last_error: String,
     },
-    #[error("workers disagree on the model: {first} serves `{a}`, {second} serves `{b}`")]
-    ModelMismatch {
-        first: String,
-        a: String,
-        second: String,
-        b: String,
-    },
+    #[error("no decode worker registered within {seconds} s")]
+    NoDecodeWorker { seconds: f64 },
+    #[error("registry: {0}")]
+    Registry(#[source] tandem_common::registry::RegistryError),
     #[error("two workers have the id `{id}`; give each its own --worker-id")]
     DuplicateWorkerId { id: String },
     #[error("worker {addr} sent a tokenizer that does not load: {reason}")]
@@ -89,93 +79,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     })?;
     let limits = &config.limits;
     let max_message = limits.max_message_bytes;
-    let channel = |addr: &String| -> Result<(String, Channel), StartError> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| {
-            StartError::BadWorkerAddress {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            }
-        })?;
-        Ok((addr.clone(), endpoint.connect_lazy()))
-    };
-    let prefill: Vec<(String, Channel)> = config
-        .prefill_workers
-        .iter()
-        .map(channel)
-        .collect::<Result<_, _>>()?;
-    let decode: Vec<(String, Channel)> = config
-        .decode_workers
-        .iter()
-        .map(channel)
-        .collect::<Result<_, _>>()?;
-    let startup = Duration::from_secs_f64(config.worker_startup_timeout_seconds);
-    let mut described: Vec<WorkerDescription> = Vec::new();
-    for (addr, channel) in decode.iter().chain(&prefill) {
-        let description = describe(addr, channel.clone(), startup).await?;
-        if let Some((first, d)) = config.decode_workers.iter().zip(&described).next() {
-            if d.model != description.model || d.vocab_size != description.vocab_size {
-                return Err(StartError::ModelMismatch {
-                    first: first.clone(),
-                    a: d.model.clone(),
-                    second: addr.clone(),
-                    b: description.model,
-                });
-            }
-        }
-        if described
-            .iter()
-            .any(|d| d.worker_id == description.worker_id)
-        {
-            return Err(StartError::DuplicateWorkerId {
-                id: description.worker_id,
-            });
-        }
-        described.push(description);
-    }
-    let Some(card_source) = described.first() else {
-        return Err(StartError::BadWorkerAddress {
-            addr: String::new(),
-            reason: "no decode worker given".into(),
-        });
-    };
-    let tokenizer =
-        tokenizers::Tokenizer::from_bytes(&card_source.tokenizer_json).map_err(|e| {
-            StartError::Tokenizer {
-                addr: config.decode_workers.first().cloned().unwrap_or_default(),
-                reason: e.to_string(),
-            }
-        })?;
-    let card = ModelCard {
-        name: card_source.model.clone(),
-        vocab_size: card_source.vocab_size,
-        max_position_embeddings: card_source.max_position_embeddings,
-        eos_token_ids: card_source.eos_token_ids.clone(),
-        tokenizer,
-    };
-    let mut descriptions = described.into_iter();
-    let cluster =
-        Cluster {
-            decode: Pool::new(decode.into_iter().zip(descriptions.by_ref()).map(
-                |((addr, channel), d)| {
-                    let client = DecodeClient::new(channel.clone())
-                        .max_decoding_message_size(max_message)
-                        .max_encoding_message_size(max_message);
-                    worker_entry(addr, channel, d, client)
-                },
-            )),
-            prefill: Pool::new(prefill.into_iter().zip(descriptions).map(
-                |((addr, channel), d)| {
-                    let client = PrefillClient::new(channel.clone())
-                        .max_decoding_message_size(max_message)
-                        .max_encoding_message_size(max_message);
-                    worker_entry(addr, channel, d, client)
-                },
-            )),
-        };
+    let (membership, card) = Membership::start(&config).await?;
+    let cluster = Arc::new(Cluster::default());
+    membership.follow(Arc::clone(&cluster), card.name.clone(), max_message);
     tracing::info!(
         model = %card.name,
-        prefill_workers = cluster.prefill.workers().count(),
-        decode_workers = cluster.decode.workers().count(),
+        prefill_workers = cluster.prefill.workers().len(),
+        decode_workers = cluster.decode.workers().len(),
         "router configured"
     );
     let state = Arc::new(RouterState {
@@ -223,7 +133,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             let _ = stopped.await;
         });
     let grace = Duration::from_secs_f64(config.shutdown_grace_seconds);
-    tandem_common::server::serve_with_grace(server, stop, grace).await?;
+    tandem_common::server::serve_with_grace(
+        server,
+        stop,
+        grace,
+        tandem_common::server::shutdown_signal(),
+    )
+    .await?;
     tracing::info!("router stopped");
     Ok(())
 }
@@ -235,42 +151,3 @@ const TIMEOUT_BACKSTOP_MARGIN: Duration = Duration::from_secs(1);
 /// Calls per connection beyond the request limits, so health checks and model info still get
 /// through a full router.
 const HEALTH_HEADROOM: usize = 16;
-
-fn worker_entry<C>(
-    addr: String,
-    channel: Channel,
-    description: WorkerDescription,
-    client: C,
-) -> WorkerEntry<C> {
-    WorkerEntry {
-        id: description.worker_id,
-        addr,
-        model: description.model,
-        device: description.device,
-        client,
-        info: WorkerClient::new(channel),
-    }
-}
-
-/// The worker's model description, retrying while it starts.
-async fn describe(
-    addr: &str,
-    channel: Channel,
-    within: Duration,
-) -> Result<WorkerDescription, StartError> {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut client = WorkerClient::new(channel).max_decoding_message_size(usize::MAX);
-    loop {
-        match client.describe(DescribeRequest {}).await {
-            Ok(response) => return Ok(response.into_inner()),
-            Err(status) if tokio::time::Instant::now() + STARTUP_RETRY >= deadline => {
-                return Err(StartError::WorkerUnreachable {
-                    addr: addr.to_owned(),
-                    seconds: within.as_secs_f64(),
-                    last_error: status.message().to_owned(),
-                });
-            }
-            Err(_) => tokio::time::sleep(STARTUP_RETRY).await,
-        }
-    }
-}

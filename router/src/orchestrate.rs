@@ -20,6 +20,7 @@ pub(crate) type PrefillClient = tandem_proto::internal::v1::prefill_client::Pref
 pub(crate) type DecodeClient = tandem_proto::internal::v1::decode_client::DecodeClient<Channel>;
 
 /// The worker pools requests are spread over.
+#[derive(Default)]
 pub(crate) struct Cluster {
     pub(crate) prefill: Pool<PrefillClient>,
     pub(crate) decode: Pool<DecodeClient>,

@@ -1,11 +1,12 @@
 //! Worker pools, each worker's admin state, and the load-aware choice between the workers that
 //! take new requests.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 
+use tandem_common::registry::WorkerRecord;
 use tandem_proto::internal::v1::worker_client::WorkerClient;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 /// What an SRE has asked of a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,20 +39,10 @@ pub(crate) struct Worker<C> {
     pub(crate) last_sample: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
 }
 
-/// How to reach one worker, as learned at startup.
-pub(crate) struct WorkerEntry<C> {
-    pub(crate) id: String,
-    pub(crate) addr: String,
-    pub(crate) model: String,
-    pub(crate) device: String,
-    pub(crate) client: C,
-    pub(crate) info: WorkerClient<Channel>,
-}
-
-/// Workers of one role.
+/// Workers of one role; membership follows the registry.
 #[derive(Debug)]
 pub(crate) struct Pool<C> {
-    workers: Vec<Arc<Worker<C>>>,
+    workers: RwLock<Vec<Arc<Worker<C>>>>,
     /// Where the scan for the least loaded worker starts, so ties rotate.
     next: AtomicUsize,
 }
@@ -81,52 +72,91 @@ impl<C> Worker<C> {
     }
 }
 
-impl<C> Pool<C> {
-    pub(crate) fn new(workers: impl IntoIterator<Item = WorkerEntry<C>>) -> Self {
+impl<C> Default for Pool<C> {
+    fn default() -> Self {
         Self {
-            workers: workers
-                .into_iter()
-                .map(|e| {
-                    Arc::new(Worker {
-                        id: e.id,
-                        addr: e.addr,
-                        model: e.model,
-                        device: e.device,
-                        client: e.client,
-                        info: e.info,
-                        state: AtomicU8::new(AdminState::Ready as u8),
-                        load: AtomicUsize::new(0),
-                        requests: AtomicUsize::new(0),
-                        last_sample: std::sync::Mutex::new(None),
-                    })
-                })
-                .collect(),
+            workers: RwLock::new(Vec::new()),
             next: AtomicUsize::new(0),
         }
     }
+}
+
+impl<C> Pool<C> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Worker<C>>>> {
+        self.workers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Makes the pool hold exactly `records`: workers already known (same id and address)
+    /// keep their state and load; new ones get a client from `client`. Returns the ids added
+    /// and removed.
+    pub(crate) fn sync(
+        &self,
+        records: &[&WorkerRecord],
+        client: impl Fn(Channel) -> C,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut workers = self
+            .workers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let removed: Vec<String> = workers
+            .iter()
+            .filter(|w| !records.iter().any(|r| r.id == w.id && r.grpc == w.addr))
+            .map(|w| w.id.clone())
+            .collect();
+        workers.retain(|w| !removed.contains(&w.id));
+        let mut added = Vec::new();
+        for record in records {
+            if workers.iter().any(|w| w.id == record.id) {
+                continue;
+            }
+            let Ok(endpoint) = Endpoint::from_shared(format!("http://{}", record.grpc)) else {
+                tracing::warn!(id = %record.id, grpc = %record.grpc, "worker address is not host:port");
+                continue;
+            };
+            let channel = endpoint.connect_lazy();
+            workers.push(Arc::new(Worker {
+                id: record.id.clone(),
+                addr: record.grpc.clone(),
+                model: record.model.clone(),
+                device: record.device.clone(),
+                client: client(channel.clone()),
+                info: WorkerClient::new(channel),
+                state: AtomicU8::new(AdminState::Ready as u8),
+                load: AtomicUsize::new(0),
+                requests: AtomicUsize::new(0),
+                last_sample: std::sync::Mutex::new(None),
+            }));
+            added.push(record.id.clone());
+        }
+        (added, removed)
+    }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.workers.is_empty()
+        self.read().is_empty()
     }
 
-    pub(crate) fn workers(&self) -> impl Iterator<Item = &Arc<Worker<C>>> {
-        self.workers.iter()
+    /// The workers now.
+    pub(crate) fn workers(&self) -> Vec<Arc<Worker<C>>> {
+        self.read().clone()
     }
 
-    pub(crate) fn find(&self, id: &str) -> Option<&Arc<Worker<C>>> {
-        self.workers.iter().find(|w| w.id == id)
+    pub(crate) fn find(&self, id: &str) -> Option<Arc<Worker<C>>> {
+        self.read().iter().find(|w| w.id == id).cloned()
     }
 
     /// The ready worker with the least load, ties going round-robin, charged `cost` until the
     /// lease drops. None when no worker takes new requests.
     pub(crate) fn pick(&self, cost: usize) -> Option<Lease<C>> {
-        let n = self.workers.len();
+        let workers = self.read();
+        let n = workers.len();
         if n == 0 {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let worker = (0..n)
-            .map(|i| &self.workers[(start + i) % n])
+            .map(|i| &workers[(start + i) % n])
             .filter(|w| w.state() == AdminState::Ready)
             .min_by_key(|w| w.load.load(Ordering::Relaxed))?;
         worker.load.fetch_add(cost, Ordering::Relaxed);
@@ -155,16 +185,35 @@ impl<C> Drop for Lease<C> {
 mod tests {
     use super::*;
 
+    fn record(id: &str) -> WorkerRecord {
+        WorkerRecord {
+            id: id.to_owned(),
+            role: tandem_common::registry::WorkerRole::Decode,
+            grpc: "127.0.0.1:1".to_owned(),
+            model: "m".to_owned(),
+            device: "cpu".to_owned(),
+        }
+    }
+
     fn pool(ids: &[&str]) -> Pool<()> {
-        let channel = Channel::from_static("http://127.0.0.1:1").connect_lazy();
-        Pool::new(ids.iter().map(|id| WorkerEntry {
-            id: (*id).to_owned(),
-            addr: String::new(),
-            model: String::new(),
-            device: String::new(),
-            client: (),
-            info: WorkerClient::new(channel.clone()),
-        }))
+        let pool = Pool::default();
+        let records: Vec<WorkerRecord> = ids.iter().map(|id| record(id)).collect();
+        pool.sync(&records.iter().collect::<Vec<_>>(), |_| ());
+        pool
+    }
+
+    #[tokio::test]
+    async fn sync_keeps_known_workers_with_their_state_and_drops_vanished_ones() {
+        let pool = pool(&["a", "b"]);
+        pool.find("a").expect("a").set_state(AdminState::Cordoned);
+        let (a, c) = (record("a"), record("c"));
+        let (added, removed) = pool.sync(&[&a, &c], |_| ());
+        assert_eq!(
+            (added, removed),
+            (vec!["c".to_owned()], vec!["b".to_owned()])
+        );
+        assert_eq!(pool.find("a").expect("a").state(), AdminState::Cordoned);
+        assert!(pool.find("b").is_none());
     }
 
     #[tokio::test]

@@ -29,7 +29,7 @@ const STREAM_BUFFER: usize = 16;
 /// What every request shares.
 pub(crate) struct RouterState {
     pub validator: Validator,
-    pub cluster: Cluster,
+    pub cluster: Arc<Cluster>,
     pub admission: Admission,
     pub next_request: AtomicU64,
 }

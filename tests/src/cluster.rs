@@ -151,7 +151,11 @@ pub struct ClusterBuilder {
     router_args: Vec<OsString>,
     prefill_args: Vec<OsString>,
     decode_args: Vec<OsString>,
+    etcd: Option<String>,
 }
+
+/// Lease TTL of workers registered in etcd by tests: short, so a killed worker leaves fast.
+pub const TEST_LEASE_TTL_SECONDS: u64 = 2;
 
 impl Cluster {
     /// A builder for test `test` (which names its log folder).
@@ -164,6 +168,7 @@ impl Cluster {
             router_args: Vec::new(),
             prefill_args: Vec::new(),
             decode_args: Vec::new(),
+            etcd: None,
         }
     }
 
@@ -190,6 +195,28 @@ impl ClusterBuilder {
     pub fn decode(mut self, n: usize) -> Self {
         self.decode = n;
         self
+    }
+
+    /// Workers register in etcd at `endpoint` (cluster named after the test) and the router
+    /// follows it, instead of being given the workers' addresses.
+    pub fn etcd(mut self, endpoint: String) -> Self {
+        self.etcd = Some(endpoint);
+        self
+    }
+
+    /// The flags that put a worker into this cluster's etcd registry (empty without etcd).
+    pub fn registry_args(&self) -> Vec<OsString> {
+        match &self.etcd {
+            Some(endpoint) => os_args(&[
+                "--etcd",
+                endpoint,
+                "--cluster",
+                &self.test,
+                "--lease-ttl-seconds",
+                &TEST_LEASE_TTL_SECONDS.to_string(),
+            ]),
+            None => Vec::new(),
+        }
     }
 
     pub fn router_args(mut self, args: &[&str]) -> Self {
@@ -222,6 +249,7 @@ impl ClusterBuilder {
                 args.extend(os_args(&["--kv-listen", "127.0.0.1:0"]));
             }
             args.extend(model.iter().cloned());
+            args.extend(self.registry_args());
             args.extend(extra.iter().cloned());
             Process::start(
                 &name,
@@ -237,11 +265,16 @@ impl ClusterBuilder {
             .map(|i| worker("prefill", i, &self.prefill_args))
             .collect();
         let mut args = os_args(&["--listen", "127.0.0.1:0"]);
-        for d in &decode {
-            args.extend(os_args(&["--decode-worker", &d.addr("grpc")]));
-        }
-        for p in &prefill {
-            args.extend(os_args(&["--prefill-worker", &p.addr("grpc")]));
+        match &self.etcd {
+            Some(endpoint) => args.extend(os_args(&["--etcd", endpoint, "--cluster", &self.test])),
+            None => {
+                for d in &decode {
+                    args.extend(os_args(&["--decode-worker", &d.addr("grpc")]));
+                }
+                for p in &prefill {
+                    args.extend(os_args(&["--prefill-worker", &p.addr("grpc")]));
+                }
+            }
         }
         args.extend(self.router_args);
         let router = Process::start("router", &binary("tandem-router"), &args, &logs);

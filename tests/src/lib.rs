@@ -2,10 +2,12 @@
 //! real processes on loopback.
 
 mod cluster;
+mod etcd;
 
 use std::path::PathBuf;
 
-pub use cluster::{Cluster, ClusterBuilder, Process};
+pub use cluster::{Cluster, ClusterBuilder, Process, TEST_LEASE_TTL_SECONDS};
+pub use etcd::Etcd;
 
 /// The folder holding the workspace's binaries for the profile this test was built with
 /// (the test executable lives in its `deps/` subfolder).

@@ -41,6 +41,18 @@ pub struct WorkerArgs {
     /// Requests waiting for the engine thread before new ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TANDEM_QUEUE_DEPTH", default_value_t = 1024)]
     pub queue_depth: usize,
+    /// etcd endpoint (host:port) to register in, so routers find this worker. Without it, the
+    /// router is given this worker's address.
+    #[arg(long, env = "TANDEM_ETCD_ENDPOINT")]
+    pub etcd: Option<String>,
+    /// Cluster name: the etcd key prefix `/tandem/<cluster>/`.
+    #[arg(long, env = "TANDEM_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// Seconds the registration outlives this worker if it stops renewing it (renewed every
+    /// third of it). If etcd reports it expired, the worker stops taking work, finishes what
+    /// it runs and exits non-zero.
+    #[arg(long, env = "TANDEM_LEASE_TTL_SECONDS", default_value_t = 10)]
+    pub lease_ttl_seconds: u64,
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "TANDEM_SHUTDOWN_GRACE_SECONDS", default_value_t = 30.0)]
     pub shutdown_grace_seconds: f64,

@@ -14,4 +14,6 @@ pub use args::{WorkerArgs, device_choice};
 pub use convert::{finish_reason, logprobs_from_proto, sampling_params, token_logprob};
 pub use error::WorkerError;
 pub use info::WorkerInfoService;
-pub use serve::{LoadedWorker, ServeError, bind, load_model, main_with, routes, serve_grpc};
+pub use serve::{
+    LoadedWorker, ServeError, Serving, bind, load_model, main_with, routes, serve_grpc,
+};

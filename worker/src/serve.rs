@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use tandem_common::registry::{EtcdRegistry, Registry, RegistryError, WorkerRecord, WorkerRole};
 use tandem_engine::{Device, EngineError, ServedModel};
 use tandem_proto::internal::v1::{Role, WorkerDescription};
 use tokio::net::TcpListener;
@@ -33,6 +34,10 @@ pub enum ServeError {
     Reflection(String),
     #[error("grpc server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("registering: {0}")]
+    Registry(#[from] RegistryError),
+    #[error("the registry lease expired; stopped after finishing the running requests")]
+    LeaseLost,
 }
 
 /// A worker's model and the description it gives routers.
@@ -105,14 +110,49 @@ pub fn routes() -> Result<
     tandem_common::server::standard_routes().map_err(|e| ServeError::Reflection(e.to_string()))
 }
 
-/// Prints the ready line, then serves `routes` on `listener` until Ctrl-C or SIGTERM, and
-/// drains for at most `grace`.
-pub async fn serve_grpc(
-    routes: tonic::service::RoutesBuilder,
-    listener: TcpListener,
-    ready: &[(&str, SocketAddr)],
-    grace: Duration,
-) -> Result<(), ServeError> {
+/// A worker ready to serve: its routes, listener, ready-line fields and registry record.
+pub struct Serving<'a> {
+    pub routes: tonic::service::RoutesBuilder,
+    pub listener: TcpListener,
+    pub ready: &'a [(&'a str, SocketAddr)],
+    pub description: &'a WorkerDescription,
+    pub grpc_addr: SocketAddr,
+}
+
+/// Registers in etcd (with `--etcd`), prints the ready line, then serves until Ctrl-C,
+/// SIGTERM or a lost lease, and drains for at most the grace period.
+pub async fn serve_grpc(serving: Serving<'_>, args: &WorkerArgs) -> Result<(), ServeError> {
+    let Serving {
+        routes,
+        listener,
+        ready,
+        description,
+        grpc_addr,
+    } = serving;
+    let mut registration = match &args.etcd {
+        Some(endpoint) => {
+            let registry = EtcdRegistry::new(
+                endpoint,
+                &args.cluster,
+                Duration::from_secs(args.lease_ttl_seconds.max(1)),
+            )?;
+            let record = WorkerRecord {
+                id: description.worker_id.clone(),
+                role: if description.role == Role::Prefill as i32 {
+                    WorkerRole::Prefill
+                } else {
+                    WorkerRole::Decode
+                },
+                grpc: grpc_addr.to_string(),
+                model: description.model.clone(),
+                device: description.device.clone(),
+            };
+            let registration = registry.register(record).await?;
+            tracing::info!(etcd = %endpoint, cluster = %args.cluster, id = %description.worker_id, "registered");
+            Some(registration)
+        }
+        None => None,
+    };
     tandem_common::server::announce_ready(ready);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
@@ -120,7 +160,27 @@ pub async fn serve_grpc(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             let _ = stopped.await;
         });
-    tandem_common::server::serve_with_grace(server, stop, grace).await?;
+    let lease_lost = std::sync::atomic::AtomicBool::new(false);
+    let until = async {
+        let lost = async {
+            match registration.as_mut() {
+                Some(r) => r.lost().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = tandem_common::server::shutdown_signal() => {}
+            () = lost => {
+                tracing::error!("registry lease expired: taking no new work, finishing what runs");
+                lease_lost.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    };
+    tandem_common::server::serve_with_grace(server, stop, args.shutdown_grace(), until).await?;
+    drop(registration);
+    if lease_lost.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(ServeError::LeaseLost);
+    }
     tracing::info!("worker stopped");
     Ok(())
 }

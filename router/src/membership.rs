@@ -1,0 +1,197 @@
+//! Which workers the router uses. Workers live in a registry: etcd (they register themselves)
+//! or the embedded one, seeded from `--decode-worker`/`--prefill-worker`. The router follows
+//! the registry's snapshots, and learns the model card from the first decode worker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_common::registry::{
+    EmbeddedRegistry, EtcdRegistry, Registration, Registry, WorkerRecord, WorkerRole,
+};
+use tandem_proto::internal::v1::worker_client::WorkerClient;
+use tandem_proto::internal::v1::{DescribeRequest, WorkerDescription};
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::StartError;
+use crate::config::Config;
+use crate::orchestrate::{Cluster, DecodeClient, PrefillClient};
+use crate::validation::ModelCard;
+
+/// Wait between attempts to reach a worker that is still starting.
+const STARTUP_RETRY: Duration = Duration::from_millis(200);
+
+/// The registry the router follows, and what keeps seeded records alive.
+pub(crate) struct Membership {
+    snapshots: watch::Receiver<Vec<WorkerRecord>>,
+    _seeded: Vec<Registration>,
+    _registry: Arc<dyn Registry>,
+}
+
+impl Membership {
+    /// Connects to the registry (seeding the embedded one from the flags) and waits for a
+    /// decode worker to learn the model from.
+    pub(crate) async fn start(config: &Config) -> Result<(Self, ModelCard), StartError> {
+        let startup = Duration::from_secs_f64(config.worker_startup_timeout_seconds);
+        let mut seeded = Vec::new();
+        let registry: Arc<dyn Registry> = match &config.etcd {
+            Some(endpoint) => Arc::new(
+                EtcdRegistry::new(endpoint, &config.cluster, Duration::from_secs(10))
+                    .map_err(StartError::Registry)?,
+            ),
+            None => {
+                let registry = EmbeddedRegistry::default();
+                let flagged = config
+                    .decode_workers
+                    .iter()
+                    .map(|a| (a, WorkerRole::Decode))
+                    .chain(
+                        config
+                            .prefill_workers
+                            .iter()
+                            .map(|a| (a, WorkerRole::Prefill)),
+                    );
+                let mut ids = Vec::new();
+                for (addr, role) in flagged {
+                    let d = describe(addr, startup).await?;
+                    if ids.contains(&d.worker_id) {
+                        return Err(StartError::DuplicateWorkerId { id: d.worker_id });
+                    }
+                    ids.push(d.worker_id.clone());
+                    let record = WorkerRecord {
+                        id: d.worker_id,
+                        role,
+                        grpc: addr.clone(),
+                        model: d.model,
+                        device: d.device,
+                    };
+                    seeded.push(
+                        registry
+                            .register(record)
+                            .await
+                            .map_err(StartError::Registry)?,
+                    );
+                }
+                Arc::new(registry)
+            }
+        };
+        let mut snapshots = registry
+            .watch_workers()
+            .await
+            .map_err(StartError::Registry)?;
+        let first = {
+            let waited = tokio::time::timeout(
+                startup,
+                snapshots.wait_for(|records| records.iter().any(|r| r.role == WorkerRole::Decode)),
+            )
+            .await;
+            match waited {
+                Ok(Ok(records)) => records
+                    .iter()
+                    .find(|r| r.role == WorkerRole::Decode)
+                    .cloned(),
+                _ => None,
+            }
+        }
+        .ok_or(StartError::NoDecodeWorker {
+            seconds: startup.as_secs_f64(),
+        })?;
+        let description = describe(&first.grpc, startup).await?;
+        let tokenizer =
+            tokenizers::Tokenizer::from_bytes(&description.tokenizer_json).map_err(|e| {
+                StartError::Tokenizer {
+                    addr: first.grpc.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+        let card = ModelCard {
+            name: description.model,
+            vocab_size: description.vocab_size,
+            max_position_embeddings: description.max_position_embeddings,
+            eos_token_ids: description.eos_token_ids,
+            tokenizer,
+        };
+        let membership = Self {
+            snapshots,
+            _seeded: seeded,
+            _registry: registry,
+        };
+        Ok((membership, card))
+    }
+
+    /// Applies the current snapshot to `cluster`, then every later one, for as long as the
+    /// router runs.
+    pub(crate) fn follow(mut self, cluster: Arc<Cluster>, model: String, max_message: usize) {
+        let records = self.snapshots.borrow_and_update().clone();
+        apply(&cluster, &records, &model, max_message);
+        tokio::spawn(async move {
+            while self.snapshots.changed().await.is_ok() {
+                let records = self.snapshots.borrow_and_update().clone();
+                apply(&cluster, &records, &model, max_message);
+            }
+        });
+    }
+}
+
+/// Makes the pools hold the snapshot's workers of the served model.
+fn apply(cluster: &Cluster, records: &[WorkerRecord], model: &str, max_message: usize) {
+    let serving = |role| -> Vec<&WorkerRecord> {
+        records
+            .iter()
+            .filter(|r| r.role == role)
+            .filter(|r| {
+                let same = r.model == model;
+                if !same {
+                    tracing::warn!(id = %r.id, model = %r.model, serving = %model, "ignoring a worker of another model");
+                }
+                same
+            })
+            .collect()
+    };
+    let (added, removed) = cluster.decode.sync(&serving(WorkerRole::Decode), |c| {
+        DecodeClient::new(c)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message)
+    });
+    log_changes("decode", &added, &removed);
+    let (added, removed) = cluster.prefill.sync(&serving(WorkerRole::Prefill), |c| {
+        PrefillClient::new(c)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message)
+    });
+    log_changes("prefill", &added, &removed);
+}
+
+fn log_changes(pool: &str, added: &[String], removed: &[String]) {
+    for id in added {
+        tracing::info!(pool, id = %id, "worker joined");
+    }
+    for id in removed {
+        tracing::info!(pool, id = %id, "worker left");
+    }
+}
+
+/// The worker's model description, retrying while it starts.
+async fn describe(addr: &str, within: Duration) -> Result<WorkerDescription, StartError> {
+    let channel: Channel = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| StartError::BadWorkerAddress {
+            addr: addr.to_owned(),
+            reason: e.to_string(),
+        })?
+        .connect_lazy();
+    let deadline = tokio::time::Instant::now() + within;
+    let mut client = WorkerClient::new(channel).max_decoding_message_size(usize::MAX);
+    loop {
+        match client.describe(DescribeRequest {}).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if tokio::time::Instant::now() + STARTUP_RETRY >= deadline => {
+                return Err(StartError::WorkerUnreachable {
+                    addr: addr.to_owned(),
+                    seconds: within.as_secs_f64(),
+                    last_error: status.message().to_owned(),
+                });
+            }
+            Err(_) => tokio::time::sleep(STARTUP_RETRY).await,
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Workers and routers meeting through a real etcd: registration, lease expiry after a crash,
+//! and serving through an etcd restart.
+
+use std::ffi::OsString;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use tandem_proto::v1::inference_client::InferenceClient;
+use tandem_proto::v1::{GenerateRequest, TokenIds, generate_request};
+use tandem_tests::{Cluster, Etcd, Process, TEST_LEASE_TTL_SECONDS, binary, fixture, log_dir};
+
+fn worker_ids(endpoint: &str) -> Vec<String> {
+    let out: Output = Command::new(binary("tandemctl"))
+        .args(["get", "workers", "-o", "json", "--endpoint", endpoint])
+        .output()
+        .expect("tandemctl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let workers: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let mut ids: Vec<String> = workers
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|w| w["id"].as_str().expect("id").to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Polls `get workers` until it equals `expected`; returns how long that took.
+fn wait_for_ids(endpoint: &str, expected: &[&str], within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let ids = worker_ids(endpoint);
+        if ids == expected {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "workers {ids:?}, expected {expected:?} within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn generate(url: String) -> Result<usize, tonic::Status> {
+    let mut client = InferenceClient::connect(url).await.expect("router");
+    let request = GenerateRequest {
+        prompt: Some(generate_request::Prompt::TokenIds(TokenIds {
+            ids: vec![3, 4, 5, 6],
+        })),
+        max_tokens: Some(6),
+        ignore_eos: true,
+        ..GenerateRequest::default()
+    };
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut messages = 0;
+    while stream.message().await?.is_some() {
+        messages += 1;
+    }
+    Ok(messages)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_register_in_etcd_and_vanish_within_the_lease_ttl_after_kill_9() {
+    let Some(etcd) = Etcd::start("registry-kill") else {
+        return;
+    };
+    let cluster = Cluster::builder("registry-kill")
+        .model(fixture("qwen3-moe-f32"))
+        .decode(2)
+        .etcd(etcd.endpoint())
+        .start();
+    let endpoint = cluster.router.addr("grpc");
+    let all = ["decode-0", "decode-1", "prefill-0"];
+    wait_for_ids(&endpoint, &all, Duration::from_secs(10));
+    cluster.decode[1].signal(Signal::SIGKILL);
+    let gone_after = wait_for_ids(
+        &endpoint,
+        &["decode-0", "prefill-0"],
+        Duration::from_secs(TEST_LEASE_TTL_SECONDS + 5),
+    );
+    assert!(
+        gone_after <= Duration::from_secs(TEST_LEASE_TTL_SECONDS + 1),
+        "the killed worker left after {gone_after:?}, lease TTL {TEST_LEASE_TTL_SECONDS} s"
+    );
+    assert_eq!(generate(cluster.router_url()).await.expect("served"), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_continues_while_etcd_restarts_and_the_registry_resynchronizes() {
+    let Some(mut etcd) = Etcd::start("registry-restart") else {
+        return;
+    };
+    let builder = Cluster::builder("registry-restart")
+        .model(fixture("qwen3-moe-f32"))
+        .etcd(etcd.endpoint());
+    let registry_args = builder.registry_args();
+    let cluster = builder.start();
+    let endpoint = cluster.router.addr("grpc");
+    wait_for_ids(
+        &endpoint,
+        &["decode-0", "prefill-0"],
+        Duration::from_secs(10),
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let url = cluster.router_url();
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut served = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                served.push(generate(url.clone()).await);
+            }
+            served
+        })
+    };
+    etcd.kill();
+    // Requests keep flowing while etcd is down.
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(1) {
+        generate(cluster.router_url())
+            .await
+            .expect("served while etcd is down");
+    }
+    etcd.restart();
+    // A worker that joins after the restart shows up: the router's watch resynchronized.
+    let mut args: Vec<OsString> = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--worker-id",
+        "decode-late",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    args.push("--model".into());
+    args.push(fixture("qwen3-moe-f32").into_os_string());
+    args.extend(registry_args);
+    let _late = Process::start(
+        "decode-late",
+        &binary("tandem-decode-worker"),
+        &args,
+        &log_dir("registry-restart-late"),
+    );
+    wait_for_ids(
+        &endpoint,
+        &["decode-0", "decode-late", "prefill-0"],
+        Duration::from_secs(15),
+    );
+    stop.store(true, Ordering::Relaxed);
+    let served = load.await.expect("load");
+    assert!(!served.is_empty());
+    for result in served {
+        result.expect("no request failed across the etcd restart");
+    }
+}
