@@ -125,8 +125,10 @@ impl Membership {
         let records = self.snapshots.borrow_and_update().clone();
         apply(&cluster, &records, &model, max_message);
         tokio::spawn(async move {
-            while self.snapshots.changed().await.is_ok() {
-                let records = self.snapshots.borrow_and_update().clone();
+            // The whole membership moves here: its registrations keep the seeded records.
+            let mut membership = self;
+            while membership.snapshots.changed().await.is_ok() {
+                let records = membership.snapshots.borrow_and_update().clone();
                 apply(&cluster, &records, &model, max_message);
             }
         });
