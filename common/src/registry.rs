@@ -1,6 +1,6 @@
 //! Where workers announce themselves and routers find them: etcd for fleets, an embedded
-//! in-process registry for one machine. Both publish [`WorkerRecord`]s and hand watchers a
-//! full snapshot after every change.
+//! in-process registry for one machine. Both publish [`WorkerRecord`]s and what SREs asked of
+//! each worker ([`DesiredState`]), and hand watchers a full snapshot after every change.
 
 mod embedded;
 mod etcd;
@@ -32,6 +32,20 @@ pub struct WorkerRecord {
     /// `cpu` or `cuda`.
     pub device: String,
 }
+
+/// What an SRE asked of a worker, under `/tandem/<cluster>/desired/<id>` in etcd. It outlives
+/// the worker's registration and every router, so all routers agree and a restarted one
+/// remembers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    /// Send it no new requests.
+    pub cordoned: bool,
+    /// Cordoned, and an SRE is waiting for its requests to finish.
+    pub draining: bool,
+}
+
+/// Desired states by worker id.
+pub type DesiredStates = std::collections::BTreeMap<String, DesiredState>;
 
 /// Failures talking to a registry.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +94,10 @@ pub trait Registry: Send + Sync {
     /// Every worker now, then again after every change (sorted by id). Survives registry
     /// restarts by resynchronizing.
     async fn watch_workers(&self) -> Result<watch::Receiver<Vec<WorkerRecord>>, RegistryError>;
+    /// Records what an SRE asked of worker `id`.
+    async fn set_desired(&self, id: &str, desired: DesiredState) -> Result<(), RegistryError>;
+    /// Every desired state now, then again after every change.
+    async fn watch_desired(&self) -> Result<watch::Receiver<DesiredStates>, RegistryError>;
 }
 
 /// How long a registry connection waits before retrying after an error.

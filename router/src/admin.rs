@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tandem_common::registry::DesiredState;
 use tandem_proto::internal::v1::StatsRequest;
 use tandem_proto::v1::admin_server::Admin;
 use tandem_proto::v1::{
@@ -39,6 +40,13 @@ enum AnyWorker {
 }
 
 impl AnyWorker {
+    fn id(&self) -> &str {
+        match self {
+            Self::Prefill(w) => &w.id,
+            Self::Decode(w) => &w.id,
+        }
+    }
+
     fn set_state(&self, state: AdminState) {
         match self {
             Self::Prefill(w) => w.set_state(state),
@@ -119,6 +127,22 @@ async fn worker_info<C>(worker: &Worker<C>, role: WorkerRole) -> WorkerInfo {
 }
 
 impl AdminService {
+    /// Records `state` for `worker` in the registry (so every router applies it) and applies
+    /// it here at once.
+    async fn set_state(&self, worker: &AnyWorker, state: AdminState) -> Result<(), Status> {
+        let desired = DesiredState {
+            cordoned: state != AdminState::Ready,
+            draining: state == AdminState::Draining,
+        };
+        self.state
+            .registry
+            .set_desired(worker.id(), desired)
+            .await
+            .map_err(|e| Status::unavailable(format!("recording the change: {e}")))?;
+        worker.set_state(state);
+        Ok(())
+    }
+
     fn find(&self, id: &str) -> Result<AnyWorker, Status> {
         let cluster = &self.state.cluster;
         if let Some(w) = cluster.decode.find(id) {
@@ -173,7 +197,7 @@ impl Admin for AdminService {
         request: Request<CordonRequest>,
     ) -> Result<Response<WorkerInfo>, Status> {
         let worker = self.find(&request.into_inner().id)?;
-        worker.set_state(AdminState::Cordoned);
+        self.set_state(&worker, AdminState::Cordoned).await?;
         Ok(Response::new(worker.info().await))
     }
 
@@ -182,7 +206,7 @@ impl Admin for AdminService {
         request: Request<CordonRequest>,
     ) -> Result<Response<WorkerInfo>, Status> {
         let worker = self.find(&request.into_inner().id)?;
-        worker.set_state(AdminState::Ready);
+        self.set_state(&worker, AdminState::Ready).await?;
         Ok(Response::new(worker.info().await))
     }
 
@@ -193,7 +217,8 @@ impl Admin for AdminService {
         } else {
             self.drain_timeout
         };
-        self.find(&r.id)?.set_state(AdminState::Draining);
+        let worker = self.find(&r.id)?;
+        self.set_state(&worker, AdminState::Draining).await?;
         let state = Arc::clone(&self.state);
         let drain_timeout = self.drain_timeout;
         let (tx, rx) = tokio::sync::mpsc::channel(4);

@@ -80,6 +80,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let limits = &config.limits;
     let max_message = limits.max_message_bytes;
     let (membership, card) = Membership::start(&config).await?;
+    let registry = membership.registry();
     let cluster = Arc::new(Cluster::default());
     membership.follow(Arc::clone(&cluster), card.name.clone(), max_message);
     tracing::info!(
@@ -95,6 +96,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             default_max_tokens: config.default_max_tokens,
         },
         cluster,
+        registry,
         admission: Admission::new(limits.max_concurrent_requests, limits.queue_depth),
         next_request: AtomicU64::new(1),
     });

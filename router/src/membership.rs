@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_common::registry::{
-    EmbeddedRegistry, EtcdRegistry, Registration, Registry, WorkerRecord, WorkerRole,
+    DesiredState, DesiredStates, EmbeddedRegistry, EtcdRegistry, Registration, Registry,
+    WorkerRecord, WorkerRole,
 };
 use tandem_proto::internal::v1::worker_client::WorkerClient;
 use tandem_proto::internal::v1::{DescribeRequest, WorkerDescription};
@@ -16,6 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::StartError;
 use crate::config::Config;
 use crate::orchestrate::{Cluster, DecodeClient, PrefillClient};
+use crate::pool::AdminState;
 use crate::validation::ModelCard;
 
 /// Wait between attempts to reach a worker that is still starting.
@@ -24,8 +26,9 @@ const STARTUP_RETRY: Duration = Duration::from_millis(200);
 /// The registry the router follows, and what keeps seeded records alive.
 pub(crate) struct Membership {
     snapshots: watch::Receiver<Vec<WorkerRecord>>,
+    desired: watch::Receiver<DesiredStates>,
     _seeded: Vec<Registration>,
-    _registry: Arc<dyn Registry>,
+    registry: Arc<dyn Registry>,
 }
 
 impl Membership {
@@ -111,27 +114,63 @@ impl Membership {
             eos_token_ids: description.eos_token_ids,
             tokenizer,
         };
+        let mut desired = registry
+            .watch_desired()
+            .await
+            .map_err(StartError::Registry)?;
+        if config.etcd.is_some() {
+            // Serve only once the recorded cordons are known, so none is briefly ignored.
+            let _ = tokio::time::timeout(startup, desired.changed()).await;
+        }
         let membership = Self {
             snapshots,
+            desired,
             _seeded: seeded,
-            _registry: registry,
+            registry,
         };
         Ok((membership, card))
     }
 
-    /// Applies the current snapshot to `cluster`, then every later one, for as long as the
-    /// router runs.
+    pub(crate) fn registry(&self) -> Arc<dyn Registry> {
+        Arc::clone(&self.registry)
+    }
+
+    /// Applies the current workers and desired states to `cluster`, then every later change,
+    /// for as long as the router runs.
     pub(crate) fn follow(mut self, cluster: Arc<Cluster>, model: String, max_message: usize) {
-        let records = self.snapshots.borrow_and_update().clone();
-        apply(&cluster, &records, &model, max_message);
+        self.apply(&cluster, &model, max_message);
         tokio::spawn(async move {
             // The whole membership moves here: its registrations keep the seeded records.
             let mut membership = self;
-            while membership.snapshots.changed().await.is_ok() {
-                let records = membership.snapshots.borrow_and_update().clone();
-                apply(&cluster, &records, &model, max_message);
+            loop {
+                tokio::select! {
+                    changed = membership.snapshots.changed() => if changed.is_err() { return },
+                    changed = membership.desired.changed() => if changed.is_err() { return },
+                }
+                membership.apply(&cluster, &model, max_message);
             }
         });
+    }
+
+    fn apply(&mut self, cluster: &Cluster, model: &str, max_message: usize) {
+        let records = self.snapshots.borrow_and_update().clone();
+        apply(cluster, &records, model, max_message);
+        let desired = self.desired.borrow_and_update().clone();
+        for w in cluster.decode.workers() {
+            w.set_state(admin_state(desired.get(&w.id)));
+        }
+        for w in cluster.prefill.workers() {
+            w.set_state(admin_state(desired.get(&w.id)));
+        }
+    }
+}
+
+/// The router's reading of what an SRE asked.
+pub(crate) fn admin_state(desired: Option<&DesiredState>) -> AdminState {
+    match desired {
+        Some(d) if d.draining => AdminState::Draining,
+        Some(d) if d.cordoned => AdminState::Cordoned,
+        _ => AdminState::Ready,
     }
 }
 

@@ -30,6 +30,8 @@ const STREAM_BUFFER: usize = 16;
 pub(crate) struct RouterState {
     pub validator: Validator,
     pub cluster: Arc<Cluster>,
+    /// Where admin changes are recorded, so every router applies them.
+    pub registry: Arc<dyn tandem_common::registry::Registry>,
     pub admission: Admission,
     pub next_request: AtomicU64,
 }

@@ -164,3 +164,85 @@ async fn serving_continues_while_etcd_restarts_and_the_registry_resynchronizes()
         result.expect("no request failed across the etcd restart");
     }
 }
+
+async fn tokens_total(url: String) -> u64 {
+    use tandem_proto::internal::v1::StatsRequest;
+    use tandem_proto::internal::v1::worker_client::WorkerClient;
+    WorkerClient::connect(url)
+        .await
+        .expect("worker")
+        .stats(StatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner()
+        .tokens_total
+}
+
+fn state_of(endpoint: &str, id: &str) -> String {
+    let out = Command::new(binary("tandemctl"))
+        .args(["get", "workers", "-o", "json", "--endpoint", endpoint])
+        .output()
+        .expect("tandemctl runs");
+    let workers: Value = serde_json::from_slice(&out.stdout).expect("json");
+    workers
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|w| w["id"] == id)
+        .map(|w| w["state"].as_str().expect("state").to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cordon_through_one_router_holds_on_every_router_and_survives_a_router_restart() {
+    let Some(etcd) = Etcd::start("registry-desired") else {
+        return;
+    };
+    let cluster = Cluster::builder("registry-desired")
+        .model(fixture("qwen3-moe-f32"))
+        .decode(2)
+        .etcd(etcd.endpoint())
+        .start();
+    let router_args = || -> Vec<OsString> {
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            &etcd.endpoint(),
+            "--cluster",
+            "registry-desired",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect()
+    };
+    let logs = log_dir("registry-desired-routers");
+    let second = Process::start("router-b", &binary("tandem-router"), &router_args(), &logs);
+    let first = cluster.router.addr("grpc");
+    let out = Command::new(binary("tandemctl"))
+        .args(["cordon", "decode-0", "--endpoint", &first])
+        .output()
+        .expect("cordon");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state_of(&second.addr("grpc"), "decode-0") != "cordoned" {
+        assert!(Instant::now() < deadline, "router-b never saw the cordon");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Router B sends nothing to decode-0 either.
+    let before = tokens_total(cluster.decode[0].url()).await;
+    for _ in 0..4 {
+        generate(second.url()).await.expect("served by decode-1");
+    }
+    assert_eq!(tokens_total(cluster.decode[0].url()).await, before);
+    let decode0 = state_of(&second.addr("grpc"), "decode-0");
+    assert_eq!(decode0, "cordoned");
+    // A router started afterwards starts from the recorded state.
+    drop(second);
+    let third = Process::start("router-c", &binary("tandem-router"), &router_args(), &logs);
+    assert_eq!(state_of(&third.addr("grpc"), "decode-0"), "cordoned");
+}

@@ -5,13 +5,14 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use super::{Registration, Registry, RegistryError, WorkerRecord};
+use super::{DesiredState, DesiredStates, Registration, Registry, RegistryError, WorkerRecord};
 
 /// Records in memory, shared by every clone.
 #[derive(Clone)]
 pub struct EmbeddedRegistry {
     records: Arc<Mutex<BTreeMap<String, WorkerRecord>>>,
     snapshots: watch::Sender<Vec<WorkerRecord>>,
+    desired: watch::Sender<DesiredStates>,
 }
 
 /// Withdraws a record when its registration drops.
@@ -25,6 +26,7 @@ impl Default for EmbeddedRegistry {
         Self {
             records: Arc::default(),
             snapshots: watch::Sender::new(Vec::new()),
+            desired: watch::Sender::new(DesiredStates::new()),
         }
     }
 }
@@ -71,6 +73,17 @@ impl Registry for EmbeddedRegistry {
 
     async fn watch_workers(&self) -> Result<watch::Receiver<Vec<WorkerRecord>>, RegistryError> {
         Ok(self.snapshots.subscribe())
+    }
+
+    async fn set_desired(&self, id: &str, desired: DesiredState) -> Result<(), RegistryError> {
+        self.desired.send_modify(|states| {
+            states.insert(id.to_owned(), desired);
+        });
+        Ok(())
+    }
+
+    async fn watch_desired(&self) -> Result<watch::Receiver<DesiredStates>, RegistryError> {
+        Ok(self.desired.subscribe())
     }
 }
 

@@ -16,7 +16,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{RETRY, Registration, Registry, RegistryError, WorkerRecord};
+use serde::de::DeserializeOwned;
+
+use super::{
+    DesiredState, DesiredStates, RETRY, Registration, Registry, RegistryError, WorkerRecord,
+};
 
 /// A registry in etcd for one cluster.
 #[derive(Debug, Clone)]
@@ -72,6 +76,10 @@ impl EtcdRegistry {
 
     fn workers_prefix(&self) -> Vec<u8> {
         format!("/tandem/{}/workers/", self.cluster).into_bytes()
+    }
+
+    fn desired_prefix(&self) -> Vec<u8> {
+        format!("/tandem/{}/desired/", self.cluster).into_bytes()
     }
 }
 
@@ -129,7 +137,40 @@ impl Registry for EtcdRegistry {
 
     async fn watch_workers(&self) -> Result<watch::Receiver<Vec<WorkerRecord>>, RegistryError> {
         let (tx, rx) = watch::channel(Vec::new());
-        tokio::spawn(watch_loop(self.channel.clone(), self.workers_prefix(), tx));
+        let (by_id, mut by_id_rx) = watch::channel(BTreeMap::new());
+        tokio::spawn(watch_loop(
+            self.channel.clone(),
+            self.workers_prefix(),
+            by_id,
+        ));
+        tokio::spawn(async move {
+            while by_id_rx.changed().await.is_ok() {
+                let records: BTreeMap<String, WorkerRecord> = by_id_rx.borrow_and_update().clone();
+                if tx.send(records.into_values().collect()).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn set_desired(&self, id: &str, desired: DesiredState) -> Result<(), RegistryError> {
+        let mut key = self.desired_prefix();
+        key.extend_from_slice(id.as_bytes());
+        KvClient::new(self.channel.clone())
+            .put(PutRequest {
+                key,
+                value: serde_json::to_vec(&desired)?,
+                lease: 0,
+            })
+            .await
+            .map_err(|status| RegistryError::Etcd { op: "put", status })?;
+        Ok(())
+    }
+
+    async fn watch_desired(&self) -> Result<watch::Receiver<DesiredStates>, RegistryError> {
+        let (tx, rx) = watch::channel(DesiredStates::new());
+        tokio::spawn(watch_loop(self.channel.clone(), self.desired_prefix(), tx));
         Ok(rx)
     }
 }
@@ -174,8 +215,15 @@ async fn keep_alive(channel: Channel, lease: i64, period: Duration, lost: watch:
     }
 }
 
+/// Values under `prefix` by the rest of their key (the worker id).
+type ById<T> = BTreeMap<String, T>;
+
 /// Lists the prefix, then follows its changes; after any interruption, lists again.
-async fn watch_loop(channel: Channel, prefix: Vec<u8>, out: watch::Sender<Vec<WorkerRecord>>) {
+async fn watch_loop<T: DeserializeOwned + Clone + Send + Sync + 'static>(
+    channel: Channel,
+    prefix: Vec<u8>,
+    out: watch::Sender<ById<T>>,
+) {
     let end = prefix_end(&prefix);
     while !out.is_closed() {
         if let Err(error) = follow(&channel, &prefix, &end, &out).await {
@@ -185,11 +233,11 @@ async fn watch_loop(channel: Channel, prefix: Vec<u8>, out: watch::Sender<Vec<Wo
     }
 }
 
-async fn follow(
+async fn follow<T: DeserializeOwned + Clone>(
     channel: &Channel,
     prefix: &[u8],
     end: &[u8],
-    out: &watch::Sender<Vec<WorkerRecord>>,
+    out: &watch::Sender<ById<T>>,
 ) -> Result<(), RegistryError> {
     let listed = KvClient::new(channel.clone())
         .range(RangeRequest {
@@ -203,13 +251,14 @@ async fn follow(
             status,
         })?
         .into_inner();
-    let mut records: BTreeMap<Vec<u8>, WorkerRecord> = BTreeMap::new();
+    let id = |key: &[u8]| String::from_utf8_lossy(&key[prefix.len().min(key.len())..]).into_owned();
+    let mut records: ById<T> = BTreeMap::new();
     for kv in listed.kvs {
         if let Some(record) = parse(&kv.value) {
-            records.insert(kv.key, record);
+            records.insert(id(&kv.key), record);
         }
     }
-    out.send_replace(records.values().cloned().collect());
+    out.send_replace(records.clone());
     let revision = listed.header.map(|h| h.revision).unwrap_or_default();
     let (requests, stream) = mpsc::channel(1);
     let create = WatchRequest {
@@ -246,13 +295,13 @@ async fn follow(
         for e in &response.events {
             let Some(kv) = &e.kv else { continue };
             if e.r#type == event::EventType::Delete as i32 {
-                records.remove(&kv.key);
+                records.remove(&id(&kv.key));
             } else if let Some(record) = parse(&kv.value) {
-                records.insert(kv.key.clone(), record);
+                records.insert(id(&kv.key), record);
             }
         }
         if !response.events.is_empty() {
-            out.send_replace(records.values().cloned().collect());
+            out.send_replace(records.clone());
         }
         if out.is_closed() {
             return Ok(());
@@ -262,11 +311,11 @@ async fn follow(
     Ok(())
 }
 
-fn parse(value: &[u8]) -> Option<WorkerRecord> {
+fn parse<T: DeserializeOwned>(value: &[u8]) -> Option<T> {
     match serde_json::from_slice(value) {
         Ok(record) => Some(record),
         Err(error) => {
-            tracing::warn!(%error, "skipping a worker record that does not parse");
+            tracing::warn!(%error, "skipping a registry value that does not parse");
             None
         }
     }
