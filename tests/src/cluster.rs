@@ -91,6 +91,18 @@ impl Process {
         let _ = kill(Pid::from_raw(pid), signal);
     }
 
+    /// Its exit status, if it exits within `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// SIGTERM, then SIGKILL if it has not exited in time; returns whether it exited cleanly
     /// (status 0) on SIGTERM.
     pub fn stop(&mut self) -> bool {

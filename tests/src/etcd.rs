@@ -138,6 +138,30 @@ impl Etcd {
     }
 }
 
+impl Etcd {
+    /// Revokes every lease, as etcd does when it decides their holders are gone.
+    pub async fn revoke_all_leases(&self) -> usize {
+        use tandem_proto::etcd::lease_client::LeaseClient;
+        use tandem_proto::etcd::{LeaseLeasesRequest, LeaseRevokeRequest};
+        let mut lease = LeaseClient::connect(format!("http://{}", self.endpoint()))
+            .await
+            .expect("etcd");
+        let leases = lease
+            .lease_leases(LeaseLeasesRequest {})
+            .await
+            .expect("lease list")
+            .into_inner()
+            .leases;
+        for l in &leases {
+            lease
+                .lease_revoke(LeaseRevokeRequest { id: l.id })
+                .await
+                .expect("revoke");
+        }
+        leases.len()
+    }
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();

@@ -246,3 +246,30 @@ async fn a_cordon_through_one_router_holds_on_every_router_and_survives_a_router
     let third = Process::start("router-c", &binary("tandem-router"), &router_args(), &logs);
     assert_eq!(state_of(&third.addr("grpc"), "decode-0"), "cordoned");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_lease_etcd_expires_stops_and_exits_non_zero() {
+    let Some(etcd) = Etcd::start("registry-lease") else {
+        return;
+    };
+    let mut cluster = Cluster::builder("registry-lease")
+        .model(fixture("qwen3-moe-f32"))
+        .decode(2)
+        .etcd(etcd.endpoint())
+        .start();
+    let endpoint = cluster.router.addr("grpc");
+    wait_for_ids(
+        &endpoint,
+        &["decode-0", "decode-1", "prefill-0"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(etcd.revoke_all_leases().await, 3);
+    // Every worker learns at its next renewal (TTL/3) that etcd dropped it, and fail-stops.
+    for worker in cluster.decode.iter_mut().chain(cluster.prefill.iter_mut()) {
+        let status = worker
+            .wait_exit(Duration::from_secs(TEST_LEASE_TTL_SECONDS + 5))
+            .unwrap_or_else(|| panic!("{} kept running without a lease", worker.name));
+        assert_eq!(status.code(), Some(1), "{}: {status:?}", worker.name);
+    }
+    wait_for_ids(&endpoint, &[], Duration::from_secs(5));
+}
