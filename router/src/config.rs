@@ -50,6 +50,12 @@ pub struct Config {
     /// calls are accepted from loopback clients only.
     #[arg(long, env = "TANDEM_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Seconds a worker that failed a call gets no new request (until the registry catches up).
+    #[arg(long, env = "TANDEM_WORKER_HOLDBACK_SECONDS", default_value_t = 5.0)]
+    pub worker_holdback_seconds: f64,
+    /// Attempts per request on different workers while no token has reached the client.
+    #[arg(long, env = "TANDEM_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
     /// Seconds a drain waits for a worker's requests when the call gives no timeout.
     #[arg(long, env = "TANDEM_DRAIN_TIMEOUT_SECONDS", default_value_t = 300.0)]
     pub drain_timeout_seconds: f64,
@@ -66,6 +72,10 @@ impl Config {
         self.limits.validate()?;
         if self.default_max_tokens == 0 {
             return Err("--default-max-tokens must be >= 1, got 0".into());
+        }
+        let h = self.worker_holdback_seconds;
+        if !(h.is_finite() && h >= 0.0) {
+            return Err(format!("--worker-holdback-seconds must be >= 0, got {h}"));
         }
         let d = self.drain_timeout_seconds;
         if !(d.is_finite() && d > 0.0) {

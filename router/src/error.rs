@@ -30,6 +30,13 @@ pub enum RouterError {
 }
 
 impl RouterError {
+    /// True when a worker could not be reached or broke off (not when it refused the
+    /// request): another worker may well succeed.
+    pub(crate) fn is_worker_failure(&self) -> bool {
+        matches!(self, Self::Worker { status, .. }
+            if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown))
+    }
+
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::Invalid(_) => ErrorClass::InvalidRequest,

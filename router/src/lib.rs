@@ -81,7 +81,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let max_message = limits.max_message_bytes;
     let (membership, card) = Membership::start(&config).await?;
     let registry = membership.registry();
-    let cluster = Arc::new(Cluster::default());
+    let cluster = Arc::new(Cluster {
+        hold_back: Duration::from_secs_f64(config.worker_holdback_seconds),
+        max_attempts: config.max_attempts,
+        ..Cluster::default()
+    });
     membership.follow(Arc::clone(&cluster), card.name.clone(), max_message);
     tracing::info!(
         model = %card.name,

@@ -2,12 +2,14 @@
 //! ticket, the prefill worker pushes the prompt's KV into them, and the decode worker's tokens
 //! stream back to the client. Without prefill workers the decode worker prefills itself.
 
+use std::time::Duration;
 use tandem_proto::internal::v1::{
     DecodeRequest, DecodeResponse, DecodeToken, PrefillRequest, decode_response,
 };
 use tandem_proto::v1::{
     FinishReason, GenerateFinal, GenerateResponse, TokenChunk, Usage, generate_response,
 };
+
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
@@ -19,11 +21,15 @@ use crate::validation::ValidGenerateRequest;
 pub(crate) type PrefillClient = tandem_proto::internal::v1::prefill_client::PrefillClient<Channel>;
 pub(crate) type DecodeClient = tandem_proto::internal::v1::decode_client::DecodeClient<Channel>;
 
-/// The worker pools requests are spread over.
+/// The worker pools requests are spread over, and how failures of their workers are handled.
 #[derive(Default)]
 pub(crate) struct Cluster {
     pub(crate) prefill: Pool<PrefillClient>,
     pub(crate) decode: Pool<DecodeClient>,
+    /// How long a worker that failed a call gets no new request.
+    pub(crate) hold_back: Duration,
+    /// Attempts per request (on other workers) while no token has reached the client.
+    pub(crate) max_attempts: u32,
 }
 
 /// Where a request's responses go, and how many tokens went there.
@@ -33,8 +39,31 @@ pub(crate) struct Responder {
 }
 
 impl Cluster {
-    /// Runs `request`, sending its chunks and final message through `responder`.
+    /// Runs `request`, sending its chunks and final message through `responder`. A worker
+    /// failure before the first token is retried on other workers (the failed one is held
+    /// back); after it, the client gets the error.
     pub(crate) async fn generate(
+        &self,
+        request: &ValidGenerateRequest,
+        responder: &mut Responder,
+    ) -> Result<(), RouterError> {
+        let mut attempt = 1;
+        loop {
+            match self.attempt(request, responder).await {
+                Err(error)
+                    if error.is_worker_failure()
+                        && responder.tokens_sent == 0
+                        && attempt < self.max_attempts =>
+                {
+                    tracing::warn!(%error, attempt, "worker failed; retrying on another");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn attempt(
         &self,
         request: &ValidGenerateRequest,
         responder: &mut Responder,
@@ -44,7 +73,7 @@ impl Cluster {
             .pick(1)
             .ok_or(RouterError::NoWorker { role: "decode" })?;
         let remote_prefill = !self.prefill.is_empty();
-        let decode_error = worker_error("decode", &decode);
+        let decode_error = worker_error("decode", &decode, self.hold_back);
         let mut tokens = decode
             .worker()
             .client
@@ -78,7 +107,7 @@ impl Cluster {
             .prefill
             .pick(request.prompt_ids.len())
             .ok_or(RouterError::NoWorker { role: "prefill" })?;
-        let prefill_error = worker_error("prefill", &prefill);
+        let prefill_error = worker_error("prefill", &prefill, self.hold_back);
         let mut prefill_client = prefill.worker().client.clone();
         let prefill_call = prefill_client.prefill(PrefillRequest {
             request_id: request.request_id.0.clone(),
@@ -101,13 +130,24 @@ impl Cluster {
     }
 }
 
-/// Maps a worker's status to a router error naming the worker.
-fn worker_error<C>(role: &'static str, lease: &Lease<C>) -> impl Fn(Status) -> RouterError {
-    let addr = lease.worker().addr.clone();
-    move |status| RouterError::Worker {
-        role,
-        addr: addr.clone(),
-        status,
+/// Maps a worker's status to a router error naming the worker, holding the worker back for
+/// `hold_back` when the worker itself failed.
+fn worker_error<C: Send + Sync + 'static>(
+    role: &'static str,
+    lease: &Lease<C>,
+    hold_back: Duration,
+) -> impl Fn(Status) -> RouterError {
+    let worker = lease.shared();
+    move |status| {
+        let error = RouterError::Worker {
+            role,
+            addr: worker.addr.clone(),
+            status,
+        };
+        if error.is_worker_failure() {
+            worker.hold_back(hold_back);
+        }
+        error
     }
 }
 

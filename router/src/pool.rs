@@ -37,6 +37,9 @@ pub(crate) struct Worker<C> {
     requests: AtomicUsize,
     /// The last `tokens_total` seen and when, for a tokens/s figure.
     pub(crate) last_sample: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+    /// After a failed call: no new requests until then, so a crashed worker costs at most one
+    /// retry before the registry drops it.
+    held_back_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// Workers of one role; membership follows the registry.
@@ -69,6 +72,22 @@ impl<C> Worker<C> {
 
     pub(crate) fn requests_in_flight(&self) -> usize {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Takes the worker out of the choice for `period`.
+    pub(crate) fn hold_back(&self, period: std::time::Duration) {
+        *self
+            .held_back_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(std::time::Instant::now() + period);
+    }
+
+    fn is_held_back(&self) -> bool {
+        self.held_back_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|until| std::time::Instant::now() < until)
     }
 }
 
@@ -127,6 +146,7 @@ impl<C> Pool<C> {
                 load: AtomicUsize::new(0),
                 requests: AtomicUsize::new(0),
                 last_sample: std::sync::Mutex::new(None),
+                held_back_until: std::sync::Mutex::new(None),
             }));
             added.push(record.id.clone());
         }
@@ -157,7 +177,7 @@ impl<C> Pool<C> {
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let worker = (0..n)
             .map(|i| &workers[(start + i) % n])
-            .filter(|w| w.state() == AdminState::Ready)
+            .filter(|w| w.state() == AdminState::Ready && !w.is_held_back())
             .min_by_key(|w| w.load.load(Ordering::Relaxed))?;
         worker.load.fetch_add(cost, Ordering::Relaxed);
         worker.requests.fetch_add(1, Ordering::Relaxed);
@@ -171,6 +191,10 @@ impl<C> Pool<C> {
 impl<C> Lease<C> {
     pub(crate) fn worker(&self) -> &Worker<C> {
         &self.worker
+    }
+
+    pub(crate) fn shared(&self) -> Arc<Worker<C>> {
+        Arc::clone(&self.worker)
     }
 }
 
@@ -243,5 +267,10 @@ mod tests {
         }
         pool.find("b").expect("b").set_state(AdminState::Draining);
         assert!(pool.pick(1).is_none());
+        pool.find("b").expect("b").set_state(AdminState::Ready);
+        pool.find("b")
+            .expect("b")
+            .hold_back(std::time::Duration::from_secs(60));
+        assert!(pool.pick(1).is_none(), "a held-back worker is skipped");
     }
 }

@@ -632,3 +632,22 @@ async fn a_bad_kv_frame_fails_its_transfer_and_frees_the_reservation() {
     );
     wait_blocks_freed(decode.url()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_decode_worker_costs_a_retry_not_a_failed_request() {
+    let model = fixture("qwen3-moe-f32");
+    let cluster = Cluster::builder("crash-retry")
+        .model(model.clone())
+        .decode(2)
+        .start();
+    cluster.decode[1].signal(Signal::SIGKILL);
+    let prompt = vec![8u32, 9, 10, 11];
+    let expected = single_process(&model, &prompt, 6);
+    let mut c = client(cluster.router_url()).await;
+    for _ in 0..6 {
+        let (tokens, _) = generate(&mut c, ids_request(prompt.clone(), 6))
+            .await
+            .expect("served by the surviving worker");
+        assert_eq!(tokens, expected);
+    }
+}
