@@ -145,6 +145,22 @@ async fn get_workers_lists_every_worker_and_a_cordoned_one_gets_no_new_request()
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no worker `decode-9`"));
     let pools = json_of(&tandemctl(&["get", "pools", "-o", "json"], &endpoint));
     assert_eq!(pools["pools"][1]["workers"], 2);
+    let yaml = tandemctl(&["describe", "worker", "decode-0", "-o", "yaml"], &endpoint);
+    assert!(
+        String::from_utf8_lossy(&yaml.stdout).contains("id: \"decode-0\"\n"),
+        "{yaml:?}"
+    );
+    let top = tandemctl(&["top", "--iterations", "1"], &endpoint);
+    let screen = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        screen.contains("POOL") && screen.contains("decode-1"),
+        "{screen}"
+    );
+    let completions = Command::new(binary("tandemctl"))
+        .args(["completions", "bash"])
+        .output()
+        .expect("completions");
+    assert!(String::from_utf8_lossy(&completions.stdout).contains("_tandemctl"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
