@@ -122,6 +122,8 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
             ready: &[("grpc", grpc_addr), ("kv", kv_addr)],
             description: &description,
             grpc_addr,
+            health: reporter,
+            role_service: <DecodeServer<DecodeService> as tonic::server::NamedService>::NAME,
         },
         args,
     )

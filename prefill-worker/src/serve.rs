@@ -76,6 +76,8 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
             ready: &[("grpc", grpc_addr)],
             description: &description,
             grpc_addr,
+            health: reporter,
+            role_service: <PrefillServer<PrefillService> as tonic::server::NamedService>::NAME,
         },
         args,
     )

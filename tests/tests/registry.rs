@@ -13,17 +13,24 @@ use tandem_proto::v1::inference_client::InferenceClient;
 use tandem_proto::v1::{GenerateRequest, TokenIds, generate_request};
 use tandem_tests::{Cluster, Etcd, Process, TEST_LEASE_TTL_SECONDS, binary, fixture, log_dir};
 
-fn worker_ids(endpoint: &str) -> Vec<String> {
+/// Runs `tandemctl args --endpoint endpoint`, which must succeed, and returns its stdout.
+fn tandemctl(args: &[&str], endpoint: &str) -> Vec<u8> {
     let out: Output = Command::new(binary("tandemctl"))
-        .args(["get", "workers", "-o", "json", "--endpoint", endpoint])
+        .args(args)
+        .args(["--endpoint", endpoint])
         .output()
         .expect("tandemctl runs");
     assert!(
         out.status.success(),
-        "{}",
+        "tandemctl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let workers: Value = serde_json::from_slice(&out.stdout).expect("json");
+    out.stdout
+}
+
+fn worker_ids(endpoint: &str) -> Vec<String> {
+    let out = tandemctl(&["get", "workers", "-o", "json"], endpoint);
+    let workers: Value = serde_json::from_slice(&out).expect("json");
     let mut ids: Vec<String> = workers
         .as_array()
         .expect("array")
@@ -178,12 +185,41 @@ async fn tokens_total(url: String) -> u64 {
         .tokens_total
 }
 
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+const DECODE_SERVICE: &str = "tandem.internal.v1.Decode";
+
+/// grpc.health.v1 status of the decode service on the worker at `url`.
+async fn health_status(url: String) -> i32 {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let channel = tonic::transport::Channel::from_shared(url)
+        .expect("url")
+        .connect()
+        .await
+        .expect("worker");
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: DECODE_SERVICE.into(),
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .status
+}
+
+/// Polls until the decode service on `url` reports `status`.
+async fn wait_for_health(url: String, status: i32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while health_status(url.clone()).await != status {
+        assert!(Instant::now() < deadline, "{url} never reported {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn state_of(endpoint: &str, id: &str) -> String {
-    let out = Command::new(binary("tandemctl"))
-        .args(["get", "workers", "-o", "json", "--endpoint", endpoint])
-        .output()
-        .expect("tandemctl runs");
-    let workers: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let out = tandemctl(&["get", "workers", "-o", "json"], endpoint);
+    let workers: Value = serde_json::from_slice(&out).expect("json");
     workers
         .as_array()
         .expect("array")
@@ -219,15 +255,7 @@ async fn a_cordon_through_one_router_holds_on_every_router_and_survives_a_router
     let logs = log_dir("registry-desired-routers");
     let second = Process::start("router-b", &binary("tandem-router"), &router_args(), &logs);
     let first = cluster.router.addr("grpc");
-    let out = Command::new(binary("tandemctl"))
-        .args(["cordon", "decode-0", "--endpoint", &first])
-        .output()
-        .expect("cordon");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tandemctl(&["cordon", "decode-0"], &first);
     let deadline = Instant::now() + Duration::from_secs(5);
     while state_of(&second.addr("grpc"), "decode-0") != "cordoned" {
         assert!(Instant::now() < deadline, "router-b never saw the cordon");
@@ -239,12 +267,17 @@ async fn a_cordon_through_one_router_holds_on_every_router_and_survives_a_router
         generate(second.url()).await.expect("served by decode-1");
     }
     assert_eq!(tokens_total(cluster.decode[0].url()).await, before);
+    // The worker itself follows the recorded state: NOT_SERVING for probes while cordoned.
+    wait_for_health(cluster.decode[0].url(), NOT_SERVING).await;
+    assert_eq!(health_status(cluster.decode[1].url()).await, SERVING);
     let decode0 = state_of(&second.addr("grpc"), "decode-0");
     assert_eq!(decode0, "cordoned");
     // A router started afterwards starts from the recorded state.
     drop(second);
     let third = Process::start("router-c", &binary("tandem-router"), &router_args(), &logs);
     assert_eq!(state_of(&third.addr("grpc"), "decode-0"), "cordoned");
+    tandemctl(&["uncordon", "decode-0"], &third.addr("grpc"));
+    wait_for_health(cluster.decode[0].url(), SERVING).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

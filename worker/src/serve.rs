@@ -117,6 +117,10 @@ pub struct Serving<'a> {
     pub ready: &'a [(&'a str, SocketAddr)],
     pub description: &'a WorkerDescription,
     pub grpc_addr: SocketAddr,
+    /// Reports the role's service (`role_service`) NOT_SERVING while an SRE has the worker
+    /// cordoned, so probes and load balancers see it too.
+    pub health: tonic_health::server::HealthReporter,
+    pub role_service: &'static str,
 }
 
 /// Registers in etcd (with `--etcd`), prints the ready line, then serves until Ctrl-C,
@@ -128,6 +132,8 @@ pub async fn serve_grpc(serving: Serving<'_>, args: &WorkerArgs) -> Result<(), S
         ready,
         description,
         grpc_addr,
+        health,
+        role_service,
     } = serving;
     let mut registration = match &args.etcd {
         Some(endpoint) => {
@@ -136,6 +142,13 @@ pub async fn serve_grpc(serving: Serving<'_>, args: &WorkerArgs) -> Result<(), S
                 &args.cluster,
                 Duration::from_secs(args.lease_ttl_seconds.max(1)),
             )?;
+            let desired = registry.watch_desired().await?;
+            tokio::spawn(follow_desired_state(
+                desired,
+                description.worker_id.clone(),
+                health,
+                role_service,
+            ));
             let record = WorkerRecord {
                 id: description.worker_id.clone(),
                 role: if description.role == Role::Prefill as i32 {
@@ -183,6 +196,33 @@ pub async fn serve_grpc(serving: Serving<'_>, args: &WorkerArgs) -> Result<(), S
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Mirrors what SREs asked of this worker in its health: NOT_SERVING while cordoned or
+/// draining (routers already send it nothing), SERVING otherwise.
+async fn follow_desired_state(
+    mut desired: tokio::sync::watch::Receiver<tandem_common::registry::DesiredStates>,
+    id: String,
+    health: tonic_health::server::HealthReporter,
+    service: &'static str,
+) {
+    let mut cordoned = false;
+    while desired.changed().await.is_ok() {
+        let now = desired
+            .borrow_and_update()
+            .get(&id)
+            .is_some_and(|d| d.cordoned || d.draining);
+        if now != cordoned {
+            cordoned = now;
+            let status = if cordoned {
+                tonic_health::ServingStatus::NotServing
+            } else {
+                tonic_health::ServingStatus::Serving
+            };
+            tracing::info!(cordoned, "desired state changed");
+            health.set_service_status(service, status).await;
+        }
+    }
 }
 
 /// A worker binary's `main`: logging, a runtime, `serve`, and the exit code (64 for bad
