@@ -175,9 +175,34 @@ impl Registry for EtcdRegistry {
     }
 }
 
+/// Logs an outage once when it starts (warn) and once when it ends (info), not every retry.
+#[derive(Debug, Default)]
+struct Outage {
+    down: bool,
+}
+
+impl Outage {
+    fn failed(&mut self, what: &'static str, error: &dyn std::fmt::Display) {
+        if !self.down {
+            tracing::warn!(%error, "{what} interrupted; retrying until etcd answers");
+        } else {
+            tracing::debug!(%error, "{what} still interrupted");
+        }
+        self.down = true;
+    }
+
+    fn recovered(&mut self, what: &'static str) {
+        if self.down {
+            tracing::info!("{what} restored");
+        }
+        self.down = false;
+    }
+}
+
 /// Renews `lease` every `period` until etcd reports it expired (then `lost` turns true).
 /// Connection errors only mean retrying: etcd restores leases when it comes back.
 async fn keep_alive(channel: Channel, lease: i64, period: Duration, lost: watch::Sender<bool>) {
+    let mut outage = Outage::default();
     loop {
         let (requests, stream) = mpsc::channel(1);
         // Queued before the call: etcd answers the call's headers only with its first
@@ -192,7 +217,7 @@ async fn keep_alive(channel: Channel, lease: i64, period: Duration, lost: watch:
             let mut responses = responses.into_inner();
             loop {
                 match tokio::time::timeout(period.max(RETRY), responses.message()).await {
-                    Ok(Ok(Some(renewed))) if renewed.ttl > 0 => {}
+                    Ok(Ok(Some(renewed))) if renewed.ttl > 0 => outage.recovered("etcd keep-alive"),
                     Ok(Ok(Some(_))) => {
                         tracing::error!(lease, "etcd reports the lease expired");
                         lost.send_replace(true);
@@ -210,7 +235,7 @@ async fn keep_alive(channel: Channel, lease: i64, period: Duration, lost: watch:
                 }
             }
         }
-        tracing::warn!(lease, "etcd keep-alive interrupted; retrying");
+        outage.failed("etcd keep-alive", &format!("lease {lease}"));
         tokio::time::sleep(RETRY).await;
     }
 }
@@ -225,9 +250,10 @@ async fn watch_loop<T: DeserializeOwned + Clone + Send + Sync + 'static>(
     out: watch::Sender<ById<T>>,
 ) {
     let end = prefix_end(&prefix);
+    let mut outage = Outage::default();
     while !out.is_closed() {
-        if let Err(error) = follow(&channel, &prefix, &end, &out).await {
-            tracing::warn!(%error, "etcd watch interrupted; resynchronizing");
+        if let Err(error) = follow(&channel, &prefix, &end, &out, &mut outage).await {
+            outage.failed("etcd watch", &error);
         }
         tokio::time::sleep(RETRY).await;
     }
@@ -238,6 +264,7 @@ async fn follow<T: DeserializeOwned + Clone>(
     prefix: &[u8],
     end: &[u8],
     out: &watch::Sender<ById<T>>,
+    outage: &mut Outage,
 ) -> Result<(), RegistryError> {
     let listed = KvClient::new(channel.clone())
         .range(RangeRequest {
@@ -251,6 +278,7 @@ async fn follow<T: DeserializeOwned + Clone>(
             status,
         })?
         .into_inner();
+    outage.recovered("etcd watch");
     let id = |key: &[u8]| String::from_utf8_lossy(&key[prefix.len().min(key.len())..]).into_owned();
     let mut records: ById<T> = BTreeMap::new();
     for kv in listed.kvs {
