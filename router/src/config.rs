@@ -39,7 +39,8 @@ pub struct Config {
     /// Tokens generated when a request does not say (capped by --max-new-tokens).
     #[arg(long, env = "TANDEM_DEFAULT_MAX_TOKENS", default_value_t = 256)]
     pub default_max_tokens: u32,
-    /// Seconds to wait at startup for every worker to describe its model.
+    /// Seconds to wait at startup for the workers given by flag to describe their model, or
+    /// (with --etcd) for a decode worker to register.
     #[arg(
         long,
         env = "TANDEM_WORKER_STARTUP_TIMEOUT_SECONDS",
