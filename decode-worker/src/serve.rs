@@ -9,7 +9,6 @@ use tandem_engine::Engine;
 use tandem_kv_transfer::KvListener;
 use tandem_proto::internal::v1::Role;
 use tandem_proto::internal::v1::decode_server::DecodeServer;
-use tandem_proto::internal::v1::worker_server::WorkerServer;
 use tandem_worker::{
     ServeError, Serving, WorkerArgs, WorkerInfoService, bind, load_model, serve_grpc,
 };
@@ -101,19 +100,14 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         |reply| Command::Stats { reply },
         description.clone(),
     );
-    let (mut routes, reporter) = tandem_worker::routes()?;
+    let (mut routes, reporter) = tandem_worker::routes(worker).await?;
     let max = args.max_message_bytes;
-    routes
-        .add_service(
-            DecodeServer::new(decode)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
-        .add_service(WorkerServer::new(worker).max_encoding_message_size(usize::MAX));
+    routes.add_service(
+        DecodeServer::new(decode)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    );
     reporter.set_serving::<DecodeServer<DecodeService>>().await;
-    reporter
-        .set_serving::<WorkerServer<WorkerInfoService<Command>>>()
-        .await;
     tracing::info!(grpc = %grpc_addr, kv = %kv_addr, "decode worker serving");
     serve_grpc(
         Serving {

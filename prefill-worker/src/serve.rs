@@ -7,7 +7,6 @@ use tandem_engine::Engine;
 use tandem_kv_transfer::TcpKvSender;
 use tandem_proto::internal::v1::Role;
 use tandem_proto::internal::v1::prefill_server::PrefillServer;
-use tandem_proto::internal::v1::worker_server::WorkerServer;
 use tandem_worker::{
     ServeError, Serving, WorkerArgs, WorkerInfoService, bind, load_model, serve_grpc,
 };
@@ -53,20 +52,15 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         |reply| Command::Stats { reply },
         description.clone(),
     );
-    let (mut routes, reporter) = tandem_worker::routes()?;
+    let (mut routes, reporter) = tandem_worker::routes(worker).await?;
     let max = args.max_message_bytes;
-    routes
-        .add_service(
-            PrefillServer::new(prefill)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
-        .add_service(WorkerServer::new(worker).max_encoding_message_size(usize::MAX));
+    routes.add_service(
+        PrefillServer::new(prefill)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    );
     reporter
         .set_serving::<PrefillServer<PrefillService>>()
-        .await;
-    reporter
-        .set_serving::<WorkerServer<WorkerInfoService<Command>>>()
         .await;
     tracing::info!(grpc = %grpc_addr, "prefill worker serving");
     serve_grpc(

@@ -99,15 +99,26 @@ pub fn load_model(
     })
 }
 
-/// Health and reflection routes; the worker adds its services and marks them serving.
-pub fn routes() -> Result<
+/// Health, reflection and `tandem.internal.v1.Worker` (serving `info`) routes; the worker
+/// adds its role's service and marks it serving.
+pub async fn routes<C: Send + 'static>(
+    info: crate::WorkerInfoService<C>,
+) -> Result<
     (
         tonic::service::RoutesBuilder,
         tonic_health::server::HealthReporter,
     ),
     ServeError,
 > {
-    tandem_common::server::standard_routes().map_err(|e| ServeError::Reflection(e.to_string()))
+    use tandem_proto::internal::v1::worker_server::WorkerServer;
+    let (mut routes, reporter) = tandem_common::server::standard_routes()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    // Describe carries tokenizer.json, which can be larger than any request limit.
+    routes.add_service(WorkerServer::new(info).max_encoding_message_size(usize::MAX));
+    reporter
+        .set_serving::<WorkerServer<crate::WorkerInfoService<C>>>()
+        .await;
+    Ok((routes, reporter))
 }
 
 /// A worker ready to serve: its routes, listener, ready-line fields and registry record.
