@@ -39,6 +39,17 @@ pub enum Command {
     /// Cordon a worker and wait until it has finished every request it had, showing progress.
     /// Exits non-zero if the timeout passes first (the worker stays cordoned).
     Drain(DrainArgs),
+    /// Move a worker to the other pool with its weights loaded: drain it, switch its role,
+    /// put it back in service. Shows each step; exits non-zero if it fails (the worker goes
+    /// back to its pool as it was).
+    ///
+    /// Example: tandemctl move decode-1 --to prefill
+    Move(MoveArgs),
+    /// Move workers one at a time until the pools have the given sizes, with no failed
+    /// request. Prints the workers afterwards.
+    ///
+    /// Example: tandemctl rebalance --prefill 1 --decode 3
+    Rebalance(RebalanceArgs),
     /// A live table of workers and pools, refreshed until Ctrl-C.
     Top(TopArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -121,6 +132,43 @@ pub struct DrainArgs {
     /// Worker id, as `tandemctl get workers` shows it.
     pub id: String,
     /// Seconds to wait; without it, the router's --drain-timeout-seconds.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+}
+
+/// A worker pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pool {
+    Prefill,
+    Decode,
+}
+
+#[derive(Debug, Args)]
+pub struct MoveArgs {
+    /// Worker id, as `tandemctl get workers` shows it.
+    pub id: String,
+    /// The pool to move it to.
+    #[arg(long, value_enum)]
+    pub to: Pool,
+    /// Seconds to wait for it to drain; without it, the router's --drain-timeout-seconds.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+}
+
+#[derive(Debug, Args)]
+pub struct RebalanceArgs {
+    /// Prefill workers wanted (0: decode workers prefill their own prompts).
+    #[arg(long)]
+    pub prefill: u32,
+    /// Decode workers wanted (at least 1); prefill + decode is the cluster's worker count.
+    #[arg(long)]
+    pub decode: u32,
+    /// Seconds to wait for each moved worker to drain; without it, the router's
+    /// --drain-timeout-seconds.
     #[arg(long)]
     pub timeout: Option<f64>,
     #[command(flatten)]

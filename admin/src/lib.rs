@@ -17,6 +17,8 @@ pub fn run(cli: args::Cli) -> Result<ExitCode, CommandError> {
         args::Command::Cordon(a) => commands::admin::cordon(&a, true),
         args::Command::Uncordon(a) => commands::admin::cordon(&a, false),
         args::Command::Drain(a) => commands::admin::drain(&a),
+        args::Command::Move(a) => commands::admin::move_worker(&a),
+        args::Command::Rebalance(a) => commands::admin::rebalance(&a),
         args::Command::Top(a) => commands::admin::top(&a),
         args::Command::Completions { shell } => {
             let mut command = <args::Cli as clap::CommandFactory>::command();

@@ -16,6 +16,8 @@ pub enum ErrorClass {
     Cancelled,
     /// Something that exists was asked for and does not (a model, a transfer).
     NotFound,
+    /// The target is not in a state that allows it (a worker still busy); fix that first.
+    Precondition,
     /// A bug or a broken invariant; the client sees a generic message.
     Internal,
 }
@@ -29,6 +31,7 @@ impl ErrorClass {
             Self::Timeout => tonic::Code::DeadlineExceeded,
             Self::Cancelled => tonic::Code::Cancelled,
             Self::NotFound => tonic::Code::NotFound,
+            Self::Precondition => tonic::Code::FailedPrecondition,
             Self::Internal => tonic::Code::Internal,
         }
     }

@@ -39,9 +39,15 @@ pub struct WorkerRecord {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredState {
     /// Send it no new requests.
+    #[serde(default)]
     pub cordoned: bool,
     /// Cordoned, and an SRE is waiting for its requests to finish.
+    #[serde(default)]
     pub draining: bool,
+    /// The role an SRE moved it to; a restarted worker starts in it. None: the role its
+    /// binary starts in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<WorkerRole>,
 }
 
 /// Desired states by worker id.
@@ -69,20 +75,29 @@ pub enum RegistryError {
 /// work.
 pub struct Registration {
     lost: watch::Receiver<bool>,
-    _withdraw: Box<dyn Send + Sync>,
+    publication: Box<dyn Publication>,
+}
+
+/// What keeps one record published: it can replace the record, and withdraws it on drop.
+#[tonic::async_trait]
+pub(crate) trait Publication: Send + Sync {
+    async fn republish(&self, record: &WorkerRecord) -> Result<(), RegistryError>;
 }
 
 impl Registration {
-    pub(crate) fn new(lost: watch::Receiver<bool>, withdraw: Box<dyn Send + Sync>) -> Self {
-        Self {
-            lost,
-            _withdraw: withdraw,
-        }
+    pub(crate) fn new(lost: watch::Receiver<bool>, publication: Box<dyn Publication>) -> Self {
+        Self { lost, publication }
     }
 
     /// Resolves once the registry has dropped this record.
-    pub async fn lost(&mut self) {
-        let _ = self.lost.wait_for(|lost| *lost).await;
+    pub async fn lost(&self) {
+        let _ = self.lost.clone().wait_for(|lost| *lost).await;
+    }
+
+    /// Replaces the published record (same id, same lease), e.g. after a role change, so
+    /// watchers see one change and never a gap.
+    pub async fn update(&self, record: &WorkerRecord) -> Result<(), RegistryError> {
+        self.publication.republish(record).await
     }
 }
 

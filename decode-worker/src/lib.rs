@@ -1,8 +1,5 @@
-//! Decode worker: continuous-batching decode on a dedicated engine thread, taking prompt KV
-//! pushed by prefill workers into reserved blocks (`serve`), and the single-process reference
-//! run the disaggregated path must match token for token (`generate`).
+//! Decode worker: the `serve` subcommand starts a Tandem worker (`tandem-worker`) in the
+//! decode role; `generate` is the single-process reference run the disaggregated path must
+//! match token for token.
 
-mod engine_thread;
 pub mod generate;
-pub mod serve;
-mod service;

@@ -2,7 +2,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tandem_common::generate::GenerateArgs;
-use tandem_decode_worker::serve::ServeConfig;
+use tandem_proto::internal::v1::Role;
+use tandem_worker::WorkerArgs;
 
 /// Exit code for bad command-line input (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -18,8 +19,9 @@ struct Config {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the decode role: take KV from prefill workers and stream tokens to routers.
-    /// Prints `ready grpc=HOST:PORT kv=HOST:PORT` on stdout once it serves.
-    Serve(ServeConfig),
+    /// Prints `ready grpc=HOST:PORT kv=HOST:PORT` on stdout once it serves. `tandemctl move`
+    /// can switch it to prefill without reloading the weights.
+    Serve(WorkerArgs),
     /// Run one prompt through the model in this process and print the result.
     Generate(GenerateArgs),
 }
@@ -27,9 +29,7 @@ enum Command {
 fn main() -> ExitCode {
     let config = Config::parse();
     match config.command {
-        Command::Serve(config) => {
-            tandem_worker::main_with(tandem_decode_worker::serve::run(config))
-        }
+        Command::Serve(args) => tandem_worker::main_with(tandem_worker::run(args, Role::Decode)),
         Command::Generate(args) => match tandem_decode_worker::generate::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

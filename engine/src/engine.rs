@@ -105,6 +105,16 @@ pub struct Engine<B: Backend> {
     seed_base: u64,
 }
 
+impl<B: Backend> std::fmt::Debug for Engine<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("running", &self.running.len())
+            .field("waiting", &self.waiting.len())
+            .field("reserved", &self.reserved.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<B: Backend> Engine<B> {
     /// Allocates the KV cache for `model`. With a tokenizer, events carry text and stop
     /// strings work.

@@ -1,20 +1,24 @@
-//! `tandem.v1.Admin`: workers and pools with live load, cordon, uncordon and drain. State
-//! changes act on this router's choice of workers, so a cordoned worker gets no new request
-//! while the ones it has run to completion.
+//! `tandem.v1.Admin`: workers and pools with live load, cordon, uncordon, drain, move and
+//! rebalance. State changes act on this router's choice of workers, so a cordoned worker gets
+//! no new request while the ones it has run to completion; a move drains the worker before it
+//! switches role, so no request fails.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tandem_common::registry::DesiredState;
-use tandem_proto::internal::v1::StatsRequest;
+use tandem_common::registry::{DesiredState, WorkerRole as PoolRole};
+use tandem_proto::internal::v1::worker_client::WorkerClient;
+use tandem_proto::internal::v1::{Role, StatsRequest, SwitchRoleRequest};
 use tandem_proto::v1::admin_server::Admin;
 use tandem_proto::v1::{
     ClusterSummaryRequest, ClusterSummaryResponse, CordonRequest, DescribeWorkerRequest,
-    DrainProgress, DrainRequest, ListWorkersRequest, ListWorkersResponse, PoolSummary, WorkerInfo,
-    WorkerLoad, WorkerRole, WorkerState,
+    DrainProgress, DrainRequest, ListWorkersRequest, ListWorkersResponse, MoveProgress,
+    MoveRequest, PoolSummary, RebalanceRequest, WorkerInfo, WorkerLoad, WorkerRole, WorkerState,
 };
+use tokio::sync::mpsc;
 use tokio_stream::Stream;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::pool::{AdminState, Worker};
@@ -24,9 +28,16 @@ use crate::service::RouterState;
 const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a drain checks the worker's load.
 const DRAIN_POLL: Duration = Duration::from_millis(200);
+/// Longest wait for a drained worker to switch role (it only swaps engine threads).
+const SWITCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a switched worker to show up in its new pool (a registry round trip).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often a move checks whether the worker joined its new pool.
+const JOIN_POLL: Duration = Duration::from_millis(100);
 /// Metadata key of the admin token.
 const AUTHORIZATION: &str = "authorization";
 
+#[derive(Clone)]
 pub(crate) struct AdminService {
     pub(crate) state: Arc<RouterState>,
     /// A drain's deadline when the request gives none.
@@ -51,6 +62,34 @@ impl AnyWorker {
         match self {
             Self::Prefill(w) => w.set_state(state),
             Self::Decode(w) => w.set_state(state),
+        }
+    }
+
+    fn state(&self) -> AdminState {
+        match self {
+            Self::Prefill(w) => w.state(),
+            Self::Decode(w) => w.state(),
+        }
+    }
+
+    fn role(&self) -> PoolRole {
+        match self {
+            Self::Prefill(_) => PoolRole::Prefill,
+            Self::Decode(_) => PoolRole::Decode,
+        }
+    }
+
+    fn requests_in_flight(&self) -> usize {
+        match self {
+            Self::Prefill(w) => w.requests_in_flight(),
+            Self::Decode(w) => w.requests_in_flight(),
+        }
+    }
+
+    fn control(&self) -> WorkerClient<Channel> {
+        match self {
+            Self::Prefill(w) => w.info.clone(),
+            Self::Decode(w) => w.info.clone(),
         }
     }
 
@@ -133,6 +172,7 @@ impl AdminService {
         let desired = DesiredState {
             cordoned: state != AdminState::Ready,
             draining: state == AdminState::Draining,
+            role: Some(worker.role()),
         };
         self.state
             .registry
@@ -156,6 +196,193 @@ impl AdminService {
         )))
     }
 
+    /// A request's timeout, or the router's drain timeout when it gives none.
+    fn timeout_or_default(&self, seconds: f64) -> Duration {
+        if seconds > 0.0 && seconds.is_finite() {
+            Duration::from_secs_f64(seconds)
+        } else {
+            self.drain_timeout
+        }
+    }
+
+    /// Reports `id`'s load through `progress` (as `report` shapes it) until it has no request
+    /// left; DEADLINE_EXCEEDED once `timeout` passes first.
+    async fn wait_drained<T>(
+        &self,
+        id: &str,
+        timeout: Duration,
+        progress: &mpsc::Sender<Result<T, Status>>,
+        report: impl Fn(WorkerInfo, bool) -> T,
+    ) -> Result<(), Status> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.find(id)?.info().await;
+            let drained = info.state == WorkerState::Drained as i32;
+            let running = info.load.map(|l| l.running_sequences).unwrap_or_default();
+            if progress.send(Ok(report(info, drained))).await.is_err() {
+                return Err(Status::cancelled("the caller went away"));
+            }
+            if drained {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "worker `{id}` still runs {running} sequences after {:.0} s",
+                    timeout.as_secs_f64()
+                )));
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    }
+
+    /// Moves worker `id` to the `to` pool: drain it, have it switch role (its weights stay
+    /// loaded), record the role, and put it in service once the router sees it in its new
+    /// pool. Steps go to `progress`; returns the worker as it ends up. On a drain timeout or a
+    /// refused switch the worker goes back to the state it had.
+    async fn move_worker(
+        &self,
+        id: &str,
+        to: PoolRole,
+        timeout: Duration,
+        progress: &mpsc::Sender<Result<MoveProgress, Status>>,
+    ) -> Result<WorkerInfo, Status> {
+        let worker = self.find(id)?;
+        if worker.role() == to {
+            return Ok(worker.info().await);
+        }
+        if worker.role() == PoolRole::Decode && self.state.cluster.decode.workers().len() <= 1 {
+            return Err(Status::failed_precondition(format!(
+                "`{id}` is the only decode worker; the cluster needs one to generate tokens"
+            )));
+        }
+        let before = worker.state();
+        self.set_state(&worker, AdminState::Draining).await?;
+        let report = |info: WorkerInfo, drained: bool| {
+            let running = info.load.map(|l| l.running_sequences).unwrap_or_default();
+            MoveProgress {
+                message: if drained {
+                    format!("`{id}` drained; switching it to {}", role_name(to))
+                } else {
+                    format!("draining `{id}`: {running} sequences running")
+                },
+                worker: Some(info),
+                done: false,
+            }
+        };
+        let switched = match self.wait_drained(id, timeout, progress, report).await {
+            Ok(()) => self.switch(&worker, to).await,
+            Err(status) => Err(with_context(
+                status,
+                "; the move is abandoned and the worker is back as it was",
+            )),
+        };
+        if let Err(status) = switched {
+            self.set_state(&worker, before).await?;
+            return Err(status);
+        }
+        self.state
+            .local_records
+            .set_role(id, to)
+            .await
+            .map_err(|e| Status::unavailable(format!("recording `{id}`'s new role: {e}")))?;
+        let desired = DesiredState {
+            role: Some(to),
+            ..DesiredState::default()
+        };
+        self.state
+            .registry
+            .set_desired(id, desired)
+            .await
+            .map_err(|e| Status::unavailable(format!("recording the change: {e}")))?;
+        let deadline = Instant::now() + JOIN_TIMEOUT;
+        loop {
+            match self.find(id) {
+                Ok(moved) if moved.role() == to => {
+                    moved.set_state(AdminState::Ready);
+                    return Ok(moved.info().await);
+                }
+                _ if Instant::now() >= deadline => {
+                    return Err(Status::unavailable(format!(
+                        "`{id}` serves {} now, but its registry record did not show it within {} s",
+                        role_name(to),
+                        JOIN_TIMEOUT.as_secs()
+                    )));
+                }
+                _ => tokio::time::sleep(JOIN_POLL).await,
+            }
+        }
+    }
+
+    /// Has a drained worker switch to `to`.
+    async fn switch(&self, worker: &AnyWorker, to: PoolRole) -> Result<(), Status> {
+        let id = worker.id();
+        let role = match to {
+            PoolRole::Prefill => Role::Prefill,
+            PoolRole::Decode => Role::Decode,
+        };
+        let mut control = worker.control();
+        let call = control.switch_role(SwitchRoleRequest { role: role as i32 });
+        match tokio::time::timeout(SWITCH_TIMEOUT, call).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(Status::new(
+                status.code(),
+                format!(
+                    "`{id}` did not switch to {}: {}",
+                    role_name(to),
+                    status.message()
+                ),
+            )),
+            Err(_) => Err(Status::unavailable(format!(
+                "`{id}` did not switch role within {} s",
+                SWITCH_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// The moves, one worker at a time and least busy first, that leave `prefill` and
+    /// `decode` workers in the pools.
+    fn plan_rebalance(
+        &self,
+        prefill: usize,
+        decode: usize,
+    ) -> Result<Vec<(String, PoolRole)>, Status> {
+        let cluster = &self.state.cluster;
+        let prefill_now: Vec<AnyWorker> = cluster
+            .prefill
+            .workers()
+            .into_iter()
+            .map(AnyWorker::Prefill)
+            .collect();
+        let decode_now: Vec<AnyWorker> = cluster
+            .decode
+            .workers()
+            .into_iter()
+            .map(AnyWorker::Decode)
+            .collect();
+        let total = prefill_now.len() + decode_now.len();
+        if prefill + decode != total || decode == 0 {
+            return Err(Status::invalid_argument(format!(
+                "the cluster has {total} workers ({} prefill, {} decode): prefill and decode \
+                 must add up to {total}, with at least one decode worker",
+                prefill_now.len(),
+                decode_now.len(),
+            )));
+        }
+        let (mut surplus, to, count) = if prefill_now.len() > prefill {
+            (prefill_now, PoolRole::Decode, decode - decode_now.len())
+        } else {
+            (decode_now, PoolRole::Prefill, prefill - prefill_now.len())
+        };
+        surplus.sort_by(|a, b| {
+            (a.requests_in_flight(), a.id()).cmp(&(b.requests_in_flight(), b.id()))
+        });
+        Ok(surplus
+            .iter()
+            .take(count)
+            .map(|w| (w.id().to_owned(), to))
+            .collect())
+    }
+
     async fn all(&self) -> Vec<WorkerInfo> {
         let cluster = &self.state.cluster;
         let mut out = Vec::new();
@@ -170,10 +397,13 @@ impl AdminService {
 }
 
 type DrainStream = Pin<Box<dyn Stream<Item = Result<DrainProgress, Status>> + Send>>;
+type MoveStream = Pin<Box<dyn Stream<Item = Result<MoveProgress, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Admin for AdminService {
     type DrainStream = DrainStream;
+    type MoveStream = MoveStream;
+    type RebalanceStream = MoveStream;
 
     async fn list_workers(
         &self,
@@ -212,54 +442,84 @@ impl Admin for AdminService {
 
     async fn drain(&self, request: Request<DrainRequest>) -> Result<Response<DrainStream>, Status> {
         let r = request.into_inner();
-        let timeout = if r.timeout_seconds > 0.0 && r.timeout_seconds.is_finite() {
-            Duration::from_secs_f64(r.timeout_seconds)
-        } else {
-            self.drain_timeout
-        };
+        let timeout = self.timeout_or_default(r.timeout_seconds);
         let worker = self.find(&r.id)?;
         self.set_state(&worker, AdminState::Draining).await?;
-        let state = Arc::clone(&self.state);
-        let drain_timeout = self.drain_timeout;
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let service = self.clone();
+        let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
-            let service = AdminService {
-                state,
-                drain_timeout,
+            let report = |worker, drained| DrainProgress {
+                worker: Some(worker),
+                drained,
             };
-            let deadline = Instant::now() + timeout;
-            loop {
-                let info = match service.find(&r.id) {
-                    Ok(worker) => worker.info().await,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                };
-                let drained = info.state == WorkerState::Drained as i32;
-                let running = info.load.map(|l| l.running_sequences).unwrap_or_default();
-                if tx
-                    .send(Ok(DrainProgress {
-                        worker: Some(info),
-                        drained,
-                    }))
-                    .await
-                    .is_err()
-                    || drained
-                {
-                    return;
-                }
-                if Instant::now() >= deadline {
-                    let message = format!(
-                        "worker `{}` still runs {running} sequences after {:.0} s; it stays cordoned",
-                        r.id,
-                        timeout.as_secs_f64()
-                    );
-                    let _ = tx.send(Err(Status::deadline_exceeded(message))).await;
-                    return;
-                }
-                tokio::time::sleep(DRAIN_POLL).await;
+            if let Err(status) = service.wait_drained(&r.id, timeout, &tx, report).await {
+                let _ = tx
+                    .send(Err(with_context(status, "; it stays cordoned")))
+                    .await;
             }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn r#move(&self, request: Request<MoveRequest>) -> Result<Response<MoveStream>, Status> {
+        let r = request.into_inner();
+        let to = pool_role(r.to)?;
+        let timeout = self.timeout_or_default(r.timeout_seconds);
+        let service = self.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let last = match service.move_worker(&r.id, to, timeout, &tx).await {
+                Ok(worker) => Ok(MoveProgress {
+                    message: format!("`{}` serves {} now", r.id, role_name(to)),
+                    worker: Some(worker),
+                    done: true,
+                }),
+                Err(status) => Err(status),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn rebalance(
+        &self,
+        request: Request<RebalanceRequest>,
+    ) -> Result<Response<MoveStream>, Status> {
+        let r = request.into_inner();
+        let timeout = self.timeout_or_default(r.timeout_seconds);
+        let moves = self.plan_rebalance(r.prefill as usize, r.decode as usize)?;
+        let service = self.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let total = moves.len();
+            for (n, (id, to)) in moves.into_iter().enumerate() {
+                let moved = match service.move_worker(&id, to, timeout, &tx).await {
+                    Ok(worker) => Ok(MoveProgress {
+                        message: format!("`{id}` serves {} now ({}/{total})", role_name(to), n + 1),
+                        worker: Some(worker),
+                        done: false,
+                    }),
+                    Err(status) => Err(status),
+                };
+                let failed = moved.is_err();
+                if tx.send(moved).await.is_err() || failed {
+                    return;
+                }
+            }
+            let _ = tx
+                .send(Ok(MoveProgress {
+                    message: format!(
+                        "pools hold {} prefill and {} decode workers",
+                        r.prefill, r.decode
+                    ),
+                    worker: None,
+                    done: true,
+                }))
+                .await;
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -303,6 +563,29 @@ impl Admin for AdminService {
                 .sum(),
         }))
     }
+}
+
+/// The pool a request names.
+fn pool_role(role: i32) -> Result<PoolRole, Status> {
+    match WorkerRole::try_from(role) {
+        Ok(WorkerRole::Prefill) => Ok(PoolRole::Prefill),
+        Ok(WorkerRole::Decode) => Ok(PoolRole::Decode),
+        _ => Err(Status::invalid_argument(
+            "`to` must be WORKER_ROLE_PREFILL or WORKER_ROLE_DECODE",
+        )),
+    }
+}
+
+fn role_name(role: PoolRole) -> &'static str {
+    match role {
+        PoolRole::Prefill => "prefill",
+        PoolRole::Decode => "decode",
+    }
+}
+
+/// `status` with `context` appended to its message.
+fn with_context(status: Status, context: &str) -> Status {
+    Status::new(status.code(), format!("{}{context}", status.message()))
 }
 
 /// Checks the admin token (`authorization: Bearer <token>`); without a configured token,

@@ -81,6 +81,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let max_message = limits.max_message_bytes;
     let (membership, card) = Membership::start(&config).await?;
     let registry = membership.registry();
+    let local_records = membership.local_records();
     let cluster = Arc::new(Cluster {
         hold_back: Duration::from_secs_f64(config.worker_holdback_seconds),
         max_attempts: config.max_attempts,
@@ -101,6 +102,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         },
         cluster,
         registry,
+        local_records,
         admission: Admission::new(limits.max_concurrent_requests, limits.queue_depth),
         next_request: AtomicU64::new(1),
     });

@@ -1,16 +1,18 @@
 //! Which workers the router uses. Workers live in a registry: etcd (they register themselves)
-//! or the embedded one, seeded from `--decode-worker`/`--prefill-worker`. The router follows
+//! or the embedded one, seeded from `--decode-worker`/`--prefill-worker` (each joining the pool
+//! of the role it serves now, which differs from its flag once it was moved). The router follows
 //! the registry's snapshots, and learns the model card from the first decode worker.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_common::registry::{
     DesiredState, DesiredStates, EmbeddedRegistry, EtcdRegistry, Registration, Registry,
-    WorkerRecord, WorkerRole,
+    RegistryError, WorkerRecord, WorkerRole,
 };
 use tandem_proto::internal::v1::worker_client::WorkerClient;
-use tandem_proto::internal::v1::{DescribeRequest, WorkerDescription};
+use tandem_proto::internal::v1::{DescribeRequest, Role, WorkerDescription};
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
@@ -23,12 +25,29 @@ use crate::validation::ModelCard;
 /// Wait between attempts to reach a worker that is still starting.
 const STARTUP_RETRY: Duration = Duration::from_millis(200);
 
-/// The registry the router follows, and what keeps seeded records alive.
+/// The registry the router follows, and the records it published itself.
 pub(crate) struct Membership {
     snapshots: watch::Receiver<Vec<WorkerRecord>>,
     desired: watch::Receiver<DesiredStates>,
-    _seeded: Vec<Registration>,
+    local: Arc<LocalRecords>,
     registry: Arc<dyn Registry>,
+}
+
+/// Records this router publishes for its workers (the embedded registry's, seeded from the
+/// flags), by worker id. Workers registered in etcd publish their own.
+#[derive(Default)]
+pub(crate) struct LocalRecords(tokio::sync::Mutex<BTreeMap<String, (WorkerRecord, Registration)>>);
+
+impl LocalRecords {
+    /// Records a moved worker's new role, if this router publishes its record.
+    pub(crate) async fn set_role(&self, id: &str, role: WorkerRole) -> Result<(), RegistryError> {
+        let mut records = self.0.lock().await;
+        if let Some((record, registration)) = records.get_mut(id) {
+            record.role = role;
+            registration.update(record).await?;
+        }
+        Ok(())
+    }
 }
 
 impl Membership {
@@ -36,7 +55,7 @@ impl Membership {
     /// decode worker to learn the model from.
     pub(crate) async fn start(config: &Config) -> Result<(Self, ModelCard), StartError> {
         let startup = Duration::from_secs_f64(config.worker_startup_timeout_seconds);
-        let mut seeded = Vec::new();
+        let local = Arc::new(LocalRecords::default());
         let registry: Arc<dyn Registry> = match &config.etcd {
             Some(endpoint) => Arc::new(
                 EtcdRegistry::new(endpoint, &config.cluster, Duration::from_secs(10))
@@ -54,13 +73,20 @@ impl Membership {
                             .iter()
                             .map(|a| (a, WorkerRole::Prefill)),
                     );
-                let mut ids = Vec::new();
-                for (addr, role) in flagged {
+                let mut seeded = local.0.lock().await;
+                for (addr, flagged_role) in flagged {
                     let d = describe(addr, startup).await?;
-                    if ids.contains(&d.worker_id) {
+                    if seeded.contains_key(&d.worker_id) {
                         return Err(StartError::DuplicateWorkerId { id: d.worker_id });
                     }
-                    ids.push(d.worker_id.clone());
+                    let role = match Role::try_from(d.role) {
+                        Ok(Role::Prefill) => WorkerRole::Prefill,
+                        Ok(Role::Decode) => WorkerRole::Decode,
+                        _ => flagged_role,
+                    };
+                    if role != flagged_role {
+                        tracing::info!(id = %d.worker_id, ?role, ?flagged_role, "worker was moved; it joins the pool of the role it serves");
+                    }
                     let record = WorkerRecord {
                         id: d.worker_id,
                         role,
@@ -68,13 +94,13 @@ impl Membership {
                         model: d.model,
                         device: d.device,
                     };
-                    seeded.push(
-                        registry
-                            .register(record)
-                            .await
-                            .map_err(StartError::Registry)?,
-                    );
+                    let registration = registry
+                        .register(record.clone())
+                        .await
+                        .map_err(StartError::Registry)?;
+                    seeded.insert(record.id.clone(), (record, registration));
                 }
+                drop(seeded);
                 Arc::new(registry)
             }
         };
@@ -125,7 +151,7 @@ impl Membership {
         let membership = Self {
             snapshots,
             desired,
-            _seeded: seeded,
+            local,
             registry,
         };
         Ok((membership, card))
@@ -135,12 +161,15 @@ impl Membership {
         Arc::clone(&self.registry)
     }
 
+    pub(crate) fn local_records(&self) -> Arc<LocalRecords> {
+        Arc::clone(&self.local)
+    }
+
     /// Applies the current workers and desired states to `cluster`, then every later change,
     /// for as long as the router runs.
     pub(crate) fn follow(mut self, cluster: Arc<Cluster>, model: String, max_message: usize) {
         self.apply(&cluster, &model, max_message);
         tokio::spawn(async move {
-            // The whole membership moves here: its registrations keep the seeded records.
             let mut membership = self;
             loop {
                 tokio::select! {

@@ -1,6 +1,7 @@
 //! One request through the cluster: the decode worker reserves blocks and answers with a
 //! ticket, the prefill worker pushes the prompt's KV into them, and the decode worker's tokens
-//! stream back to the client. Without prefill workers the decode worker prefills itself.
+//! stream back to the client. Without a prefill worker taking requests the decode worker
+//! prefills itself.
 
 use std::time::Duration;
 use tandem_proto::internal::v1::{
@@ -68,11 +69,14 @@ impl Cluster {
         request: &ValidGenerateRequest,
         responder: &mut Responder,
     ) -> Result<(), RouterError> {
+        // Without a prefill worker taking requests (none, or all cordoned or moving), the
+        // decode worker prefills the prompt itself.
+        let prefill = self.prefill.pick(request.prompt_ids.len());
         let decode = self
             .decode
             .pick(1)
             .ok_or(RouterError::NoWorker { role: "decode" })?;
-        let remote_prefill = !self.prefill.is_empty();
+        let remote_prefill = prefill.is_some();
         let decode_error = worker_error("decode", &decode, self.hold_back);
         let mut tokens = decode
             .worker()
@@ -91,9 +95,9 @@ impl Cluster {
             .await
             .map_err(&decode_error)?
             .into_inner();
-        if !remote_prefill {
+        let Some(prefill) = prefill else {
             return stream_tokens(&mut tokens, request, responder, &decode_error).await;
-        }
+        };
         let ticket = match next_kind(&mut tokens).await.map_err(&decode_error)? {
             Some(decode_response::Kind::Ticket(ticket)) => ticket,
             other => {
@@ -103,10 +107,6 @@ impl Cluster {
                 )));
             }
         };
-        let prefill = self
-            .prefill
-            .pick(request.prompt_ids.len())
-            .ok_or(RouterError::NoWorker { role: "prefill" })?;
         let prefill_error = worker_error("prefill", &prefill, self.hold_back);
         let mut prefill_client = prefill.worker().client.clone();
         let prefill_call = prefill_client.prefill(PrefillRequest {

@@ -153,10 +153,6 @@ impl<C> Pool<C> {
         (added, removed)
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.read().is_empty()
-    }
-
     /// The workers now.
     pub(crate) fn workers(&self) -> Vec<Arc<Worker<C>>> {
         self.read().clone()

@@ -32,6 +32,8 @@ pub(crate) struct RouterState {
     pub cluster: Arc<Cluster>,
     /// Where admin changes are recorded, so every router applies them.
     pub registry: Arc<dyn tandem_common::registry::Registry>,
+    /// Records this router publishes itself (local mode); a move updates them.
+    pub local_records: Arc<crate::membership::LocalRecords>,
     pub admission: Admission,
     pub next_request: AtomicU64,
 }

@@ -257,9 +257,6 @@ impl ClusterBuilder {
         let worker = |role: &str, i: usize, extra: &[OsString]| {
             let name = format!("{role}-{i}");
             let mut args = os_args(&["serve", "--listen", "127.0.0.1:0", "--worker-id", &name]);
-            if role == "decode" {
-                args.extend(os_args(&["--kv-listen", "127.0.0.1:0"]));
-            }
             args.extend(model.iter().cloned());
             args.extend(self.registry_args());
             args.extend(extra.iter().cloned());

@@ -1,17 +1,20 @@
-//! The SRE verbs against a live cluster: `tandemctl get`, `cordon`, `drain` and the admin
-//! token, with real processes and real traffic.
+//! The SRE verbs against a live cluster: `tandemctl get`, `cordon`, `drain`, `move`,
+//! `rebalance` and the admin token, with real processes and real traffic.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use serde_json::Value;
-use tandem_proto::internal::v1::StatsRequest;
 use tandem_proto::internal::v1::worker_client::WorkerClient;
+use tandem_proto::internal::v1::{DescribeRequest, Role, StatsRequest};
 use tandem_proto::v1::inference_client::InferenceClient;
 use tandem_proto::v1::{GenerateRequest, TokenIds, generate_request, generate_response};
-use tandem_tests::{Cluster, binary, fixture};
+use tandem_tests::{Cluster, Etcd, Process, TEST_LEASE_TTL_SECONDS, binary, fixture, log_dir};
 
 fn tandemctl(args: &[&str], endpoint: &str) -> Output {
     Command::new(binary("tandemctl"))
@@ -79,6 +82,50 @@ async fn generate(url: String, i: u32) -> Result<Vec<u32>, tonic::Status> {
         }
     }
     Ok(tokens)
+}
+
+type Results = Vec<(u32, Result<Vec<u32>, tonic::Status>)>;
+
+/// Four clients sending the 8 test prompts in turn, back to back, until stopped.
+struct SteadyLoad {
+    stop: Arc<AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<Results>>,
+}
+
+impl SteadyLoad {
+    fn start(url: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = (0..4u32)
+            .map(|c| {
+                let url = url.clone();
+                let stop = Arc::clone(&stop);
+                tokio::spawn(async move {
+                    let mut results = Vec::new();
+                    let mut i = c;
+                    while !stop.load(Ordering::Relaxed) || results.len() < 4 {
+                        results.push((i % 8, generate(url.clone(), i % 8).await));
+                        i += 4;
+                    }
+                    results
+                })
+            })
+            .collect();
+        Self { stop, clients }
+    }
+
+    /// Stops the clients; every request must have succeeded with `expected`'s tokens.
+    async fn finish(self, expected: &[Vec<u32>]) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut served = 0;
+        for client in self.clients {
+            for (i, result) in client.await.expect("client") {
+                let tokens = result.expect("no request fails");
+                assert_eq!(tokens, expected[i as usize], "prompt {i}");
+                served += 1;
+            }
+        }
+        assert!(served >= 16, "{served} requests");
+    }
 }
 
 fn single_process(model: &Path, i: u32) -> Vec<u32> {
@@ -172,22 +219,7 @@ async fn draining_a_decode_worker_under_load_fails_no_request_and_keeps_tokens_e
         .start();
     let endpoint = cluster.router.addr("grpc");
     let expected: Vec<Vec<u32>> = (0..8).map(|i| single_process(&model, i)).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4u32)
-        .map(|c| {
-            let url = cluster.router_url();
-            let stop = Arc::clone(&stop);
-            tokio::spawn(async move {
-                let mut results = Vec::new();
-                let mut i = c;
-                while !stop.load(Ordering::Relaxed) || results.len() < 4 {
-                    results.push((i % 8, generate(url.clone(), i % 8).await));
-                    i += 4;
-                }
-                results
-            })
-        })
-        .collect();
+    let load = SteadyLoad::start(cluster.router_url());
     // Drain once decode-0 is busy serving the load.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while tokens_total(cluster.decode[0].url()).await == 0 {
@@ -212,16 +244,7 @@ async fn draining_a_decode_worker_under_load_fails_no_request_and_keeps_tokens_e
     assert_eq!(drained["state"], "drained");
     assert_eq!(drained["load"]["running_sequences"], 0);
     let after_drain = tokens_total(cluster.decode[0].url()).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut served = 0;
-    for client in clients {
-        for (i, result) in client.await.expect("client") {
-            let tokens = result.expect("no request fails while a worker drains");
-            assert_eq!(tokens, expected[i as usize], "prompt {i}");
-            served += 1;
-        }
-    }
-    assert!(served >= 16, "{served} requests");
+    load.finish(&expected).await;
     assert_eq!(
         tokens_total(cluster.decode[0].url()).await,
         after_drain,
@@ -263,4 +286,188 @@ async fn admin_calls_without_or_with_a_wrong_token_are_unauthenticated_and_chang
             .all(|w| w["state"] == "ready"),
         "nothing was cordoned: {workers}"
     );
+}
+
+async fn role_of(url: String) -> Role {
+    let description = WorkerClient::connect(url)
+        .await
+        .expect("worker")
+        .max_decoding_message_size(usize::MAX)
+        .describe(DescribeRequest {})
+        .await
+        .expect("describe")
+        .into_inner();
+    Role::try_from(description.role).expect("a role")
+}
+
+/// (prefill, decode) worker counts from `get workers`, every worker ready.
+fn pool_sizes(endpoint: &str) -> (usize, usize) {
+    let listed = states(endpoint);
+    assert!(
+        listed.iter().all(|(_, _, state)| state == "ready"),
+        "{listed:?}"
+    );
+    let prefill = listed
+        .iter()
+        .filter(|(_, role, _)| role == "prefill")
+        .count();
+    (prefill, listed.len() - prefill)
+}
+
+/// Runs `requests` greedy requests through the router, each equal to its reference.
+async fn assert_exact(url: &str, expected: &[Vec<u32>], requests: u32) {
+    for i in 0..requests {
+        let i = i % expected.len() as u32;
+        let tokens = generate(url.to_owned(), i).await.expect("served");
+        assert_eq!(tokens, expected[i as usize], "prompt {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_worker_serves_its_new_pool_without_restarting_and_bad_moves_are_refused() {
+    let model = fixture("qwen3-moe-f32");
+    let mut cluster = Cluster::builder("admin-move")
+        .model(model.clone())
+        .decode(2)
+        .start();
+    let endpoint = cluster.router.addr("grpc");
+    let expected: Vec<Vec<u32>> = (0..4).map(|i| single_process(&model, i)).collect();
+
+    let out = tandemctl(
+        &["move", "decode-1", "--to", "prefill", "-o", "json"],
+        &endpoint,
+    );
+    let moved = json_of(&out);
+    assert_eq!(
+        (&moved["role"], &moved["state"]),
+        (&"prefill".into(), &"ready".into())
+    );
+    let steps = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        steps.contains("drained") && steps.contains("serves prefill now"),
+        "{steps}"
+    );
+    assert_eq!(pool_sizes(&endpoint), (2, 1));
+    assert!(
+        cluster.decode[1].wait_exit(Duration::ZERO).is_none(),
+        "the same process serves on, weights loaded"
+    );
+    assert_eq!(role_of(cluster.decode[1].url()).await, Role::Prefill);
+    assert_exact(&cluster.router_url(), &expected, 6).await;
+    assert!(
+        tokens_total(cluster.decode[1].url()).await > 0,
+        "the moved worker prefills prompts"
+    );
+
+    let last = tandemctl(&["move", "decode-0", "--to", "prefill"], &endpoint);
+    assert_eq!(last.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&last.stderr);
+    assert!(stderr.contains("only decode worker"), "{stderr}");
+    let uneven = tandemctl(&["rebalance", "--prefill", "3", "--decode", "1"], &endpoint);
+    assert_eq!(uneven.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&uneven.stderr);
+    assert!(stderr.contains("must add up to 3"), "{stderr}");
+
+    let back = json_of(&tandemctl(
+        &["rebalance", "--prefill", "1", "--decode", "2", "-o", "json"],
+        &endpoint,
+    ));
+    assert_eq!(back.as_array().expect("workers").len(), 3);
+    assert_eq!(pool_sizes(&endpoint), (1, 2));
+    assert_exact(&cluster.router_url(), &expected, 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalancing_under_steady_load_fails_no_request_and_a_restarted_worker_keeps_its_new_role()
+{
+    let Some(etcd) = Etcd::start("admin-rebalance") else {
+        return;
+    };
+    let model = fixture("qwen3-moe-f32");
+    let builder = Cluster::builder("admin-rebalance")
+        .model(model.clone())
+        .prefill(2)
+        .decode(2)
+        .etcd(etcd.endpoint());
+    let mut cluster = builder.clone().start();
+    let endpoint = cluster.router.addr("grpc");
+    let expected: Vec<Vec<u32>> = (0..8).map(|i| single_process(&model, i)).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pool_sizes(&endpoint) != (2, 2) {
+        assert!(Instant::now() < deadline, "workers never registered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let load = SteadyLoad::start(cluster.router_url());
+    while tokens_total(cluster.decode[0].url()).await == 0 {
+        assert!(Instant::now() < deadline, "no load reached decode-0");
+        tokio::task::yield_now().await;
+    }
+    for (prefill, decode) in [(1, 3), (2, 2)] {
+        let out = tokio::task::spawn_blocking({
+            let endpoint = endpoint.clone();
+            let (p, d) = (prefill.to_string(), decode.to_string());
+            move || {
+                tandemctl(
+                    &[
+                        "rebalance",
+                        "--prefill",
+                        &p,
+                        "--decode",
+                        &d,
+                        "--timeout",
+                        "60",
+                    ],
+                    &endpoint,
+                )
+            }
+        })
+        .await
+        .expect("rebalance ran");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(pool_sizes(&endpoint), (prefill, decode));
+    }
+    load.finish(&expected).await;
+
+    // The role lives in etcd: prefill-1, moved to decode, restarts as a decode worker.
+    let moved = json_of(&tandemctl(
+        &["move", "prefill-1", "--to", "decode", "-o", "json"],
+        &endpoint,
+    ));
+    assert_eq!(moved["role"], "decode");
+    cluster.prefill[1].signal(Signal::SIGKILL);
+    cluster.prefill[1].wait_exit(Duration::from_secs(5));
+    let mut args: Vec<OsString> = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--worker-id",
+        "prefill-1",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    args.extend([OsString::from("--model"), model.into_os_string()]);
+    args.extend(builder.registry_args());
+    let restarted = Process::start(
+        "prefill-1-restarted",
+        &binary("tandem-prefill-worker"),
+        &args,
+        &log_dir("admin-rebalance-restart"),
+    );
+    assert_eq!(role_of(restarted.url()).await, Role::Decode);
+    let deadline = Instant::now() + Duration::from_secs(TEST_LEASE_TTL_SECONDS + 10);
+    loop {
+        let listed = states(&endpoint);
+        let entry = listed.iter().find(|(id, _, _)| id == "prefill-1");
+        if entry.is_some_and(|(_, role, state)| role == "decode" && state == "ready") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{listed:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

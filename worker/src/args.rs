@@ -56,9 +56,42 @@ pub struct WorkerArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "TANDEM_SHUTDOWN_GRACE_SECONDS", default_value_t = 30.0)]
     pub shutdown_grace_seconds: f64,
+    /// Address the KV listener binds: prefill workers push KV here while this worker decodes.
+    /// Every worker listens, so it can be moved to the decode pool.
+    #[arg(long, env = "TANDEM_KV_LISTEN", default_value = "127.0.0.1:0")]
+    pub kv_listen: SocketAddr,
+    /// Address prefill workers are told to push KV to, when it differs from the bound one
+    /// (a pod IP behind 0.0.0.0).
+    #[arg(long, env = "TANDEM_KV_ADVERTISE")]
+    pub kv_advertise: Option<SocketAddr>,
+    /// Seconds a decode reservation waits for its KV before its blocks are freed.
+    #[arg(
+        long,
+        env = "TANDEM_KV_TRANSFER_TIMEOUT_SECONDS",
+        default_value_t = 30.0
+    )]
+    pub kv_transfer_timeout_seconds: f64,
 }
 
 impl WorkerArgs {
+    /// Checks what clap cannot: the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        let t = self.kv_transfer_timeout_seconds;
+        if !(t.is_finite() && t > 0.0) {
+            return Err(format!(
+                "--kv-transfer-timeout-seconds must be > 0, got {t}"
+            ));
+        }
+        if self.queue_depth == 0 {
+            return Err("--queue-depth must be >= 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn kv_transfer_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.kv_transfer_timeout_seconds)
+    }
+
     pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
             block_size: self.block_size,

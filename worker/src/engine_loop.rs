@@ -1,13 +1,63 @@
-//! The wait at the top of every engine thread's loop.
+//! The loop every role's engine thread runs: wait for commands (or step at once when there
+//! is work), handle them, hand the engine back if asked to retire, sweep, step.
 
 use std::time::Duration;
 
+use tandem_engine::{CpuBackend, Engine};
 use tokio::runtime::Handle;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+
+/// A role's engine thread state; [`spawn`] runs the shared loop over it.
+pub(crate) trait EngineThread: Send + Sized + 'static {
+    type Command: Send + 'static;
+    fn commands(&mut self) -> &mut mpsc::Receiver<Self::Command>;
+    fn has_work(&self) -> bool;
+    /// How often to wake for [`EngineThread::sweep`] with nothing else to do (None: never).
+    fn sweep_every(&self) -> Option<Duration>;
+    fn handle(&mut self, command: Self::Command);
+    /// Set once a retire command was handled: where the engine goes.
+    fn take_retire(&mut self) -> Option<oneshot::Sender<Engine<CpuBackend>>>;
+    /// Fails every request (the role is retiring) and gives up the engine.
+    fn into_engine(self) -> Engine<CpuBackend>;
+    fn sweep(&mut self);
+    fn step(&mut self);
+}
+
+/// Runs `thread` on a new OS thread named `name`, until every command sender is gone or it
+/// retires.
+pub(crate) fn spawn<T: EngineThread>(name: &str, thread: T) -> std::io::Result<()> {
+    let runtime = Handle::current();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || run(thread, &runtime))
+        .map(drop)
+}
+
+fn run<T: EngineThread>(mut thread: T, runtime: &Handle) {
+    loop {
+        let (has_work, sweep_every) = (thread.has_work(), thread.sweep_every());
+        match next_command(thread.commands(), runtime, has_work, sweep_every) {
+            Next::Shutdown => return,
+            Next::Command(command) => thread.handle(command),
+            Next::Tick => {}
+        }
+        while let Ok(command) = thread.commands().try_recv() {
+            thread.handle(command);
+        }
+        if let Some(reply) = thread.take_retire() {
+            let _ = reply.send(thread.into_engine());
+            return;
+        }
+        thread.sweep();
+        if thread.has_work() {
+            thread.step();
+        }
+    }
+}
 
 /// What an engine thread does next.
 #[derive(Debug)]
-pub enum Next<C> {
+enum Next<C> {
     /// Handle this command (then drain the rest).
     Command(C),
     /// No command: step if there is work, and sweep.
@@ -19,7 +69,7 @@ pub enum Next<C> {
 /// Waits for the next command. With work to step it does not wait at all; with requests to
 /// sweep (for timeouts or vanished clients) it waits at most `sweep_every`; otherwise it
 /// sleeps until a command comes.
-pub fn next_command<C>(
+fn next_command<C>(
     commands: &mut mpsc::Receiver<C>,
     runtime: &Handle,
     has_work: bool,

@@ -28,6 +28,10 @@ pub enum WorkerError {
     EngineStopped,
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    #[error("this worker does not serve the {role} role now (it was moved or is switching)")]
+    NotInRole { role: &'static str },
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl WorkerError {
@@ -40,6 +44,8 @@ impl WorkerError {
             Self::Push(_) | Self::TransferFailed { .. } => ErrorClass::Unavailable,
             Self::TransferTimeout { .. } => ErrorClass::Timeout,
             Self::QueueFull { .. } => ErrorClass::Overloaded,
+            Self::NotInRole { .. } => ErrorClass::Unavailable,
+            Self::Busy(_) => ErrorClass::Precondition,
         }
     }
 }

@@ -1,51 +1,46 @@
-//! `tandem.internal.v1.Worker`: what every worker says about itself.
+//! `tandem.internal.v1.Worker`: what every worker says about itself, and its role switch.
+
+use std::sync::Arc;
 
 use tandem_proto::internal::v1::worker_server::Worker;
-use tandem_proto::internal::v1::{DescribeRequest, StatsRequest, WorkerDescription, WorkerStats};
-use tokio::sync::{mpsc, oneshot};
+use tandem_proto::internal::v1::{
+    DescribeRequest, Role, StatsRequest, SwitchRoleRequest, WorkerDescription, WorkerStats,
+};
 use tonic::{Request, Response, Status};
 
 use crate::WorkerError;
+use crate::host::Host;
 
-/// Serves `Describe` from a fixed description and `Stats` by asking the engine thread, whose
-/// command type `C` carries the reply.
-pub struct WorkerInfoService<C> {
-    commands: mpsc::Sender<C>,
-    stats_command: fn(oneshot::Sender<WorkerStats>) -> C,
-    description: WorkerDescription,
-}
-
-impl<C> WorkerInfoService<C> {
-    pub fn new(
-        commands: mpsc::Sender<C>,
-        stats_command: fn(oneshot::Sender<WorkerStats>) -> C,
-        description: WorkerDescription,
-    ) -> Self {
-        Self {
-            commands,
-            stats_command,
-            description,
-        }
-    }
+pub(crate) struct WorkerInfoService {
+    pub(crate) host: Arc<Host>,
 }
 
 #[tonic::async_trait]
-impl<C: Send + 'static> Worker for WorkerInfoService<C> {
+impl Worker for WorkerInfoService {
     async fn describe(
         &self,
         _: Request<DescribeRequest>,
     ) -> Result<Response<WorkerDescription>, Status> {
-        Ok(Response::new(self.description.clone()))
+        Ok(Response::new(self.host.description()))
     }
 
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<WorkerStats>, Status> {
-        let (reply, stats) = oneshot::channel();
-        // Stats wait for room rather than fail: they are how operators see a full queue.
-        self.commands
-            .send((self.stats_command)(reply))
-            .await
-            .map_err(|_| WorkerError::EngineStopped)?;
-        let stats = stats.await.map_err(|_| WorkerError::EngineStopped)?;
-        Ok(Response::new(stats))
+        Ok(Response::new(self.host.stats().await?))
+    }
+
+    async fn switch_role(
+        &self,
+        request: Request<SwitchRoleRequest>,
+    ) -> Result<Response<WorkerDescription>, Status> {
+        let role = match Role::try_from(request.into_inner().role) {
+            Ok(role @ (Role::Prefill | Role::Decode)) => role,
+            _ => {
+                return Err(WorkerError::InvalidRequest(
+                    "role must be ROLE_PREFILL or ROLE_DECODE".into(),
+                )
+                .into());
+            }
+        };
+        Ok(Response::new(self.host.switch_role(role).await?))
     }
 }

@@ -1,19 +1,20 @@
-//! What the prefill and decode workers share: their common flags, model loading and
-//! description, conversions between the engine's types and the internal protos, the error
-//! type their RPCs answer with, and the gRPC server loop. Role-specific engine threads and
-//! services live in `tandem-prefill-worker` and `tandem-decode-worker`.
+//! A Tandem worker: one process that serves the prefill or the decode role over weights
+//! loaded once, and can be switched between them (`tandemctl move`). The role binaries
+//! `tandem-prefill-worker` and `tandem-decode-worker` start it in their role. Here too are
+//! what both roles share: flags, model loading, conversions between the engine's types and the
+//! internal protos, and the error type their RPCs answer with.
 
 mod args;
 mod convert;
+mod decode;
 pub mod engine_loop;
 mod error;
+mod host;
 mod info;
+mod prefill;
 mod serve;
 
 pub use args::{WorkerArgs, device_choice};
 pub use convert::{finish_reason, logprobs_from_proto, sampling_params, token_logprob};
 pub use error::WorkerError;
-pub use info::WorkerInfoService;
-pub use serve::{
-    LoadedWorker, ServeError, Serving, bind, load_model, main_with, routes, serve_grpc,
-};
+pub use serve::{ServeError, main_with, run};

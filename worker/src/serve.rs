@@ -2,15 +2,29 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tandem_common::registry::{EtcdRegistry, Registry, RegistryError, WorkerRecord, WorkerRole};
-use tandem_engine::{Device, EngineError, ServedModel};
+use tandem_common::registry::{DesiredStates, EtcdRegistry, Registry, RegistryError, WorkerRole};
+use tandem_engine::{Device, Engine, EngineError, ServedModel};
+use tandem_kv_transfer::{KvListener, TcpKvSender};
+use tandem_proto::internal::v1::decode_server::DecodeServer;
+use tandem_proto::internal::v1::prefill_server::PrefillServer;
+use tandem_proto::internal::v1::worker_server::WorkerServer;
 use tandem_proto::internal::v1::{Role, WorkerDescription};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::args::WorkerArgs;
+use crate::decode::{DecodeService, KvLayout, run_kv_intake};
+use crate::host::{EngineSettings, Host};
+use crate::info::WorkerInfoService;
+use crate::prefill::PrefillService;
+
+/// Arriving KV frames buffered before the listener stops reading (and senders slow down).
+const KV_FRAME_QUEUE: usize = 64;
 
 /// Exit code for bad command-line input (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -41,13 +55,13 @@ pub enum ServeError {
 }
 
 /// A worker's model and the description it gives routers.
-pub struct LoadedWorker {
-    pub served: ServedModel,
-    pub description: WorkerDescription,
+struct LoadedWorker {
+    served: ServedModel,
+    description: WorkerDescription,
 }
 
 /// Binds a listener, naming the address in the error.
-pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
     let bind_error = |source| ServeError::Bind { addr, source };
     let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
@@ -55,7 +69,7 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeEr
 }
 
 /// Loads `--model` (or the demo model) and describes it for `role`, served at `addr`.
-pub fn load_model(
+fn load_model(
     args: &WorkerArgs,
     role: Role,
     addr: SocketAddr,
@@ -99,95 +113,130 @@ pub fn load_model(
     })
 }
 
-/// Health, reflection and `tandem.internal.v1.Worker` (serving `info`) routes; the worker
-/// adds its role's service and marks it serving.
-pub async fn routes<C: Send + 'static>(
-    info: crate::WorkerInfoService<C>,
-) -> Result<
-    (
-        tonic::service::RoutesBuilder,
-        tonic_health::server::HealthReporter,
-    ),
-    ServeError,
-> {
-    use tandem_proto::internal::v1::worker_server::WorkerServer;
-    let (mut routes, reporter) = tandem_common::server::standard_routes()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    // Describe carries tokenizer.json, which can be larger than any request limit.
-    routes.add_service(WorkerServer::new(info).max_encoding_message_size(usize::MAX));
-    reporter
-        .set_serving::<WorkerServer<crate::WorkerInfoService<C>>>()
-        .await;
-    Ok((routes, reporter))
-}
+/// Loads the model, binds gRPC and KV listeners, starts in `default_role` (or the role an SRE
+/// moved this worker to, recorded in etcd), registers, prints
+/// `ready grpc=HOST:PORT kv=HOST:PORT`, then serves until Ctrl-C, SIGTERM or a lost lease and
+/// drains for at most the grace period.
+pub async fn run(args: WorkerArgs, default_role: Role) -> Result<(), ServeError> {
+    args.validate().map_err(ServeError::Config)?;
+    let (grpc, grpc_addr) = bind(args.listen).await?;
+    let kv_bind_error = |source| ServeError::Bind {
+        addr: args.kv_listen,
+        source,
+    };
+    let kv = KvListener::bind(args.kv_listen, args.max_kv_frame_bytes)
+        .await
+        .map_err(kv_bind_error)?;
+    let kv_addr = kv.local_addr().map_err(kv_bind_error)?;
 
-/// A worker ready to serve: its routes, listener, ready-line fields and registry record.
-pub struct Serving<'a> {
-    pub routes: tonic::service::RoutesBuilder,
-    pub listener: TcpListener,
-    pub ready: &'a [(&'a str, SocketAddr)],
-    pub description: &'a WorkerDescription,
-    pub grpc_addr: SocketAddr,
-    /// Reports the role's service (`role_service`) NOT_SERVING while an SRE has the worker
-    /// cordoned, so probes and load balancers see it too.
-    pub health: tonic_health::server::HealthReporter,
-    pub role_service: &'static str,
-}
+    let loaded = load_model(&args, default_role, grpc_addr)?;
+    let d = &loaded.description;
+    let (num_layers, kv_heads, head_dim) = (d.num_layers as usize, d.num_kv_heads, d.head_dim);
+    let engine = Engine::new(
+        loaded.served.model,
+        Some(loaded.served.tokenizer),
+        args.engine_config(),
+    )?;
 
-/// Registers in etcd (with `--etcd`), prints the ready line, then serves until Ctrl-C,
-/// SIGTERM or a lost lease, and drains for at most the grace period.
-pub async fn serve_grpc(serving: Serving<'_>, args: &WorkerArgs) -> Result<(), ServeError> {
-    let Serving {
-        routes,
-        listener,
-        ready,
-        description,
-        grpc_addr,
-        health,
-        role_service,
-    } = serving;
-    let mut registration = match &args.etcd {
-        Some(endpoint) => {
-            let registry = EtcdRegistry::new(
+    let registry = args
+        .etcd
+        .as_deref()
+        .map(|endpoint| {
+            EtcdRegistry::new(
                 endpoint,
                 &args.cluster,
                 Duration::from_secs(args.lease_ttl_seconds.max(1)),
-            )?;
-            let desired = registry.watch_desired().await?;
-            tokio::spawn(follow_desired_state(
-                desired,
-                description.worker_id.clone(),
-                health,
-                role_service,
-            ));
-            let record = WorkerRecord {
-                id: description.worker_id.clone(),
-                role: if description.role == Role::Prefill as i32 {
-                    WorkerRole::Prefill
-                } else {
-                    WorkerRole::Decode
-                },
-                grpc: grpc_addr.to_string(),
-                model: description.model.clone(),
-                device: description.device.clone(),
-            };
-            let registration = registry.register(record).await?;
-            tracing::info!(etcd = %endpoint, cluster = %args.cluster, id = %description.worker_id, "registered");
-            Some(registration)
-        }
+            )
+        })
+        .transpose()?;
+    let desired = match &registry {
+        Some(registry) => Some(desired_states(registry, &args).await?),
         None => None,
     };
-    tandem_common::server::announce_ready(ready);
+    let id = loaded.description.worker_id.clone();
+    let role = desired
+        .as_ref()
+        .and_then(|d| d.borrow().get(&id).and_then(|s| s.role))
+        .map_or(default_role, |role| match role {
+            WorkerRole::Prefill => Role::Prefill,
+            WorkerRole::Decode => Role::Decode,
+        });
+
+    let (mut routes, health) = tandem_common::server::standard_routes()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let settings = EngineSettings {
+        queue_depth: args.queue_depth,
+        kv_transfer_timeout: args.kv_transfer_timeout(),
+    };
+    let host = Arc::new(Host::new(
+        loaded.description,
+        grpc_addr.to_string(),
+        settings,
+        health.clone(),
+    ));
+    host.start(role, engine).map_err(ServeError::Thread)?;
+
+    let (frames, frames_rx) = mpsc::channel(KV_FRAME_QUEUE);
+    tokio::spawn(kv.run(frames));
+    let layout = KvLayout { kv_heads, head_dim };
+    tokio::spawn(run_kv_intake(frames_rx, Arc::clone(&host.decode), layout));
+
+    let max = args.max_message_bytes;
+    // Describe carries tokenizer.json, which can be larger than any request limit.
+    routes.add_service(
+        WorkerServer::new(WorkerInfoService {
+            host: Arc::clone(&host),
+        })
+        .max_encoding_message_size(usize::MAX),
+    );
+    routes.add_service(
+        PrefillServer::new(PrefillService {
+            commands: Arc::clone(&host.prefill),
+            sender: TcpKvSender::new(args.max_kv_frame_bytes),
+            next_id: AtomicU64::new(1),
+            queue_depth: args.queue_depth,
+            num_layers,
+            kv_heads,
+            head_dim,
+        })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max),
+    );
+    routes.add_service(
+        DecodeServer::new(DecodeService {
+            commands: Arc::clone(&host.decode),
+            kv_endpoint: args.kv_advertise.unwrap_or(kv_addr),
+            next_id: AtomicU64::new(1),
+            queue_depth: args.queue_depth,
+        })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max),
+    );
+    health
+        .set_serving::<WorkerServer<WorkerInfoService>>()
+        .await;
+    host.refresh_health().await;
+
+    if let (Some(registry), Some(desired)) = (&registry, desired) {
+        let registration = registry.register(host.record()).await?;
+        host.set_registration(registration);
+        tracing::info!(etcd = ?args.etcd, cluster = %args.cluster, id = %id, "registered");
+        tokio::spawn(follow_desired_state(desired, Arc::clone(&host)));
+    }
+    tracing::info!(grpc = %grpc_addr, kv = %kv_addr, role = role.as_str_name(), "worker serving");
+    tandem_common::server::announce_ready(&[("grpc", grpc_addr), ("kv", kv_addr)]);
+
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async {
             let _ = stopped.await;
         });
-    let lease_lost = std::sync::atomic::AtomicBool::new(false);
+    let lease_lost = AtomicBool::new(false);
+    let registration = host.registration();
     let until = async {
         let lost = async {
-            match registration.as_mut() {
+            match &registration {
                 Some(r) => r.lost().await,
                 None => std::future::pending().await,
             }
@@ -196,42 +245,50 @@ pub async fn serve_grpc(serving: Serving<'_>, args: &WorkerArgs) -> Result<(), S
             () = tandem_common::server::shutdown_signal() => {}
             () = lost => {
                 tracing::error!("registry lease expired: taking no new work, finishing what runs");
-                lease_lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                lease_lost.store(true, Ordering::Relaxed);
             }
         }
     };
     tandem_common::server::serve_with_grace(server, stop, args.shutdown_grace(), until).await?;
     drop(registration);
-    if lease_lost.load(std::sync::atomic::Ordering::Relaxed) {
+    host.deregister();
+    if lease_lost.load(Ordering::Relaxed) {
         return Err(ServeError::LeaseLost);
     }
     tracing::info!("worker stopped");
     Ok(())
 }
 
+/// The desired states in etcd, once the current ones are known (or after the startup wait),
+/// so a moved worker restarts in its new role.
+async fn desired_states(
+    registry: &EtcdRegistry,
+    args: &WorkerArgs,
+) -> Result<watch::Receiver<DesiredStates>, ServeError> {
+    let mut desired = registry.watch_desired().await?;
+    let wait = Duration::from_secs(args.lease_ttl_seconds.max(1));
+    if tokio::time::timeout(wait, desired.changed()).await.is_err() {
+        tracing::warn!(
+            seconds = wait.as_secs(),
+            "etcd gave no desired states yet; starting in the default role"
+        );
+    }
+    desired.borrow_and_update();
+    Ok(desired)
+}
+
 /// Mirrors what SREs asked of this worker in its health: NOT_SERVING while cordoned or
 /// draining (routers already send it nothing), SERVING otherwise.
-async fn follow_desired_state(
-    mut desired: tokio::sync::watch::Receiver<tandem_common::registry::DesiredStates>,
-    id: String,
-    health: tonic_health::server::HealthReporter,
-    service: &'static str,
-) {
-    let mut cordoned = false;
-    while desired.changed().await.is_ok() {
-        let now = desired
+async fn follow_desired_state(mut desired: watch::Receiver<DesiredStates>, host: Arc<Host>) {
+    let id = host.description().worker_id;
+    loop {
+        let cordoned = desired
             .borrow_and_update()
             .get(&id)
             .is_some_and(|d| d.cordoned || d.draining);
-        if now != cordoned {
-            cordoned = now;
-            let status = if cordoned {
-                tonic_health::ServingStatus::NotServing
-            } else {
-                tonic_health::ServingStatus::Serving
-            };
-            tracing::info!(cordoned, "desired state changed");
-            health.set_service_status(service, status).await;
+        host.set_cordoned(cordoned).await;
+        if desired.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The SRE verbs over the router's `tandem.v1.Admin`: get, describe, cordon, uncordon, drain
-//! and top, printing a table, JSON or YAML.
+//! The SRE verbs over the router's `tandem.v1.Admin`: get, describe, cordon, uncordon, drain,
+//! move, rebalance and top, printing a table, JSON or YAML.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 use tandem_proto::v1::admin_client::AdminClient;
 use tandem_proto::v1::{
     ClusterSummaryRequest, ClusterSummaryResponse, CordonRequest, DescribeWorkerRequest,
-    DrainRequest, ListWorkersRequest, WorkerInfo, WorkerRole, WorkerState,
+    DrainRequest, ListWorkersRequest, MoveProgress, MoveRequest, RebalanceRequest, WorkerInfo,
+    WorkerRole, WorkerState,
 };
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
@@ -16,7 +17,8 @@ use tonic::{Request, Status};
 
 use super::CommandError;
 use crate::args::{
-    DescribeArgs, DrainArgs, Endpoint, Format, GetArgs, GetWhat, TopArgs, WorkerArgs,
+    DescribeArgs, DrainArgs, Endpoint, Format, GetArgs, GetWhat, MoveArgs, Pool, RebalanceArgs,
+    TopArgs, WorkerArgs,
 };
 
 type Client = AdminClient<InterceptedService<Channel, TokenInterceptor>>;
@@ -281,8 +283,7 @@ pub fn get(args: &GetArgs) -> Result<ExitCode, CommandError> {
                     .map_err(rpc(&args.endpoint))?
                     .into_inner()
                     .workers;
-                let value = Value::Array(workers.iter().map(worker_json).collect());
-                print(args.endpoint.format, &value, || workers_table(&workers));
+                print_workers(args.endpoint.format, &workers);
             }
             GetWhat::Pools => {
                 let summary = client
@@ -297,6 +298,11 @@ pub fn get(args: &GetArgs) -> Result<ExitCode, CommandError> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn print_workers(format: Format, workers: &[WorkerInfo]) {
+    let value = Value::Array(workers.iter().map(worker_json).collect());
+    print(format, &value, || workers_table(workers));
 }
 
 fn print_worker(format: Format, w: &WorkerInfo) {
@@ -371,6 +377,81 @@ pub fn drain(args: &DrainArgs) -> Result<ExitCode, CommandError> {
             process: format!("drain of {}", args.id),
             what: "ended without the worker drained".into(),
         })
+    })
+}
+
+/// Prints each step of a move on stderr; returns the last worker reported once done.
+async fn follow_moves(
+    mut steps: tonic::Streaming<MoveProgress>,
+    endpoint: &Endpoint,
+    what: String,
+) -> Result<Option<WorkerInfo>, CommandError> {
+    let mut last = None;
+    while let Some(step) = steps.message().await.map_err(rpc(endpoint))? {
+        eprintln!("{what}: {}", step.message);
+        if step.worker.is_some() {
+            last = step.worker;
+        }
+        if step.done {
+            return Ok(last);
+        }
+    }
+    Err(CommandError::Cluster {
+        process: what,
+        what: "ended before it was done".into(),
+    })
+}
+
+fn pool_role(pool: Pool) -> i32 {
+    match pool {
+        Pool::Prefill => WorkerRole::Prefill as i32,
+        Pool::Decode => WorkerRole::Decode as i32,
+    }
+}
+
+/// `tandemctl move ID --to POOL`: progress on stderr, the moved worker on stdout.
+pub fn move_worker(args: &MoveArgs) -> Result<ExitCode, CommandError> {
+    runtime()?.block_on(async {
+        let mut client = connect(&args.endpoint).await?;
+        let steps = client
+            .r#move(MoveRequest {
+                id: args.id.clone(),
+                to: pool_role(args.to),
+                timeout_seconds: args.timeout.unwrap_or(0.0),
+            })
+            .await
+            .map_err(rpc(&args.endpoint))?
+            .into_inner();
+        let moved = follow_moves(steps, &args.endpoint, format!("move {}", args.id)).await?;
+        if let Some(worker) = moved {
+            print_worker(args.endpoint.format, &worker);
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `tandemctl rebalance --prefill N --decode M`: progress on stderr, the workers on stdout.
+pub fn rebalance(args: &RebalanceArgs) -> Result<ExitCode, CommandError> {
+    runtime()?.block_on(async {
+        let mut client = connect(&args.endpoint).await?;
+        let steps = client
+            .rebalance(RebalanceRequest {
+                prefill: args.prefill,
+                decode: args.decode,
+                timeout_seconds: args.timeout.unwrap_or(0.0),
+            })
+            .await
+            .map_err(rpc(&args.endpoint))?
+            .into_inner();
+        follow_moves(steps, &args.endpoint, "rebalance".into()).await?;
+        let workers = client
+            .list_workers(ListWorkersRequest {})
+            .await
+            .map_err(rpc(&args.endpoint))?
+            .into_inner()
+            .workers;
+        print_workers(args.endpoint.format, &workers);
+        Ok(ExitCode::SUCCESS)
     })
 }
 

@@ -60,9 +60,6 @@ async fn up(args: &UpArgs) -> Result<ExitCode, CommandError> {
                 "--worker-id".into(),
                 name.clone().into(),
             ];
-            if role == "decode" {
-                argv.extend(["--kv-listen".into(), LOOPBACK_ANY_PORT.into()]);
-            }
             argv.extend(model.iter().cloned());
             pending.push(start(name, &path, &argv, exits.clone())?);
         }

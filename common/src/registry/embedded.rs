@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use super::{DesiredState, DesiredStates, Registration, Registry, RegistryError, WorkerRecord};
+use super::{
+    DesiredState, DesiredStates, Publication, Registration, Registry, RegistryError, WorkerRecord,
+};
 
 /// Records in memory, shared by every clone.
 #[derive(Clone)]
@@ -32,6 +34,14 @@ impl Default for EmbeddedRegistry {
 }
 
 impl EmbeddedRegistry {
+    fn insert(&self, record: WorkerRecord) {
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(record.id.clone(), record);
+        self.publish();
+    }
+
     fn publish(&self) {
         let records = self
             .records
@@ -39,6 +49,14 @@ impl EmbeddedRegistry {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.snapshots
             .send_replace(records.values().cloned().collect());
+    }
+}
+
+#[tonic::async_trait]
+impl Publication for Withdraw {
+    async fn republish(&self, record: &WorkerRecord) -> Result<(), RegistryError> {
+        self.registry.insert(record.clone());
+        Ok(())
     }
 }
 
@@ -57,11 +75,7 @@ impl Drop for Withdraw {
 impl Registry for EmbeddedRegistry {
     async fn register(&self, record: WorkerRecord) -> Result<Registration, RegistryError> {
         let id = record.id.clone();
-        self.records
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id.clone(), record);
-        self.publish();
+        self.insert(record);
         // In-process records are never dropped behind the owner's back.
         let (_, lost) = watch::channel(false);
         let withdraw = Withdraw {

@@ -19,7 +19,8 @@ use tonic::transport::{Channel, Endpoint};
 use serde::de::DeserializeOwned;
 
 use super::{
-    DesiredState, DesiredStates, RETRY, Registration, Registry, RegistryError, WorkerRecord,
+    DesiredState, DesiredStates, Publication, RETRY, Registration, Registry, RegistryError,
+    WorkerRecord,
 };
 
 /// A registry in etcd for one cluster.
@@ -30,11 +31,40 @@ pub struct EtcdRegistry {
     ttl: Duration,
 }
 
-/// Stops the keep-alive and revokes the lease when a registration drops.
+/// Republishes a record on its lease; stops the keep-alive and revokes the lease when its
+/// registration drops.
 struct Withdraw {
     keep_alive: tokio::task::JoinHandle<()>,
     channel: Channel,
     lease: i64,
+    workers_prefix: Vec<u8>,
+}
+
+#[tonic::async_trait]
+impl Publication for Withdraw {
+    async fn republish(&self, record: &WorkerRecord) -> Result<(), RegistryError> {
+        put_record(&self.channel, &self.workers_prefix, record, self.lease).await
+    }
+}
+
+/// Writes `record` under `workers_prefix`, on `lease`.
+async fn put_record(
+    channel: &Channel,
+    workers_prefix: &[u8],
+    record: &WorkerRecord,
+    lease: i64,
+) -> Result<(), RegistryError> {
+    let mut key = workers_prefix.to_vec();
+    key.extend_from_slice(record.id.as_bytes());
+    KvClient::new(channel.clone())
+        .put(PutRequest {
+            key,
+            value: serde_json::to_vec(record)?,
+            lease,
+        })
+        .await
+        .map_err(|status| RegistryError::Etcd { op: "put", status })?;
+    Ok(())
 }
 
 impl Drop for Withdraw {
@@ -110,16 +140,8 @@ impl Registry for EtcdRegistry {
         if !granted.error.is_empty() || granted.id == 0 {
             return Err(RegistryError::Lease(granted.error));
         }
-        let mut key = self.workers_prefix();
-        key.extend_from_slice(record.id.as_bytes());
-        KvClient::new(self.channel.clone())
-            .put(PutRequest {
-                key,
-                value: serde_json::to_vec(&record)?,
-                lease: granted.id,
-            })
-            .await
-            .map_err(|status| RegistryError::Etcd { op: "put", status })?;
+        let workers_prefix = self.workers_prefix();
+        put_record(&self.channel, &workers_prefix, &record, granted.id).await?;
         let (lost_tx, lost) = watch::channel(false);
         let keep_alive = tokio::spawn(keep_alive(
             self.channel.clone(),
@@ -131,6 +153,7 @@ impl Registry for EtcdRegistry {
             keep_alive,
             channel: self.channel.clone(),
             lease: granted.id,
+            workers_prefix,
         };
         Ok(Registration::new(lost, Box::new(withdraw)))
     }

@@ -4,11 +4,9 @@
 
 use std::collections::HashMap;
 
+use crate::WorkerError;
 use tandem_engine::{CpuBackend, Engine, EngineError, KvRows, SamplingParams, SeqId, TokenEvent};
 use tandem_proto::internal::v1::{Role, WorkerStats};
-use tandem_worker::WorkerError;
-use tandem_worker::engine_loop::{Next, next_command};
-use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
 /// What a prefill request's handler receives, in order: every layer, then the first token.
@@ -32,58 +30,81 @@ pub(crate) enum Command {
     Stats {
         reply: oneshot::Sender<WorkerStats>,
     },
+    /// Stop and hand the engine back (the worker switches role); prompts still queued fail
+    /// with a retryable error.
+    Retire {
+        reply: oneshot::Sender<Engine<CpuBackend>>,
+    },
+}
+
+impl crate::host::RoleCommand for Command {
+    const ROLE: &'static str = "prefill";
+
+    fn stats(reply: oneshot::Sender<WorkerStats>) -> Self {
+        Self::Stats { reply }
+    }
+
+    fn retire(reply: oneshot::Sender<Engine<CpuBackend>>) -> Self {
+        Self::Retire { reply }
+    }
 }
 
 pub(crate) struct EngineThread {
     engine: Engine<CpuBackend>,
     commands: mpsc::Receiver<Command>,
-    runtime: Handle,
     requests: HashMap<SeqId, mpsc::Sender<PrefillOutput>>,
     /// Prompt tokens computed since start.
     prefilled_tokens_total: u64,
+    retire: Option<oneshot::Sender<Engine<CpuBackend>>>,
 }
 
 impl EngineThread {
     pub(crate) fn spawn(
         engine: Engine<CpuBackend>,
         commands: mpsc::Receiver<Command>,
-    ) -> std::io::Result<std::thread::JoinHandle<()>> {
-        let runtime = Handle::current();
-        std::thread::Builder::new()
-            .name("prefill-engine".into())
-            .spawn(move || {
-                Self {
-                    engine,
-                    commands,
-                    runtime,
-                    requests: HashMap::new(),
-                    prefilled_tokens_total: 0,
-                }
-                .run();
-            })
+    ) -> std::io::Result<()> {
+        let thread = Self {
+            engine,
+            commands,
+            requests: HashMap::new(),
+            prefilled_tokens_total: 0,
+            retire: None,
+        };
+        crate::engine_loop::spawn("prefill-engine", thread)
     }
 
-    fn run(mut self) {
-        loop {
-            match next_command(
-                &mut self.commands,
-                &self.runtime,
-                self.engine.has_work(),
-                // Idle means no request to sweep: abandoned ones are dropped while stepping.
-                None,
-            ) {
-                Next::Shutdown => return,
-                Next::Command(command) => self.handle(command),
-                Next::Tick => {}
-            }
-            while let Ok(command) = self.commands.try_recv() {
-                self.handle(command);
-            }
-            self.drop_abandoned();
-            if self.engine.has_work() {
-                self.step();
-            }
+    /// Ends every request with `error`, freeing its blocks.
+    fn fail_all(&mut self, error: impl Fn() -> WorkerError) {
+        for (id, outputs) in self.requests.drain() {
+            self.engine.abort(id);
+            let _ = outputs.try_send(PrefillOutput::Failed(error()));
         }
+    }
+}
+
+impl crate::engine_loop::EngineThread for EngineThread {
+    type Command = Command;
+
+    fn commands(&mut self) -> &mut mpsc::Receiver<Command> {
+        &mut self.commands
+    }
+
+    fn has_work(&self) -> bool {
+        self.engine.has_work()
+    }
+
+    fn sweep_every(&self) -> Option<std::time::Duration> {
+        // Idle means no request to sweep: abandoned ones are dropped while stepping.
+        None
+    }
+
+    fn take_retire(&mut self) -> Option<oneshot::Sender<Engine<CpuBackend>>> {
+        self.retire.take()
+    }
+
+    fn into_engine(mut self) -> Engine<CpuBackend> {
+        self.fail_all(|| WorkerError::NotInRole { role: "prefill" });
+        self.engine
     }
 
     fn handle(&mut self, command: Command) {
@@ -113,11 +134,12 @@ impl EngineThread {
                     tokens_total: self.prefilled_tokens_total,
                 });
             }
+            Command::Retire { reply } => self.retire = Some(reply),
         }
     }
 
     /// Aborts prompts whose caller went away (the router cancelled the call).
-    fn drop_abandoned(&mut self) {
+    fn sweep(&mut self) {
         let gone: Vec<SeqId> = self
             .requests
             .iter()
@@ -152,10 +174,7 @@ impl EngineThread {
             }
             Err(error) => {
                 tracing::error!(%error, "prefill step failed; failing its requests");
-                for (id, outputs) in self.requests.drain() {
-                    self.engine.abort(id);
-                    let _ = outputs.try_send(PrefillOutput::Failed(WorkerError::EngineStopped));
-                }
+                self.fail_all(|| WorkerError::EngineStopped);
             }
         }
     }

@@ -5,15 +5,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::WorkerError;
 use tandem_common::ids::{KvBlockId, TransferId};
 use tandem_engine::{
     BlockId, CpuBackend, Engine, EngineError, KvRows, Logprobs, SamplingParams, SeqId,
     StopCriteria, TokenEvent,
 };
 use tandem_proto::internal::v1::{Role, WorkerStats};
-use tandem_worker::WorkerError;
-use tandem_worker::engine_loop::{Next, next_command};
-use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
 /// How often reservations waiting for KV are checked for timeouts and vanished clients when
@@ -64,6 +62,11 @@ pub(crate) enum Command {
     Stats {
         reply: oneshot::Sender<WorkerStats>,
     },
+    /// Stop and hand the engine back (the worker switches role); sequences still running fail
+    /// with a retryable error.
+    Retire {
+        reply: oneshot::Sender<Engine<CpuBackend>>,
+    },
 }
 
 struct Tracked {
@@ -77,13 +80,25 @@ struct AwaitingKv {
     blocks: Vec<BlockId>,
 }
 
+impl crate::host::RoleCommand for Command {
+    const ROLE: &'static str = "decode";
+
+    fn stats(reply: oneshot::Sender<WorkerStats>) -> Self {
+        Self::Stats { reply }
+    }
+
+    fn retire(reply: oneshot::Sender<Engine<CpuBackend>>) -> Self {
+        Self::Retire { reply }
+    }
+}
+
 pub(crate) struct EngineThread {
     engine: Engine<CpuBackend>,
     commands: mpsc::Receiver<Command>,
-    runtime: Handle,
     transfer_timeout: Duration,
     requests: HashMap<SeqId, Tracked>,
     generated_tokens_total: u64,
+    retire: Option<oneshot::Sender<Engine<CpuBackend>>>,
 }
 
 impl EngineThread {
@@ -91,93 +106,23 @@ impl EngineThread {
         engine: Engine<CpuBackend>,
         commands: mpsc::Receiver<Command>,
         transfer_timeout: Duration,
-    ) -> std::io::Result<std::thread::JoinHandle<()>> {
-        let runtime = Handle::current();
-        std::thread::Builder::new()
-            .name("decode-engine".into())
-            .spawn(move || {
-                Self {
-                    engine,
-                    commands,
-                    runtime,
-                    transfer_timeout,
-                    requests: HashMap::new(),
-                    generated_tokens_total: 0,
-                }
-                .run();
-            })
+    ) -> std::io::Result<()> {
+        let thread = Self {
+            engine,
+            commands,
+            transfer_timeout,
+            requests: HashMap::new(),
+            generated_tokens_total: 0,
+            retire: None,
+        };
+        crate::engine_loop::spawn("decode-engine", thread)
     }
 
-    /// Runs until every command sender is gone.
-    fn run(mut self) {
-        loop {
-            match next_command(
-                &mut self.commands,
-                &self.runtime,
-                self.engine.has_work(),
-                (!self.requests.is_empty()).then_some(SWEEP_INTERVAL),
-            ) {
-                Next::Shutdown => return,
-                Next::Command(command) => self.handle(command),
-                Next::Tick => {}
-            }
-            while let Ok(command) = self.commands.try_recv() {
-                self.handle(command);
-            }
-            self.sweep();
-            if self.engine.has_work() {
-                self.step();
-            }
-        }
-    }
-
-    fn handle(&mut self, command: Command) {
-        match command {
-            Command::Start {
-                id,
-                request,
-                events,
-                reply,
-            } => {
-                let result = self.start(id, request, events);
-                let _ = reply.send(result);
-            }
-            Command::ImportLayer {
-                transfer,
-                layer,
-                blocks,
-                rows,
-            } => {
-                if let Err(reason) = self.import(transfer, layer, &blocks, &rows) {
-                    self.fail(
-                        SeqId(transfer.0),
-                        WorkerError::TransferFailed { transfer, reason },
-                    );
-                }
-            }
-            Command::FinishTransfer {
-                transfer,
-                first_token,
-                logprobs,
-            } => self.finish_transfer(transfer, first_token, logprobs),
-            Command::FailTransfer { transfer, reason } => {
-                self.fail(
-                    SeqId(transfer.0),
-                    WorkerError::TransferFailed { transfer, reason },
-                );
-            }
-            Command::Stats { reply } => {
-                let _ = reply.send(WorkerStats {
-                    role: Role::Decode as i32,
-                    running_sequences: self.engine.num_running() as u32,
-                    waiting_sequences: self.engine.num_waiting() as u32,
-                    queued_prefill_tokens: self.engine.queued_prefill_tokens() as u64,
-                    kv_blocks_used: self.engine.used_blocks() as u32,
-                    kv_blocks_total: (self.engine.used_blocks() + self.engine.free_blocks()) as u32,
-                    pending_transfers: self.engine.num_reserved() as u32,
-                    tokens_total: self.generated_tokens_total,
-                });
-            }
+    /// Ends every request with `error`, freeing its blocks.
+    fn fail_all(&mut self, error: impl Fn() -> WorkerError) {
+        let ids: Vec<SeqId> = self.requests.keys().copied().collect();
+        for id in ids {
+            self.fail(id, error());
         }
     }
 
@@ -268,6 +213,100 @@ impl EngineThread {
         }
     }
 
+    fn deliver(&mut self, event: TokenEvent) {
+        let id = event.seq;
+        let finished = event.finish.is_some();
+        self.generated_tokens_total += 1;
+        let Some(tracked) = self.requests.get(&id) else {
+            self.engine.abort(id);
+            return;
+        };
+        // The channel holds max_tokens events, so it is never full; closed means the client
+        // went away.
+        if tracked.events.try_send(DecodeEvent::Token(event)).is_err() {
+            self.engine.abort(id);
+            self.requests.remove(&id);
+        } else if finished {
+            self.requests.remove(&id);
+        }
+    }
+}
+
+impl crate::engine_loop::EngineThread for EngineThread {
+    type Command = Command;
+
+    fn commands(&mut self) -> &mut mpsc::Receiver<Command> {
+        &mut self.commands
+    }
+
+    fn has_work(&self) -> bool {
+        self.engine.has_work()
+    }
+
+    fn sweep_every(&self) -> Option<Duration> {
+        (!self.requests.is_empty()).then_some(SWEEP_INTERVAL)
+    }
+
+    fn take_retire(&mut self) -> Option<oneshot::Sender<Engine<CpuBackend>>> {
+        self.retire.take()
+    }
+
+    fn into_engine(mut self) -> Engine<CpuBackend> {
+        self.fail_all(|| WorkerError::NotInRole { role: "decode" });
+        self.engine
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Start {
+                id,
+                request,
+                events,
+                reply,
+            } => {
+                let result = self.start(id, request, events);
+                let _ = reply.send(result);
+            }
+            Command::ImportLayer {
+                transfer,
+                layer,
+                blocks,
+                rows,
+            } => {
+                if let Err(reason) = self.import(transfer, layer, &blocks, &rows) {
+                    self.fail(
+                        SeqId(transfer.0),
+                        WorkerError::TransferFailed { transfer, reason },
+                    );
+                }
+            }
+            Command::FinishTransfer {
+                transfer,
+                first_token,
+                logprobs,
+            } => self.finish_transfer(transfer, first_token, logprobs),
+            Command::FailTransfer { transfer, reason } => {
+                self.fail(
+                    SeqId(transfer.0),
+                    WorkerError::TransferFailed { transfer, reason },
+                );
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(WorkerStats {
+                    role: Role::Decode as i32,
+                    running_sequences: self.engine.num_running() as u32,
+                    waiting_sequences: self.engine.num_waiting() as u32,
+                    queued_prefill_tokens: self.engine.queued_prefill_tokens() as u64,
+                    kv_blocks_used: self.engine.used_blocks() as u32,
+                    kv_blocks_total: (self.engine.used_blocks() + self.engine.free_blocks()) as u32,
+                    pending_transfers: self.engine.num_reserved() as u32,
+                    tokens_total: self.generated_tokens_total,
+                });
+            }
+            Command::Retire { reply } => self.retire = Some(reply),
+        }
+    }
+
     /// Frees the blocks of requests whose client went away or whose KV is late.
     fn sweep(&mut self) {
         let now = Instant::now();
@@ -310,29 +349,8 @@ impl EngineThread {
             }
             Err(error) => {
                 tracing::error!(%error, "decode step failed; failing its requests");
-                let ids: Vec<SeqId> = self.requests.keys().copied().collect();
-                for id in ids {
-                    self.fail(id, WorkerError::EngineStopped);
-                }
+                self.fail_all(|| WorkerError::EngineStopped);
             }
-        }
-    }
-
-    fn deliver(&mut self, event: TokenEvent) {
-        let id = event.seq;
-        let finished = event.finish.is_some();
-        self.generated_tokens_total += 1;
-        let Some(tracked) = self.requests.get(&id) else {
-            self.engine.abort(id);
-            return;
-        };
-        // The channel holds max_tokens events, so it is never full; closed means the client
-        // went away.
-        if tracked.events.try_send(DecodeEvent::Token(event)).is_err() {
-            self.engine.abort(id);
-            self.requests.remove(&id);
-        } else if finished {
-            self.requests.remove(&id);
         }
     }
 }

@@ -11,16 +11,17 @@ use tandem_engine::SeqId;
 use tandem_kv_transfer::{DoneFrame, Frame, KvShape, LayerFrame, TcpKvSender};
 use tandem_proto::internal::v1::prefill_server::Prefill;
 use tandem_proto::internal::v1::{PrefillRequest, PrefillResponse};
-use tandem_worker::WorkerError;
-use tandem_worker::engine_loop::try_queue;
-use tandem_worker::sampling_params;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
-use crate::engine_thread::{Command, PrefillOutput};
+use super::engine_thread::{Command, PrefillOutput};
+use crate::WorkerError;
+use crate::engine_loop::try_queue;
+use crate::host::RoleSlot;
+use crate::sampling_params;
 
 pub(crate) struct PrefillService {
-    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) commands: std::sync::Arc<RoleSlot<Command>>,
     pub(crate) sender: TcpKvSender,
     pub(crate) next_id: AtomicU64,
     pub(crate) queue_depth: usize,
@@ -70,7 +71,7 @@ impl Prefill for PrefillService {
             outputs,
             reply,
         };
-        try_queue(&self.commands, command, self.queue_depth)?;
+        try_queue(&self.commands.sender()?, command, self.queue_depth)?;
         queued
             .await
             .map_err(|_| WorkerError::EngineStopped)?

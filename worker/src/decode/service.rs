@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tandem_engine::{KvRows, Logprobs, SeqId, StopCriteria, TopLogprob};
@@ -11,20 +12,21 @@ use tandem_proto::internal::v1::decode_server::Decode;
 use tandem_proto::internal::v1::{
     DecodeRequest, DecodeResponse, DecodeToken, KvTicket, decode_response,
 };
-use tandem_worker::engine_loop::try_queue;
-use tandem_worker::{WorkerError, finish_reason, sampling_params, token_logprob};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::engine_thread::{Command, DecodeEvent, StartRequest};
+use super::engine_thread::{Command, DecodeEvent, StartRequest};
+use crate::engine_loop::try_queue;
+use crate::host::RoleSlot;
+use crate::{WorkerError, finish_reason, sampling_params, token_logprob};
 
 /// Events beyond `max_tokens` a request's channel holds (the failure that may end it).
 const EVENT_SLACK: usize = 2;
 
 pub(crate) struct DecodeService {
-    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) commands: Arc<RoleSlot<Command>>,
     pub(crate) kv_endpoint: SocketAddr,
     pub(crate) next_id: AtomicU64,
     pub(crate) queue_depth: usize,
@@ -62,7 +64,7 @@ impl Decode for DecodeService {
             events,
             reply,
         };
-        try_queue(&self.commands, command, self.queue_depth)?;
+        try_queue(&self.commands.sender()?, command, self.queue_depth)?;
         let blocks = blocks
             .await
             .map_err(|_| WorkerError::EngineStopped)?
@@ -102,11 +104,12 @@ pub(crate) struct KvLayout {
     pub(crate) head_dim: u32,
 }
 
-/// Checks each arriving frame against the model's KV layout and hands it to the engine
-/// thread; waiting for room in the command queue slows the sender through TCP.
+/// Checks each arriving frame against the model's KV layout and hands it to the decode
+/// engine thread; waiting for room in the command queue slows the sender through TCP. Frames
+/// arriving while the worker serves another role are dropped (their requests already failed).
 pub(crate) async fn run_kv_intake(
     mut frames: mpsc::Receiver<Received>,
-    commands: mpsc::Sender<Command>,
+    commands: Arc<RoleSlot<Command>>,
     layout: KvLayout,
 ) {
     while let Some(received) = frames.recv().await {
@@ -162,8 +165,12 @@ pub(crate) async fn run_kv_intake(
                 continue;
             }
         };
-        if commands.send(command).await.is_err() {
-            return;
+        match commands.sender() {
+            Ok(engine) => {
+                // A closed channel means the engine is retiring: the request fails anyway.
+                let _ = engine.send(command).await;
+            }
+            Err(error) => tracing::warn!(%error, "dropping a kv frame"),
         }
     }
 }
