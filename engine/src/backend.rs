@@ -8,6 +8,7 @@ use crate::error::{EngineError, Result};
 use crate::weights::ExpertWeights;
 
 pub(crate) mod cpu;
+pub(crate) mod cuda;
 
 /// Kernels one device provides. Model code is written once against this trait; each backend
 /// picks its own storage layouts and dtypes behind the associated types.

@@ -52,6 +52,8 @@ pub enum EngineError {
     DuplicateSequence(u64),
     #[error("device {device} unavailable: {reason}")]
     DeviceUnavailable { device: String, reason: String },
+    #[error("cuda: {0}")]
+    Device(String),
 }
 
 pub(crate) type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -21,6 +21,14 @@ mod tokenizer;
 mod weights;
 
 pub use backend::cpu::{CpuBackend, CpuKvStore, CpuMatrix, CpuTensor};
+
+/// The CUDA backend (libraries loaded at run time; [`cuda::probe`] says whether it can run).
+pub mod cuda {
+    pub use crate::backend::cuda::{
+        CudaBackend, CudaKvStore, CudaMatrix, CudaTensor, CudaVector, KERNEL_NAMES, KERNELS_SOURCE,
+        compile_kernels, probe,
+    };
+}
 pub use backend::{
     AttentionBatch, AttentionSeq, Backend, Device, DeviceChoice, KvRows, KvSpec, RopeTable, Routing,
 };

@@ -1,0 +1,216 @@
+//! The CUDA backend on a synthetic checkpoint shaped like Qwen3-30B-A3B (hidden 2048, 128
+//! experts top-8 of width 768, 32 query / 4 KV heads of 128, vocab 151936), with fewer layers
+//! so it fits one GPU and the disk. Prints two tables of ratios against limits measured in the
+//! same run:
+//! - decode step time at 2k context versus the HBM floor: (expert bytes touched + dense bytes
+//!   + KV bytes read) / device-to-device copy bandwidth (bytes read and written per second);
+//! - prefill tokens/s versus FLOPs / this backend's bf16 GEMM rate on an 8192³ product.
+//!
+//! `cargo bench -p tandem-engine --bench cuda` (`TANDEM_BENCH_LAYERS`, default 8;
+//! `TANDEM_BENCH_DIR` for the checkpoint, default under the temp dir). Prints why it skips
+//! where no GPU is found.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde_json::json;
+use tandem_engine::cuda::CudaBackend;
+use tandem_engine::{
+    Engine, EngineConfig, KvRows, Logprobs, Model, SamplingParams, SeqId, StopCriteria,
+    write_random_checkpoint,
+};
+
+const HIDDEN: usize = 2048;
+const EXPERTS: usize = 128;
+const TOP_K: usize = 8;
+const EXPERT_WIDTH: usize = 768;
+const HEADS: usize = 32;
+const KV_HEADS: usize = 4;
+const HEAD_DIM: usize = 128;
+const VOCAB: usize = 151_936;
+const CONTEXT: usize = 2048;
+const BATCHES: [usize; 5] = [1, 8, 32, 64, 128];
+const PREFILL_LENGTHS: [usize; 2] = [2048, 8192];
+const BLOCK_SIZE: usize = 16;
+const TIMED_STEPS: usize = 8;
+const BF16: usize = 2;
+
+fn main() {
+    if let Err(reason) = tandem_engine::cuda::probe() {
+        println!("skipping the cuda bench: no CUDA here ({reason})");
+        return;
+    }
+    let layers: usize = std::env::var("TANDEM_BENCH_LAYERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let dir = std::env::var_os("TANDEM_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("tandem-qwen3-30b-a3b-{layers}l")));
+    if !dir.join("model.safetensors").exists() {
+        let started = Instant::now();
+        write_random_checkpoint(&dir, &config(layers), 7).expect("checkpoint");
+        println!(
+            "wrote {} in {:.0} s",
+            dir.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let backend = CudaBackend::new(0).expect("cuda backend");
+    let copy = backend.copy_bandwidth(1 << 30, 20).expect("copy bandwidth");
+    let gemm = backend.gemm_rate(8192, 10).expect("gemm rate");
+    println!(
+        "{}: device-to-device copy {:.0} GB/s (read + write); bf16 GEMM 8192^3 {:.0} TFLOP/s",
+        backend.device_name(),
+        copy / 1e9,
+        gemm / 1e12
+    );
+    let started = Instant::now();
+    let model = Model::load(&dir, backend, &mut |_| {}).expect("model loads");
+    println!(
+        "qwen3-30b-a3b shape, {layers} layers, loaded in {:.0} s\n",
+        started.elapsed().as_secs_f64()
+    );
+    let blocks_needed = BATCHES[BATCHES.len() - 1] * (CONTEXT + 64) / BLOCK_SIZE + 64;
+    let config = EngineConfig {
+        block_size: BLOCK_SIZE,
+        num_blocks: blocks_needed.max(PREFILL_LENGTHS[1] / BLOCK_SIZE + 64),
+        max_batch_tokens: PREFILL_LENGTHS[1],
+        max_running: 256,
+    };
+    let mut engine = Engine::new(model, None, config).expect("engine");
+
+    println!("decode at {CONTEXT} context");
+    println!("| batch | step ms | floor ms | of floor | tokens/s |");
+    println!("| ---: | ---: | ---: | ---: | ---: |");
+    for batch in BATCHES {
+        let step = decode_step_seconds(&mut engine, batch, layers);
+        let floor = decode_floor_bytes(batch, layers) / (copy / 2.0);
+        println!(
+            "| {batch} | {:.2} | {:.2} | {:.0}% | {:.0} |",
+            step * 1e3,
+            floor * 1e3,
+            100.0 * floor / step,
+            batch as f64 / step
+        );
+    }
+
+    println!("\nprefill");
+    println!("| prompt | seconds | tokens/s | TFLOP/s | of GEMM rate |");
+    println!("| ---: | ---: | ---: | ---: | ---: |");
+    for len in PREFILL_LENGTHS {
+        let seconds = prefill_seconds(&mut engine, len);
+        let flops = prefill_flops(len, layers);
+        println!(
+            "| {len} | {seconds:.3} | {:.0} | {:.1} | {:.0}% |",
+            len as f64 / seconds,
+            flops / seconds / 1e12,
+            100.0 * flops / seconds / gemm
+        );
+    }
+}
+
+fn config(layers: usize) -> serde_json::Value {
+    json!({
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "intermediate_size": 6144,
+        "moe_intermediate_size": EXPERT_WIDTH,
+        "num_hidden_layers": layers,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "num_experts": EXPERTS,
+        "num_experts_per_tok": TOP_K,
+        "norm_topk_prob": true,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        "max_position_embeddings": 40960,
+        "tie_word_embeddings": false,
+        "attention_bias": false,
+        "dtype": "bfloat16",
+        "eos_token_id": 2
+    })
+}
+
+/// Mean time of one decode step of `batch` sequences holding CONTEXT tokens each, their
+/// prompt KV imported (its values do not change the work).
+fn decode_step_seconds(engine: &mut Engine<CudaBackend>, batch: usize, layers: usize) -> f64 {
+    let width = KV_HEADS * HEAD_DIM;
+    let rows = KvRows {
+        k: vec![0.01; CONTEXT * width],
+        v: vec![0.01; CONTEXT * width],
+    };
+    let ids: Vec<SeqId> = (0..batch as u64).map(|i| SeqId(1_000_000 + i)).collect();
+    for &id in &ids {
+        let prompt: Vec<u32> = (0..CONTEXT as u32).map(|t| 3 + t % 1000).collect();
+        let stop = StopCriteria {
+            ignore_eos: true,
+            ..StopCriteria::max_new_tokens(TIMED_STEPS + 4)
+        };
+        engine
+            .reserve(id, prompt, SamplingParams::greedy(), stop)
+            .expect("reserve");
+        for layer in 0..layers {
+            engine.import_kv(id, layer, &rows).expect("import");
+        }
+        let logprobs = Logprobs {
+            chosen: 0.0,
+            top: Vec::new(),
+        };
+        engine.admit_prefilled(id, 5, logprobs).expect("admit");
+    }
+    // Warm up, then time.
+    engine.step().expect("step");
+    let started = Instant::now();
+    for _ in 0..TIMED_STEPS {
+        engine.step().expect("step");
+    }
+    let seconds = started.elapsed().as_secs_f64() / TIMED_STEPS as f64;
+    for id in ids {
+        engine.abort(id);
+    }
+    seconds
+}
+
+/// Bytes one decode step must read at least: the experts its tokens touch (expected distinct
+/// experts under uniform routing), the dense weights, the LM head and the KV of the context.
+fn decode_floor_bytes(batch: usize, layers: usize) -> f64 {
+    let expert = (3 * HIDDEN * EXPERT_WIDTH * BF16) as f64;
+    let miss = 1.0 - TOP_K as f64 / EXPERTS as f64;
+    let touched = EXPERTS as f64 * (1.0 - miss.powi(batch as i32));
+    let attention = (HIDDEN * (HEADS + 2 * KV_HEADS) * HEAD_DIM + HEADS * HEAD_DIM * HIDDEN) * BF16;
+    let router = HIDDEN * EXPERTS * BF16;
+    let kv = batch * CONTEXT * 2 * KV_HEADS * HEAD_DIM * BF16;
+    let per_layer = touched * expert + (attention + router + kv) as f64;
+    per_layer * layers as f64 + (VOCAB * HIDDEN * BF16) as f64
+}
+
+fn prefill_seconds(engine: &mut Engine<CudaBackend>, len: usize) -> f64 {
+    let prompt: Vec<u32> = (0..len as u32).map(|t| 3 + (t * 7) % 5000).collect();
+    engine.score(&prompt[..16]).expect("warm-up");
+    let id = SeqId(9_999_999);
+    let started = Instant::now();
+    engine
+        .add_prefill_request(id, prompt, SamplingParams::greedy())
+        .expect("prefill");
+    while engine.has_work() {
+        engine.step().expect("step");
+    }
+    started.elapsed().as_secs_f64()
+}
+
+/// Matrix FLOPs of a prefill: 2 per active parameter per token, plus causal attention.
+fn prefill_flops(len: usize, layers: usize) -> f64 {
+    let attention_params = HIDDEN * (HEADS + 2 * KV_HEADS) * HEAD_DIM + HEADS * HEAD_DIM * HIDDEN;
+    let expert_params = TOP_K * 3 * HIDDEN * EXPERT_WIDTH + HIDDEN * EXPERTS;
+    let dense = 2.0 * len as f64 * ((attention_params + expert_params) * layers) as f64;
+    // QKᵀ and PV over the causal half: 2 · 2 · len² / 2 · heads · head_dim per layer.
+    let attention = 2.0 * (len * len) as f64 * (HEADS * HEAD_DIM * layers) as f64;
+    dense + attention + 2.0 * (VOCAB * HIDDEN) as f64
+}

@@ -1,0 +1,937 @@
+//! CUDA backend through cudarc, loading libcuda, libnvrtc and libcublas at run time so the
+//! workspace builds and runs where they are absent. Activations are f32 on the device; weights
+//! and the KV cache are bf16. Projections are cuBLAS GEMMs (bf16 inputs, f32 accumulate and
+//! output); everything else is the CUDA C in `kernels.cu`, compiled once per process with NVRTC
+//! for the device's architecture.
+//!
+//! This is the only module of the engine that uses cudarc, and the only one with `unsafe`
+//! beyond the CPU backend's gemm call and the checkpoint mmap: kernel launches and the raw
+//! cuBLAS GEMM, each with its safety argument.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use cudarc::cublas::{CudaBlas, sys as blas};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use crate::backend::{AttentionBatch, Backend, KvRows, KvSpec, RopeTable, Routing};
+use crate::checkpoint::HostTensor;
+use crate::error::{EngineError, Result};
+use crate::weights::ExpertWeights;
+
+/// The kernels' CUDA C source.
+pub const KERNELS_SOURCE: &str = include_str!("cuda/kernels.cu");
+
+/// Every kernel `kernels.cu` defines.
+pub const KERNEL_NAMES: [&str; 14] = [
+    "embed",
+    "rms_norm",
+    "add_assign",
+    "add_bias",
+    "scale_rows",
+    "swiglu",
+    "rope",
+    "store_rows",
+    "load_rows",
+    "to_bf16",
+    "gather_rows",
+    "scatter_add_weighted",
+    "attention",
+    "attention_prefill",
+];
+
+/// Threads per block of the row-wise kernels.
+const ROW_THREADS: u32 = 256;
+/// Threads per block of the element-wise kernels.
+const ELEMENT_THREADS: u32 = 256;
+/// Attention runs one warp per (query row, head).
+const WARP: u32 = 32;
+/// The attention kernel holds at most 8 values of a head per lane.
+const MAX_HEAD_DIM: usize = 256;
+/// `attention_prefill`'s limits: `PREFILL_MAX_HEAD_DIM`, `Q_TILE` rows a block, 4 warps.
+const PREFILL_MAX_HEAD_DIM: usize = 128;
+const PREFILL_Q_TILE: usize = 16;
+const PREFILL_THREADS: u32 = 128;
+
+/// Query tiles of `attention_prefill`: each up to `PREFILL_Q_TILE` consecutive rows of one
+/// sequence.
+#[derive(Default)]
+struct PrefillTiles {
+    rows: Vec<i32>,
+    counts: Vec<i32>,
+    positions: Vec<i32>,
+    table_offsets: Vec<i32>,
+}
+
+impl PrefillTiles {
+    fn add(&mut self, rows: std::ops::Range<usize>, first_position: usize, table_offset: i32) {
+        for start in rows.clone().step_by(PREFILL_Q_TILE) {
+            self.rows.push(start as i32);
+            self.counts
+                .push((rows.end - start).min(PREFILL_Q_TILE) as i32);
+            self.positions
+                .push((first_position + start - rows.start) as i32);
+            self.table_offsets.push(table_offset);
+        }
+    }
+}
+
+fn device_error(what: &str, error: impl std::fmt::Display) -> EngineError {
+    EngineError::Device(format!("{what}: {error}"))
+}
+
+/// A launch's outcome (it records no events: everything runs on one stream).
+fn launched<T>(
+    result: std::result::Result<T, cudarc::driver::DriverError>,
+    kernel: &str,
+) -> Result<()> {
+    result.map(drop).map_err(|e| device_error(kernel, e))
+}
+
+/// Why CUDA cannot be used here, or `Ok` when a device and every library it needs are found.
+/// Checked before the first CUDA call, since cudarc panics on a missing library.
+pub fn probe() -> std::result::Result<(), String> {
+    // SAFETY: each check only tries to dlopen the library; none calls into it.
+    let missing = unsafe {
+        [
+            (
+                "libcuda (the NVIDIA driver)",
+                cudarc::driver::sys::is_culib_present(),
+            ),
+            ("libnvrtc", cudarc::nvrtc::sys::is_culib_present()),
+            ("libcublas", cudarc::cublas::sys::is_culib_present()),
+        ]
+    };
+    let missing: Vec<&str> = missing
+        .iter()
+        .filter(|(_, present)| !present)
+        .map(|(name, _)| *name)
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!("{} not found", missing.join(", ")));
+    }
+    match CudaContext::device_count() {
+        Ok(0) => Err("the driver sees no CUDA device".into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("the driver did not start: {e}")),
+    }
+}
+
+/// Compiles the kernels for `arch` (`sm_90`, …) to PTX. Needs libnvrtc, not a GPU.
+pub fn compile_kernels(arch: &'static str) -> Result<String> {
+    // SAFETY: only tries to dlopen libnvrtc.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(EngineError::DeviceUnavailable {
+            device: "cuda".into(),
+            reason: "libnvrtc not found".into(),
+        });
+    }
+    let options = CompileOptions {
+        arch: Some(arch),
+        name: Some("tandem_kernels.cu".into()),
+        ..CompileOptions::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS_SOURCE, options)
+        .map_err(|e| device_error("compiling kernels.cu", e))?;
+    Ok(ptx.to_src())
+}
+
+/// PTX by architecture, compiled once per process.
+fn cached_ptx(arch: &str) -> Result<Ptx> {
+    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(src) = cache.get(arch) {
+        return Ok(Ptx::from_src(src.clone()));
+    }
+    // NVRTC takes the architecture as a 'static str; there are only a few, each leaked once.
+    let arch_static: &'static str = Box::leak(arch.to_owned().into_boxed_str());
+    let src = compile_kernels(arch_static)?;
+    cache.insert(arch.to_owned(), src.clone());
+    Ok(Ptx::from_src(src))
+}
+
+struct Kernels {
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+impl Kernels {
+    fn get(&self, name: &str) -> &CudaFunction {
+        &self.functions[name]
+    }
+}
+
+/// One GPU: its stream, cuBLAS handle and kernels.
+pub struct CudaBackend {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: Kernels,
+    device_name: String,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("device", &self.device_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Row-major f32 activations on the device.
+pub struct CudaTensor {
+    pub rows: usize,
+    pub cols: usize,
+    data: CudaSlice<f32>,
+}
+
+/// A bf16 weight matrix `[out, in]`, row-major as the checkpoint stores it.
+pub struct CudaMatrix {
+    pub out_dim: usize,
+    pub in_dim: usize,
+    data: CudaSlice<u16>,
+}
+
+/// An f32 vector on the device.
+pub struct CudaVector {
+    len: usize,
+    data: CudaSlice<f32>,
+}
+
+/// One layer's K and V in bf16, `[slot, kv_head, head_dim]`.
+pub struct CudaKvStore {
+    spec: KvSpec,
+    k: CudaSlice<u16>,
+    v: CudaSlice<u16>,
+}
+
+impl CudaKvStore {
+    fn width(&self) -> usize {
+        self.spec.num_kv_heads * self.spec.head_dim
+    }
+}
+
+fn shape_error(op: &str, detail: String) -> EngineError {
+    EngineError::InvalidRequest(format!("{op}: {detail}"))
+}
+
+fn blocks(n: usize, per_block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(per_block), 1, 1),
+        block_dim: (per_block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn slots_i32(slots: &[usize]) -> Vec<i32> {
+    slots.iter().map(|&s| s as i32).collect()
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` and compiles the kernels for it. Call [`probe`] first.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        probe().map_err(|reason| EngineError::DeviceUnavailable {
+            device: "cuda".into(),
+            reason,
+        })?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| device_error("opening the device", e))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| device_error("reading the compute capability", e))?;
+        let device_name = ctx.name().unwrap_or_else(|_| "cuda".into());
+        let stream = ctx.default_stream();
+        let module = ctx
+            .load_module(cached_ptx(&format!("sm_{major}{minor}"))?)
+            .map_err(|e| device_error("loading the kernels", e))?;
+        let mut functions = HashMap::new();
+        for name in KERNEL_NAMES {
+            let function = module
+                .load_function(name)
+                .map_err(|e| device_error(&format!("kernel {name}"), e))?;
+            functions.insert(name, function);
+        }
+        let blas = CudaBlas::new(Arc::clone(&stream)).map_err(|e| device_error("cublas", e))?;
+        Ok(Self {
+            stream,
+            blas,
+            kernels: Kernels { functions },
+            device_name,
+        })
+    }
+
+    /// The GPU's name, as the driver gives it.
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// Waits for every queued kernel (for timing).
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| device_error("synchronizing", e))
+    }
+
+    /// Device-to-device copy bandwidth in bytes/s, counting bytes read and written: the HBM
+    /// figure decode is measured against.
+    pub fn copy_bandwidth(&self, bytes: usize, repeats: usize) -> Result<f64> {
+        let src = self.zeros::<u8>(bytes)?;
+        let mut dst = self.zeros::<u8>(bytes)?;
+        let copy = |dst: &mut CudaSlice<u8>| {
+            self.stream
+                .memcpy_dtod(&src, dst)
+                .map_err(|e| device_error("device copy", e))
+        };
+        copy(&mut dst)?;
+        self.synchronize()?;
+        let started = std::time::Instant::now();
+        for _ in 0..repeats {
+            copy(&mut dst)?;
+        }
+        self.synchronize()?;
+        Ok((2 * bytes * repeats) as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// FLOP/s of this backend's GEMM (bf16 in, f32 accumulate) on an n×n×n product: the rate
+    /// prefill is measured against.
+    pub fn gemm_rate(&self, n: usize, repeats: usize) -> Result<f64> {
+        let x = self.tensor(n, n)?;
+        let w = CudaMatrix {
+            out_dim: n,
+            in_dim: n,
+            data: self.zeros(n * n)?,
+        };
+        self.gemm(&x, &w)?;
+        self.synchronize()?;
+        let started = std::time::Instant::now();
+        for _ in 0..repeats {
+            self.gemm(&x, &w)?;
+        }
+        self.synchronize()?;
+        Ok((2 * n * n * n * repeats) as f64 / started.elapsed().as_secs_f64())
+    }
+
+    fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros(n.max(1))
+            .map_err(|e| device_error("allocating device memory", e))
+    }
+
+    fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        if host.is_empty() {
+            return self.zeros_raw::<T>();
+        }
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| device_error("copying to the device", e))
+    }
+
+    /// A one-element buffer standing in for an empty upload.
+    fn zeros_raw<T: cudarc::driver::DeviceRepr>(&self) -> Result<CudaSlice<T>> {
+        // SAFETY: the buffer is never read: it stands for zero elements.
+        unsafe { self.stream.alloc::<T>(1) }.map_err(|e| device_error("allocating", e))
+    }
+
+    fn tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            rows,
+            cols,
+            data: self.zeros(rows * cols)?,
+        })
+    }
+
+    fn function(&self, name: &str) -> &CudaFunction {
+        self.kernels.get(name)
+    }
+
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ` with bf16 inputs and f32 accumulation.
+    fn gemm(&self, x: &CudaTensor, w: &CudaMatrix) -> Result<CudaTensor> {
+        let (m, k, n) = (x.rows, x.cols, w.out_dim);
+        let mut y = self.tensor(m, n)?;
+        if m == 0 {
+            return Ok(y);
+        }
+        let mut x16 = self.zeros::<u16>(m * k)?;
+        let count = (m * k) as i32;
+        let mut launch = self.stream.launch_builder(self.function("to_bf16"));
+        launch.arg(&x.data).arg(&mut x16).arg(&count);
+        // SAFETY: to_bf16 reads `count` floats of x and writes as many words of x16, both
+        // that long.
+        launched(
+            unsafe { launch.launch(blocks(m * k, ELEMENT_THREADS)) },
+            "to_bf16",
+        )?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        {
+            let (a, _a_guard) = w.data.device_ptr(&self.stream);
+            let (b, _b_guard) = x16.device_ptr(&self.stream);
+            let (c, _c_guard) = y.data.device_ptr_mut(&self.stream);
+            // Column-major view: yᵀ[n, m] = w[n, k] (stored k-major, transposed) · x16ᵀ[k, m].
+            // SAFETY: a holds n·k, b m·k and c m·n elements of the declared types; the
+            // leading dimensions match those row lengths; alpha and beta outlive the call,
+            // which is queued on the handle's stream like every other operation here.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *self.blas.handle(),
+                    blas::cublasOperation_t::CUBLAS_OP_T,
+                    blas::cublasOperation_t::CUBLAS_OP_N,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    (&alpha as *const f32).cast::<c_void>(),
+                    a as *const c_void,
+                    blas::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    b as *const c_void,
+                    blas::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    (&beta as *const f32).cast::<c_void>(),
+                    c as *mut c_void,
+                    blas::cudaDataType::CUDA_R_32F,
+                    n as i32,
+                    blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| device_error("cublas gemm", e))?;
+        }
+        Ok(y)
+    }
+
+    /// `out[rows[i], :] += weights[i] · y[i, :]`.
+    fn scatter_add_weighted(
+        &self,
+        out: &mut CudaTensor,
+        y: &CudaTensor,
+        rows: &CudaSlice<i32>,
+        weights: &CudaSlice<f32>,
+    ) -> Result<()> {
+        if y.rows == 0 {
+            return Ok(());
+        }
+        let cols = out.cols as i32;
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("scatter_add_weighted"));
+        launch
+            .arg(&mut out.data)
+            .arg(&y.data)
+            .arg(rows)
+            .arg(weights)
+            .arg(&cols);
+        // SAFETY: one block per row of y; rows and weights hold y.rows entries and every row
+        // index is below out.rows (the caller's tokens).
+        launched(unsafe { launch.launch(per_row(y.rows)) }, "scatter_add")
+    }
+
+    fn gather(&self, x: &CudaTensor, rows: &CudaSlice<i32>, n: usize) -> Result<CudaTensor> {
+        let mut out = self.tensor(n, x.cols)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let cols = x.cols as i32;
+        let mut launch = self.stream.launch_builder(self.function("gather_rows"));
+        launch.arg(&x.data).arg(rows).arg(&mut out.data).arg(&cols);
+        // SAFETY: one block per output row; rows holds n indices below x.rows.
+        launched(unsafe { launch.launch(per_row(n)) }, "gather_rows")?;
+        Ok(out)
+    }
+
+    fn store_rows(
+        &self,
+        store: &mut CudaSlice<u16>,
+        src: &CudaSlice<f32>,
+        slots: &CudaSlice<i32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let width = width as i32;
+        let mut launch = self.stream.launch_builder(self.function("store_rows"));
+        launch.arg(store).arg(src).arg(slots).arg(&width);
+        // SAFETY: one block per row; every slot was checked against the store's capacity
+        // and src holds rows · width values.
+        launched(unsafe { launch.launch(per_row(rows)) }, "store_rows")
+    }
+
+    fn checked_slots(
+        &self,
+        store: &CudaKvStore,
+        slots: &[usize],
+        op: &str,
+    ) -> Result<CudaSlice<i32>> {
+        let capacity = store.spec.num_blocks * store.spec.block_size;
+        if let Some(bad) = slots.iter().find(|&&s| s >= capacity) {
+            return Err(shape_error(
+                op,
+                format!("slot {bad} is outside the cache of {capacity}"),
+            ));
+        }
+        self.upload(&slots_i32(slots))
+    }
+
+    fn load_rows(
+        &self,
+        store: &CudaSlice<u16>,
+        slots: &CudaSlice<i32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<Vec<f32>> {
+        if rows > 0 {
+            let mut out = self.zeros::<f32>(rows * width)?;
+            let w = width as i32;
+            let mut launch = self.stream.launch_builder(self.function("load_rows"));
+            launch.arg(store).arg(slots).arg(&mut out).arg(&w);
+            // SAFETY: one block per row; slots were checked against the store's capacity and
+            // out holds rows · width values.
+            launched(unsafe { launch.launch(per_row(rows)) }, "load_rows")?;
+            let mut host = self
+                .stream
+                .clone_dtoh(&out)
+                .map_err(|e| device_error("copying to the host", e))?;
+            host.truncate(rows * width);
+            return Ok(host);
+        }
+        Ok(Vec::new())
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Matrix = CudaMatrix;
+    type Vector = CudaVector;
+    type KvStore = CudaKvStore;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn matrix(&self, host: HostTensor) -> Result<CudaMatrix> {
+        let [out_dim, in_dim] = host.shape[..] else {
+            return Err(shape_error(
+                "matrix",
+                format!("shape {:?} is not 2-D", host.shape),
+            ));
+        };
+        // Round to nearest even, as torch converts.
+        let bits: Vec<u16> = host
+            .data
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect();
+        Ok(CudaMatrix {
+            out_dim,
+            in_dim,
+            data: self.upload(&bits)?,
+        })
+    }
+
+    fn vector(&self, host: Vec<f32>) -> Result<CudaVector> {
+        Ok(CudaVector {
+            len: host.len(),
+            data: self.upload(&host)?,
+        })
+    }
+
+    fn kv_store(&self, spec: &KvSpec) -> Result<CudaKvStore> {
+        let n = spec.num_blocks * spec.block_size * spec.num_kv_heads * spec.head_dim;
+        Ok(CudaKvStore {
+            spec: *spec,
+            k: self.zeros(n)?,
+            v: self.zeros(n)?,
+        })
+    }
+
+    fn embed(&self, table: &CudaMatrix, ids: &[u32]) -> Result<CudaTensor> {
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= table.out_dim) {
+            return Err(shape_error(
+                "embed",
+                format!("token {bad} of {}", table.out_dim),
+            ));
+        }
+        let mut out = self.tensor(ids.len(), table.in_dim)?;
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let ids = self.upload(ids)?;
+        let cols = table.in_dim as i32;
+        let mut launch = self.stream.launch_builder(self.function("embed"));
+        launch
+            .arg(&table.data)
+            .arg(&ids)
+            .arg(&mut out.data)
+            .arg(&cols);
+        // SAFETY: one block per id, each checked below the table's rows.
+        launched(unsafe { launch.launch(per_row(out.rows)) }, "embed")?;
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, weight: &CudaVector, eps: f32) -> Result<CudaTensor> {
+        let len = weight.len;
+        if len == 0 || !x.cols.is_multiple_of(len) {
+            return Err(shape_error(
+                "rms_norm",
+                format!("{} columns in runs of {len}", x.cols),
+            ));
+        }
+        let mut out = self.tensor(x.rows, x.cols)?;
+        let runs = x.rows * x.cols / len;
+        if runs == 0 {
+            return Ok(out);
+        }
+        let len_i = len as i32;
+        let mut launch = self.stream.launch_builder(self.function("rms_norm"));
+        launch
+            .arg(&x.data)
+            .arg(&weight.data)
+            .arg(&mut out.data)
+            .arg(&len_i)
+            .arg(&eps);
+        // SAFETY: one block per run of len values; x and out hold runs · len values.
+        launched(unsafe { launch.launch(per_row(runs)) }, "rms_norm")?;
+        Ok(out)
+    }
+
+    fn linear(
+        &self,
+        x: &CudaTensor,
+        w: &CudaMatrix,
+        bias: Option<&CudaVector>,
+    ) -> Result<CudaTensor> {
+        if x.cols != w.in_dim {
+            return Err(shape_error(
+                "linear",
+                format!("x has {} columns, the weight takes {}", x.cols, w.in_dim),
+            ));
+        }
+        let mut y = self.gemm(x, w)?;
+        if let Some(bias) = bias.filter(|_| y.rows > 0) {
+            let cols = y.cols as i32;
+            let mut launch = self.stream.launch_builder(self.function("add_bias"));
+            launch.arg(&mut y.data).arg(&bias.data).arg(&cols);
+            // SAFETY: one block per row of y; the bias holds y.cols values.
+            launched(unsafe { launch.launch(per_row(y.rows)) }, "add_bias")?;
+        }
+        Ok(y)
+    }
+
+    fn add_assign(&self, acc: &mut CudaTensor, x: &CudaTensor) -> Result<()> {
+        if (acc.rows, acc.cols) != (x.rows, x.cols) {
+            return Err(shape_error("add_assign", "shapes differ".into()));
+        }
+        let n = acc.rows * acc.cols;
+        if n == 0 {
+            return Ok(());
+        }
+        let n_i = n as i32;
+        let mut launch = self.stream.launch_builder(self.function("add_assign"));
+        launch.arg(&mut acc.data).arg(&x.data).arg(&n_i);
+        // SAFETY: both hold n values.
+        launched(
+            unsafe { launch.launch(blocks(n, ELEMENT_THREADS)) },
+            "add_assign",
+        )
+    }
+
+    fn scale_rows(&self, x: &mut CudaTensor, scales: &[f32]) -> Result<()> {
+        if scales.len() != x.rows {
+            return Err(shape_error(
+                "scale_rows",
+                format!("{} scales for {} rows", scales.len(), x.rows),
+            ));
+        }
+        if x.rows == 0 {
+            return Ok(());
+        }
+        let scales = self.upload(scales)?;
+        let cols = x.cols as i32;
+        let mut launch = self.stream.launch_builder(self.function("scale_rows"));
+        launch.arg(&mut x.data).arg(&scales).arg(&cols);
+        // SAFETY: one block per row; scales holds x.rows values.
+        launched(unsafe { launch.launch(per_row(x.rows)) }, "scale_rows")
+    }
+
+    fn swiglu(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
+        let inter = gate_up.cols / 2;
+        let mut out = self.tensor(gate_up.rows, inter)?;
+        if gate_up.rows == 0 {
+            return Ok(out);
+        }
+        let inter_i = inter as i32;
+        let mut launch = self.stream.launch_builder(self.function("swiglu"));
+        launch.arg(&gate_up.data).arg(&mut out.data).arg(&inter_i);
+        // SAFETY: one block per row; gate_up rows hold 2 · inter values, out rows inter.
+        launched(unsafe { launch.launch(per_row(out.rows)) }, "swiglu")?;
+        Ok(out)
+    }
+
+    fn rope(&self, x: &mut CudaTensor, table: &RopeTable) -> Result<()> {
+        let head_dim = table.head_dim;
+        if table.rows() != x.rows || head_dim == 0 || !x.cols.is_multiple_of(head_dim) {
+            return Err(shape_error(
+                "rope",
+                format!(
+                    "{} rows of {} for a table of {} rows of head_dim {head_dim}",
+                    x.rows,
+                    x.cols,
+                    table.rows()
+                ),
+            ));
+        }
+        if x.rows == 0 {
+            return Ok(());
+        }
+        let cos = self.upload(&table.cos)?;
+        let sin = self.upload(&table.sin)?;
+        let heads = (x.cols / head_dim) as i32;
+        let head_dim = head_dim as i32;
+        let mut launch = self.stream.launch_builder(self.function("rope"));
+        launch
+            .arg(&mut x.data)
+            .arg(&cos)
+            .arg(&sin)
+            .arg(&heads)
+            .arg(&head_dim);
+        // SAFETY: one block per row; cos and sin hold rows · head_dim / 2 values.
+        launched(unsafe { launch.launch(per_row(x.rows)) }, "rope")
+    }
+
+    fn write_kv(
+        &self,
+        store: &mut CudaKvStore,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        slots: &[usize],
+    ) -> Result<()> {
+        let width = store.width();
+        if k.rows != slots.len() || v.rows != slots.len() || k.cols != width || v.cols != width {
+            return Err(shape_error(
+                "write_kv",
+                format!("{} slots of width {width}", slots.len()),
+            ));
+        }
+        let slots_dev = self.checked_slots(store, slots, "write_kv")?;
+        self.store_rows(&mut store.k, &k.data, &slots_dev, slots.len(), width)?;
+        self.store_rows(&mut store.v, &v.data, &slots_dev, slots.len(), width)
+    }
+
+    fn read_kv(&self, store: &CudaKvStore, slots: &[usize]) -> Result<KvRows> {
+        let width = store.width();
+        let slots_dev = self.checked_slots(store, slots, "read_kv")?;
+        Ok(KvRows {
+            k: self.load_rows(&store.k, &slots_dev, slots.len(), width)?,
+            v: self.load_rows(&store.v, &slots_dev, slots.len(), width)?,
+        })
+    }
+
+    fn load_kv(&self, store: &mut CudaKvStore, rows: &KvRows, slots: &[usize]) -> Result<()> {
+        let width = store.width();
+        if rows.k.len() != slots.len() * width || rows.v.len() != rows.k.len() {
+            return Err(shape_error(
+                "load_kv",
+                format!(
+                    "{} k and {} v values for {} slots of width {width}",
+                    rows.k.len(),
+                    rows.v.len(),
+                    slots.len()
+                ),
+            ));
+        }
+        let slots_dev = self.checked_slots(store, slots, "load_kv")?;
+        let k = self.upload(&rows.k)?;
+        let v = self.upload(&rows.v)?;
+        self.store_rows(&mut store.k, &k, &slots_dev, slots.len(), width)?;
+        self.store_rows(&mut store.v, &v, &slots_dev, slots.len(), width)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        store: &CudaKvStore,
+        batch: &AttentionBatch<'_>,
+    ) -> Result<CudaTensor> {
+        if batch.head_dim > MAX_HEAD_DIM || batch.num_kv_heads == 0 {
+            return Err(EngineError::Unsupported(format!(
+                "cuda attention takes head_dim <= {MAX_HEAD_DIM} and >= 1 kv head, got {} and {}",
+                batch.head_dim, batch.num_kv_heads
+            )));
+        }
+        // Rows decoding one token go to the warp-per-row kernel; longer runs of a sequence's
+        // rows (prefill) go in tiles to the tiled kernel, which takes head_dim <= 128.
+        let tiled = batch.head_dim <= PREFILL_MAX_HEAD_DIM;
+        let mut positions = vec![-1i32; q.rows];
+        let mut offsets = vec![0i32; q.rows];
+        let mut tiles = PrefillTiles::default();
+        let mut tables: Vec<i32> = Vec::new();
+        for seq in batch.seqs {
+            let offset = tables.len() as i32;
+            tables.extend(seq.block_table.iter().map(|b| b.0 as i32));
+            let last = seq.first_position + seq.rows.len().saturating_sub(1);
+            if seq.rows.end > q.rows
+                || (!seq.rows.is_empty() && last / batch.block_size >= seq.block_table.len())
+            {
+                return Err(shape_error(
+                    "attention",
+                    format!(
+                        "rows {:?} up to position {last} are past the sequence's {} blocks or the {} query rows",
+                        seq.rows,
+                        seq.block_table.len(),
+                        q.rows
+                    ),
+                ));
+            }
+            if tiled && seq.rows.len() > 1 {
+                tiles.add(seq.rows.clone(), seq.first_position, offset);
+                continue;
+            }
+            for (i, row) in seq.rows.clone().enumerate() {
+                positions[row] = (seq.first_position + i) as i32;
+                offsets[row] = offset;
+            }
+        }
+        let mut out = self.tensor(q.rows, q.cols)?;
+        if q.rows == 0 {
+            return Ok(out);
+        }
+        let tables = self.upload(&tables)?;
+        let (heads, kv_heads, head_dim, block_size) = (
+            batch.num_heads as i32,
+            batch.num_kv_heads as i32,
+            batch.head_dim as i32,
+            batch.block_size as i32,
+        );
+        let scale = 1.0 / (batch.head_dim as f32).sqrt();
+        if positions.iter().any(|&p| p >= 0) {
+            let positions = self.upload(&positions)?;
+            let offsets = self.upload(&offsets)?;
+            let mut launch = self.stream.launch_builder(self.function("attention"));
+            launch
+                .arg(&q.data)
+                .arg(&store.k)
+                .arg(&store.v)
+                .arg(&mut out.data)
+                .arg(&positions)
+                .arg(&offsets)
+                .arg(&tables)
+                .arg(&heads)
+                .arg(&kv_heads)
+                .arg(&head_dim)
+                .arg(&block_size)
+                .arg(&scale);
+            let config = LaunchConfig {
+                grid_dim: (q.rows as u32, batch.num_heads as u32, 1),
+                block_dim: (WARP, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: one warp per (row, head); rows of other kernels have position -1 and are
+            // skipped; every position lies inside its block table (checked above), whose
+            // blocks lie inside the store.
+            launched(unsafe { launch.launch(config) }, "attention")?;
+        }
+        if !tiles.rows.is_empty() {
+            let count = tiles.rows.len();
+            let rows = self.upload(&tiles.rows)?;
+            let counts = self.upload(&tiles.counts)?;
+            let tile_positions = self.upload(&tiles.positions)?;
+            let tile_offsets = self.upload(&tiles.table_offsets)?;
+            let mut launch = self
+                .stream
+                .launch_builder(self.function("attention_prefill"));
+            launch
+                .arg(&q.data)
+                .arg(&store.k)
+                .arg(&store.v)
+                .arg(&mut out.data)
+                .arg(&rows)
+                .arg(&counts)
+                .arg(&tile_positions)
+                .arg(&tile_offsets)
+                .arg(&tables)
+                .arg(&heads)
+                .arg(&kv_heads)
+                .arg(&head_dim)
+                .arg(&block_size)
+                .arg(&scale);
+            let config = LaunchConfig {
+                grid_dim: (count as u32, batch.num_heads as u32, 1),
+                block_dim: (PREFILL_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: one block per (tile, head); each tile's rows lie inside q and out and
+            // its positions inside its block table (checked above).
+            launched(unsafe { launch.launch(config) }, "attention_prefill")?;
+        }
+        Ok(out)
+    }
+
+    fn moe_experts(
+        &self,
+        x: &CudaTensor,
+        routing: &Routing,
+        experts: &[ExpertWeights<Self>],
+    ) -> Result<CudaTensor> {
+        let k = routing.experts_per_token.max(1);
+        // Tokens grouped by expert, in one upload: rows and weights, expert after expert.
+        let mut groups: Vec<Vec<(i32, f32)>> = vec![Vec::new(); experts.len()];
+        for (slot, (&expert, &weight)) in
+            routing.expert_ids.iter().zip(&routing.weights).enumerate()
+        {
+            let group = groups.get_mut(expert).ok_or_else(|| {
+                shape_error("moe", format!("expert {expert} of {}", experts.len()))
+            })?;
+            group.push(((slot / k) as i32, weight));
+        }
+        let mut out = self.tensor(x.rows, x.cols)?;
+        for (e, tokens) in groups.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
+            let rows: Vec<i32> = tokens.iter().map(|t| t.0).collect();
+            let weights: Vec<f32> = tokens.iter().map(|t| t.1).collect();
+            let rows = self.upload(&rows)?;
+            let weights = self.upload(&weights)?;
+            let gathered = self.gather(x, &rows, tokens.len())?;
+            let expert = &experts[e];
+            let act = self.swiglu(&self.gemm(&gathered, &expert.gate_up)?)?;
+            let y = self.gemm(&act, &expert.down)?;
+            self.scatter_add_weighted(&mut out, &y, &rows, &weights)?;
+        }
+        Ok(out)
+    }
+
+    fn select_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        if let Some(bad) = rows.iter().find(|&&r| r >= x.rows) {
+            return Err(shape_error(
+                "select_rows",
+                format!("row {bad} of {}", x.rows),
+            ));
+        }
+        let indices = self.upload(&slots_i32(rows))?;
+        self.gather(x, &indices, rows.len())
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+        let mut host = self
+            .stream
+            .clone_dtoh(&x.data)
+            .map_err(|e| device_error("copying to the host", e))?;
+        host.truncate(x.rows * x.cols);
+        Ok(host)
+    }
+}

@@ -1,0 +1,394 @@
+//! The CUDA backend against the CPU backend, kernel by kernel and on every fixture family. GPU
+//! tests print why they skip where no GPU (or no CUDA library) is found; the NVRTC test needs
+//! only libnvrtc, and fails instead of skipping when `TANDEM_REQUIRE_NVRTC` is set (CI sets
+//! it). On a GPU machine, tests/gpu/build and tests/gpu/run build and run them.
+//!
+//! Tolerance: bf16 weights and KV against the CPU's f32 copies of the same weights. Each row
+//! of logits must agree within 2e-2 of that row's largest |logit|. Greedy tokens must be equal
+//! up to the first step whose CPU top-2 margin is under twice that tolerance (a near tie the
+//! GPU may break the other way); after such a step the sequences may differ.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tandem_engine::cuda::{CudaBackend, KERNEL_NAMES, compile_kernels};
+use tandem_engine::{
+    AttentionBatch, AttentionSeq, Backend, BlockId, CpuBackend, Engine, EngineConfig,
+    ExpertWeights, HostTensor, KvSpec, Model, RopeTable, Routing, SamplingParams, SeqId,
+    StopCriteria,
+};
+
+const RELATIVE_TOLERANCE: f32 = 2e-2;
+const FAMILIES: [&str; 6] = [
+    "qwen3-moe-f32",
+    "qwen3-moe-tied-bf16",
+    "mixtral-bf16",
+    "mixtral-f32-sharded",
+    "qwen2-moe-f32",
+    "qwen2-moe-bf16",
+];
+
+/// A fixture checkpoint; `TANDEM_FIXTURES` points elsewhere when the binary runs on another
+/// machine (tests/gpu/run).
+fn fixture(name: &str) -> PathBuf {
+    std::env::var_os("TANDEM_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"))
+        .join(name)
+}
+
+/// `Some` where CUDA runs; otherwise prints why the test skips (or fails, with
+/// `TANDEM_REQUIRE_CUDA` set, as tests/gpu/run sets it).
+fn cuda_or_skip(test: &str) -> Option<()> {
+    match tandem_engine::cuda::probe() {
+        Ok(()) => Some(()),
+        Err(reason) if std::env::var_os("TANDEM_REQUIRE_CUDA").is_some() => {
+            panic!("{test}: CUDA required but unavailable: {reason}")
+        }
+        Err(reason) => {
+            eprintln!("skipping {test}: no CUDA here ({reason})");
+            None
+        }
+    }
+}
+
+fn engine<B: Backend>(dir: &Path, backend: B) -> Engine<B> {
+    let model = Model::load(dir, backend, &mut |_| {}).expect("fixture loads");
+    let config = EngineConfig {
+        num_blocks: 256,
+        ..EngineConfig::default()
+    };
+    Engine::new(model, None, config).expect("engine")
+}
+
+fn prompt(len: usize, salt: u32) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| 3 + (i * 17 + salt * 31) % 400)
+        .collect()
+}
+
+/// The worst |gpu − cpu| over a row, relative to the row's largest |cpu logit|.
+fn worst_relative_error(cpu: &[f32], gpu: &[f32], vocab: usize) -> f32 {
+    cpu.chunks_exact(vocab)
+        .zip(gpu.chunks_exact(vocab))
+        .map(|(c, g)| {
+            let scale = c.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
+            let diff = c
+                .iter()
+                .zip(g)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            diff / scale
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn every_kernel_compiles_with_nvrtc() {
+    match compile_kernels("sm_90") {
+        Ok(ptx) => {
+            for name in KERNEL_NAMES {
+                assert!(
+                    ptx.contains(&format!(".entry {name}(")),
+                    "kernel {name} missing from the PTX"
+                );
+            }
+        }
+        Err(e) if std::env::var_os("TANDEM_REQUIRE_NVRTC").is_none() => {
+            eprintln!("skipping every_kernel_compiles_with_nvrtc: {e}");
+        }
+        Err(e) => panic!("kernels did not compile: {e}"),
+    }
+}
+
+#[test]
+fn gpu_logits_match_the_cpu_backend_on_every_family() {
+    if cuda_or_skip("gpu_logits_match_the_cpu_backend_on_every_family").is_none() {
+        return;
+    }
+    for family in FAMILIES {
+        let dir = fixture(family);
+        let mut cpu = engine(&dir, CpuBackend);
+        let mut gpu = engine(&dir, CudaBackend::new(0).expect("cuda backend"));
+        let vocab = cpu.model().config().vocab_size;
+        for (len, salt) in [(1, 0), (7, 1), (40, 2)] {
+            let p = prompt(len, salt);
+            let c = cpu.score(&p).expect("cpu");
+            let g = gpu.score(&p).expect("gpu");
+            assert_eq!(c.len(), g.len());
+            let worst = worst_relative_error(&c, &g, vocab);
+            eprintln!("{family} prompt {len}: worst relative logit error {worst:.2e}");
+            assert!(
+                worst <= RELATIVE_TOLERANCE,
+                "{family} prompt {len}: {worst:.2e} > {RELATIVE_TOLERANCE:e}"
+            );
+        }
+    }
+}
+
+/// Greedy tokens of `prompts` decoded together (continuous batching).
+fn batched_greedy<B: Backend>(
+    engine: &mut Engine<B>,
+    prompts: &[Vec<u32>],
+    n: usize,
+) -> Vec<Vec<u32>> {
+    for (i, p) in prompts.iter().enumerate() {
+        let stop = StopCriteria {
+            ignore_eos: true,
+            ..StopCriteria::max_new_tokens(n)
+        };
+        engine
+            .add_request(SeqId(i as u64), p.clone(), SamplingParams::greedy(), stop)
+            .expect("request");
+    }
+    let mut tokens: HashMap<u64, Vec<u32>> = HashMap::new();
+    while engine.has_work() {
+        for event in engine.step().expect("step").events {
+            tokens.entry(event.seq.0).or_default().push(event.token);
+        }
+    }
+    (0..prompts.len() as u64)
+        .map(|i| tokens.remove(&i).unwrap_or_default())
+        .collect()
+}
+
+/// CPU top-1 minus top-2 logit after `context`, relative to the largest |logit|.
+fn relative_margin(cpu: &mut Engine<CpuBackend>, context: &[u32], vocab: usize) -> f32 {
+    let logits = cpu.score(context).expect("score");
+    let last = &logits[logits.len() - vocab..];
+    let mut sorted: Vec<f32> = last.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let scale = last.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
+    (sorted[0] - sorted[1]) / scale
+}
+
+#[test]
+fn gpu_greedy_tokens_equal_the_cpu_backend_single_and_batched() {
+    if cuda_or_skip("gpu_greedy_tokens_equal_the_cpu_backend_single_and_batched").is_none() {
+        return;
+    }
+    for family in FAMILIES {
+        let dir = fixture(family);
+        let mut cpu = engine(&dir, CpuBackend);
+        let mut gpu = engine(&dir, CudaBackend::new(0).expect("cuda backend"));
+        let vocab = cpu.model().config().vocab_size;
+        let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(5 + 9 * i, i as u32)).collect();
+        for batch in [&prompts[..1], &prompts[..]] {
+            let want = batched_greedy(&mut cpu, batch, 12);
+            let got = batched_greedy(&mut gpu, batch, 12);
+            for ((p, w), g) in batch.iter().zip(&want).zip(&got) {
+                let Some(at) = w.iter().zip(g).position(|(a, b)| a != b) else {
+                    assert_eq!(w.len(), g.len(), "{family}");
+                    continue;
+                };
+                let context: Vec<u32> = p.iter().chain(&w[..at]).copied().collect();
+                let margin = relative_margin(&mut cpu, &context, vocab);
+                assert!(
+                    margin < 2.0 * RELATIVE_TOLERANCE,
+                    "{family}: token {at} differs ({} vs {}) with a clear CPU margin {margin:.2e}",
+                    w[at],
+                    g[at]
+                );
+                eprintln!(
+                    "{family}: near tie at token {at} (margin {margin:.2e}) broken differently"
+                );
+            }
+        }
+    }
+}
+
+/// Values that bf16 holds exactly, so both backends start from the same numbers.
+struct Values(u64);
+
+impl Values {
+    fn take(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1);
+                let unit = (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                half::bf16::from_f32(unit * scale).to_f32()
+            })
+            .collect()
+    }
+}
+
+/// A `[rows, cols]` tensor holding `data`, through `embed` of an exact table.
+fn tensor<B: Backend>(b: &B, rows: usize, cols: usize, data: Vec<f32>) -> B::Tensor {
+    let table = b
+        .matrix(HostTensor {
+            shape: vec![rows, cols],
+            data,
+        })
+        .expect("table");
+    let ids: Vec<u32> = (0..rows as u32).collect();
+    b.embed(&table, &ids).expect("embed")
+}
+
+fn matrix<B: Backend>(b: &B, v: &mut Values, out: usize, inp: usize) -> B::Matrix {
+    b.matrix(HostTensor {
+        shape: vec![out, inp],
+        data: v.take(out * inp, 0.3),
+    })
+    .expect("matrix")
+}
+
+/// Runs every kernel on `b` with the same seeded inputs; returns each output by name.
+fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
+    let mut v = Values(42);
+    let mut out = Vec::new();
+    let (rows, hidden) = (18, 64);
+    let x = tensor(b, rows, hidden, v.take(rows * hidden, 1.0));
+    let w = matrix(b, &mut v, 48, hidden);
+    let bias = b.vector(v.take(48, 0.5)).expect("bias");
+    let y = b.linear(&x, &w, Some(&bias)).expect("linear");
+    out.push(("linear".into(), b.to_host(&y).expect("host")));
+    let norm = b.vector(v.take(hidden, 1.0)).expect("norm");
+    let head_norm = b.vector(v.take(16, 1.0)).expect("norm");
+    out.push((
+        "rms_norm".into(),
+        b.to_host(&b.rms_norm(&x, &norm, 1e-6).expect("norm"))
+            .expect("host"),
+    ));
+    out.push((
+        "rms_norm_heads".into(),
+        b.to_host(&b.rms_norm(&x, &head_norm, 1e-6).expect("norm"))
+            .expect("host"),
+    ));
+    let positions: Vec<u32> = (0..rows as u32).map(|i| i * 7 % 40).collect();
+    let mut r = tensor(b, rows, hidden, v.take(rows * hidden, 1.0));
+    b.rope(&mut r, &RopeTable::new(&positions, 16, 10_000.0))
+        .expect("rope");
+    out.push(("rope".into(), b.to_host(&r).expect("host")));
+    let gate_up = tensor(b, rows, 48, v.take(rows * 48, 2.0));
+    out.push((
+        "swiglu".into(),
+        b.to_host(&b.swiglu(&gate_up).expect("swiglu"))
+            .expect("host"),
+    ));
+    let mut acc = tensor(b, rows, hidden, v.take(rows * hidden, 1.0));
+    b.add_assign(&mut acc, &x).expect("add");
+    b.scale_rows(&mut acc, &v.take(rows, 2.0)).expect("scale");
+    out.push(("add_scale".into(), b.to_host(&acc).expect("host")));
+    out.push((
+        "select_rows".into(),
+        b.to_host(&b.select_rows(&x, &[17, 0, 5, 5]).expect("select"))
+            .expect("host"),
+    ));
+
+    // MoE: 4 experts of width 8, top-2 routing over the 18 rows.
+    let experts: Vec<ExpertWeights<B>> = (0..4)
+        .map(|_| ExpertWeights {
+            gate_up: matrix(b, &mut v, 16, hidden),
+            down: matrix(b, &mut v, hidden, 8),
+        })
+        .collect();
+    let routing = Routing {
+        experts_per_token: 2,
+        expert_ids: (0..rows)
+            .flat_map(|i| [i % 4, (i + 1 + i / 4) % 4])
+            .collect(),
+        weights: (0..rows)
+            .flat_map(|i| [0.75 - i as f32 * 0.01, 0.25 + i as f32 * 0.01])
+            .collect(),
+    };
+    out.push((
+        "moe".into(),
+        b.to_host(&b.moe_experts(&x, &routing, &experts).expect("moe"))
+            .expect("host"),
+    ));
+
+    // Attention over the paged cache: a 9-row prefill, a decode row, a chunked prefill of 8
+    // rows starting at position 20; blocks scattered.
+    let (heads, kv_heads, block_size) = (4, 2, 4);
+    let spec = KvSpec {
+        num_blocks: 40,
+        block_size,
+        num_kv_heads: kv_heads,
+        head_dim,
+    };
+    let mut store = b.kv_store(&spec).expect("store");
+    let tables: [Vec<BlockId>; 3] = [
+        [3, 7, 1].map(BlockId).to_vec(),
+        [5, 2, 9, 30].map(BlockId).to_vec(),
+        [10, 11, 12, 13, 20, 21, 22].map(BlockId).to_vec(),
+    ];
+    let seqs = [
+        AttentionSeq {
+            rows: 0..9,
+            first_position: 0,
+            block_table: &tables[0],
+        },
+        AttentionSeq {
+            rows: 9..10,
+            first_position: 13,
+            block_table: &tables[1],
+        },
+        AttentionSeq {
+            rows: 10..18,
+            first_position: 20,
+            block_table: &tables[2],
+        },
+    ];
+    let width = kv_heads * head_dim;
+    let mut slots = Vec::new();
+    for seq in &seqs {
+        let last = seq.first_position + seq.rows.len();
+        slots.extend(
+            (0..last)
+                .map(|p| seq.block_table[p / block_size].0 as usize * block_size + p % block_size),
+        );
+    }
+    let k = tensor(b, slots.len(), width, v.take(slots.len() * width, 1.0));
+    let vv = tensor(b, slots.len(), width, v.take(slots.len() * width, 1.0));
+    b.write_kv(&mut store, &k, &vv, &slots).expect("write_kv");
+    let read = b.read_kv(&store, &slots[..5]).expect("read_kv");
+    out.push(("read_kv".into(), [read.k, read.v].concat()));
+    let q = tensor(
+        b,
+        rows,
+        heads * head_dim,
+        v.take(rows * heads * head_dim, 1.0),
+    );
+    let batch = AttentionBatch {
+        seqs: &seqs,
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim,
+        block_size,
+    };
+    out.push((
+        "attention".into(),
+        b.to_host(&b.attention(&q, &store, &batch).expect("attention"))
+            .expect("host"),
+    ));
+    out
+}
+
+#[test]
+fn every_gpu_kernel_matches_the_cpu_backend() {
+    if cuda_or_skip("every_gpu_kernel_matches_the_cpu_backend").is_none() {
+        return;
+    }
+    let gpu = CudaBackend::new(0).expect("cuda backend");
+    // 16: the warp kernel's partial lanes; 128: full lanes; 160: past the tiled kernel.
+    for head_dim in [16, 128, 160] {
+        let want = run_ops(&CpuBackend, head_dim);
+        let got = run_ops(&gpu, head_dim);
+        for ((name, c), (_, g)) in want.iter().zip(&got) {
+            assert_eq!(c.len(), g.len(), "{name}");
+            let scale = c.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
+            let worst = c
+                .iter()
+                .zip(g)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+                / scale;
+            eprintln!("head_dim {head_dim} {name}: worst relative error {worst:.2e}");
+            assert!(
+                worst <= RELATIVE_TOLERANCE,
+                "head_dim {head_dim} {name}: {worst:.2e}"
+            );
+        }
+    }
+}
