@@ -108,6 +108,24 @@ fn main() {
             100.0 * flops / seconds / gemm
         );
     }
+
+    // Where the time goes: every operation timed between synchronizations (slower overall).
+    for batch in [1, 64] {
+        engine.model().backend().start_profile();
+        decode_step_seconds(&mut engine, batch, layers);
+        println!(
+            "\nprofile: decode batch {batch}, {} steps\n{}",
+            TIMED_STEPS + 1,
+            engine.model().backend().take_profile()
+        );
+    }
+    engine.model().backend().start_profile();
+    prefill_seconds(&mut engine, PREFILL_LENGTHS[0]);
+    println!(
+        "\nprofile: prefill {}\n{}",
+        PREFILL_LENGTHS[0],
+        engine.model().backend().take_profile()
+    );
 }
 
 fn config(layers: usize) -> serde_json::Value {

@@ -105,24 +105,25 @@ fn gpu_logits_match_the_cpu_backend_on_every_family() {
     if cuda_or_skip("gpu_logits_match_the_cpu_backend_on_every_family").is_none() {
         return;
     }
+    let mut failed = Vec::new();
     for family in FAMILIES {
         let dir = fixture(family);
         let mut cpu = engine(&dir, CpuBackend);
         let mut gpu = engine(&dir, CudaBackend::new(0).expect("cuda backend"));
         let vocab = cpu.model().config().vocab_size;
-        for (len, salt) in [(1, 0), (7, 1), (40, 2)] {
+        for (len, salt) in [(1, 0), (7, 1), (40, 2), (100, 3)] {
             let p = prompt(len, salt);
             let c = cpu.score(&p).expect("cpu");
             let g = gpu.score(&p).expect("gpu");
             assert_eq!(c.len(), g.len());
             let worst = worst_relative_error(&c, &g, vocab);
             eprintln!("{family} prompt {len}: worst relative logit error {worst:.2e}");
-            assert!(
-                worst <= RELATIVE_TOLERANCE,
-                "{family} prompt {len}: {worst:.2e} > {RELATIVE_TOLERANCE:e}"
-            );
+            if worst > RELATIVE_TOLERANCE {
+                failed.push(format!("{family} prompt {len}: {worst:.2e}"));
+            }
         }
     }
+    assert!(failed.is_empty(), "over {RELATIVE_TOLERANCE:e}: {failed:?}");
 }
 
 /// Greedy tokens of `prompts` decoded together (continuous batching).
@@ -299,38 +300,41 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
             .expect("host"),
     ));
 
-    // Attention over the paged cache: a 9-row prefill, a decode row, a chunked prefill of 8
-    // rows starting at position 20; blocks scattered.
+    // Attention over the paged cache, blocks scattered: a 9-row prefill, a decode row at
+    // position 13, chunked prefills of 8 rows at 20 and of 5 rows at 45, and a 40-row prefill
+    // (several key tiles).
     let (heads, kv_heads, block_size) = (4, 2, 4);
     let spec = KvSpec {
-        num_blocks: 40,
+        num_blocks: 80,
         block_size,
         num_kv_heads: kv_heads,
         head_dim,
     };
     let mut store = b.kv_store(&spec).expect("store");
-    let tables: [Vec<BlockId>; 3] = [
-        [3, 7, 1].map(BlockId).to_vec(),
-        [5, 2, 9, 30].map(BlockId).to_vec(),
-        [10, 11, 12, 13, 20, 21, 22].map(BlockId).to_vec(),
-    ];
-    let seqs = [
-        AttentionSeq {
-            rows: 0..9,
-            first_position: 0,
-            block_table: &tables[0],
-        },
-        AttentionSeq {
-            rows: 9..10,
-            first_position: 13,
-            block_table: &tables[1],
-        },
-        AttentionSeq {
-            rows: 10..18,
-            first_position: 20,
-            block_table: &tables[2],
-        },
-    ];
+    let layout: [(usize, usize); 5] = [(9, 0), (1, 13), (8, 20), (40, 0), (5, 45)];
+    let mut free: Vec<u32> = (0..80).map(|i| (i * 37) % 80).collect();
+    let tables: Vec<Vec<BlockId>> = layout
+        .iter()
+        .map(|&(n, first)| {
+            let blocks = (first + n).div_ceil(block_size);
+            free.drain(..blocks).map(BlockId).collect()
+        })
+        .collect();
+    let mut next_row = 0;
+    let seqs: Vec<AttentionSeq<'_>> = layout
+        .iter()
+        .zip(&tables)
+        .map(|(&(n, first), table)| {
+            let seq = AttentionSeq {
+                rows: next_row..next_row + n,
+                first_position: first,
+                block_table: table,
+            };
+            next_row += n;
+            seq
+        })
+        .collect();
+    let rows = next_row;
     let width = kv_heads * head_dim;
     let mut slots = Vec::new();
     for seq in &seqs {

@@ -9,14 +9,15 @@
 //! cuBLAS GEMM, each with its safety argument.
 #![allow(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Instant;
 
 use cudarc::cublas::{CudaBlas, sys as blas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut,
+    LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
@@ -175,6 +176,32 @@ pub struct CudaBackend {
     blas: CudaBlas,
     kernels: Kernels,
     device_name: String,
+    /// While profiling: calls and seconds per operation, each timed between two stream
+    /// synchronizations (so profiling slows the run down).
+    profile: Mutex<Option<BTreeMap<&'static str, (u64, f64)>>>,
+}
+
+/// Times one operation for the profile when dropped.
+struct OpTimer<'a> {
+    backend: &'a CudaBackend,
+    op: &'static str,
+    started: Instant,
+}
+
+impl Drop for OpTimer<'_> {
+    fn drop(&mut self) {
+        let _ = self.backend.stream.synchronize();
+        let mut profile = self
+            .backend
+            .profile
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(profile) = profile.as_mut() {
+            let entry = profile.entry(self.op).or_default();
+            entry.0 += 1;
+            entry.1 += self.started.elapsed().as_secs_f64();
+        }
+    }
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -253,6 +280,9 @@ impl CudaBackend {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| device_error("reading the compute capability", e))?;
+        // SAFETY: the backend uses one stream, so cudarc's per-buffer events (created with every
+        // allocation, recorded with every launch) order nothing and only cost time.
+        unsafe { ctx.disable_event_tracking() };
         let device_name = ctx.name().unwrap_or_else(|_| "cuda".into());
         let stream = ctx.default_stream();
         let module = ctx
@@ -271,7 +301,44 @@ impl CudaBackend {
             blas,
             kernels: Kernels { functions },
             device_name,
+            profile: Mutex::new(None),
         })
+    }
+
+    fn timed(&self, op: &'static str) -> Option<OpTimer<'_>> {
+        self.profile
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()?;
+        let _ = self.stream.synchronize();
+        Some(OpTimer {
+            backend: self,
+            op,
+            started: Instant::now(),
+        })
+    }
+
+    /// Starts timing every operation (synchronizing around each) until [`Self::take_profile`].
+    pub fn start_profile(&self) {
+        *self.profile.lock().unwrap_or_else(PoisonError::into_inner) = Some(BTreeMap::new());
+    }
+
+    /// Stops profiling; one line per operation since [`Self::start_profile`], most time first.
+    pub fn take_profile(&self) -> String {
+        let profile = self
+            .profile
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or_default();
+        let mut ops: Vec<_> = profile.into_iter().collect();
+        ops.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
+        ops.iter()
+            .map(|(op, (calls, seconds))| {
+                format!("{op:>12}: {calls:>7} calls {:>9.2} ms", seconds * 1e3)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The GPU's name, as the driver gives it.
@@ -336,17 +403,27 @@ impl CudaBackend {
 
     fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         if host.is_empty() {
-            return self.zeros_raw::<T>();
+            return self.uninit::<T>(1);
         }
         self.stream
             .clone_htod(host)
             .map_err(|e| device_error("copying to the device", e))
     }
 
-    /// A one-element buffer standing in for an empty upload.
-    fn zeros_raw<T: cudarc::driver::DeviceRepr>(&self) -> Result<CudaSlice<T>> {
-        // SAFETY: the buffer is never read: it stands for zero elements.
-        unsafe { self.stream.alloc::<T>(1) }.map_err(|e| device_error("allocating", e))
+    /// Memory a kernel will fully write before anything reads it (at least one element).
+    fn uninit<T: cudarc::driver::DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: every caller hands the buffer to a kernel or GEMM that writes all of it
+        // before it is read, or never reads it (empty uploads).
+        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| device_error("allocating", e))
+    }
+
+    /// An output tensor a kernel fills completely.
+    fn output(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            rows,
+            cols,
+            data: self.uninit(rows * cols)?,
+        })
     }
 
     fn tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
@@ -364,11 +441,12 @@ impl CudaBackend {
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ` with bf16 inputs and f32 accumulation.
     fn gemm(&self, x: &CudaTensor, w: &CudaMatrix) -> Result<CudaTensor> {
         let (m, k, n) = (x.rows, x.cols, w.out_dim);
-        let mut y = self.tensor(m, n)?;
+        let _timer = self.timed("gemm");
+        let mut y = self.output(m, n)?;
         if m == 0 {
             return Ok(y);
         }
-        let mut x16 = self.zeros::<u16>(m * k)?;
+        let mut x16 = self.uninit::<u16>(m * k)?;
         let count = (m * k) as i32;
         let mut launch = self.stream.launch_builder(self.function("to_bf16"));
         launch.arg(&x.data).arg(&mut x16).arg(&count);
@@ -420,8 +498,8 @@ impl CudaBackend {
         &self,
         out: &mut CudaTensor,
         y: &CudaTensor,
-        rows: &CudaSlice<i32>,
-        weights: &CudaSlice<f32>,
+        rows: &CudaView<'_, i32>,
+        weights: &CudaView<'_, f32>,
     ) -> Result<()> {
         if y.rows == 0 {
             return Ok(());
@@ -441,8 +519,8 @@ impl CudaBackend {
         launched(unsafe { launch.launch(per_row(y.rows)) }, "scatter_add")
     }
 
-    fn gather(&self, x: &CudaTensor, rows: &CudaSlice<i32>, n: usize) -> Result<CudaTensor> {
-        let mut out = self.tensor(n, x.cols)?;
+    fn gather(&self, x: &CudaTensor, rows: &CudaView<'_, i32>, n: usize) -> Result<CudaTensor> {
+        let mut out = self.output(n, x.cols)?;
         if n == 0 {
             return Ok(out);
         }
@@ -497,7 +575,7 @@ impl CudaBackend {
         width: usize,
     ) -> Result<Vec<f32>> {
         if rows > 0 {
-            let mut out = self.zeros::<f32>(rows * width)?;
+            let mut out = self.uninit::<f32>(rows * width)?;
             let w = width as i32;
             let mut launch = self.stream.launch_builder(self.function("load_rows"));
             launch.arg(store).arg(slots).arg(&mut out).arg(&w);
@@ -562,13 +640,14 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&self, table: &CudaMatrix, ids: &[u32]) -> Result<CudaTensor> {
+        let _timer = self.timed("embed");
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= table.out_dim) {
             return Err(shape_error(
                 "embed",
                 format!("token {bad} of {}", table.out_dim),
             ));
         }
-        let mut out = self.tensor(ids.len(), table.in_dim)?;
+        let mut out = self.output(ids.len(), table.in_dim)?;
         if ids.is_empty() {
             return Ok(out);
         }
@@ -586,6 +665,7 @@ impl Backend for CudaBackend {
     }
 
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaVector, eps: f32) -> Result<CudaTensor> {
+        let _timer = self.timed("rms_norm");
         let len = weight.len;
         if len == 0 || !x.cols.is_multiple_of(len) {
             return Err(shape_error(
@@ -593,7 +673,7 @@ impl Backend for CudaBackend {
                 format!("{} columns in runs of {len}", x.cols),
             ));
         }
-        let mut out = self.tensor(x.rows, x.cols)?;
+        let mut out = self.output(x.rows, x.cols)?;
         let runs = x.rows * x.cols / len;
         if runs == 0 {
             return Ok(out);
@@ -617,6 +697,7 @@ impl Backend for CudaBackend {
         w: &CudaMatrix,
         bias: Option<&CudaVector>,
     ) -> Result<CudaTensor> {
+        let _timer = self.timed("linear");
         if x.cols != w.in_dim {
             return Err(shape_error(
                 "linear",
@@ -635,6 +716,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_assign(&self, acc: &mut CudaTensor, x: &CudaTensor) -> Result<()> {
+        let _timer = self.timed("add_assign");
         if (acc.rows, acc.cols) != (x.rows, x.cols) {
             return Err(shape_error("add_assign", "shapes differ".into()));
         }
@@ -653,6 +735,7 @@ impl Backend for CudaBackend {
     }
 
     fn scale_rows(&self, x: &mut CudaTensor, scales: &[f32]) -> Result<()> {
+        let _timer = self.timed("scale_rows");
         if scales.len() != x.rows {
             return Err(shape_error(
                 "scale_rows",
@@ -671,8 +754,9 @@ impl Backend for CudaBackend {
     }
 
     fn swiglu(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
+        let _timer = self.timed("swiglu");
         let inter = gate_up.cols / 2;
-        let mut out = self.tensor(gate_up.rows, inter)?;
+        let mut out = self.output(gate_up.rows, inter)?;
         if gate_up.rows == 0 {
             return Ok(out);
         }
@@ -685,6 +769,7 @@ impl Backend for CudaBackend {
     }
 
     fn rope(&self, x: &mut CudaTensor, table: &RopeTable) -> Result<()> {
+        let _timer = self.timed("rope");
         let head_dim = table.head_dim;
         if table.rows() != x.rows || head_dim == 0 || !x.cols.is_multiple_of(head_dim) {
             return Err(shape_error(
@@ -722,6 +807,7 @@ impl Backend for CudaBackend {
         v: &CudaTensor,
         slots: &[usize],
     ) -> Result<()> {
+        let _timer = self.timed("write_kv");
         let width = store.width();
         if k.rows != slots.len() || v.rows != slots.len() || k.cols != width || v.cols != width {
             return Err(shape_error(
@@ -735,6 +821,7 @@ impl Backend for CudaBackend {
     }
 
     fn read_kv(&self, store: &CudaKvStore, slots: &[usize]) -> Result<KvRows> {
+        let _timer = self.timed("read_kv");
         let width = store.width();
         let slots_dev = self.checked_slots(store, slots, "read_kv")?;
         Ok(KvRows {
@@ -744,6 +831,7 @@ impl Backend for CudaBackend {
     }
 
     fn load_kv(&self, store: &mut CudaKvStore, rows: &KvRows, slots: &[usize]) -> Result<()> {
+        let _timer = self.timed("load_kv");
         let width = store.width();
         if rows.k.len() != slots.len() * width || rows.v.len() != rows.k.len() {
             return Err(shape_error(
@@ -769,6 +857,7 @@ impl Backend for CudaBackend {
         store: &CudaKvStore,
         batch: &AttentionBatch<'_>,
     ) -> Result<CudaTensor> {
+        let _timer = self.timed("attention");
         if batch.head_dim > MAX_HEAD_DIM || batch.num_kv_heads == 0 {
             return Err(EngineError::Unsupported(format!(
                 "cuda attention takes head_dim <= {MAX_HEAD_DIM} and >= 1 kv head, got {} and {}",
@@ -889,6 +978,7 @@ impl Backend for CudaBackend {
         routing: &Routing,
         experts: &[ExpertWeights<Self>],
     ) -> Result<CudaTensor> {
+        let _timer = self.timed("moe_experts");
         let k = routing.experts_per_token.max(1);
         // Tokens grouped by expert, in one upload: rows and weights, expert after expert.
         let mut groups: Vec<Vec<(i32, f32)>> = vec![Vec::new(); experts.len()];
@@ -901,11 +991,19 @@ impl Backend for CudaBackend {
             group.push(((slot / k) as i32, weight));
         }
         let mut out = self.tensor(x.rows, x.cols)?;
-        for (e, tokens) in groups.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
-            let rows: Vec<i32> = tokens.iter().map(|t| t.0).collect();
-            let weights: Vec<f32> = tokens.iter().map(|t| t.1).collect();
-            let rows = self.upload(&rows)?;
-            let weights = self.upload(&weights)?;
+        // Every expert's token rows and weights in one upload each, expert after expert.
+        let rows: Vec<i32> = groups.iter().flatten().map(|t| t.0).collect();
+        let weights: Vec<f32> = groups.iter().flatten().map(|t| t.1).collect();
+        let rows = self.upload(&rows)?;
+        let weights = self.upload(&weights)?;
+        let mut start = 0;
+        for (e, tokens) in groups.iter().enumerate() {
+            if tokens.is_empty() {
+                continue;
+            }
+            let range = start..start + tokens.len();
+            start = range.end;
+            let (rows, weights) = (rows.slice(range.clone()), weights.slice(range));
             let gathered = self.gather(x, &rows, tokens.len())?;
             let expert = &experts[e];
             let act = self.swiglu(&self.gemm(&gathered, &expert.gate_up)?)?;
@@ -916,6 +1014,7 @@ impl Backend for CudaBackend {
     }
 
     fn select_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        let _timer = self.timed("select_rows");
         if let Some(bad) = rows.iter().find(|&&r| r >= x.rows) {
             return Err(shape_error(
                 "select_rows",
@@ -923,10 +1022,11 @@ impl Backend for CudaBackend {
             ));
         }
         let indices = self.upload(&slots_i32(rows))?;
-        self.gather(x, &indices, rows.len())
+        self.gather(x, &indices.as_view(), rows.len())
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+        let _timer = self.timed("to_host");
         let mut host = self
             .stream
             .clone_dtoh(&x.data)
