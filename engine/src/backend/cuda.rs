@@ -30,7 +30,7 @@ use crate::weights::ExpertWeights;
 pub const KERNELS_SOURCE: &str = include_str!("cuda/kernels.cu");
 
 /// Every kernel `kernels.cu` defines.
-pub const KERNEL_NAMES: [&str; 14] = [
+pub const KERNEL_NAMES: [&str; 15] = [
     "embed",
     "rms_norm",
     "add_assign",
@@ -43,7 +43,8 @@ pub const KERNEL_NAMES: [&str; 14] = [
     "to_bf16",
     "gather_rows",
     "scatter_add_weighted",
-    "attention",
+    "attention_split",
+    "attention_combine",
     "attention_prefill",
 ];
 
@@ -51,10 +52,12 @@ pub const KERNEL_NAMES: [&str; 14] = [
 const ROW_THREADS: u32 = 256;
 /// Threads per block of the element-wise kernels.
 const ELEMENT_THREADS: u32 = 256;
-/// Attention runs one warp per (query row, head).
+/// Split attention runs one warp per (query row, head, split).
 const WARP: u32 = 32;
-/// The attention kernel holds at most 8 values of a head per lane.
+/// The split attention kernel holds at most 8 values of a head per lane.
 const MAX_HEAD_DIM: usize = 256;
+/// Keys per split of `attention_split` (`SPLIT_KEYS` in kernels.cu).
+const SPLIT_KEYS: usize = 256;
 /// `attention_prefill`'s limits: `PREFILL_MAX_HEAD_DIM`, `Q_TILE` rows a block, 4 warps.
 const PREFILL_MAX_HEAD_DIM: usize = 128;
 const PREFILL_Q_TILE: usize = 16;
@@ -864,8 +867,8 @@ impl Backend for CudaBackend {
                 batch.head_dim, batch.num_kv_heads
             )));
         }
-        // Rows decoding one token go to the warp-per-row kernel; longer runs of a sequence's
-        // rows (prefill) go in tiles to the tiled kernel, which takes head_dim <= 128.
+        // Rows decoding one token go to the split kernel; longer runs of a sequence's rows
+        // (prefill) go in tiles to the tiled kernel, which takes head_dim <= 128.
         let tiled = batch.head_dim <= PREFILL_MAX_HEAD_DIM;
         let mut positions = vec![-1i32; q.rows];
         let mut offsets = vec![0i32; q.rows];
@@ -909,15 +912,22 @@ impl Backend for CudaBackend {
             batch.block_size as i32,
         );
         let scale = 1.0 / (batch.head_dim as f32).sqrt();
-        if positions.iter().any(|&p| p >= 0) {
+        if let Some(&last) = positions.iter().max().filter(|&&p| p >= 0) {
+            let splits = (last as usize + 1).div_ceil(SPLIT_KEYS);
+            let parts = q.rows * batch.num_heads * splits;
+            let mut partial_out = self.uninit::<f32>(parts * batch.head_dim)?;
+            let mut partial_max = self.uninit::<f32>(parts)?;
+            let mut partial_sum = self.uninit::<f32>(parts)?;
             let positions = self.upload(&positions)?;
             let offsets = self.upload(&offsets)?;
-            let mut launch = self.stream.launch_builder(self.function("attention"));
+            let mut launch = self.stream.launch_builder(self.function("attention_split"));
             launch
                 .arg(&q.data)
                 .arg(&store.k)
                 .arg(&store.v)
-                .arg(&mut out.data)
+                .arg(&mut partial_out)
+                .arg(&mut partial_max)
+                .arg(&mut partial_sum)
                 .arg(&positions)
                 .arg(&offsets)
                 .arg(&tables)
@@ -927,14 +937,35 @@ impl Backend for CudaBackend {
                 .arg(&block_size)
                 .arg(&scale);
             let config = LaunchConfig {
-                grid_dim: (q.rows as u32, batch.num_heads as u32, 1),
+                grid_dim: (q.rows as u32, batch.num_heads as u32, splits as u32),
                 block_dim: (WARP, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: one warp per (row, head); rows of other kernels have position -1 and are
-            // skipped; every position lies inside its block table (checked above), whose
-            // blocks lie inside the store.
-            launched(unsafe { launch.launch(config) }, "attention")?;
+            // SAFETY: one warp per (row, head, split), writing only its own partial; rows of
+            // the tiled kernel have position -1 and are skipped; every position lies inside
+            // its block table (checked above), whose blocks lie inside the store.
+            launched(unsafe { launch.launch(config) }, "attention_split")?;
+            let splits_i = splits as i32;
+            let mut launch = self
+                .stream
+                .launch_builder(self.function("attention_combine"));
+            launch
+                .arg(&partial_out)
+                .arg(&partial_max)
+                .arg(&partial_sum)
+                .arg(&mut out.data)
+                .arg(&positions)
+                .arg(&heads)
+                .arg(&head_dim)
+                .arg(&splits_i);
+            let config = LaunchConfig {
+                grid_dim: (q.rows as u32, batch.num_heads as u32, 1),
+                block_dim: (batch.head_dim as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: one block per (row, head) reading the partials the split kernel wrote
+            // for rows it handled, writing that head of that row.
+            launched(unsafe { launch.launch(config) }, "attention_combine")?;
         }
         if !tiles.rows.is_empty() {
             let count = tiles.rows.len();

@@ -152,60 +152,122 @@ extern "C" __global__ void scatter_add_weighted(float* out, const float* y, cons
 
 // Most values of a head one lane holds: head_dim <= 256.
 #define MAX_PER_LANE 8
+// Keys one warp of split decode attention covers.
+#define SPLIT_KEYS 256
 
-// Causal GQA attention of one query row and head per warp (grid: rows × heads, 32 threads),
-// with an online softmax over the row's cached positions 0..=position. Lane l holds elements
-// l, l + 32, … of the query and output; scores are summed across the warp.
-extern "C" __global__ void attention(const float* q, const bf16_t* k_cache,
-                                     const bf16_t* v_cache, float* out, const int* positions,
-                                     const int* table_offsets, const int* block_tables,
-                                     int num_heads, int num_kv_heads, int head_dim,
-                                     int block_size, float scale) {
+// Decode attention split over the context (flash-decoding): one warp per (query row, head,
+// split of SPLIT_KEYS keys), writing an unnormalized partial (output, max, sum) that
+// attention_combine merges. In each round of 32 keys, lane j scores key j (the whole dot
+// product, so 32 loads are in flight), then lane l accumulates elements l, l + 32, … of the
+// output over those keys. Rows with position -1 belong to another kernel.
+extern "C" __global__ void attention_split(const float* q, const bf16_t* k_cache,
+                                           const bf16_t* v_cache, float* partial_out,
+                                           float* partial_max, float* partial_sum,
+                                           const int* positions, const int* table_offsets,
+                                           const int* block_tables, int num_heads,
+                                           int num_kv_heads, int head_dim, int block_size,
+                                           float scale) {
+    __shared__ float q_shared[MAX_PER_LANE * 32];
     int row = blockIdx.x;
     int head = blockIdx.y;
+    int split = blockIdx.z;
     int lane = threadIdx.x;
     int position = positions[row];
     if (position < 0) return;
+    size_t part = ((size_t)row * num_heads + head) * gridDim.z + split;
     int kv_head = head / (num_heads / num_kv_heads);
     int kv_width = num_kv_heads * head_dim;
     const int* table = block_tables + table_offsets[row];
     const float* qh = q + (size_t)row * num_heads * head_dim + head * head_dim;
-    float qv[MAX_PER_LANE];
+    for (int d = lane; d < head_dim; d += 32) q_shared[d] = qh[d] * scale;
+    __syncwarp();
     float acc[MAX_PER_LANE];
 #pragma unroll
-    for (int i = 0; i < MAX_PER_LANE; i++) {
-        qv[i] = (lane + 32 * i < head_dim) ? qh[lane + 32 * i] * scale : 0.0f;
-        acc[i] = 0.0f;
-    }
+    for (int i = 0; i < MAX_PER_LANE; i++) acc[i] = 0.0f;
     float running_max = NEG_INF;
     float total = 0.0f;
-    for (int pos = 0; pos <= position; pos++) {
-        size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
-        const bf16_t* key = k_cache + slot * kv_width + kv_head * head_dim;
-        float partial = 0.0f;
-#pragma unroll
-        for (int i = 0; i < MAX_PER_LANE; i++) {
-            if (lane + 32 * i < head_dim) partial += qv[i] * bf16_to_f32(key[lane + 32 * i]);
+    int first = split * SPLIT_KEYS;
+    int end = min(first + SPLIT_KEYS, position + 1);
+    for (int base = first; base < end; base += 32) {
+        int key = base + lane;
+        size_t offset = 0;
+        float score = NEG_INF;
+        if (key < end) {
+            size_t slot = (size_t)table[key / block_size] * block_size + key % block_size;
+            offset = slot * kv_width + kv_head * head_dim;
+            const bf16_t* k = k_cache + offset;
+            float dot = 0.0f;
+            if ((head_dim & 7) == 0) {
+                const uint4* k8 = (const uint4*)k;
+                for (int c = 0; c < head_dim / 8; c++) {
+                    uint4 w = k8[c];
+                    const float* qc = q_shared + c * 8;
+                    dot += qc[0] * __uint_as_float(w.x << 16) + qc[1] * __uint_as_float(w.x & 0xffff0000u)
+                         + qc[2] * __uint_as_float(w.y << 16) + qc[3] * __uint_as_float(w.y & 0xffff0000u)
+                         + qc[4] * __uint_as_float(w.z << 16) + qc[5] * __uint_as_float(w.z & 0xffff0000u)
+                         + qc[6] * __uint_as_float(w.w << 16) + qc[7] * __uint_as_float(w.w & 0xffff0000u);
+                }
+            } else {
+                for (int d = 0; d < head_dim; d++) dot += q_shared[d] * bf16_to_f32(k[d]);
+            }
+            score = dot;
         }
-        float score = warp_sum(partial);
-        float new_max = fmaxf(running_max, score);
+        float round_max = score;
+        for (int o = 16; o > 0; o >>= 1) {
+            round_max = fmaxf(round_max, __shfl_xor_sync(0xffffffffu, round_max, o));
+        }
+        float new_max = fmaxf(running_max, round_max);
         float correction = expf(running_max - new_max);
-        float p = expf(score - new_max);
-        total = total * correction + p;
-        const bf16_t* value = v_cache + slot * kv_width + kv_head * head_dim;
+        float p = (key < end) ? expf(score - new_max) : 0.0f;
+        total = total * correction + warp_sum(p);
+        running_max = new_max;
 #pragma unroll
-        for (int i = 0; i < MAX_PER_LANE; i++) {
-            if (lane + 32 * i < head_dim) {
-                acc[i] = acc[i] * correction + p * bf16_to_f32(value[lane + 32 * i]);
+        for (int i = 0; i < MAX_PER_LANE; i++) acc[i] *= correction;
+        int keys = min(32, end - base);
+        for (int j = 0; j < keys; j++) {
+            float pj = __shfl_sync(0xffffffffu, p, j);
+            size_t vj = __shfl_sync(0xffffffffu, offset, j);
+            const bf16_t* v = v_cache + vj;
+#pragma unroll
+            for (int i = 0; i < MAX_PER_LANE; i++) {
+                int d = lane + 32 * i;
+                if (d < head_dim) acc[i] += pj * bf16_to_f32(v[d]);
             }
         }
-        running_max = new_max;
     }
-    float* oh = out + (size_t)row * num_heads * head_dim + head * head_dim;
+    float* out = partial_out + part * head_dim;
 #pragma unroll
     for (int i = 0; i < MAX_PER_LANE; i++) {
-        if (lane + 32 * i < head_dim) oh[lane + 32 * i] = acc[i] / total;
+        int d = lane + 32 * i;
+        if (d < head_dim) out[d] = acc[i];
     }
+    if (lane == 0) {
+        partial_max[part] = running_max;
+        partial_sum[part] = total;
+    }
+}
+
+// Merges the splits of attention_split: one block of head_dim threads per (row, head).
+extern "C" __global__ void attention_combine(const float* partial_out, const float* partial_max,
+                                             const float* partial_sum, float* out,
+                                             const int* positions, int num_heads, int head_dim,
+                                             int splits) {
+    int row = blockIdx.x;
+    int head = blockIdx.y;
+    int d = threadIdx.x;
+    if (positions[row] < 0 || d >= head_dim) return;
+    size_t first = ((size_t)row * num_heads + head) * splits;
+    float m = NEG_INF;
+    for (int s = 0; s < splits; s++) m = fmaxf(m, partial_max[first + s]);
+    float value = 0.0f, total = 0.0f;
+    for (int s = 0; s < splits; s++) {
+        float mx = partial_max[first + s];
+        if (mx == NEG_INF) continue;
+        float w = expf(mx - m);
+        value += w * partial_out[(first + s) * head_dim + d];
+        total += w * partial_sum[first + s];
+    }
+    out[(size_t)row * num_heads * head_dim + head * head_dim + d] = value / total;
 }
 
 // Prefill attention, flash style on CUDA cores: a block takes a tile of up to Q_TILE
