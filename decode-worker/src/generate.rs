@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use tandem_common::generate::{GenerateArgs, GenerateOutput, OutputFormat, TopLogprobJson, Usage};
+use tandem_engine::cuda::CudaBackend;
 use tandem_engine::{
-    CpuBackend, Device, Engine, EngineConfig, EngineError, LoadProgress, Model, SamplingParams,
-    SeqId, StopCriteria, Tokenizer,
+    Backend, CpuBackend, Device, Engine, EngineConfig, EngineError, LoadProgress, Model,
+    SamplingParams, SeqId, StopCriteria, Tokenizer,
 };
 
 /// Failures of `generate`, split by whether the user's input was at fault.
@@ -41,11 +42,6 @@ pub fn run(args: &GenerateArgs) -> Result<(), GenerateError> {
     let device = tandem_worker::device_choice(args.device)
         .resolve()
         .map_err(GenerateError::Request)?;
-    let Device::Cpu { fallback_reason } = device;
-    // stderr, so `--output json` stays one clean object on stdout.
-    if let Some(reason) = fallback_reason {
-        eprintln!("device auto: using cpu ({reason})");
-    }
     let dir = match &args.model {
         Some(dir) => dir.clone(),
         None => tandem_engine::ensure_demo_model().map_err(|source| GenerateError::Load {
@@ -58,7 +54,29 @@ pub fn run(args: &GenerateArgs) -> Result<(), GenerateError> {
         source,
     };
     let tokenizer = Arc::new(Tokenizer::from_dir(&dir).map_err(load_error)?);
-    let model = load_with_progress(&dir).map_err(load_error)?;
+    match device {
+        Device::Cpu { fallback_reason } => {
+            // stderr, so `--output json` stays one clean object on stdout.
+            if let Some(reason) = fallback_reason {
+                eprintln!("device auto: using cpu ({reason})");
+            }
+            let model = load_with_progress(&dir, CpuBackend).map_err(load_error)?;
+            generate(args, model, tokenizer)
+        }
+        Device::Cuda { ordinal } => {
+            let backend = CudaBackend::new(ordinal).map_err(GenerateError::Request)?;
+            let model = load_with_progress(&dir, backend).map_err(load_error)?;
+            generate(args, model, tokenizer)
+        }
+    }
+}
+
+/// Runs the prompt through `model` and prints the result.
+fn generate<B: Backend>(
+    args: &GenerateArgs,
+    model: Model<B>,
+    tokenizer: Arc<Tokenizer>,
+) -> Result<(), GenerateError> {
     let prompt = match (&args.prompt_ids, &args.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => tokenizer.encode(text).map_err(GenerateError::Request)?,
@@ -150,15 +168,18 @@ pub fn run(args: &GenerateArgs) -> Result<(), GenerateError> {
     Ok(())
 }
 
-/// Loads the checkpoint, drawing a progress bar when stderr is a terminal.
-fn load_with_progress(dir: &std::path::Path) -> Result<Model<CpuBackend>, EngineError> {
+/// Loads the checkpoint onto `backend`, drawing a progress bar when stderr is a terminal.
+fn load_with_progress<B: Backend>(
+    dir: &std::path::Path,
+    backend: B,
+) -> Result<Model<B>, EngineError> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} tensors")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message(dir.display().to_string());
-    let model = Model::load(dir, CpuBackend, &mut |p: LoadProgress| {
+    let model = Model::load(dir, backend, &mut |p: LoadProgress| {
         bar.set_length(p.tensors_total as u64);
         bar.set_position(p.tensors_loaded as u64);
     });

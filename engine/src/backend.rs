@@ -12,7 +12,7 @@ pub(crate) mod cuda;
 
 /// Kernels one device provides. Model code is written once against this trait; each backend
 /// picks its own storage layouts and dtypes behind the associated types.
-pub trait Backend: Send + Sync + Sized {
+pub trait Backend: Send + Sync + Sized + 'static {
     /// 2-D activations, `[rows, cols]`.
     type Tensor: Send;
     /// A weight matrix `[out, in]` as the checkpoint stores it (the backend may re-layout it).
@@ -165,23 +165,27 @@ pub enum DeviceChoice {
 pub enum Device {
     /// `fallback_reason` says why `auto` did not pick CUDA.
     Cpu { fallback_reason: Option<String> },
+    /// GPU `ordinal`, every CUDA library it needs found.
+    Cuda { ordinal: usize },
 }
 
-const NO_CUDA_BACKEND: &str = "this build has no CUDA backend yet";
-
 impl DeviceChoice {
-    /// Resolves the choice against what this build and machine offer.
+    /// Resolves the choice against what this machine offers: `auto` takes GPU 0 when CUDA
+    /// works here and says why not otherwise; `cuda` fails with that reason.
     pub fn resolve(self) -> Result<Device> {
-        match self {
-            Self::Cpu => Ok(Device::Cpu {
+        if self == Self::Cpu {
+            return Ok(Device::Cpu {
                 fallback_reason: None,
+            });
+        }
+        match (self, cuda::probe()) {
+            (_, Ok(())) => Ok(Device::Cuda { ordinal: 0 }),
+            (Self::Auto, Err(reason)) => Ok(Device::Cpu {
+                fallback_reason: Some(reason),
             }),
-            Self::Auto => Ok(Device::Cpu {
-                fallback_reason: Some(NO_CUDA_BACKEND.to_owned()),
-            }),
-            Self::Cuda => Err(EngineError::DeviceUnavailable {
+            (_, Err(reason)) => Err(EngineError::DeviceUnavailable {
                 device: "cuda".into(),
-                reason: NO_CUDA_BACKEND.into(),
+                reason,
             }),
         }
     }

@@ -44,6 +44,6 @@ pub use kv_cache::{BlockHash, prefix_block_hashes};
 pub use model::Model;
 pub use sampling::{Logprobs, MAX_TOP_LOGPROBS, SamplingParams, TopLogprob};
 pub use sequence::{SeqId, StopCriteria};
-pub use served::ServedModel;
+pub use served::{Served, ServedModel};
 pub use tokenizer::{IncrementalText, Tokenizer, TokenizerConfig};
 pub use weights::ExpertWeights;

@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
-use tandem_engine::{CpuBackend, Engine};
+use tandem_engine::{Backend, Engine};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
 /// A role's engine thread state; [`spawn`] runs the shared loop over it.
 pub(crate) trait EngineThread: Send + Sized + 'static {
+    type Backend: Backend;
     type Command: Send + 'static;
     fn commands(&mut self) -> &mut mpsc::Receiver<Self::Command>;
     fn has_work(&self) -> bool;
@@ -16,9 +17,9 @@ pub(crate) trait EngineThread: Send + Sized + 'static {
     fn sweep_every(&self) -> Option<Duration>;
     fn handle(&mut self, command: Self::Command);
     /// Set once a retire command was handled: where the engine goes.
-    fn take_retire(&mut self) -> Option<oneshot::Sender<Engine<CpuBackend>>>;
+    fn take_retire(&mut self) -> Option<oneshot::Sender<Engine<Self::Backend>>>;
     /// Fails every request (the role is retiring) and gives up the engine.
-    fn into_engine(self) -> Engine<CpuBackend>;
+    fn into_engine(self) -> Engine<Self::Backend>;
     fn sweep(&mut self);
     fn step(&mut self);
 }

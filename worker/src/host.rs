@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use tandem_common::registry::{Registration, WorkerRecord, WorkerRole};
-use tandem_engine::{CpuBackend, Engine};
+use tandem_engine::{Backend, Engine};
 use tandem_proto::internal::v1::decode_server::DecodeServer;
 use tandem_proto::internal::v1::prefill_server::PrefillServer;
 use tandem_proto::internal::v1::{Role, WorkerDescription, WorkerStats};
@@ -23,9 +23,10 @@ use crate::prefill::{self, PrefillService};
 
 /// What every role's engine-thread command type can carry.
 pub(crate) trait RoleCommand: Send + 'static {
+    type Backend: Backend;
     const ROLE: &'static str;
     fn stats(reply: oneshot::Sender<WorkerStats>) -> Self;
-    fn retire(reply: oneshot::Sender<Engine<CpuBackend>>) -> Self;
+    fn retire(reply: oneshot::Sender<Engine<Self::Backend>>) -> Self;
 }
 
 /// The way to one role's engine thread; empty while the worker serves the other role.
@@ -63,7 +64,7 @@ impl<C: RoleCommand> RoleSlot<C> {
     }
 
     /// Empties the slot, so new calls are refused, and takes the engine back from its thread.
-    async fn retire(&self) -> Result<Engine<CpuBackend>, WorkerError> {
+    async fn retire(&self) -> Result<Engine<C::Backend>, WorkerError> {
         let sender = self
             .set(None)
             .ok_or(WorkerError::NotInRole { role: C::ROLE })?;
@@ -84,9 +85,9 @@ pub(crate) struct EngineSettings {
 }
 
 /// The worker: its description, its role's engine thread, health and registration.
-pub(crate) struct Host {
-    pub(crate) prefill: Arc<RoleSlot<prefill::Command>>,
-    pub(crate) decode: Arc<RoleSlot<decode::Command>>,
+pub(crate) struct Host<B: Backend> {
+    pub(crate) prefill: Arc<RoleSlot<prefill::Command<B>>>,
+    pub(crate) decode: Arc<RoleSlot<decode::Command<B>>>,
     settings: EngineSettings,
     description: RwLock<WorkerDescription>,
     grpc_addr: String,
@@ -98,7 +99,7 @@ pub(crate) struct Host {
     switching: tokio::sync::Mutex<()>,
 }
 
-impl Host {
+impl<B: Backend> Host<B> {
     pub(crate) fn new(
         description: WorkerDescription,
         grpc_addr: String,
@@ -152,7 +153,7 @@ impl Host {
     }
 
     /// Starts `role`'s engine thread on `engine` and serves that role.
-    pub(crate) fn start(&self, role: Role, engine: Engine<CpuBackend>) -> std::io::Result<()> {
+    pub(crate) fn start(&self, role: Role, engine: Engine<B>) -> std::io::Result<()> {
         let EngineSettings {
             queue_depth,
             kv_transfer_timeout,
@@ -264,11 +265,11 @@ impl Host {
         let services = [
             (
                 Role::Prefill,
-                <PrefillServer<PrefillService> as NamedService>::NAME,
+                <PrefillServer<PrefillService<B>> as NamedService>::NAME,
             ),
             (
                 Role::Decode,
-                <DecodeServer<DecodeService> as NamedService>::NAME,
+                <DecodeServer<DecodeService<B>> as NamedService>::NAME,
             ),
         ];
         for (service_role, name) in services {

@@ -8,15 +8,17 @@ use tandem_proto::internal::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use tandem_engine::Backend;
+
 use crate::WorkerError;
 use crate::host::Host;
 
-pub(crate) struct WorkerInfoService {
-    pub(crate) host: Arc<Host>,
+pub(crate) struct WorkerInfoService<B: Backend> {
+    pub(crate) host: Arc<Host<B>>,
 }
 
 #[tonic::async_trait]
-impl Worker for WorkerInfoService {
+impl<B: Backend> Worker for WorkerInfoService<B> {
     async fn describe(
         &self,
         _: Request<DescribeRequest>,

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tandem_common::registry::{DesiredStates, EtcdRegistry, Registry, RegistryError, WorkerRole};
-use tandem_engine::{Device, Engine, EngineError, ServedModel};
+use tandem_engine::{Backend, Engine, EngineError, Served, ServedModel};
 use tandem_kv_transfer::{KvListener, TcpKvSender};
 use tandem_proto::internal::v1::decode_server::DecodeServer;
 use tandem_proto::internal::v1::prefill_server::PrefillServer;
@@ -54,12 +54,6 @@ pub enum ServeError {
     LeaseLost,
 }
 
-/// A worker's model and the description it gives routers.
-struct LoadedWorker {
-    served: ServedModel,
-    description: WorkerDescription,
-}
-
 /// Binds a listener, naming the address in the error.
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
     let bind_error = |source| ServeError::Bind { addr, source };
@@ -68,20 +62,23 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError>
     Ok((listener, local))
 }
 
-/// Loads `--model` (or the demo model) and describes it for `role`, served at `addr`.
-fn load_model(
+/// The worker's bound gRPC and KV listeners.
+struct Listeners {
+    grpc: TcpListener,
+    grpc_addr: SocketAddr,
+    kv: KvListener,
+    kv_addr: SocketAddr,
+}
+
+/// What the worker tells routers about itself and `served`, starting in `role` at `addr`.
+fn describe<B: Backend>(
     args: &WorkerArgs,
     role: Role,
     addr: SocketAddr,
-) -> Result<LoadedWorker, EngineError> {
-    let started = Instant::now();
-    let served = ServedModel::load(args.model.as_deref(), args.device_choice(), &mut |_| {})?;
-    let Device::Cpu { fallback_reason } = &served.device;
-    if let Some(reason) = fallback_reason {
-        tracing::info!(reason = %reason, "device auto: using cpu");
-    }
+    served: &ServedModel<B>,
+) -> WorkerDescription {
     let c = served.model.config();
-    let description = WorkerDescription {
+    WorkerDescription {
         role: role as i32,
         model: served.name.clone(),
         vocab_size: c.vocab_size as u32,
@@ -100,23 +97,13 @@ fn load_model(
             };
             format!("{role}@{addr}")
         }),
-    };
-    tracing::info!(
-        model = %served.name,
-        dir = %served.dir.display(),
-        seconds = started.elapsed().as_secs_f64(),
-        "model loaded"
-    );
-    Ok(LoadedWorker {
-        served,
-        description,
-    })
+    }
 }
 
-/// Loads the model, binds gRPC and KV listeners, starts in `default_role` (or the role an SRE
-/// moved this worker to, recorded in etcd), registers, prints
-/// `ready grpc=HOST:PORT kv=HOST:PORT`, then serves until Ctrl-C, SIGTERM or a lost lease and
-/// drains for at most the grace period.
+/// Loads the model on the device `--device` resolves to, binds gRPC and KV listeners, starts
+/// in `default_role` (or the role an SRE moved this worker to, recorded in etcd), registers,
+/// prints `ready grpc=HOST:PORT kv=HOST:PORT`, then serves until Ctrl-C, SIGTERM or a lost
+/// lease and drains for at most the grace period.
 pub async fn run(args: WorkerArgs, default_role: Role) -> Result<(), ServeError> {
     args.validate().map_err(ServeError::Config)?;
     let (grpc, grpc_addr) = bind(args.listen).await?;
@@ -128,15 +115,52 @@ pub async fn run(args: WorkerArgs, default_role: Role) -> Result<(), ServeError>
         .await
         .map_err(kv_bind_error)?;
     let kv_addr = kv.local_addr().map_err(kv_bind_error)?;
+    let listeners = Listeners {
+        grpc,
+        grpc_addr,
+        kv,
+        kv_addr,
+    };
+    let started = Instant::now();
+    match Served::load(args.model.as_deref(), args.device_choice(), &mut |_| {})? {
+        Served::Cpu {
+            served,
+            fallback_reason,
+        } => {
+            if let Some(reason) = fallback_reason {
+                tracing::info!(reason = %reason, "device auto: using cpu");
+            }
+            serve_model(args, default_role, listeners, *served, started).await
+        }
+        Served::Cuda(served) => serve_model(args, default_role, listeners, *served, started).await,
+    }
+}
 
-    let loaded = load_model(&args, default_role, grpc_addr)?;
-    let d = &loaded.description;
+/// Serves `served` (loaded since `started`) on `listeners`: see [`run`].
+async fn serve_model<B: Backend>(
+    args: WorkerArgs,
+    default_role: Role,
+    listeners: Listeners,
+    served: ServedModel<B>,
+    started: Instant,
+) -> Result<(), ServeError> {
+    let Listeners {
+        grpc,
+        grpc_addr,
+        kv,
+        kv_addr,
+    } = listeners;
+    let description = describe(&args, default_role, grpc_addr, &served);
+    tracing::info!(
+        model = %served.name,
+        dir = %served.dir.display(),
+        device = %description.device,
+        seconds = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    let d = &description;
     let (num_layers, kv_heads, head_dim) = (d.num_layers as usize, d.num_kv_heads, d.head_dim);
-    let engine = Engine::new(
-        loaded.served.model,
-        Some(loaded.served.tokenizer),
-        args.engine_config(),
-    )?;
+    let engine = Engine::new(served.model, Some(served.tokenizer), args.engine_config())?;
 
     let registry = args
         .etcd
@@ -153,7 +177,7 @@ pub async fn run(args: WorkerArgs, default_role: Role) -> Result<(), ServeError>
         Some(registry) => Some(desired_states(registry, &args).await?),
         None => None,
     };
-    let id = loaded.description.worker_id.clone();
+    let id = description.worker_id.clone();
     let role = desired
         .as_ref()
         .and_then(|d| d.borrow().get(&id).and_then(|s| s.role))
@@ -169,7 +193,7 @@ pub async fn run(args: WorkerArgs, default_role: Role) -> Result<(), ServeError>
         kv_transfer_timeout: args.kv_transfer_timeout(),
     };
     let host = Arc::new(Host::new(
-        loaded.description,
+        description,
         grpc_addr.to_string(),
         settings,
         health.clone(),
@@ -213,7 +237,7 @@ pub async fn run(args: WorkerArgs, default_role: Role) -> Result<(), ServeError>
         .max_encoding_message_size(max),
     );
     health
-        .set_serving::<WorkerServer<WorkerInfoService>>()
+        .set_serving::<WorkerServer<WorkerInfoService<B>>>()
         .await;
     host.refresh_health().await;
 
@@ -279,7 +303,10 @@ async fn desired_states(
 
 /// Mirrors what SREs asked of this worker in its health: NOT_SERVING while cordoned or
 /// draining (routers already send it nothing), SERVING otherwise.
-async fn follow_desired_state(mut desired: watch::Receiver<DesiredStates>, host: Arc<Host>) {
+async fn follow_desired_state<B: Backend>(
+    mut desired: watch::Receiver<DesiredStates>,
+    host: Arc<Host<B>>,
+) {
     let id = host.description().worker_id;
     loop {
         let cordoned = desired

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use crate::WorkerError;
 use tandem_common::ids::{KvBlockId, TransferId};
 use tandem_engine::{
-    BlockId, CpuBackend, Engine, EngineError, KvRows, Logprobs, SamplingParams, SeqId,
-    StopCriteria, TokenEvent,
+    Backend, BlockId, Engine, EngineError, KvRows, Logprobs, SamplingParams, SeqId, StopCriteria,
+    TokenEvent,
 };
 use tandem_proto::internal::v1::{Role, WorkerStats};
 use tokio::sync::{mpsc, oneshot};
@@ -36,7 +36,7 @@ pub(crate) enum DecodeEvent {
 }
 
 #[derive(Debug)]
-pub(crate) enum Command {
+pub(crate) enum Command<B: Backend> {
     Start {
         id: SeqId,
         request: StartRequest,
@@ -65,7 +65,7 @@ pub(crate) enum Command {
     /// Stop and hand the engine back (the worker switches role); sequences still running fail
     /// with a retryable error.
     Retire {
-        reply: oneshot::Sender<Engine<CpuBackend>>,
+        reply: oneshot::Sender<Engine<B>>,
     },
 }
 
@@ -80,31 +80,32 @@ struct AwaitingKv {
     blocks: Vec<BlockId>,
 }
 
-impl crate::host::RoleCommand for Command {
+impl<B: Backend> crate::host::RoleCommand for Command<B> {
+    type Backend = B;
     const ROLE: &'static str = "decode";
 
     fn stats(reply: oneshot::Sender<WorkerStats>) -> Self {
         Self::Stats { reply }
     }
 
-    fn retire(reply: oneshot::Sender<Engine<CpuBackend>>) -> Self {
+    fn retire(reply: oneshot::Sender<Engine<B>>) -> Self {
         Self::Retire { reply }
     }
 }
 
-pub(crate) struct EngineThread {
-    engine: Engine<CpuBackend>,
-    commands: mpsc::Receiver<Command>,
+pub(crate) struct EngineThread<B: Backend> {
+    engine: Engine<B>,
+    commands: mpsc::Receiver<Command<B>>,
     transfer_timeout: Duration,
     requests: HashMap<SeqId, Tracked>,
     generated_tokens_total: u64,
-    retire: Option<oneshot::Sender<Engine<CpuBackend>>>,
+    retire: Option<oneshot::Sender<Engine<B>>>,
 }
 
-impl EngineThread {
+impl<B: Backend> EngineThread<B> {
     pub(crate) fn spawn(
-        engine: Engine<CpuBackend>,
-        commands: mpsc::Receiver<Command>,
+        engine: Engine<B>,
+        commands: mpsc::Receiver<Command<B>>,
         transfer_timeout: Duration,
     ) -> std::io::Result<()> {
         let thread = Self {
@@ -232,10 +233,11 @@ impl EngineThread {
     }
 }
 
-impl crate::engine_loop::EngineThread for EngineThread {
-    type Command = Command;
+impl<B: Backend> crate::engine_loop::EngineThread for EngineThread<B> {
+    type Backend = B;
+    type Command = Command<B>;
 
-    fn commands(&mut self) -> &mut mpsc::Receiver<Command> {
+    fn commands(&mut self) -> &mut mpsc::Receiver<Command<B>> {
         &mut self.commands
     }
 
@@ -247,16 +249,16 @@ impl crate::engine_loop::EngineThread for EngineThread {
         (!self.requests.is_empty()).then_some(SWEEP_INTERVAL)
     }
 
-    fn take_retire(&mut self) -> Option<oneshot::Sender<Engine<CpuBackend>>> {
+    fn take_retire(&mut self) -> Option<oneshot::Sender<Engine<B>>> {
         self.retire.take()
     }
 
-    fn into_engine(mut self) -> Engine<CpuBackend> {
+    fn into_engine(mut self) -> Engine<B> {
         self.fail_all(|| WorkerError::NotInRole { role: "decode" });
         self.engine
     }
 
-    fn handle(&mut self, command: Command) {
+    fn handle(&mut self, command: Command<B>) {
         match command {
             Command::Start {
                 id,

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tandem_engine::{KvRows, Logprobs, SeqId, StopCriteria, TopLogprob};
+use tandem_engine::{Backend, KvRows, Logprobs, SeqId, StopCriteria, TopLogprob};
 use tandem_kv_transfer::{Dtype, Frame, InvalidFrame, Received};
 use tandem_proto::internal::v1::decode_server::Decode;
 use tandem_proto::internal::v1::{
@@ -25,8 +25,8 @@ use crate::{WorkerError, finish_reason, sampling_params, token_logprob};
 /// Events beyond `max_tokens` a request's channel holds (the failure that may end it).
 const EVENT_SLACK: usize = 2;
 
-pub(crate) struct DecodeService {
-    pub(crate) commands: Arc<RoleSlot<Command>>,
+pub(crate) struct DecodeService<B: Backend> {
+    pub(crate) commands: Arc<RoleSlot<Command<B>>>,
     pub(crate) kv_endpoint: SocketAddr,
     pub(crate) next_id: AtomicU64,
     pub(crate) queue_depth: usize,
@@ -35,7 +35,7 @@ pub(crate) struct DecodeService {
 type DecodeStream = Pin<Box<dyn Stream<Item = Result<DecodeResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl Decode for DecodeService {
+impl<B: Backend> Decode for DecodeService<B> {
     type GenerateStream = DecodeStream;
 
     async fn generate(
@@ -107,9 +107,9 @@ pub(crate) struct KvLayout {
 /// Checks each arriving frame against the model's KV layout and hands it to the decode
 /// engine thread; waiting for room in the command queue slows the sender through TCP. Frames
 /// arriving while the worker serves another role are dropped (their requests already failed).
-pub(crate) async fn run_kv_intake(
+pub(crate) async fn run_kv_intake<B: Backend>(
     mut frames: mpsc::Receiver<Received>,
-    commands: Arc<RoleSlot<Command>>,
+    commands: Arc<RoleSlot<Command<B>>>,
     layout: KvLayout,
 ) {
     while let Some(received) = frames.recv().await {

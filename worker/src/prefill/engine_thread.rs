@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use crate::WorkerError;
-use tandem_engine::{CpuBackend, Engine, EngineError, KvRows, SamplingParams, SeqId, TokenEvent};
+use tandem_engine::{Backend, Engine, EngineError, KvRows, SamplingParams, SeqId, TokenEvent};
 use tandem_proto::internal::v1::{Role, WorkerStats};
 use tokio::sync::{mpsc, oneshot};
 
@@ -18,7 +18,7 @@ pub(crate) enum PrefillOutput {
 }
 
 #[derive(Debug)]
-pub(crate) enum Command {
+pub(crate) enum Command<B: Backend> {
     Prefill {
         id: SeqId,
         prompt: Vec<u32>,
@@ -33,35 +33,36 @@ pub(crate) enum Command {
     /// Stop and hand the engine back (the worker switches role); prompts still queued fail
     /// with a retryable error.
     Retire {
-        reply: oneshot::Sender<Engine<CpuBackend>>,
+        reply: oneshot::Sender<Engine<B>>,
     },
 }
 
-impl crate::host::RoleCommand for Command {
+impl<B: Backend> crate::host::RoleCommand for Command<B> {
+    type Backend = B;
     const ROLE: &'static str = "prefill";
 
     fn stats(reply: oneshot::Sender<WorkerStats>) -> Self {
         Self::Stats { reply }
     }
 
-    fn retire(reply: oneshot::Sender<Engine<CpuBackend>>) -> Self {
+    fn retire(reply: oneshot::Sender<Engine<B>>) -> Self {
         Self::Retire { reply }
     }
 }
 
-pub(crate) struct EngineThread {
-    engine: Engine<CpuBackend>,
-    commands: mpsc::Receiver<Command>,
+pub(crate) struct EngineThread<B: Backend> {
+    engine: Engine<B>,
+    commands: mpsc::Receiver<Command<B>>,
     requests: HashMap<SeqId, mpsc::Sender<PrefillOutput>>,
     /// Prompt tokens computed since start.
     prefilled_tokens_total: u64,
-    retire: Option<oneshot::Sender<Engine<CpuBackend>>>,
+    retire: Option<oneshot::Sender<Engine<B>>>,
 }
 
-impl EngineThread {
+impl<B: Backend> EngineThread<B> {
     pub(crate) fn spawn(
-        engine: Engine<CpuBackend>,
-        commands: mpsc::Receiver<Command>,
+        engine: Engine<B>,
+        commands: mpsc::Receiver<Command<B>>,
     ) -> std::io::Result<()> {
         let thread = Self {
             engine,
@@ -82,10 +83,11 @@ impl EngineThread {
     }
 }
 
-impl crate::engine_loop::EngineThread for EngineThread {
-    type Command = Command;
+impl<B: Backend> crate::engine_loop::EngineThread for EngineThread<B> {
+    type Backend = B;
+    type Command = Command<B>;
 
-    fn commands(&mut self) -> &mut mpsc::Receiver<Command> {
+    fn commands(&mut self) -> &mut mpsc::Receiver<Command<B>> {
         &mut self.commands
     }
 
@@ -98,16 +100,16 @@ impl crate::engine_loop::EngineThread for EngineThread {
         None
     }
 
-    fn take_retire(&mut self) -> Option<oneshot::Sender<Engine<CpuBackend>>> {
+    fn take_retire(&mut self) -> Option<oneshot::Sender<Engine<B>>> {
         self.retire.take()
     }
 
-    fn into_engine(mut self) -> Engine<CpuBackend> {
+    fn into_engine(mut self) -> Engine<B> {
         self.fail_all(|| WorkerError::NotInRole { role: "prefill" });
         self.engine
     }
 
-    fn handle(&mut self, command: Command) {
+    fn handle(&mut self, command: Command<B>) {
         match command {
             Command::Prefill {
                 id,

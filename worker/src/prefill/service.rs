@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tandem_common::ids::{KvBlockId, TransferId};
-use tandem_engine::SeqId;
+use tandem_engine::{Backend, SeqId};
 use tandem_kv_transfer::{DoneFrame, Frame, KvShape, LayerFrame, TcpKvSender};
 use tandem_proto::internal::v1::prefill_server::Prefill;
 use tandem_proto::internal::v1::{PrefillRequest, PrefillResponse};
@@ -20,8 +20,8 @@ use crate::engine_loop::try_queue;
 use crate::host::RoleSlot;
 use crate::sampling_params;
 
-pub(crate) struct PrefillService {
-    pub(crate) commands: std::sync::Arc<RoleSlot<Command>>,
+pub(crate) struct PrefillService<B: Backend> {
+    pub(crate) commands: std::sync::Arc<RoleSlot<Command<B>>>,
     pub(crate) sender: TcpKvSender,
     pub(crate) next_id: AtomicU64,
     pub(crate) queue_depth: usize,
@@ -31,7 +31,7 @@ pub(crate) struct PrefillService {
 }
 
 #[tonic::async_trait]
-impl Prefill for PrefillService {
+impl<B: Backend> Prefill for PrefillService<B> {
     async fn prefill(
         &self,
         request: Request<PrefillRequest>,
