@@ -75,6 +75,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<Self::Tensor>;
     fn select_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Each row's greedy token (ties to the lowest id) and its logprob, for rows of `vocab`
+    /// logits. A device backend overrides this so the logits stay where they are.
+    fn greedy(&self, logits: &Self::Tensor, vocab: usize) -> Result<Vec<(u32, f32)>> {
+        Ok(self
+            .to_host(logits)?
+            .chunks_exact(vocab.max(1))
+            .map(crate::sampling::greedy_pick)
+            .collect())
+    }
 }
 
 /// Shape of one layer's paged KV storage.

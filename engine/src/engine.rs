@@ -92,6 +92,17 @@ struct Reservation {
     landed: Vec<bool>,
 }
 
+/// What one forward pass hands the sequences that get a token: greedy picks made by the
+/// backend, or logit rows to sample on the host.
+enum Picks {
+    Greedy(std::vec::IntoIter<(u32, f32)>),
+    Logits {
+        logits: Vec<f32>,
+        vocab: usize,
+        next: usize,
+    },
+}
+
 /// A model, its KV cache and the sequences sharing them.
 pub struct Engine<B: Backend> {
     model: Model<B>,
@@ -468,22 +479,38 @@ impl<B: Backend> Engine<B> {
                 (seq.id, slots)
             })
             .collect();
+        // Plain greedy sequences take their token from the backend, so a GPU keeps the logits.
+        let greedy = scheduled
+            .iter()
+            .map(|&(i, n)| (&self.running[i], n))
+            .filter(|(seq, n)| seq.computed + n == seq.len())
+            .all(|(seq, _)| seq.sampler.is_plain_greedy());
         let backend = self.model.backend();
-        let logits = self
-            .model
-            .forward(&batch, &mut self.kv, &mut |layer, store| {
-                for (seq, slots) in &exports {
-                    let rows = backend.read_kv(store, slots)?;
-                    export(LayerKv {
-                        seq: *seq,
-                        layer,
-                        rows: &rows,
-                    });
-                }
-                Ok(())
-            })?;
-        let vocab = self.model.config().vocab_size;
-        let mut logit_chunks = logits.chunks_exact(vocab);
+        let mut on_layer = |layer: usize, store: &B::KvStore| {
+            for (seq, slots) in &exports {
+                let rows = backend.read_kv(store, slots)?;
+                export(LayerKv {
+                    seq: *seq,
+                    layer,
+                    rows: &rows,
+                });
+            }
+            Ok(())
+        };
+        let mut picks = if greedy {
+            Picks::Greedy(
+                self.model
+                    .forward_greedy(&batch, &mut self.kv, &mut on_layer)?
+                    .into_iter(),
+            )
+        } else {
+            let logits = self.model.forward(&batch, &mut self.kv, &mut on_layer)?;
+            Picks::Logits {
+                logits,
+                vocab: self.model.config().vocab_size,
+                next: 0,
+            }
+        };
         let mut events = Vec::new();
         let mut finished = Vec::new();
         for (i, n) in scheduled {
@@ -492,10 +519,31 @@ impl<B: Backend> Engine<B> {
             if seq.computed < seq.len() {
                 continue;
             }
-            let Some(row) = logit_chunks.next() else {
-                break;
+            let eos = &self.eos_token_ids;
+            let tokenizer = self.tokenizer.as_deref();
+            let event = match &mut picks {
+                Picks::Greedy(tokens) => {
+                    let Some((token, chosen)) = tokens.next() else {
+                        break;
+                    };
+                    let logprobs = Logprobs {
+                        chosen,
+                        top: Vec::new(),
+                    };
+                    Self::accept_token(seq, token, logprobs, eos, tokenizer)?
+                }
+                Picks::Logits {
+                    logits,
+                    vocab,
+                    next,
+                } => {
+                    let Some(row) = logits.get(*next * *vocab..(*next + 1) * *vocab) else {
+                        break;
+                    };
+                    *next += 1;
+                    Self::advance(seq, row, eos, tokenizer)?
+                }
             };
-            let event = Self::advance(seq, row, &self.eos_token_ids, self.tokenizer.as_deref())?;
             if event.finish.is_some() {
                 finished.push(seq.id);
             }

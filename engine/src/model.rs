@@ -60,6 +60,33 @@ impl<B: Backend> Model<B> {
         kv: &mut KvCache<B>,
         on_layer: &mut dyn FnMut(usize, &B::KvStore) -> Result<()>,
     ) -> Result<Vec<f32>> {
+        match self.forward_logits(batch, kv, on_layer)? {
+            Some(logits) => self.backend.to_host(&logits),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// [`Self::forward`], but returns each logit row's greedy token and its logprob, picked
+    /// by the backend (on the device, for a GPU) instead of the logits.
+    pub(crate) fn forward_greedy(
+        &self,
+        batch: &ForwardBatch<'_>,
+        kv: &mut KvCache<B>,
+        on_layer: &mut dyn FnMut(usize, &B::KvStore) -> Result<()>,
+    ) -> Result<Vec<(u32, f32)>> {
+        match self.forward_logits(batch, kv, on_layer)? {
+            Some(logits) => self.backend.greedy(&logits, self.config.vocab_size),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The logits of `batch.logit_rows`, on the backend (None when no row is asked for).
+    fn forward_logits(
+        &self,
+        batch: &ForwardBatch<'_>,
+        kv: &mut KvCache<B>,
+        on_layer: &mut dyn FnMut(usize, &B::KvStore) -> Result<()>,
+    ) -> Result<Option<B::Tensor>> {
         let b = &self.backend;
         let c = &self.config;
         let rope = RopeTable::new(&batch.positions, c.head_dim, c.rope_theta);
@@ -102,13 +129,12 @@ impl<B: Backend> Model<B> {
             b.add_assign(&mut h, &mlp)?;
         }
         if batch.logit_rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let last = b.select_rows(&h, &batch.logit_rows)?;
         let last = b.rms_norm(&last, &self.weights.final_norm, c.rms_norm_eps)?;
         let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
-        let logits = b.linear(&last, head, None)?;
-        b.to_host(&logits)
+        b.linear(&last, head, None).map(Some)
     }
 
     fn swiglu_mlp(&self, x: &B::Tensor, mlp: &ExpertWeights<B>) -> Result<B::Tensor> {

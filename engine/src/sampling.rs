@@ -115,6 +115,17 @@ pub(crate) struct Sampler {
 }
 
 impl Sampler {
+    /// True when the next token is the plain argmax and only its logprob is wanted, so the
+    /// backend can pick it where the logits are (see [`greedy_pick`]).
+    pub(crate) fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        p.temperature == 0.0
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && p.top_logprobs == 0
+    }
+
     pub(crate) fn new(params: SamplingParams, fallback_seed: u64) -> Self {
         let rng = Rng::seeded(params.seed.unwrap_or(fallback_seed));
         Self { params, rng }
@@ -241,6 +252,13 @@ pub(crate) fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// The greedy token of one row of logits (ties to the lowest id) and its logprob: what
+/// [`Sampler::sample`] gives a plain greedy sampler, without copying the row.
+pub(crate) fn greedy_pick(logits: &[f32]) -> (u32, f32) {
+    let token = argmax(logits);
+    (token, logits[token as usize] - log_sum_exp(logits))
 }
 
 fn log_sum_exp(logits: &[f32]) -> f32 {

@@ -339,6 +339,15 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     b.add_assign(&mut acc, &x).expect("add");
     b.scale_rows(&mut acc, &v.take(rows, 2.0)).expect("scale");
     out.push(("add_scale".into(), b.to_host(&acc).expect("host")));
+    // Greedy picks over 300 logits a row, one row with a tie (the lower id wins).
+    let mut logits = v.take(5 * 300, 3.0);
+    logits[2 * 300 + 7] = 4.0;
+    logits[2 * 300 + 200] = 4.0;
+    let picks = b.greedy(&tensor(b, 5, 300, logits), 300).expect("greedy");
+    out.push((
+        "greedy".into(),
+        picks.iter().flat_map(|&(t, lp)| [t as f32, lp]).collect(),
+    ));
     out.push((
         "select_rows".into(),
         b.to_host(&b.select_rows(&x, &[17, 0, 5, 5]).expect("select"))

@@ -30,7 +30,7 @@ use crate::weights::ExpertWeights;
 pub const KERNELS_SOURCE: &str = include_str!("cuda/kernels.cu");
 
 /// Every kernel `kernels.cu` defines.
-pub const KERNEL_NAMES: [&str; 15] = [
+pub const KERNEL_NAMES: [&str; 16] = [
     "embed",
     "rms_norm",
     "add_assign",
@@ -46,6 +46,7 @@ pub const KERNEL_NAMES: [&str; 15] = [
     "attention_split",
     "attention_combine",
     "attention_prefill",
+    "greedy",
 ];
 
 /// Threads per block of the row-wise kernels.
@@ -1054,6 +1055,35 @@ impl Backend for CudaBackend {
         }
         let indices = self.upload(&slots_i32(rows))?;
         self.gather(x, &indices.as_view(), rows.len())
+    }
+
+    fn greedy(&self, logits: &CudaTensor, vocab: usize) -> Result<Vec<(u32, f32)>> {
+        let _timer = self.timed("greedy");
+        if logits.cols != vocab {
+            return Err(shape_error(
+                "greedy",
+                format!("{} columns, vocab {vocab}", logits.cols),
+            ));
+        }
+        if logits.rows == 0 {
+            return Ok(Vec::new());
+        }
+        let mut tokens = self.uninit::<u32>(logits.rows)?;
+        let mut logprobs = self.uninit::<f32>(logits.rows)?;
+        let vocab_i = vocab as i32;
+        let mut launch = self.stream.launch_builder(self.function("greedy"));
+        launch
+            .arg(&logits.data)
+            .arg(&mut tokens)
+            .arg(&mut logprobs)
+            .arg(&vocab_i);
+        // SAFETY: one block of ROW_THREADS (= the kernel's 256 shared slots) per row of vocab
+        // logits; tokens and logprobs hold one entry per row.
+        launched(unsafe { launch.launch(per_row(logits.rows)) }, "greedy")?;
+        let copy = |e| device_error("copying to the host", e);
+        let tokens = self.stream.clone_dtoh(&tokens).map_err(copy)?;
+        let logprobs = self.stream.clone_dtoh(&logprobs).map_err(copy)?;
+        Ok(tokens.into_iter().zip(logprobs).take(logits.rows).collect())
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {

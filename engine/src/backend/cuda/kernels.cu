@@ -380,3 +380,43 @@ attention_prefill(const float* q, const bf16_t* k_cache, const bf16_t* v_cache, 
         }
     }
 }
+
+// Greedy pick per row of `vocab` logits: the largest (ties to the lowest id) and its logprob
+// (value minus the row's log-sum-exp). One block of 256 threads per row.
+extern "C" __global__ void greedy(const float* logits, unsigned int* tokens, float* logprobs,
+                                  int vocab) {
+    __shared__ float best_value[256];
+    __shared__ int best_index[256];
+    const float* row = logits + (size_t)blockIdx.x * vocab;
+    float value = NEG_INF;
+    int index = 0x7fffffff;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        if (row[i] > value) {
+            value = row[i];
+            index = i;
+        }
+    }
+    best_value[threadIdx.x] = value;
+    best_index[threadIdx.x] = index;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) {
+            float v = best_value[threadIdx.x + stride];
+            int j = best_index[threadIdx.x + stride];
+            if (v > best_value[threadIdx.x] || (v == best_value[threadIdx.x] && j < best_index[threadIdx.x])) {
+                best_value[threadIdx.x] = v;
+                best_index[threadIdx.x] = j;
+            }
+        }
+        __syncthreads();
+    }
+    float max = best_value[0];
+    int token = best_index[0];
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) sum += expf(row[i] - max);
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) {
+        tokens[blockIdx.x] = (unsigned int)token;
+        logprobs[blockIdx.x] = -logf(sum);
+    }
+}
