@@ -389,6 +389,26 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         b.to_host(&b.moe_experts(&x, &routing, &experts).expect("moe"))
             .expect("host"),
     ));
+    // 40 tokens (80 routing slots): past the matrix-vector path, through per-expert GEMMs.
+    let many = 40;
+    let x_many = tensor(b, many, hidden, v.take(many * hidden, 1.0));
+    let routing_many = Routing {
+        experts_per_token: 2,
+        expert_ids: (0..many)
+            .flat_map(|i| [i % 4, (i + 1 + i / 4 % 3) % 4])
+            .collect(),
+        weights: (0..many)
+            .flat_map(|i| [0.6 - i as f32 * 0.005, 0.4 + i as f32 * 0.005])
+            .collect(),
+    };
+    out.push((
+        "moe_grouped".into(),
+        b.to_host(
+            &b.moe_experts(&x_many, &routing_many, &experts)
+                .expect("moe"),
+        )
+        .expect("host"),
+    ));
 
     // Attention over the paged cache, blocks scattered: a 9-row prefill, a decode row at
     // position 13, chunked prefills of 8 rows at 20 and of 5 rows at 45, and a 40-row prefill

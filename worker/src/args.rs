@@ -18,6 +18,8 @@ pub struct WorkerArgs {
     /// Hugging Face checkpoint folder; without it, the built-in demo model.
     #[arg(long, env = "TANDEM_MODEL", value_name = "DIR")]
     pub model: Option<PathBuf>,
+    /// Where the model runs: `auto` takes GPU 0 when libcuda, libnvrtc, libcublas and a GPU are
+    /// found (and logs why not otherwise); `cuda` fails instead of falling back.
     #[arg(long, value_enum, env = "TANDEM_DEVICE", default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
     /// Tokens per KV block.

@@ -30,7 +30,7 @@ use crate::weights::ExpertWeights;
 pub const KERNELS_SOURCE: &str = include_str!("cuda/kernels.cu");
 
 /// Every kernel `kernels.cu` defines.
-pub const KERNEL_NAMES: [&str; 16] = [
+pub const KERNEL_NAMES: [&str; 19] = [
     "embed",
     "rms_norm",
     "add_assign",
@@ -47,6 +47,9 @@ pub const KERNEL_NAMES: [&str; 16] = [
     "attention_combine",
     "attention_prefill",
     "greedy",
+    "moe_gate_up",
+    "moe_down",
+    "moe_sum",
 ];
 
 /// Threads per block of the row-wise kernels.
@@ -59,6 +62,14 @@ const WARP: u32 = 32;
 const MAX_HEAD_DIM: usize = 256;
 /// Keys per split of `attention_split` (`SPLIT_KEYS` in kernels.cu).
 const SPLIT_KEYS: usize = 256;
+/// Routing slots (tokens × top-k) up to which MoE runs as matrix-vector products over expert
+/// pointer tables (few tokens per expert) rather than per-expert GEMMs.
+const MOE_GEMV_MAX_PAIRS: usize = 64;
+/// Output rows one block of `moe_gate_up` / `moe_down` computes: 8 warps × 4 rows.
+const MOE_ROWS_PER_BLOCK: usize = 32;
+/// Largest hidden or expert width the MoE matrix-vector kernels stage in shared memory.
+const MOE_GEMV_MAX_WIDTH: usize = 8192;
+
 /// `attention_prefill`'s limits: `PREFILL_MAX_HEAD_DIM`, `Q_TILE` rows a block, 4 warps.
 const PREFILL_MAX_HEAD_DIM: usize = 128;
 const PREFILL_Q_TILE: usize = 16;
@@ -495,6 +506,102 @@ impl CudaBackend {
             .map_err(|e| device_error("cublas gemm", e))?;
         }
         Ok(y)
+    }
+
+    /// Whether `moe_gemv` takes this call: few routing slots, shapes its kernels handle.
+    fn moe_fits_gemv(
+        &self,
+        x: &CudaTensor,
+        routing: &Routing,
+        experts: &[ExpertWeights<Self>],
+    ) -> bool {
+        let Some(first) = experts.first() else {
+            return false;
+        };
+        let (hidden, inter) = (x.cols, first.down.in_dim);
+        let uniform = experts.iter().all(|e| {
+            (
+                e.gate_up.out_dim,
+                e.gate_up.in_dim,
+                e.down.out_dim,
+                e.down.in_dim,
+            ) == (2 * inter, hidden, hidden, inter)
+        });
+        uniform
+            && routing.expert_ids.len() <= MOE_GEMV_MAX_PAIRS
+            && routing.expert_ids.len() == x.rows * routing.experts_per_token
+            && hidden % 8 == 0
+            && inter % 8 == 0
+            && hidden <= MOE_GEMV_MAX_WIDTH
+            && inter <= MOE_GEMV_MAX_WIDTH
+    }
+
+    /// MoE for few tokens: every routing slot's expert MLP as matrix-vector products reading
+    /// the expert's weights through a pointer table, then each token's slots summed in order.
+    fn moe_gemv(
+        &self,
+        x: &CudaTensor,
+        routing: &Routing,
+        experts: &[ExpertWeights<Self>],
+    ) -> Result<CudaTensor> {
+        let (hidden, inter) = (x.cols, experts[0].down.in_dim);
+        let pairs = routing.expert_ids.len();
+        let mut out = self.output(x.rows, hidden)?;
+        if pairs == 0 {
+            return Ok(out);
+        }
+        let table = |matrix: fn(&ExpertWeights<Self>) -> &CudaMatrix| -> Vec<u64> {
+            experts
+                .iter()
+                .map(|e| matrix(e).data.device_ptr(&self.stream).0)
+                .collect()
+        };
+        let gate_up = self.upload(&table(|e| &e.gate_up))?;
+        let down = self.upload(&table(|e| &e.down))?;
+        let ids: Vec<i32> = routing.expert_ids.iter().map(|&e| e as i32).collect();
+        let ids = self.upload(&ids)?;
+        let weights = self.upload(&routing.weights)?;
+        let mut act = self.uninit::<f32>(pairs * inter)?;
+        let mut y = self.uninit::<f32>(pairs * hidden)?;
+        let (hidden_i, inter_i, k) = (
+            hidden as i32,
+            inter as i32,
+            routing.experts_per_token as i32,
+        );
+        let grid = |rows: usize| LaunchConfig {
+            grid_dim: (pairs as u32, rows.div_ceil(MOE_ROWS_PER_BLOCK) as u32, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(self.function("moe_gate_up"));
+        launch
+            .arg(&x.data)
+            .arg(&gate_up)
+            .arg(&ids)
+            .arg(&mut act)
+            .arg(&hidden_i)
+            .arg(&inter_i)
+            .arg(&k);
+        // SAFETY: every expert id was checked below the tables' length, every table entry is a
+        // live [2·inter, hidden] bf16 matrix, pair p reads token p / k of x (pairs = rows · k),
+        // and act holds pairs · inter values.
+        launched(unsafe { launch.launch(grid(inter)) }, "moe_gate_up")?;
+        let mut launch = self.stream.launch_builder(self.function("moe_down"));
+        launch
+            .arg(&act)
+            .arg(&down)
+            .arg(&ids)
+            .arg(&weights)
+            .arg(&mut y)
+            .arg(&hidden_i)
+            .arg(&inter_i);
+        // SAFETY: as above, with [hidden, inter] down matrices and y of pairs · hidden values.
+        launched(unsafe { launch.launch(grid(hidden)) }, "moe_down")?;
+        let mut launch = self.stream.launch_builder(self.function("moe_sum"));
+        launch.arg(&y).arg(&mut out.data).arg(&hidden_i).arg(&k);
+        // SAFETY: one block per token, reading its k rows of y and writing its row of out.
+        launched(unsafe { launch.launch(per_row(x.rows)) }, "moe_sum")?;
+        Ok(out)
     }
 
     /// `out[rows[i], :] += weights[i] · y[i, :]`.
@@ -1012,6 +1119,15 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         let _timer = self.timed("moe_experts");
         let k = routing.experts_per_token.max(1);
+        if let Some(bad) = routing.expert_ids.iter().find(|&&e| e >= experts.len()) {
+            return Err(shape_error(
+                "moe",
+                format!("expert {bad} of {}", experts.len()),
+            ));
+        }
+        if self.moe_fits_gemv(x, routing, experts) {
+            return self.moe_gemv(x, routing, experts);
+        }
         // Tokens grouped by expert, in one upload: rows and weights, expert after expert.
         let mut groups: Vec<Vec<(i32, f32)>> = vec![Vec::new(); experts.len()];
         for (slot, (&expert, &weight)) in

@@ -420,3 +420,80 @@ extern "C" __global__ void greedy(const float* logits, unsigned int* tokens, flo
         logprobs[blockIdx.x] = -logf(sum);
     }
 }
+
+// Small-batch MoE as matrix-vector products, one (token, expert) pair per routing slot, so
+// few tokens per expert cost no GEMM launches: expert weights are reached through tables of
+// device pointers. Pair p = token p / top_k. A warp computes one output row: lane l reads
+// 16-byte chunks l, l + 32, … of the bf16 weight row (in_dim must be a multiple of 8).
+__device__ __forceinline__ float dot_bf16_row(const bf16_t* w, const float* x, int in_dim) {
+    const uint4* w8 = (const uint4*)w;
+    float sum = 0.0f;
+    for (int c = threadIdx.x & 31; c < in_dim / 8; c += 32) {
+        uint4 v = w8[c];
+        const float* xc = x + c * 8;
+        sum += xc[0] * __uint_as_float(v.x << 16) + xc[1] * __uint_as_float(v.x & 0xffff0000u)
+             + xc[2] * __uint_as_float(v.y << 16) + xc[3] * __uint_as_float(v.y & 0xffff0000u)
+             + xc[4] * __uint_as_float(v.z << 16) + xc[5] * __uint_as_float(v.z & 0xffff0000u)
+             + xc[6] * __uint_as_float(v.w << 16) + xc[7] * __uint_as_float(v.w & 0xffff0000u);
+    }
+    return warp_sum(sum);
+}
+
+#define MOE_ROWS_PER_WARP 4
+
+// act[p, i] = silu(gate_up[e] row i · x[t]) * (gate_up[e] row inter + i · x[t]); grid
+// (pairs, ceil(inter / (warps · MOE_ROWS_PER_WARP))), 256 threads, x[t] staged in shared memory
+// (hidden <= 8192).
+extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long* gate_up,
+                                       const int* experts, float* act, int hidden, int inter,
+                                       int top_k) {
+    __shared__ float xs[8192];
+    int p = blockIdx.x;
+    const float* xt = x + (size_t)(p / top_k) * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) xs[i] = xt[i];
+    __syncthreads();
+    const bf16_t* w = (const bf16_t*)gate_up[experts[p]];
+    int warp = threadIdx.x >> 5;
+    int warps = blockDim.x >> 5;
+    int first = (blockIdx.y * warps + warp) * MOE_ROWS_PER_WARP;
+    for (int r = 0; r < MOE_ROWS_PER_WARP; r++) {
+        int i = first + r;
+        if (i >= inter) break;
+        float g = dot_bf16_row(w + (size_t)i * hidden, xs, hidden);
+        float u = dot_bf16_row(w + (size_t)(inter + i) * hidden, xs, hidden);
+        if ((threadIdx.x & 31) == 0) act[(size_t)p * inter + i] = g / (1.0f + expf(-g)) * u;
+    }
+}
+
+// y[p, h] = weights[p] · (down[e] row h · act[p]); grid (pairs, ceil(hidden / (warps ·
+// MOE_ROWS_PER_WARP))), 256 threads, act[p] staged in shared memory (inter <= 8192).
+extern "C" __global__ void moe_down(const float* act, const unsigned long long* down,
+                                    const int* experts, const float* weights, float* y,
+                                    int hidden, int inter) {
+    __shared__ float as[8192];
+    int p = blockIdx.x;
+    const float* ap = act + (size_t)p * inter;
+    for (int i = threadIdx.x; i < inter; i += blockDim.x) as[i] = ap[i];
+    __syncthreads();
+    const bf16_t* w = (const bf16_t*)down[experts[p]];
+    int warp = threadIdx.x >> 5;
+    int warps = blockDim.x >> 5;
+    int first = (blockIdx.y * warps + warp) * MOE_ROWS_PER_WARP;
+    for (int r = 0; r < MOE_ROWS_PER_WARP; r++) {
+        int h = first + r;
+        if (h >= hidden) break;
+        float d = dot_bf16_row(w + (size_t)h * inter, as, inter);
+        if ((threadIdx.x & 31) == 0) y[(size_t)p * hidden + h] = weights[p] * d;
+    }
+}
+
+// out[t, :] = sum over j < top_k of y[t · top_k + j, :], in slot order (deterministic).
+extern "C" __global__ void moe_sum(const float* y, float* out, int hidden, int top_k) {
+    float* dst = out + (size_t)blockIdx.x * hidden;
+    const float* src = y + (size_t)blockIdx.x * top_k * hidden;
+    for (int h = threadIdx.x; h < hidden; h += blockDim.x) {
+        float sum = 0.0f;
+        for (int j = 0; j < top_k; j++) sum += src[(size_t)j * hidden + h];
+        dst[h] = sum;
+    }
+}
