@@ -62,13 +62,15 @@ const WARP: u32 = 32;
 const MAX_HEAD_DIM: usize = 256;
 /// Keys per split of `attention_split` (`SPLIT_KEYS` in kernels.cu).
 const SPLIT_KEYS: usize = 256;
-/// Routing slots (tokens × top-k) up to which MoE runs as matrix-vector products over expert
-/// pointer tables (few tokens per expert) rather than per-expert GEMMs.
-const MOE_GEMV_MAX_PAIRS: usize = 64;
+/// Routing slots (tokens × top-k) up to which MoE runs as grouped matrix-vector products over
+/// expert pointer tables (three launches per layer) rather than a GEMM per expert.
+const MOE_GEMV_MAX_PAIRS: usize = 2048;
 /// Output rows one block of `moe_gate_up` / `moe_down` computes: 8 warps × 4 rows.
 const MOE_ROWS_PER_BLOCK: usize = 32;
-/// Largest hidden or expert width the MoE matrix-vector kernels stage in shared memory.
-const MOE_GEMV_MAX_WIDTH: usize = 8192;
+/// Most routing slots one block takes (`MOE_MAX_GROUP` in kernels.cu).
+const MOE_MAX_GROUP: usize = 4;
+/// Shared memory a block may stage its group's inputs in without opting in to more.
+const MOE_STAGED_BYTES: usize = 48 * 1024;
 
 /// `attention_prefill`'s limits: `PREFILL_MAX_HEAD_DIM`, `Q_TILE` rows a block, 4 warps.
 const PREFILL_MAX_HEAD_DIM: usize = 128;
@@ -532,12 +534,12 @@ impl CudaBackend {
             && routing.expert_ids.len() == x.rows * routing.experts_per_token
             && hidden % 8 == 0
             && inter % 8 == 0
-            && hidden <= MOE_GEMV_MAX_WIDTH
-            && inter <= MOE_GEMV_MAX_WIDTH
+            && hidden.max(inter) * 4 <= MOE_STAGED_BYTES
     }
 
-    /// MoE for few tokens: every routing slot's expert MLP as matrix-vector products reading
-    /// the expert's weights through a pointer table, then each token's slots summed in order.
+    /// MoE for decode-sized batches: routing slots grouped by expert (a few to a group), each
+    /// group's expert MLP as matrix-vector products reading the weights once through a pointer
+    /// table, then each token's slots summed in slot order. Three launches per layer.
     fn moe_gemv(
         &self,
         x: &CudaTensor,
@@ -550,6 +552,26 @@ impl CudaBackend {
         if pairs == 0 {
             return Ok(out);
         }
+        // As many slots a group as the widest staged input allows, at most MOE_MAX_GROUP.
+        let group_size = (MOE_STAGED_BYTES / (4 * hidden.max(inter))).clamp(1, MOE_MAX_GROUP);
+        let mut order: Vec<i32> = (0..pairs as i32).collect();
+        order.sort_by_key(|&p| routing.expert_ids[p as usize]);
+        let (mut group_expert, mut group_first, mut group_count) =
+            (Vec::new(), Vec::new(), Vec::new());
+        let mut start = 0;
+        while start < pairs {
+            let expert = routing.expert_ids[order[start] as usize];
+            let run = order[start..]
+                .iter()
+                .take(group_size)
+                .take_while(|&&p| routing.expert_ids[p as usize] == expert)
+                .count();
+            group_expert.push(expert as i32);
+            group_first.push(start as i32);
+            group_count.push(run as i32);
+            start += run;
+        }
+        let groups = group_expert.len();
         let table = |matrix: fn(&ExpertWeights<Self>) -> &CudaMatrix| -> Vec<u64> {
             experts
                 .iter()
@@ -558,8 +580,10 @@ impl CudaBackend {
         };
         let gate_up = self.upload(&table(|e| &e.gate_up))?;
         let down = self.upload(&table(|e| &e.down))?;
-        let ids: Vec<i32> = routing.expert_ids.iter().map(|&e| e as i32).collect();
-        let ids = self.upload(&ids)?;
+        let group_expert = self.upload(&group_expert)?;
+        let group_first = self.upload(&group_first)?;
+        let group_count = self.upload(&group_count)?;
+        let order = self.upload(&order)?;
         let weights = self.upload(&routing.weights)?;
         let mut act = self.uninit::<f32>(pairs * inter)?;
         let mut y = self.uninit::<f32>(pairs * hidden)?;
@@ -568,35 +592,43 @@ impl CudaBackend {
             inter as i32,
             routing.experts_per_token as i32,
         );
-        let grid = |rows: usize| LaunchConfig {
-            grid_dim: (pairs as u32, rows.div_ceil(MOE_ROWS_PER_BLOCK) as u32, 1),
+        let grid = |rows: usize, staged: usize| LaunchConfig {
+            grid_dim: (groups as u32, rows.div_ceil(MOE_ROWS_PER_BLOCK) as u32, 1),
             block_dim: (ROW_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: (4 * staged * group_size) as u32,
         };
         let mut launch = self.stream.launch_builder(self.function("moe_gate_up"));
         launch
             .arg(&x.data)
             .arg(&gate_up)
-            .arg(&ids)
+            .arg(&group_expert)
+            .arg(&group_first)
+            .arg(&group_count)
+            .arg(&order)
             .arg(&mut act)
             .arg(&hidden_i)
             .arg(&inter_i)
             .arg(&k);
-        // SAFETY: every expert id was checked below the tables' length, every table entry is a
-        // live [2·inter, hidden] bf16 matrix, pair p reads token p / k of x (pairs = rows · k),
-        // and act holds pairs · inter values.
-        launched(unsafe { launch.launch(grid(inter)) }, "moe_gate_up")?;
+        // SAFETY: every expert id was checked below the tables' length and every entry is a
+        // live [2·inter, hidden] bf16 matrix; each group holds at most group_size slots whose
+        // x rows fit the dynamic shared memory; slot p reads token p / k of x (slots = rows ·
+        // k) and writes row p of act (slots · inter values).
+        launched(unsafe { launch.launch(grid(inter, hidden)) }, "moe_gate_up")?;
         let mut launch = self.stream.launch_builder(self.function("moe_down"));
         launch
             .arg(&act)
             .arg(&down)
-            .arg(&ids)
+            .arg(&group_expert)
+            .arg(&group_first)
+            .arg(&group_count)
+            .arg(&order)
             .arg(&weights)
             .arg(&mut y)
             .arg(&hidden_i)
             .arg(&inter_i);
-        // SAFETY: as above, with [hidden, inter] down matrices and y of pairs · hidden values.
-        launched(unsafe { launch.launch(grid(hidden)) }, "moe_down")?;
+        // SAFETY: as above, with [hidden, inter] down matrices, act rows staged, and y of
+        // slots · hidden values.
+        launched(unsafe { launch.launch(grid(hidden, inter)) }, "moe_down")?;
         let mut launch = self.stream.launch_builder(self.function("moe_sum"));
         launch.arg(&y).arg(&mut out.data).arg(&hidden_i).arg(&k);
         // SAFETY: one block per token, reading its k rows of y and writing its row of out.

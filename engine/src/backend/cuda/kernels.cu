@@ -421,69 +421,109 @@ extern "C" __global__ void greedy(const float* logits, unsigned int* tokens, flo
     }
 }
 
-// Small-batch MoE as matrix-vector products, one (token, expert) pair per routing slot, so
-// few tokens per expert cost no GEMM launches: expert weights are reached through tables of
-// device pointers. Pair p = token p / top_k. A warp computes one output row: lane l reads
-// 16-byte chunks l, l + 32, … of the bf16 weight row (in_dim must be a multiple of 8).
-__device__ __forceinline__ float dot_bf16_row(const bf16_t* w, const float* x, int in_dim) {
-    const uint4* w8 = (const uint4*)w;
-    float sum = 0.0f;
-    for (int c = threadIdx.x & 31; c < in_dim / 8; c += 32) {
-        uint4 v = w8[c];
-        const float* xc = x + c * 8;
-        sum += xc[0] * __uint_as_float(v.x << 16) + xc[1] * __uint_as_float(v.x & 0xffff0000u)
-             + xc[2] * __uint_as_float(v.y << 16) + xc[3] * __uint_as_float(v.y & 0xffff0000u)
-             + xc[4] * __uint_as_float(v.z << 16) + xc[5] * __uint_as_float(v.z & 0xffff0000u)
-             + xc[6] * __uint_as_float(v.w << 16) + xc[7] * __uint_as_float(v.w & 0xffff0000u);
-    }
-    return warp_sum(sum);
-}
-
+// MoE for decode-sized batches without a launch per expert: routing slots (pairs) are grouped
+// by expert, at most `group_size` (<= MOE_MAX_GROUP) to a group, and one block computes a tile
+// of output rows for a whole group, reading each weight row once for all its tokens. Expert
+// weights are reached through tables of device pointers. Pair p belongs to token p / top_k.
+// A warp computes one output row at a time: lane l reads 16-byte chunks l, l + 32, … of the
+// bf16 row (widths must be multiples of 8); the group's inputs sit in shared memory.
+#define MOE_MAX_GROUP 4
 #define MOE_ROWS_PER_WARP 4
 
-// act[p, i] = silu(gate_up[e] row i · x[t]) * (gate_up[e] row inter + i · x[t]); grid
-// (pairs, ceil(inter / (warps · MOE_ROWS_PER_WARP))), 256 threads, x[t] staged in shared memory
-// (hidden <= 8192).
+__device__ __forceinline__ float dot8(uint4 w, const float* x) {
+    return x[0] * __uint_as_float(w.x << 16) + x[1] * __uint_as_float(w.x & 0xffff0000u)
+         + x[2] * __uint_as_float(w.y << 16) + x[3] * __uint_as_float(w.y & 0xffff0000u)
+         + x[4] * __uint_as_float(w.z << 16) + x[5] * __uint_as_float(w.z & 0xffff0000u)
+         + x[6] * __uint_as_float(w.w << 16) + x[7] * __uint_as_float(w.w & 0xffff0000u);
+}
+
+// act[p, i] = silu(gate row i · x[t]) · (up row i · x[t]) for the group's pairs; grid
+// (groups, ceil(inter / (warps · MOE_ROWS_PER_WARP))); dynamic shared memory holds the
+// group's x rows (count · hidden floats).
 extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long* gate_up,
-                                       const int* experts, float* act, int hidden, int inter,
-                                       int top_k) {
-    __shared__ float xs[8192];
-    int p = blockIdx.x;
-    const float* xt = x + (size_t)(p / top_k) * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) xs[i] = xt[i];
+                                       const int* group_expert, const int* group_first,
+                                       const int* group_count, const int* pair_order,
+                                       float* act, int hidden, int inter, int top_k) {
+    extern __shared__ float staged[];
+    int g = blockIdx.x;
+    int count = group_count[g];
+    const int* pairs = pair_order + group_first[g];
+    for (int j = 0; j < count; j++) {
+        const float* xt = x + (size_t)(pairs[j] / top_k) * hidden;
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) staged[j * hidden + i] = xt[i];
+    }
     __syncthreads();
-    const bf16_t* w = (const bf16_t*)gate_up[experts[p]];
-    int warp = threadIdx.x >> 5;
-    int warps = blockDim.x >> 5;
-    int first = (blockIdx.y * warps + warp) * MOE_ROWS_PER_WARP;
+    const bf16_t* w = (const bf16_t*)gate_up[group_expert[g]];
+    int lane = threadIdx.x & 31;
+    int first = (blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * MOE_ROWS_PER_WARP;
     for (int r = 0; r < MOE_ROWS_PER_WARP; r++) {
         int i = first + r;
         if (i >= inter) break;
-        float g = dot_bf16_row(w + (size_t)i * hidden, xs, hidden);
-        float u = dot_bf16_row(w + (size_t)(inter + i) * hidden, xs, hidden);
-        if ((threadIdx.x & 31) == 0) act[(size_t)p * inter + i] = g / (1.0f + expf(-g)) * u;
+        const uint4* gate = (const uint4*)(w + (size_t)i * hidden);
+        const uint4* up = (const uint4*)(w + (size_t)(inter + i) * hidden);
+        float gs[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float us[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int c = lane; c < hidden / 8; c += 32) {
+            uint4 a = gate[c];
+            uint4 b = up[c];
+#pragma unroll
+            for (int j = 0; j < MOE_MAX_GROUP; j++) {
+                if (j < count) {
+                    const float* xc = staged + j * hidden + c * 8;
+                    gs[j] += dot8(a, xc);
+                    us[j] += dot8(b, xc);
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < MOE_MAX_GROUP; j++) {
+            if (j < count) {
+                float gv = warp_sum(gs[j]);
+                float uv = warp_sum(us[j]);
+                if (lane == 0) act[(size_t)pairs[j] * inter + i] = gv / (1.0f + expf(-gv)) * uv;
+            }
+        }
     }
 }
 
-// y[p, h] = weights[p] · (down[e] row h · act[p]); grid (pairs, ceil(hidden / (warps ·
-// MOE_ROWS_PER_WARP))), 256 threads, act[p] staged in shared memory (inter <= 8192).
+// y[p, h] = weights[p] · (down row h · act[p]) for the group's pairs; grid (groups,
+// ceil(hidden / (warps · MOE_ROWS_PER_WARP))); dynamic shared memory holds the group's act
+// rows (count · inter floats).
 extern "C" __global__ void moe_down(const float* act, const unsigned long long* down,
-                                    const int* experts, const float* weights, float* y,
-                                    int hidden, int inter) {
-    __shared__ float as[8192];
-    int p = blockIdx.x;
-    const float* ap = act + (size_t)p * inter;
-    for (int i = threadIdx.x; i < inter; i += blockDim.x) as[i] = ap[i];
+                                    const int* group_expert, const int* group_first,
+                                    const int* group_count, const int* pair_order,
+                                    const float* weights, float* y, int hidden, int inter) {
+    extern __shared__ float staged[];
+    int g = blockIdx.x;
+    int count = group_count[g];
+    const int* pairs = pair_order + group_first[g];
+    for (int j = 0; j < count; j++) {
+        const float* ap = act + (size_t)pairs[j] * inter;
+        for (int i = threadIdx.x; i < inter; i += blockDim.x) staged[j * inter + i] = ap[i];
+    }
     __syncthreads();
-    const bf16_t* w = (const bf16_t*)down[experts[p]];
-    int warp = threadIdx.x >> 5;
-    int warps = blockDim.x >> 5;
-    int first = (blockIdx.y * warps + warp) * MOE_ROWS_PER_WARP;
+    const bf16_t* w = (const bf16_t*)down[group_expert[g]];
+    int lane = threadIdx.x & 31;
+    int first = (blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * MOE_ROWS_PER_WARP;
     for (int r = 0; r < MOE_ROWS_PER_WARP; r++) {
         int h = first + r;
         if (h >= hidden) break;
-        float d = dot_bf16_row(w + (size_t)h * inter, as, inter);
-        if ((threadIdx.x & 31) == 0) y[(size_t)p * hidden + h] = weights[p] * d;
+        const uint4* row = (const uint4*)(w + (size_t)h * inter);
+        float ds[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int c = lane; c < inter / 8; c += 32) {
+            uint4 a = row[c];
+#pragma unroll
+            for (int j = 0; j < MOE_MAX_GROUP; j++) {
+                if (j < count) ds[j] += dot8(a, staged + j * inter + c * 8);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < MOE_MAX_GROUP; j++) {
+            if (j < count) {
+                float d = warp_sum(ds[j]);
+                if (lane == 0) y[(size_t)pairs[j] * hidden + h] = weights[pairs[j]] * d;
+            }
+        }
     }
 }
 
