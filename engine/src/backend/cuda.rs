@@ -63,8 +63,10 @@ const MAX_HEAD_DIM: usize = 256;
 /// Keys per split of `attention_split` (`SPLIT_KEYS` in kernels.cu).
 const SPLIT_KEYS: usize = 256;
 /// Routing slots (tokens × top-k) up to which MoE runs as grouped matrix-vector products over
-/// expert pointer tables (three launches per layer) rather than a GEMM per expert.
-const MOE_GEMV_MAX_PAIRS: usize = 2048;
+/// expert pointer tables (three launches per layer) rather than a GEMM per expert. Measured
+/// on an H100 (Qwen3-30B-A3B shape): 64 slots (batch 8) take 4.8 ms a step this way against
+/// 7.4 ms with GEMMs, but 512 slots take 19.0 ms against 12.1 ms.
+const MOE_GEMV_MAX_PAIRS: usize = 64;
 /// Output rows one block of `moe_gate_up` / `moe_down` computes: 8 warps × 4 rows.
 const MOE_ROWS_PER_BLOCK: usize = 32;
 /// Most routing slots one block takes (`MOE_MAX_GROUP` in kernels.cu).
