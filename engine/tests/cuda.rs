@@ -315,6 +315,19 @@ fn matrix<B: Backend>(b: &B, v: &mut Values, out: usize, inp: usize) -> B::Matri
     .expect("matrix")
 }
 
+/// Top-2 routing of `tokens` over 4 experts: two distinct experts a token, as top-k gives.
+fn top2_of_4(tokens: usize) -> Routing {
+    Routing {
+        experts_per_token: 2,
+        expert_ids: (0..tokens)
+            .flat_map(|i| [i % 4, (i + 1 + i / 4 % 3) % 4])
+            .collect(),
+        weights: (0..tokens)
+            .flat_map(|i| [0.75 - (i % 40) as f32 * 0.01, 0.25 + (i % 40) as f32 * 0.01])
+            .collect(),
+    }
+}
+
 /// Runs every kernel on `b` with the same seeded inputs; returns each output by name.
 fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     let mut v = Values(42);
@@ -374,16 +387,7 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
             down: matrix(b, &mut v, hidden, 8),
         })
         .collect();
-    let routing = Routing {
-        experts_per_token: 2,
-        // Two distinct experts per token, as top-k routing gives.
-        expert_ids: (0..rows)
-            .flat_map(|i| [i % 4, (i + 1 + i / 4 % 3) % 4])
-            .collect(),
-        weights: (0..rows)
-            .flat_map(|i| [0.75 - i as f32 * 0.01, 0.25 + i as f32 * 0.01])
-            .collect(),
-    };
+    let routing = top2_of_4(rows);
     out.push((
         "moe".into(),
         b.to_host(&b.moe_experts(&x, &routing, &experts).expect("moe"))
@@ -393,15 +397,7 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     // GEMMs.
     let many = 40;
     let x_many = tensor(b, many, hidden, v.take(many * hidden, 1.0));
-    let routing_many = Routing {
-        experts_per_token: 2,
-        expert_ids: (0..many)
-            .flat_map(|i| [i % 4, (i + 1 + i / 4 % 3) % 4])
-            .collect(),
-        weights: (0..many)
-            .flat_map(|i| [0.6 - i as f32 * 0.005, 0.4 + i as f32 * 0.005])
-            .collect(),
-    };
+    let routing_many = top2_of_4(many);
     out.push((
         "moe_grouped".into(),
         b.to_host(
