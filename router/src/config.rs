@@ -57,6 +57,11 @@ pub struct Config {
     /// Attempts per request on different workers while no token has reached the client.
     #[arg(long, env = "TANDEM_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
+    /// Times one stream may move to another worker pair after its decode worker failed
+    /// mid-stream: the prompt and the tokens already sent are prefilled again there and the
+    /// stream goes on (0: the request fails instead).
+    #[arg(long, env = "TANDEM_MIGRATION_LIMIT", default_value_t = 2)]
+    pub migration_limit: u32,
     /// Seconds a drain waits for a worker's requests when the call gives no timeout.
     #[arg(long, env = "TANDEM_DRAIN_TIMEOUT_SECONDS", default_value_t = 300.0)]
     pub drain_timeout_seconds: f64,

@@ -85,6 +85,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let cluster = Arc::new(Cluster {
         hold_back: Duration::from_secs_f64(config.worker_holdback_seconds),
         max_attempts: config.max_attempts,
+        migration_limit: config.migration_limit,
         ..Cluster::default()
     });
     membership.follow(Arc::clone(&cluster), card.name.clone(), max_message);

@@ -31,33 +31,63 @@ pub(crate) struct Cluster {
     pub(crate) hold_back: Duration,
     /// Attempts per request (on other workers) while no token has reached the client.
     pub(crate) max_attempts: u32,
+    /// Moves of one stream to another worker pair after tokens reached the client.
+    pub(crate) migration_limit: u32,
 }
 
-/// Where a request's responses go, and how many tokens went there.
+/// Where a request's responses go, and the tokens that went there.
 pub(crate) struct Responder {
-    pub out: mpsc::Sender<Result<GenerateResponse, Status>>,
-    pub tokens_sent: u32,
+    out: mpsc::Sender<Result<GenerateResponse, Status>>,
+    /// The client's prompt length, for the usage of the final message.
+    prompt_tokens: u32,
+    sent: Vec<u32>,
 }
 
 impl Cluster {
     /// Runs `request`, sending its chunks and final message through `responder`. A worker
     /// failure before the first token is retried on other workers (the failed one is held
-    /// back); after it, the client gets the error.
+    /// back). After tokens reached the client, the stream migrates: the prompt and the tokens
+    /// already sent are prefilled on another pair, which continues the same stream (at most
+    /// `migration_limit` times). Greedy streams continue exactly; a stop string spanning the
+    /// move is not seen, since the new decode worker sees only the text after it.
     pub(crate) async fn generate(
         &self,
         request: &ValidGenerateRequest,
         responder: &mut Responder,
     ) -> Result<(), RouterError> {
         let mut attempt = 1;
+        let mut migrations = 0;
         loop {
-            match self.attempt(request, responder).await {
+            let result = if responder.sent.is_empty() {
+                self.attempt(request, responder).await
+            } else {
+                self.attempt(&continuation(request, &responder.sent), responder)
+                    .await
+            };
+            match result {
                 Err(error)
                     if error.is_worker_failure()
-                        && responder.tokens_sent == 0
+                        && responder.sent.is_empty()
                         && attempt < self.max_attempts =>
                 {
                     tracing::warn!(%error, attempt, "worker failed; retrying on another");
                     attempt += 1;
+                }
+                Err(error)
+                    if error.is_worker_failure()
+                        && !responder.sent.is_empty()
+                        && migrations < self.migration_limit =>
+                {
+                    migrations += 1;
+                    tracing::warn!(
+                        %error,
+                        tokens_sent = responder.sent.len(),
+                        migrations,
+                        "worker failed mid-stream; migrating the stream to another pair"
+                    );
+                    if responder.sent.len() as u32 >= request.max_tokens {
+                        return responder.finish(FinishReason::Length, request).await;
+                    }
                 }
                 result => return result,
             }
@@ -189,25 +219,58 @@ async fn stream_tokens(
                 Vec::new()
             },
         };
-        responder.tokens_sent += 1;
+        responder.sent.push(token.token_id);
         responder
             .send(generate_response::Kind::Chunk(chunk))
             .await?;
         if finish != FinishReason::Unspecified {
-            let done = GenerateFinal {
-                finish_reason: finish as i32,
-                usage: Some(Usage {
-                    prompt_tokens: request.prompt_ids.len() as u32,
-                    completion_tokens: responder.tokens_sent,
-                }),
-                request_id: request.request_id.0.clone(),
-            };
-            return responder.send(generate_response::Kind::Final(done)).await;
+            return responder.finish(finish, request).await;
         }
     }
 }
 
+/// `request` continued after `sent`: those tokens join the prompt, and fewer remain to
+/// generate.
+fn continuation(request: &ValidGenerateRequest, sent: &[u32]) -> ValidGenerateRequest {
+    let mut next = request.clone();
+    next.prompt_ids.extend_from_slice(sent);
+    next.max_tokens = request.max_tokens.saturating_sub(sent.len() as u32);
+    next
+}
+
 impl Responder {
+    pub(crate) fn new(
+        out: mpsc::Sender<Result<GenerateResponse, Status>>,
+        prompt_tokens: u32,
+    ) -> Self {
+        Self {
+            out,
+            prompt_tokens,
+            sent: Vec::new(),
+        }
+    }
+
+    pub(crate) fn tokens_sent(&self) -> usize {
+        self.sent.len()
+    }
+
+    /// The final message: finish reason and usage over the whole stream.
+    async fn finish(
+        &self,
+        finish: FinishReason,
+        request: &ValidGenerateRequest,
+    ) -> Result<(), RouterError> {
+        let done = GenerateFinal {
+            finish_reason: finish as i32,
+            usage: Some(Usage {
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: self.sent.len() as u32,
+            }),
+            request_id: request.request_id.0.clone(),
+        };
+        self.send(generate_response::Kind::Final(done)).await
+    }
+
     async fn send(&self, kind: generate_response::Kind) -> Result<(), RouterError> {
         self.out
             .send(Ok(GenerateResponse { kind: Some(kind) }))

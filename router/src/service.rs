@@ -81,10 +81,7 @@ impl Inference for InferenceService {
         tokio::spawn(
             async move {
                 let _permit = permit;
-                let mut responder = Responder {
-                    out: out.clone(),
-                    tokens_sent: 0,
-                };
+                let mut responder = Responder::new(out.clone(), valid.prompt_ids.len() as u32);
                 let result = tokio::select! {
                     // The client went away: dropping the legs cancels both workers' calls.
                     () = out.closed() => Err(RouterError::ClientGone),
@@ -96,7 +93,7 @@ impl Inference for InferenceService {
                     })),
                 };
                 match result {
-                    Ok(()) => tracing::debug!(tokens = responder.tokens_sent, "request done"),
+                    Ok(()) => tracing::debug!(tokens = responder.tokens_sent(), "request done"),
                     Err(RouterError::ClientGone) => tracing::debug!("client went away"),
                     Err(error) => {
                         if error.class() == tandem_common::error_class::ErrorClass::Internal {
@@ -105,7 +102,7 @@ impl Inference for InferenceService {
                             tracing::debug!(%error, "request failed");
                         }
                         let status = Status::from(error);
-                        if responder.tokens_sent > 0 {
+                        if responder.tokens_sent() > 0 {
                             let message = GenerateError {
                                 code: format!("{:?}", status.code()),
                                 message: status.message().to_owned(),

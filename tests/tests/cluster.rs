@@ -67,12 +67,18 @@ async fn generate(
 
 /// Greedy tokens of `tandemctl generate` in one process.
 fn single_process(model: &Path, prompt: &[u32], max_tokens: u32) -> Vec<u32> {
+    single_process_with(model, prompt, max_tokens, &[])
+}
+
+/// [`single_process`] with more `tandemctl generate` flags.
+fn single_process_with(model: &Path, prompt: &[u32], max_tokens: u32, flags: &[&str]) -> Vec<u32> {
     let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
     let out = Command::new(binary("tandemctl"))
         .args(["generate", "--output", "json", "--device", "cpu", "--model"])
         .arg(model)
         .args(["--prompt-ids", &ids.join(","), "--max-tokens"])
         .arg(max_tokens.to_string())
+        .args(flags)
         .output()
         .expect("tandemctl runs");
     assert!(
@@ -650,4 +656,66 @@ async fn a_crashed_decode_worker_costs_a_retry_not_a_failed_request() {
             .expect("served by the surviving worker");
         assert_eq!(tokens, expected);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_worker_killed_mid_stream_migrates_the_stream_with_no_token_lost_or_repeated() {
+    let model = fixture("qwen3-moe-f32");
+    let cluster = Cluster::builder("migration")
+        .model(model.clone())
+        .decode(2)
+        .start();
+    let prompt: Vec<u32> = (0..12).map(|i| 5 + i * 31).collect();
+    let max_tokens = 400;
+    let expected = single_process_with(&model, &prompt, max_tokens, &["--ignore-eos"]);
+    let mut request = ids_request(prompt, max_tokens);
+    request.ignore_eos = true;
+    let mut stream = client(cluster.router_url())
+        .await
+        .generate(request)
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut tokens = Vec::new();
+    let mut killed = false;
+    loop {
+        let message = stream
+            .message()
+            .await
+            .expect("the stream survives the worker's death")
+            .expect("a final message");
+        match message.kind {
+            Some(generate_response::Kind::Chunk(chunk)) => tokens.extend(chunk.token_ids),
+            Some(generate_response::Kind::Final(done)) => {
+                let usage = done.usage.expect("usage");
+                assert_eq!(usage.completion_tokens as usize, tokens.len());
+                assert_eq!(
+                    usage.prompt_tokens, 12,
+                    "the client's prompt, not the continuation's"
+                );
+                assert_eq!(done.finish_reason, FinishReason::Length as i32);
+                break;
+            }
+            other => panic!("unexpected message {other:?}"),
+        }
+        if !killed && tokens.len() >= 10 {
+            // Kill whichever decode worker runs the stream, mid-stream.
+            for worker in &cluster.decode {
+                if stats(worker.url()).await.running_sequences > 0 {
+                    worker.signal(Signal::SIGKILL);
+                    killed = true;
+                    break;
+                }
+            }
+            assert!(
+                killed,
+                "the stream ended before its decode worker could be killed"
+            );
+        }
+    }
+    assert_eq!(tokens.len(), expected.len());
+    assert_eq!(
+        tokens, expected,
+        "no token lost or repeated across the move"
+    );
 }
