@@ -31,10 +31,13 @@ pub enum RouterError {
 
 impl RouterError {
     /// True when a worker could not be reached or broke off (not when it refused the
-    /// request): another worker may well succeed.
+    /// request): another worker may well succeed. A status this router's client made from a
+    /// transport error (an HTTP/2 stream reset by a worker shutting down, say) carries that
+    /// error as its source, whatever its code; a status the worker sent carries none.
     pub(crate) fn is_worker_failure(&self) -> bool {
         matches!(self, Self::Worker { status, .. }
-            if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown))
+            if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+                || std::error::Error::source(status).is_some())
     }
 
     pub fn class(&self) -> ErrorClass {

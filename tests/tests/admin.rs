@@ -14,7 +14,9 @@ use tandem_proto::internal::v1::worker_client::WorkerClient;
 use tandem_proto::internal::v1::{DescribeRequest, Role, StatsRequest};
 use tandem_proto::v1::inference_client::InferenceClient;
 use tandem_proto::v1::{GenerateRequest, TokenIds, generate_request, generate_response};
-use tandem_tests::{Cluster, Etcd, Process, TEST_LEASE_TTL_SECONDS, binary, fixture, log_dir};
+use tandem_tests::{
+    Cluster, ClusterBuilder, Etcd, Process, TEST_LEASE_TTL_SECONDS, binary, fixture, log_dir,
+};
 
 fn tandemctl(args: &[&str], endpoint: &str) -> Output {
     Command::new(binary("tandemctl"))
@@ -314,6 +316,17 @@ fn pool_sizes(endpoint: &str) -> (usize, usize) {
     (prefill, listed.len() - prefill)
 }
 
+/// Waits until every worker registered in etcd is ready and the pools have `sizes`; returns
+/// the deadline it allowed (20 s from now), for the caller's next wait.
+fn wait_for_pools(endpoint: &str, sizes: (usize, usize)) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pool_sizes(endpoint) != sizes {
+        assert!(Instant::now() < deadline, "workers never registered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    deadline
+}
+
 /// Runs `requests` greedy requests through the router, each equal to its reference.
 async fn assert_exact(url: &str, expected: &[Vec<u32>], requests: u32) {
     for i in 0..requests {
@@ -392,11 +405,7 @@ async fn rebalancing_under_steady_load_fails_no_request_and_a_restarted_worker_k
     let mut cluster = builder.clone().start();
     let endpoint = cluster.router.addr("grpc");
     let expected: Vec<Vec<u32>> = (0..8).map(|i| single_process(&model, i)).collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while pool_sizes(&endpoint) != (2, 2) {
-        assert!(Instant::now() < deadline, "workers never registered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let deadline = wait_for_pools(&endpoint, (2, 2));
 
     let load = SteadyLoad::start(cluster.router_url());
     while tokens_total(cluster.decode[0].url()).await == 0 {
@@ -441,33 +450,82 @@ async fn rebalancing_under_steady_load_fails_no_request_and_a_restarted_worker_k
     assert_eq!(moved["role"], "decode");
     cluster.prefill[1].signal(Signal::SIGKILL);
     cluster.prefill[1].wait_exit(Duration::from_secs(5));
-    let mut args: Vec<OsString> = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--worker-id",
-        "prefill-1",
-    ]
-    .iter()
-    .map(OsString::from)
-    .collect();
-    args.extend([OsString::from("--model"), model.into_os_string()]);
-    args.extend(builder.registry_args());
-    let restarted = Process::start(
-        "prefill-1-restarted",
-        &binary("tandem-prefill-worker"),
-        &args,
-        &log_dir("admin-rebalance-restart"),
-    );
+    let restarted = restart_worker(&builder, &model, "prefill-1", "prefill", "admin-rebalance");
     assert_eq!(role_of(restarted.url()).await, Role::Decode);
+    wait_until_ready(&endpoint, "prefill-1", "decode");
+}
+
+/// Starts `tandem-<binary_role>-worker` again as worker `id` of `builder`'s cluster.
+fn restart_worker(
+    builder: &ClusterBuilder,
+    model: &Path,
+    id: &str,
+    binary_role: &str,
+    test: &str,
+) -> Process {
+    let mut args: Vec<OsString> = ["serve", "--listen", "127.0.0.1:0", "--worker-id", id]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    args.extend([OsString::from("--model"), model.as_os_str().to_owned()]);
+    args.extend(builder.registry_args());
+    Process::start(
+        &format!("{id}-restarted"),
+        &binary(&format!("tandem-{binary_role}-worker")),
+        &args,
+        &log_dir(&format!("{test}-restarts")),
+    )
+}
+
+/// Waits until `get workers` shows `id` ready in `role`.
+fn wait_until_ready(endpoint: &str, id: &str, role: &str) {
     let deadline = Instant::now() + Duration::from_secs(TEST_LEASE_TTL_SECONDS + 10);
     loop {
-        let listed = states(&endpoint);
-        let entry = listed.iter().find(|(id, _, _)| id == "prefill-1");
-        if entry.is_some_and(|(_, role, state)| role == "decode" && state == "ready") {
-            break;
+        let listed = states(endpoint);
+        let entry = listed.iter().find(|(i, _, _)| i == id);
+        if entry.is_some_and(|(_, r, state)| r == role && state == "ready") {
+            return;
         }
         assert!(Instant::now() < deadline, "{listed:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_worker_under_load_fails_no_request() {
+    let Some(etcd) = Etcd::start("admin-rolling") else {
+        return;
+    };
+    let model = fixture("qwen3-moe-f32");
+    let builder = Cluster::builder("admin-rolling")
+        .model(model.clone())
+        .decode(2)
+        .etcd(etcd.endpoint());
+    let mut cluster = builder.clone().start();
+    let endpoint = cluster.router.addr("grpc");
+    let expected: Vec<Vec<u32>> = (0..8).map(|i| single_process(&model, i)).collect();
+    wait_for_pools(&endpoint, (1, 2));
+    let load = SteadyLoad::start(cluster.router_url());
+    let mut replacements = Vec::new();
+    for (id, role) in [
+        ("decode-0", "decode"),
+        ("decode-1", "decode"),
+        ("prefill-0", "prefill"),
+    ] {
+        let worker = match id {
+            "decode-0" => &mut cluster.decode[0],
+            "decode-1" => &mut cluster.decode[1],
+            _ => &mut cluster.prefill[0],
+        };
+        // SIGTERM: the worker deregisters, finishes its streams and exits 0.
+        worker.signal(Signal::SIGTERM);
+        let status = tokio::task::block_in_place(|| worker.wait_exit(Duration::from_secs(30)));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{id} exited {status:?}"
+        );
+        replacements.push(restart_worker(&builder, &model, id, role, "admin-rolling"));
+        tokio::task::block_in_place(|| wait_until_ready(&endpoint, id, role));
+    }
+    load.finish(&expected).await;
 }

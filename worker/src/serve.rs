@@ -257,25 +257,35 @@ async fn serve_model<B: Backend>(
             let _ = stopped.await;
         });
     let lease_lost = AtomicBool::new(false);
+    let lease_lost_flag = &lease_lost;
     let registration = host.registration();
-    let until = async {
-        let lost = async {
-            match &registration {
-                Some(r) => r.lost().await,
-                None => std::future::pending().await,
+    let stopping = Arc::clone(&host);
+    let until = async move {
+        let signalled = {
+            let lost = async {
+                match &registration {
+                    Some(r) => r.lost().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = tandem_common::server::shutdown_signal() => true,
+                () = lost => false,
             }
         };
-        tokio::select! {
-            () = tandem_common::server::shutdown_signal() => {}
-            () = lost => {
-                tracing::error!("registry lease expired: taking no new work, finishing what runs");
-                lease_lost.store(true, Ordering::Relaxed);
-            }
+        if signalled {
+            tracing::info!("stopping: deregistered, taking no new work, finishing what runs");
+        } else {
+            tracing::error!("registry lease expired: taking no new work, finishing what runs");
+            lease_lost_flag.store(true, Ordering::Relaxed);
         }
+        // Routers drop the record at once, and probes see NOT_SERVING, while running work
+        // finishes within the grace period.
+        drop(registration);
+        stopping.deregister();
+        stopping.set_cordoned(true).await;
     };
     tandem_common::server::serve_with_grace(server, stop, args.shutdown_grace(), until).await?;
-    drop(registration);
-    host.deregister();
     if lease_lost.load(Ordering::Relaxed) {
         return Err(ServeError::LeaseLost);
     }
