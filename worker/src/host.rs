@@ -251,11 +251,18 @@ impl<B: Backend> Host<B> {
             .take();
     }
 
+    /// Follows what SREs asked: cordoned or draining shows NOT_SERVING.
     pub(crate) async fn set_cordoned(&self, cordoned: bool) {
         if self.cordoned.swap(cordoned, Ordering::Relaxed) != cordoned {
             tracing::info!(cordoned, "desired state changed");
             self.refresh_health().await;
         }
+    }
+
+    /// NOT_SERVING for good: the worker is stopping.
+    pub(crate) async fn stop_serving(&self) {
+        self.cordoned.store(true, Ordering::Relaxed);
+        self.refresh_health().await;
     }
 
     /// SERVING for the role's service unless cordoned; NOT_SERVING for the other role's.

@@ -283,7 +283,7 @@ async fn serve_model<B: Backend>(
         // finishes within the grace period.
         drop(registration);
         stopping.deregister();
-        stopping.set_cordoned(true).await;
+        stopping.stop_serving().await;
     };
     tandem_common::server::serve_with_grace(server, stop, args.shutdown_grace(), until).await?;
     if lease_lost.load(Ordering::Relaxed) {
