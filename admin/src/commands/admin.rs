@@ -277,13 +277,7 @@ pub fn get(args: &GetArgs) -> Result<ExitCode, CommandError> {
         let mut client = connect(&args.endpoint).await?;
         match args.what {
             GetWhat::Workers => {
-                let workers = client
-                    .list_workers(ListWorkersRequest {})
-                    .await
-                    .map_err(rpc(&args.endpoint))?
-                    .into_inner()
-                    .workers;
-                print_workers(args.endpoint.format, &workers);
+                print_workers(&mut client, &args.endpoint).await?;
             }
             GetWhat::Pools => {
                 let summary = client
@@ -300,9 +294,17 @@ pub fn get(args: &GetArgs) -> Result<ExitCode, CommandError> {
     })
 }
 
-fn print_workers(format: Format, workers: &[WorkerInfo]) {
+/// Lists the workers and prints them in the endpoint's format.
+async fn print_workers(client: &mut Client, endpoint: &Endpoint) -> Result<(), CommandError> {
+    let workers = client
+        .list_workers(ListWorkersRequest {})
+        .await
+        .map_err(rpc(endpoint))?
+        .into_inner()
+        .workers;
     let value = Value::Array(workers.iter().map(worker_json).collect());
-    print(format, &value, || workers_table(workers));
+    print(endpoint.format, &value, || workers_table(&workers));
+    Ok(())
 }
 
 fn print_worker(format: Format, w: &WorkerInfo) {
@@ -444,13 +446,7 @@ pub fn rebalance(args: &RebalanceArgs) -> Result<ExitCode, CommandError> {
             .map_err(rpc(&args.endpoint))?
             .into_inner();
         follow_moves(steps, &args.endpoint, "rebalance".into()).await?;
-        let workers = client
-            .list_workers(ListWorkersRequest {})
-            .await
-            .map_err(rpc(&args.endpoint))?
-            .into_inner()
-            .workers;
-        print_workers(args.endpoint.format, &workers);
+        print_workers(&mut client, &args.endpoint).await?;
         Ok(ExitCode::SUCCESS)
     })
 }
