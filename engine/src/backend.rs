@@ -74,6 +74,17 @@ pub trait Backend: Send + Sync + Sized + 'static {
         experts: &[ExpertWeights<Self>],
     ) -> Result<Self::Tensor>;
     fn select_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+    /// `acc[rows[i]] += x[i]` for every row i of `x`.
+    fn scatter_add_rows(
+        &self,
+        acc: &mut Self::Tensor,
+        x: &Self::Tensor,
+        rows: &[usize],
+    ) -> Result<()>;
+    /// `(rows, cols)` of `x`.
+    fn shape(&self, x: &Self::Tensor) -> (usize, usize);
+    /// A `[rows, cols]` tensor holding `data`.
+    fn upload_tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<Self::Tensor>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
     /// Each row's greedy token (ties to the lowest id) and its logprob, for rows of `vocab`
     /// logits. A device backend overrides this so the logits stay where they are.
@@ -83,6 +94,29 @@ pub trait Backend: Send + Sync + Sized + 'static {
             .chunks_exact(vocab.max(1))
             .map(crate::sampling::greedy_pick)
             .collect())
+    }
+}
+
+/// Checks a scatter of `x` rows into `acc` at `rows`: matching widths, one place per row,
+/// every place inside `acc`.
+pub(crate) fn check_scatter_rows(
+    acc: (usize, usize),
+    x: (usize, usize),
+    rows: &[usize],
+) -> std::result::Result<(), String> {
+    if x.1 != acc.1 || x.0 != rows.len() {
+        return Err(format!(
+            "[{}, {}] rows into [{}, {}] at {} places",
+            x.0,
+            x.1,
+            acc.0,
+            acc.1,
+            rows.len()
+        ));
+    }
+    match rows.iter().find(|&&r| r >= acc.0) {
+        Some(bad) => Err(format!("row {bad} of {}", acc.0)),
+        None => Ok(()),
     }
 }
 

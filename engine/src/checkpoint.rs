@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -104,28 +105,44 @@ impl Checkpoint {
         self.locations.contains_key(name)
     }
 
-    /// Reads `name`, checks its shape and widens it to f32.
-    pub(crate) fn tensor(&self, name: &str, expected_shape: &[usize]) -> Result<HostTensor> {
+    /// Reads the box `ranges` (one range per axis) of tensor `name`, after checking its
+    /// shape, and widens it to f32. Only the bytes inside the box are touched, so a rank that
+    /// holds a slice of a tensor reads only that slice from disk.
+    pub(crate) fn tensor_part(
+        &self,
+        name: &str,
+        expected_shape: &[usize],
+        ranges: &[Range<usize>],
+    ) -> Result<HostTensor> {
+        let missing = || EngineError::MissingTensor {
+            name: name.to_owned(),
+            dir: self.dir.clone(),
+        };
         let shard = self
             .locations
             .get(name)
             .map(|&i| &self.shards[i])
-            .ok_or_else(|| EngineError::MissingTensor {
-                name: name.to_owned(),
-                dir: self.dir.clone(),
-            })?;
-        let info = shard
-            .metadata
-            .info(name)
-            .ok_or_else(|| EngineError::MissingTensor {
-                name: name.to_owned(),
-                dir: self.dir.clone(),
-            })?;
+            .ok_or_else(missing)?;
+        let info = shard.metadata.info(name).ok_or_else(missing)?;
         if info.shape != expected_shape {
             return Err(EngineError::ShapeMismatch {
                 name: name.to_owned(),
                 expected: expected_shape.to_vec(),
                 actual: info.shape.clone(),
+            });
+        }
+        let fits = ranges.len() == info.shape.len()
+            && ranges
+                .iter()
+                .zip(&info.shape)
+                .all(|(r, &d)| r.start <= r.end && r.end <= d);
+        if !fits {
+            return Err(EngineError::Checkpoint {
+                path: shard.path.clone(),
+                message: format!(
+                    "slice {ranges:?} of tensor `{name}` lies outside its shape {:?}",
+                    info.shape
+                ),
             });
         }
         let (start, end) = info.data_offsets;
@@ -136,22 +153,68 @@ impl Checkpoint {
                 path: shard.path.clone(),
                 message: format!("tensor `{name}` lies outside the file"),
             })?;
-        let data = widen(name, info.dtype, bytes)?;
         let count: usize = info.shape.iter().product();
-        if data.len() != count {
+        let elem = match info.dtype {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+            other => {
+                return Err(EngineError::UnsupportedDtype {
+                    name: name.to_owned(),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        if bytes.len() != count * elem {
             return Err(EngineError::Checkpoint {
                 path: shard.path.clone(),
                 message: format!(
-                    "tensor `{name}` holds {} values, its shape {:?} needs {count}",
-                    data.len(),
-                    info.shape
+                    "tensor `{name}` holds {} bytes, its shape {:?} needs {}",
+                    bytes.len(),
+                    info.shape,
+                    count * elem
                 ),
             });
         }
+        let mut selected = Vec::new();
+        copy_box(bytes, elem, &info.shape, ranges, 0, 0, &mut selected);
         Ok(HostTensor {
-            shape: info.shape.clone(),
-            data,
+            shape: ranges.iter().map(|r| r.len()).collect(),
+            data: widen(name, info.dtype, &selected)?,
         })
+    }
+}
+
+/// Appends the bytes of the box `ranges` of a row-major tensor to `out`, axis by axis;
+/// `prefix` is the flat index of the leading axes chosen so far.
+fn copy_box(
+    bytes: &[u8],
+    elem: usize,
+    shape: &[usize],
+    ranges: &[Range<usize>],
+    axis: usize,
+    prefix: usize,
+    out: &mut Vec<u8>,
+) {
+    let Some(range) = ranges.get(axis) else {
+        // A 0-d tensor: one value.
+        out.extend_from_slice(&bytes[..elem.min(bytes.len())]);
+        return;
+    };
+    if axis + 1 == shape.len() {
+        let start = (prefix * shape[axis] + range.start) * elem;
+        out.extend_from_slice(&bytes[start..start + range.len() * elem]);
+        return;
+    }
+    for i in range.clone() {
+        copy_box(
+            bytes,
+            elem,
+            shape,
+            ranges,
+            axis + 1,
+            prefix * shape[axis] + i,
+            out,
+        );
     }
 }
 

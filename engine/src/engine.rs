@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::backend::{AttentionSeq, Backend, KvRows, KvSpec};
+use crate::backend::{AttentionSeq, Backend, KvRows};
 use crate::block_pool::BlockId;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
@@ -143,14 +143,8 @@ impl<B: Backend> Engine<B> {
                 "engine config needs every size >= 1, got {config:?}"
             )));
         }
+        let kv = model.new_kv_cache(config.num_blocks, config.block_size)?;
         let c = model.config();
-        let spec = KvSpec {
-            num_blocks: config.num_blocks,
-            block_size: config.block_size,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        };
-        let kv = KvCache::new(model.backend(), c.num_layers, spec)?;
         let mut eos_token_ids = c.eos_token_ids.clone();
         if let Some(t) = &tokenizer {
             eos_token_ids.extend(t.eos_token_ids());
@@ -296,7 +290,7 @@ impl<B: Backend> Engine<B> {
     /// other sequences untouched.
     pub fn import_kv(&mut self, id: SeqId, layer: usize, rows: &KvRows) -> Result<()> {
         let c = self.model.config();
-        let width = c.num_kv_heads * c.head_dim;
+        let width = self.model.local_kv_heads() * c.head_dim;
         let num_layers = c.num_layers;
         let reservation = self
             .reserved
@@ -391,6 +385,11 @@ impl<B: Backend> Engine<B> {
 
     /// Logits at every position of `prompt` (`[len, vocab]`), computed outside the batch.
     pub fn score(&mut self, prompt: &[u32]) -> Result<Vec<f32>> {
+        if self.model.runs_in_lockstep() {
+            return Err(EngineError::Unsupported(
+                "scoring outside the batch on one rank of an expert-parallel group".into(),
+            ));
+        }
         self.validate_tokens(prompt)?;
         let needed = self.kv.blocks_for(prompt.len());
         let blocks = self
@@ -411,8 +410,11 @@ impl<B: Backend> Engine<B> {
                 block_table: &blocks,
             }],
             logit_rows: (0..prompt.len()).collect(),
+            exports: Vec::new(),
         };
-        let logits = self.model.forward(&batch, &mut self.kv, &mut |_, _| Ok(()));
+        let logits = self
+            .model
+            .forward(&batch, &mut self.kv, &mut |_, _, _| Ok(()));
         self.kv.pool.release(&blocks);
         logits
     }
@@ -465,10 +467,13 @@ impl<B: Backend> Engine<B> {
             }
         }
         if scheduled.is_empty() {
+            if self.model.runs_in_lockstep() {
+                self.model.forward_idle()?;
+            }
             return Ok(StepOutput::default());
         }
-        // Cache slots of every prompt that completes in this step and is sent elsewhere.
-        let exports: Vec<(SeqId, Vec<usize>)> = scheduled
+        // Every prompt that completes in this step and is sent elsewhere, and its cache slots.
+        let (exporting, exports): (Vec<SeqId>, Vec<Vec<usize>>) = scheduled
             .iter()
             .map(|&(i, n)| (&self.running[i], n))
             .filter(|(seq, n)| seq.export_kv && seq.computed + n == seq.prompt.len())
@@ -478,23 +483,20 @@ impl<B: Backend> Engine<B> {
                     .collect();
                 (seq.id, slots)
             })
-            .collect();
+            .unzip();
+        batch.exports = exports;
         // Plain greedy sequences take their token from the backend, so a GPU keeps the logits.
         let greedy = scheduled
             .iter()
             .map(|&(i, n)| (&self.running[i], n))
             .filter(|(seq, n)| seq.computed + n == seq.len())
             .all(|(seq, _)| seq.sampler.is_plain_greedy());
-        let backend = self.model.backend();
-        let mut on_layer = |layer: usize, store: &B::KvStore| {
-            for (seq, slots) in &exports {
-                let rows = backend.read_kv(store, slots)?;
-                export(LayerKv {
-                    seq: *seq,
-                    layer,
-                    rows: &rows,
-                });
-            }
+        let mut on_layer = |layer: usize, index: usize, rows: &KvRows| {
+            export(LayerKv {
+                seq: exporting[index],
+                layer,
+                rows,
+            });
             Ok(())
         };
         let mut picks = if greedy {

@@ -54,6 +54,8 @@ pub enum EngineError {
     DeviceUnavailable { device: String, reason: String },
     #[error("cuda: {0}")]
     Device(String),
+    #[error("collective: {0}")]
+    Collective(String),
 }
 
 pub(crate) type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -13,6 +13,7 @@ mod engine;
 mod error;
 mod kv_cache;
 mod model;
+mod parallel;
 mod rng;
 mod sampling;
 mod sequence;
@@ -42,6 +43,10 @@ pub use engine::{Engine, EngineConfig, FinishReason, LayerKv, StepOutput, TokenE
 pub use error::EngineError;
 pub use kv_cache::{BlockHash, prefix_block_hashes};
 pub use model::Model;
+pub use parallel::expert::ExpertParallelEngine;
+pub use parallel::host::{DEFAULT_COLLECTIVE_TIMEOUT, HostCollective};
+pub use parallel::tensor::load_tensor_parallel;
+pub use parallel::{Collective, ExpertPlacement, Parallelism};
 pub use sampling::{Logprobs, MAX_TOP_LOGPROBS, SamplingParams, TopLogprob};
 pub use sequence::{SeqId, StopCriteria};
 pub use served::{Served, ServedModel};

@@ -1,41 +1,98 @@
 //! The MoE transformer forward pass, written once against [`Backend`].
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::backend::{AttentionBatch, AttentionSeq, Backend, RopeTable, Routing};
+use crate::backend::{AttentionBatch, AttentionSeq, Backend, KvRows, KvSpec, RopeTable, Routing};
 use crate::checkpoint::{Checkpoint, LoadProgress};
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
+use crate::parallel::expert::expert_parallel_moe;
+use crate::parallel::tensor::Followers;
+use crate::parallel::{Collective, Parallelism};
 use crate::weights::{ExpertWeights, Mlp, ModelWeights, SparseMlp};
 
-/// A loaded model on one backend.
+/// A loaded model (or one rank's share of it) on one backend.
 pub struct Model<B: Backend> {
     pub(crate) config: ModelConfig,
     pub(crate) backend: B,
     pub(crate) weights: ModelWeights<B>,
+    pub(crate) parallel: Parallelism,
+    /// Declared before `followers` so that, on drop, peers see this rank leave first.
+    pub(crate) comm: Option<Box<dyn Collective<B>>>,
+    /// The other ranks of a tensor-parallel group, on the rank that drives it.
+    pub(crate) followers: Option<Followers>,
+    /// (token, expert) pairs this rank computed, `[layer · num_experts + expert]`.
+    expert_load: Vec<AtomicU64>,
+    /// Set when a forward pass failed part-way: peers may be inside a collective this rank
+    /// left, so the group cannot be trusted again.
+    broken: AtomicBool,
 }
 
 /// The tokens one forward pass computes, each sequence's share of them (borrowing its block
-/// table), and the rows whose logits are wanted.
+/// table), the rows whose logits are wanted, and the cache slots of every prompt whose KV is
+/// handed out layer by layer.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ForwardBatch<'a> {
     pub(crate) tokens: Vec<u32>,
     pub(crate) positions: Vec<u32>,
     pub(crate) seqs: Vec<AttentionSeq<'a>>,
     pub(crate) logit_rows: Vec<usize>,
+    pub(crate) exports: Vec<Vec<usize>>,
 }
+
+/// Called with (layer, index into `ForwardBatch::exports`, that prompt's K and V rows for the
+/// layer, whole heads) as soon as the layer is in the cache.
+pub(crate) type OnExport<'a> = dyn FnMut(usize, usize, &KvRows) -> Result<()> + 'a;
 
 impl<B: Backend> Model<B> {
     /// Loads `config.json` and the safetensors weights in `dir` onto `backend`.
     pub fn load(dir: &Path, backend: B, progress: &mut dyn FnMut(LoadProgress)) -> Result<Self> {
+        Self::load_rank(dir, backend, Parallelism::Single, None, progress)
+    }
+
+    /// Loads one rank's share of the model in `dir`: only the slices `parallel` gives it are
+    /// read from the checkpoint. `comm` connects it to the other ranks.
+    pub fn load_rank(
+        dir: &Path,
+        backend: B,
+        parallel: Parallelism,
+        comm: Option<Box<dyn Collective<B>>>,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
+        if let Some(comm) = &comm
+            && (comm.rank(), comm.size()) != (parallel.rank(), parallel.size())
+        {
+            return Err(EngineError::Config(format!(
+                "rank {} of {} cannot join a group as rank {} of {}",
+                parallel.rank(),
+                parallel.size(),
+                comm.rank(),
+                comm.size()
+            )));
+        }
+        if parallel.size() > 1 && comm.is_none() {
+            return Err(EngineError::Config(format!(
+                "a group of {} ranks needs a collective",
+                parallel.size()
+            )));
+        }
         let checkpoint = Checkpoint::open(dir)?;
-        let weights = ModelWeights::load(&backend, &checkpoint, &config, progress)?;
+        let weights = ModelWeights::load(&backend, &checkpoint, &config, &parallel, progress)?;
+        let expert_load = (0..config.num_layers * config.moe.num_experts)
+            .map(|_| AtomicU64::new(0))
+            .collect();
         Ok(Self {
             config,
             backend,
             weights,
+            parallel,
+            comm,
+            followers: None,
+            expert_load,
+            broken: AtomicBool::new(false),
         })
     }
 
@@ -51,16 +108,69 @@ impl<B: Backend> Model<B> {
         self.backend.name()
     }
 
+    pub fn parallelism(&self) -> &Parallelism {
+        &self.parallel
+    }
+
+    /// KV heads this rank stores: all of them, or its tensor-parallel share (one, when there
+    /// are more ranks than heads and each head is held by several ranks).
+    pub fn local_kv_heads(&self) -> usize {
+        (self.config.num_kv_heads / self.parallel.tensor_shard().1).max(1)
+    }
+
+    /// Ranks holding each KV head: 1 unless there are more tensor-parallel ranks than heads.
+    fn kv_head_replicas(&self) -> usize {
+        (self.parallel.tensor_shard().1 / self.config.num_kv_heads).max(1)
+    }
+
+    /// Whether the ranks of this model's group must all run a forward pass every step (each
+    /// MoE block exchanges tokens with every rank).
+    pub(crate) fn runs_in_lockstep(&self) -> bool {
+        matches!(self.parallel, Parallelism::Expert { .. }) && self.parallel.size() > 1
+    }
+
+    /// (token, expert) pairs this rank has computed, per layer and expert:
+    /// `[layer · num_experts + expert]`.
+    pub fn expert_load(&self) -> Vec<u64> {
+        self.expert_load
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    pub(crate) fn count_expert_pair(&self, layer: usize, expert: usize) {
+        if let Some(c) = self
+            .expert_load
+            .get(layer * self.config.moe.num_experts + expert)
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The KV cache for this rank (and, on a tensor-parallel leader, for every follower).
+    pub(crate) fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<KvCache<B>> {
+        let spec = KvSpec {
+            num_blocks,
+            block_size,
+            num_kv_heads: self.local_kv_heads(),
+            head_dim: self.config.head_dim,
+        };
+        if let Some(followers) = &self.followers {
+            followers.allocate(self.config.num_layers, spec)?;
+        }
+        KvCache::new(&self.backend, self.config.num_layers, spec)
+    }
+
     /// Runs `batch`, writing its K and V into `kv`, and returns the logits of
-    /// `batch.logit_rows` as `[rows, vocab]`. `on_layer(l, store)` runs as soon as layer l's
-    /// K and V are in the cache, so they can be sent on while later layers compute.
+    /// `batch.logit_rows` as `[rows, vocab]`. `on_export` runs as soon as each layer's K and V
+    /// are in the cache, so they can be sent on while later layers compute.
     pub(crate) fn forward(
         &self,
         batch: &ForwardBatch<'_>,
         kv: &mut KvCache<B>,
-        on_layer: &mut dyn FnMut(usize, &B::KvStore) -> Result<()>,
+        on_export: &mut OnExport<'_>,
     ) -> Result<Vec<f32>> {
-        match self.forward_logits(batch, kv, on_layer)? {
+        match self.forward_logits(batch, kv, on_export)? {
             Some(logits) => self.backend.to_host(&logits),
             None => Ok(Vec::new()),
         }
@@ -72,20 +182,59 @@ impl<B: Backend> Model<B> {
         &self,
         batch: &ForwardBatch<'_>,
         kv: &mut KvCache<B>,
-        on_layer: &mut dyn FnMut(usize, &B::KvStore) -> Result<()>,
+        on_export: &mut OnExport<'_>,
     ) -> Result<Vec<(u32, f32)>> {
-        match self.forward_logits(batch, kv, on_layer)? {
+        match self.forward_logits(batch, kv, on_export)? {
             Some(logits) => self.backend.greedy(&logits, self.config.vocab_size),
             None => Ok(Vec::new()),
         }
     }
 
     /// The logits of `batch.logit_rows`, on the backend (None when no row is asked for).
-    fn forward_logits(
+    /// In a group, a failure leaves the group unusable: peers may wait in a collective.
+    pub(crate) fn forward_logits(
         &self,
         batch: &ForwardBatch<'_>,
         kv: &mut KvCache<B>,
-        on_layer: &mut dyn FnMut(usize, &B::KvStore) -> Result<()>,
+        on_export: &mut OnExport<'_>,
+    ) -> Result<Option<B::Tensor>> {
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(EngineError::Collective(
+                "an earlier forward pass failed part-way through, so this rank's group is out of step; restart the worker".into(),
+            ));
+        }
+        if let Some(followers) = &self.followers {
+            followers.forward(batch)?;
+        }
+        let result = self.run_layers(batch, kv, on_export);
+        if result.is_err() && self.parallel.size() > 1 {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+        result.map_err(|e| match &self.followers {
+            Some(followers) => followers.explain(e),
+            None => e,
+        })
+    }
+
+    /// A lockstep rank's pass with no tokens of its own: it still takes part in every MoE
+    /// block's exchange, so its peers' tokens reach the experts it holds.
+    pub(crate) fn forward_idle(&self) -> Result<()> {
+        let empty = self
+            .backend
+            .upload_tensor(0, self.config.hidden_size, Vec::new())?;
+        for (index, layer) in self.weights.layers.iter().enumerate() {
+            if let Mlp::Sparse(sparse) = &layer.mlp {
+                self.sparse_mlp(index, &empty, sparse)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn run_layers(
+        &self,
+        batch: &ForwardBatch<'_>,
+        kv: &mut KvCache<B>,
+        on_export: &mut OnExport<'_>,
     ) -> Result<Option<B::Tensor>> {
         let b = &self.backend;
         let c = &self.config;
@@ -95,10 +244,11 @@ impl<B: Backend> Model<B> {
             .iter()
             .flat_map(|s| (0..s.rows.len()).map(|i| kv.slot(s.block_table, s.first_position + i)))
             .collect();
+        let tp = self.parallel.tensor_shard().1;
         let attention = AttentionBatch {
             seqs: &batch.seqs,
-            num_heads: c.num_heads,
-            num_kv_heads: c.num_kv_heads,
+            num_heads: c.num_heads / tp,
+            num_kv_heads: self.local_kv_heads(),
             head_dim: c.head_dim,
             block_size: kv.block_size,
         };
@@ -116,16 +266,21 @@ impl<B: Backend> Model<B> {
             b.rope(&mut q, &rope)?;
             b.rope(&mut k, &rope)?;
             b.write_kv(store, &k, &v, &slots)?;
-            on_layer(index, store)?;
+            for (i, export) in batch.exports.iter().enumerate() {
+                let rows = self.read_whole_heads(store, export)?;
+                on_export(index, i, &rows)?;
+            }
             let attn = b.attention(&q, store, &attention)?;
-            let o = b.linear(&attn, &layer.o.weight, layer.o.bias.as_ref())?;
+            let mut o = b.linear(&attn, &layer.o.weight, layer.o.bias.as_ref())?;
+            self.reduce_tensor_parallel(&mut o)?;
             b.add_assign(&mut h, &o)?;
 
             let x = b.rms_norm(&h, &layer.post_attention_norm, c.rms_norm_eps)?;
-            let mlp = match &layer.mlp {
+            let mut mlp = match &layer.mlp {
                 Mlp::Dense(mlp) => self.swiglu_mlp(&x, mlp)?,
-                Mlp::Sparse(sparse) => self.sparse_mlp(&x, sparse)?,
+                Mlp::Sparse(sparse) => self.sparse_mlp(index, &x, sparse)?,
             };
+            self.reduce_tensor_parallel(&mut mlp)?;
             b.add_assign(&mut h, &mlp)?;
         }
         if batch.logit_rows.is_empty() {
@@ -144,11 +299,70 @@ impl<B: Backend> Model<B> {
         b.linear(&act, &mlp.down, None)
     }
 
-    fn sparse_mlp(&self, x: &B::Tensor, sparse: &SparseMlp<B>) -> Result<B::Tensor> {
+    /// Sums a tensor-parallel rank's partial output over the group.
+    fn reduce_tensor_parallel(&self, x: &mut B::Tensor) -> Result<()> {
+        match (&self.parallel, &self.comm) {
+            (Parallelism::Tensor { .. }, Some(comm)) => comm.all_reduce_sum(&self.backend, x),
+            _ => Ok(()),
+        }
+    }
+
+    /// K and V of `slots` with every KV head: a tensor-parallel rank holds a slice of the
+    /// heads, so the group gathers them (every rank takes part).
+    fn read_whole_heads(&self, store: &B::KvStore, slots: &[usize]) -> Result<KvRows> {
+        let local = self.backend.read_kv(store, slots)?;
+        let (Parallelism::Tensor { .. }, Some(comm)) = (&self.parallel, &self.comm) else {
+            return Ok(local);
+        };
+        let replicas = self.kv_head_replicas();
+        let join = |parts: Vec<Vec<f32>>| {
+            // One copy of each head: the first of the ranks holding it.
+            let parts: Vec<Vec<f32>> = parts.into_iter().step_by(replicas).collect();
+            let width = parts[0].len() / slots.len().max(1);
+            (0..slots.len())
+                .flat_map(|t| {
+                    parts
+                        .iter()
+                        .flat_map(move |p| p[t * width..(t + 1) * width].iter().copied())
+                })
+                .collect()
+        };
+        Ok(KvRows {
+            k: join(comm.all_gather_host(&local.k)?),
+            v: join(comm.all_gather_host(&local.v)?),
+        })
+    }
+
+    pub(crate) fn route(&self, x: &B::Tensor, sparse: &SparseMlp<B>) -> Result<Routing> {
         let b = &self.backend;
+        if b.shape(x).0 == 0 {
+            return Ok(Routing {
+                experts_per_token: self.config.moe.experts_per_token,
+                expert_ids: Vec::new(),
+                weights: Vec::new(),
+            });
+        }
         let logits = b.to_host(&b.linear(x, &sparse.router, None)?)?;
-        let routing = route(&logits, &self.config);
-        let mut out = b.moe_experts(x, &routing, &sparse.experts)?;
+        Ok(route(&logits, &self.config))
+    }
+
+    fn sparse_mlp(&self, layer: usize, x: &B::Tensor, sparse: &SparseMlp<B>) -> Result<B::Tensor> {
+        let b = &self.backend;
+        let mut out = match (&self.parallel, &self.comm) {
+            (Parallelism::Expert { placement, .. }, Some(comm)) => {
+                expert_parallel_moe(self, layer, x, sparse, placement, comm.as_ref())?
+            }
+            _ => {
+                let routing = self.route(x, sparse)?;
+                for &e in &routing.expert_ids {
+                    self.count_expert_pair(layer, e);
+                }
+                b.moe_experts(x, &routing, &sparse.experts)?
+            }
+        };
+        if b.shape(x).0 == 0 {
+            return Ok(out);
+        }
         if let Some(shared) = &sparse.shared {
             let mut y = self.swiglu_mlp(x, &shared.mlp)?;
             let gates: Vec<f32> = b

@@ -1,11 +1,13 @@
 //! The canonical weight layout, normalized once at load from each family's tensor names.
 
 use std::collections::HashSet;
+use std::ops::Range;
 
 use crate::backend::Backend;
 use crate::checkpoint::{Checkpoint, HostTensor, LoadProgress};
 use crate::config::{Family, ModelConfig};
 use crate::error::{EngineError, Result};
+use crate::parallel::Parallelism;
 
 /// Tensors some exporters leave in checkpoints that carry nothing the forward pass needs.
 const IGNORED_SUFFIXES: &[&str] = &["rotary_emb.inv_freq"];
@@ -31,7 +33,10 @@ pub(crate) struct SharedExpert<B: Backend> {
 /// A sparse MoE block.
 pub(crate) struct SparseMlp<B: Backend> {
     pub(crate) router: B::Matrix,
+    /// The experts this rank holds, in id order (all of them unless experts are split).
     pub(crate) experts: Vec<ExpertWeights<B>>,
+    /// Global expert id → index into `experts`, None for experts other ranks hold.
+    pub(crate) local_index: Vec<Option<usize>>,
     pub(crate) shared: Option<SharedExpert<B>>,
 }
 
@@ -63,10 +68,25 @@ pub(crate) struct ModelWeights<B: Backend> {
     pub(crate) lm_head: Option<B::Matrix>,
 }
 
+/// How a tensor-parallel rank slices a projection.
+#[derive(Clone, Copy)]
+enum Split {
+    /// Its share of the output features (rows): q, gate, up.
+    Out,
+    /// Its KV heads' rows of k and v: a share, or one head when there are more ranks than
+    /// KV heads (each head is then held by several ranks).
+    KvHeads,
+    /// Its share of the input features (columns): o and down, whose partial outputs the
+    /// ranks then sum.
+    In,
+}
+
 /// Reads tensors by name, tracking which ones were used so leftovers can be reported.
 struct Loader<'a, B: Backend> {
     backend: &'a B,
     checkpoint: &'a Checkpoint,
+    parallel: &'a Parallelism,
+    kv_heads: usize,
     used: HashSet<String>,
     progress: &'a mut dyn FnMut(LoadProgress),
 }
@@ -76,11 +96,15 @@ impl<B: Backend> ModelWeights<B> {
         backend: &B,
         checkpoint: &Checkpoint,
         config: &ModelConfig,
+        parallel: &Parallelism,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Self> {
+        check_parallelism(config, parallel)?;
         let mut loader = Loader {
             backend,
             checkpoint,
+            parallel,
+            kv_heads: config.num_kv_heads,
             used: HashSet::new(),
             progress,
         };
@@ -106,15 +130,102 @@ impl<B: Backend> ModelWeights<B> {
     }
 }
 
+/// Checks that every sharded dimension divides evenly over the tensor-parallel ranks, and
+/// that an expert placement fits the model.
+fn check_parallelism(config: &ModelConfig, parallel: &Parallelism) -> Result<()> {
+    match parallel {
+        Parallelism::Single => Ok(()),
+        Parallelism::Tensor { rank, size } => {
+            let mut dims = vec![("num_attention_heads", config.num_heads)];
+            if size % config.num_kv_heads != 0 {
+                dims.push(("num_key_value_heads", config.num_kv_heads));
+            }
+            if config.sparse_layers.iter().any(|&s| s) {
+                dims.push(("moe_intermediate_size", config.moe.expert_intermediate_size));
+            }
+            if config.sparse_layers.iter().any(|&s| !s) {
+                dims.push(("intermediate_size", config.dense_intermediate_size));
+            }
+            if let Some(width) = config.moe.shared_expert_intermediate_size {
+                dims.push(("shared_expert_intermediate_size", width));
+            }
+            if *size == 0 || rank >= size {
+                return Err(EngineError::Config(format!(
+                    "tensor-parallel rank {rank} of {size} does not exist"
+                )));
+            }
+            match dims.iter().find(|(_, d)| d % size != 0) {
+                Some((name, d)) => Err(EngineError::Config(format!(
+                    "tensor parallelism {size} needs {name} divisible by {size}, the model has {d}"
+                ))),
+                None => Ok(()),
+            }
+        }
+        Parallelism::Expert { rank, placement } => {
+            placement
+                .validate(config.moe.num_experts)
+                .map_err(|reason| EngineError::Config(format!("expert placement {reason}")))?;
+            if *rank >= placement.ranks {
+                return Err(EngineError::Config(format!(
+                    "expert-parallel rank {rank} of {} does not exist",
+                    placement.ranks
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
 impl<B: Backend> Loader<'_, B> {
     fn host(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
-        let tensor = self.checkpoint.tensor(name, shape)?;
+        let whole: Vec<Range<usize>> = shape.iter().map(|&d| 0..d).collect();
+        self.host_part(name, shape, &whole)
+    }
+
+    /// Reads only the box `ranges` (one range per axis) of tensor `name`.
+    fn host_part(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        ranges: &[Range<usize>],
+    ) -> Result<HostTensor> {
+        let tensor = self.checkpoint.tensor_part(name, shape, ranges)?;
         self.used.insert(name.to_owned());
         (self.progress)(LoadProgress {
             tensors_loaded: self.used.len(),
             tensors_total: self.checkpoint.len(),
         });
         Ok(tensor)
+    }
+
+    /// This rank's tensor-parallel share of `len` features.
+    fn share(&self, len: usize) -> Range<usize> {
+        let (rank, size) = self.parallel.tensor_shard();
+        rank * len / size..(rank + 1) * len / size
+    }
+
+    /// The rows of k and v (KV heads × head_dim) this rank holds.
+    fn kv_share(&self, rows: usize) -> Range<usize> {
+        let (rank, size) = self.parallel.tensor_shard();
+        let heads = self.kv_heads;
+        if heads.is_multiple_of(size) {
+            return self.share(rows);
+        }
+        let head = rank * heads / size;
+        let width = rows / heads;
+        head * width..(head + 1) * width
+    }
+
+    /// A `[out, in]` matrix, sliced as `split` says.
+    fn split_matrix(&mut self, name: &str, shape: [usize; 2], split: Split) -> Result<B::Matrix> {
+        let [out, inner] = shape;
+        let ranges = match split {
+            Split::Out => [self.share(out), 0..inner],
+            Split::KvHeads => [self.kv_share(out), 0..inner],
+            Split::In => [0..out, self.share(inner)],
+        };
+        let host = self.host_part(name, &shape, &ranges)?;
+        self.backend.matrix(host)
     }
 
     fn matrix(&mut self, name: &str, shape: &[usize]) -> Result<B::Matrix> {
@@ -139,18 +250,32 @@ impl<B: Backend> Loader<'_, B> {
         out_dim: usize,
         in_dim: usize,
         bias: bool,
+        split: Split,
     ) -> Result<Linear<B>> {
-        Ok(Linear {
-            weight: self.matrix(&format!("{prefix}.weight"), &[out_dim, in_dim])?,
-            bias: if bias {
-                Some(self.vector(&format!("{prefix}.bias"), out_dim)?)
-            } else {
+        let weight = self.split_matrix(&format!("{prefix}.weight"), [out_dim, in_dim], split)?;
+        let bias_name = format!("{prefix}.bias");
+        let bias = match (bias, split) {
+            (false, _) => None,
+            (true, Split::Out | Split::KvHeads) => {
+                let range = match split {
+                    Split::KvHeads => self.kv_share(out_dim),
+                    _ => self.share(out_dim),
+                };
+                let host = self.host_part(&bias_name, &[out_dim], &[range])?;
+                Some(self.backend.vector(host.data)?)
+            }
+            // Added once, by rank 0, since the ranks' outputs are summed.
+            (true, Split::In) if self.parallel.tensor_shard().0 != 0 => {
+                self.skip(&bias_name);
                 None
-            },
-        })
+            }
+            (true, _) => Some(self.vector(&bias_name, out_dim)?),
+        };
+        Ok(Linear { weight, bias })
     }
 
-    /// Fuses separate gate and up projections into one `[2·I, H]` matrix.
+    /// Fuses separate gate and up projections into one `[2·I, H]` matrix (this rank's share
+    /// of I under tensor parallelism).
     fn swiglu(
         &mut self,
         names: [&str; 3],
@@ -158,12 +283,16 @@ impl<B: Backend> Loader<'_, B> {
         width: usize,
     ) -> Result<ExpertWeights<B>> {
         let [gate, up, down] = names;
-        let mut gate_up = self.host(gate, &[width, hidden])?;
-        gate_up.data.extend(self.host(up, &[width, hidden])?.data);
-        gate_up.shape = vec![2 * width, hidden];
+        let part = self.share(width);
+        let mut gate_up = self.host_part(gate, &[width, hidden], &[part.clone(), 0..hidden])?;
+        gate_up.data.extend(
+            self.host_part(up, &[width, hidden], &[part.clone(), 0..hidden])?
+                .data,
+        );
+        gate_up.shape = vec![2 * part.len(), hidden];
         Ok(ExpertWeights {
             gate_up: self.backend.matrix(gate_up)?,
-            down: self.matrix(down, &[hidden, width])?,
+            down: self.split_matrix(down, [hidden, width], Split::In)?,
         })
     }
 
@@ -179,37 +308,41 @@ impl<B: Backend> Loader<'_, B> {
         )
     }
 
-    /// Experts in transformers 5's fused in-memory layout: `gate_up_proj [E, 2·I, H]` and
-    /// `down_proj [E, H, I]`.
-    fn fused_experts(
+    /// Expert `expert` in transformers 5's fused in-memory layout: `gate_up_proj [E, 2·I, H]`
+    /// and `down_proj [E, H, I]`.
+    fn fused_expert(
         &mut self,
         prefix: &str,
         config: &ModelConfig,
-    ) -> Result<Vec<ExpertWeights<B>>> {
+        expert: usize,
+    ) -> Result<ExpertWeights<B>> {
         let (e, h, i) = (
             config.moe.num_experts,
             config.hidden_size,
             config.moe.expert_intermediate_size,
         );
-        let gate_up = self.host(&format!("{prefix}.gate_up_proj"), &[e, 2 * i, h])?;
-        let down = self.host(&format!("{prefix}.down_proj"), &[e, h, i])?;
-        gate_up
-            .data
-            .chunks_exact(2 * i * h)
-            .zip(down.data.chunks_exact(h * i))
-            .map(|(gu, d)| {
-                Ok(ExpertWeights {
-                    gate_up: self.backend.matrix(HostTensor {
-                        shape: vec![2 * i, h],
-                        data: gu.to_vec(),
-                    })?,
-                    down: self.backend.matrix(HostTensor {
-                        shape: vec![h, i],
-                        data: d.to_vec(),
-                    })?,
-                })
-            })
-            .collect()
+        let part = self.share(i);
+        let one = expert..expert + 1;
+        let gate_up_name = format!("{prefix}.gate_up_proj");
+        let shape = [e, 2 * i, h];
+        let mut gate_up =
+            self.host_part(&gate_up_name, &shape, &[one.clone(), part.clone(), 0..h])?;
+        let up = part.start + i..part.end + i;
+        gate_up.data.extend(
+            self.host_part(&gate_up_name, &shape, &[one.clone(), up, 0..h])?
+                .data,
+        );
+        gate_up.shape = vec![2 * part.len(), h];
+        let mut down = self.host_part(
+            &format!("{prefix}.down_proj"),
+            &[e, h, i],
+            &[one, 0..h, part.clone()],
+        )?;
+        down.shape = vec![h, part.len()];
+        Ok(ExpertWeights {
+            gate_up: self.backend.matrix(gate_up)?,
+            down: self.backend.matrix(down)?,
+        })
     }
 
     fn sparse(&mut self, config: &ModelConfig, layer: &str) -> Result<SparseMlp<B>> {
@@ -223,30 +356,36 @@ impl<B: Backend> Loader<'_, B> {
             Family::Qwen3Moe | Family::Qwen2Moe => format!("{layer}.mlp"),
         };
         let router = self.matrix(&format!("{block}.gate.weight"), &[e, h])?;
-        let experts = if self
+        let fused = self
             .checkpoint
-            .contains(&format!("{block}.experts.gate_up_proj"))
-        {
-            self.fused_experts(&format!("{block}.experts"), config)?
-        } else {
-            (0..e)
-                .map(|x| {
-                    let p = format!("{block}.experts.{x}");
-                    match config.family {
-                        Family::Mixtral => self.swiglu(
-                            [
-                                &format!("{p}.w1.weight"),
-                                &format!("{p}.w3.weight"),
-                                &format!("{p}.w2.weight"),
-                            ],
-                            h,
-                            width,
-                        ),
-                        Family::Qwen3Moe | Family::Qwen2Moe => self.qwen_mlp(&p, h, width),
-                    }
-                })
-                .collect::<Result<_>>()?
-        };
+            .contains(&format!("{block}.experts.gate_up_proj"));
+        let mut experts = Vec::new();
+        let mut local_index = vec![None; e];
+        for (x, local) in local_index.iter_mut().enumerate() {
+            let p = format!("{block}.experts.{x}");
+            let names = match config.family {
+                Family::Mixtral => ["w1", "w3", "w2"].map(|w| format!("{p}.{w}.weight")),
+                Family::Qwen3Moe | Family::Qwen2Moe => {
+                    ["gate_proj", "up_proj", "down_proj"].map(|w| format!("{p}.{w}.weight"))
+                }
+            };
+            if !self.parallel.owns_expert(x) {
+                // Another rank holds it; the fused tensors are read (in part) for the others.
+                names.iter().for_each(|n| self.skip(n));
+                continue;
+            }
+            *local = Some(experts.len());
+            experts.push(if fused {
+                self.fused_expert(&format!("{block}.experts"), config, x)?
+            } else {
+                let [gate, up, down] = &names;
+                self.swiglu([gate, up, down], h, width)?
+            });
+        }
+        if fused {
+            self.skip(&format!("{block}.experts.gate_up_proj"));
+            self.skip(&format!("{block}.experts.down_proj"));
+        }
         let shared = match config.moe.shared_expert_intermediate_size {
             Some(width) => Some(SharedExpert {
                 mlp: self.qwen_mlp(&format!("{block}.shared_expert"), h, width)?,
@@ -257,6 +396,7 @@ impl<B: Backend> Loader<'_, B> {
         Ok(SparseMlp {
             router,
             experts,
+            local_index,
             shared,
         })
     }
@@ -265,6 +405,7 @@ impl<B: Backend> Loader<'_, B> {
         let p = format!("model.layers.{index}");
         let h = config.hidden_size;
         let (qw, kvw) = (config.q_width(), config.kv_width());
+        let attn = |name: &str| format!("{p}.self_attn.{name}");
         let qk_norm = |loader: &mut Self, which: &str| -> Result<Option<B::Vector>> {
             if config.qk_norm {
                 Ok(Some(loader.vector(
@@ -277,10 +418,10 @@ impl<B: Backend> Loader<'_, B> {
         };
         Ok(LayerWeights {
             input_norm: self.vector(&format!("{p}.input_layernorm.weight"), h)?,
-            q: self.linear(&format!("{p}.self_attn.q_proj"), qw, h, config.qkv_bias)?,
-            k: self.linear(&format!("{p}.self_attn.k_proj"), kvw, h, config.qkv_bias)?,
-            v: self.linear(&format!("{p}.self_attn.v_proj"), kvw, h, config.qkv_bias)?,
-            o: self.linear(&format!("{p}.self_attn.o_proj"), h, qw, config.o_bias)?,
+            q: self.linear(&attn("q_proj"), qw, h, config.qkv_bias, Split::Out)?,
+            k: self.linear(&attn("k_proj"), kvw, h, config.qkv_bias, Split::KvHeads)?,
+            v: self.linear(&attn("v_proj"), kvw, h, config.qkv_bias, Split::KvHeads)?,
+            o: self.linear(&attn("o_proj"), h, qw, config.o_bias, Split::In)?,
             q_norm: qk_norm(self, "q_norm")?,
             k_norm: qk_norm(self, "k_norm")?,
             post_attention_norm: self.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,

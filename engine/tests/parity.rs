@@ -2,11 +2,14 @@
 //! made by tests/fixtures/generate.py and committed beside the tiny checkpoints.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
+mod common;
+
+use common::{FIXTURES, fixture_dir};
 use tandem_engine::{
     CpuBackend, Engine, EngineConfig, Model, SamplingParams, SeqId, StopCriteria, Tokenizer,
     WeightDtype,
@@ -14,25 +17,11 @@ use tandem_engine::{
 
 const F32_MAX_ABS_DIFF: f32 = 1e-4;
 const BF16_MAX_REL_DIFF: f32 = 2e-2;
-const FIXTURES: &[&str] = &[
-    "qwen3-moe-f32",
-    "qwen3-moe-tied-bf16",
-    "mixtral-f32-sharded",
-    "mixtral-bf16",
-    "qwen2-moe-f32",
-    "qwen2-moe-bf16",
-];
 
 struct Case {
     ids: Vec<u32>,
     logits: Vec<f32>,
     greedy: Vec<u32>,
-}
-
-fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
 }
 
 fn read_reference(dir: &Path) -> Vec<Case> {

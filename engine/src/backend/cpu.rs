@@ -3,7 +3,9 @@
 
 use rayon::prelude::*;
 
-use crate::backend::{AttentionBatch, Backend, KvRows, KvSpec, RopeTable, Routing};
+use crate::backend::{
+    AttentionBatch, Backend, KvRows, KvSpec, RopeTable, Routing, check_scatter_rows,
+};
 use crate::checkpoint::HostTensor;
 use crate::error::{EngineError, Result};
 use crate::weights::ExpertWeights;
@@ -460,6 +462,32 @@ impl Backend for CpuBackend {
             dst.copy_from_slice(x.row(r));
         }
         Ok(out)
+    }
+
+    fn scatter_add_rows(&self, acc: &mut CpuTensor, x: &CpuTensor, rows: &[usize]) -> Result<()> {
+        check_scatter_rows((acc.rows, acc.cols), (x.rows, x.cols), rows)
+            .map_err(|detail| shape_error("scatter_add_rows", detail))?;
+        for (i, &r) in rows.iter().enumerate() {
+            let dst = &mut acc.data[r * acc.cols..(r + 1) * acc.cols];
+            for (d, s) in dst.iter_mut().zip(x.row(i)) {
+                *d += s;
+            }
+        }
+        Ok(())
+    }
+
+    fn shape(&self, x: &CpuTensor) -> (usize, usize) {
+        (x.rows, x.cols)
+    }
+
+    fn upload_tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<CpuTensor> {
+        if data.len() != rows * cols {
+            return Err(shape_error(
+                "upload_tensor",
+                format!("{} values for [{rows}, {cols}]", data.len()),
+            ));
+        }
+        Ok(CpuTensor { rows, cols, data })
     }
 
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {

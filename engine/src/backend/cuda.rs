@@ -21,7 +21,9 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
-use crate::backend::{AttentionBatch, Backend, KvRows, KvSpec, RopeTable, Routing};
+use crate::backend::{
+    AttentionBatch, Backend, KvRows, KvSpec, RopeTable, Routing, check_scatter_rows,
+};
 use crate::checkpoint::HostTensor;
 use crate::error::{EngineError, Result};
 use crate::weights::ExpertWeights;
@@ -1234,6 +1236,33 @@ impl Backend for CudaBackend {
         let tokens = self.stream.clone_dtoh(&tokens).map_err(copy)?;
         let logprobs = self.stream.clone_dtoh(&logprobs).map_err(copy)?;
         Ok(tokens.into_iter().zip(logprobs).take(logits.rows).collect())
+    }
+
+    fn scatter_add_rows(&self, acc: &mut CudaTensor, x: &CudaTensor, rows: &[usize]) -> Result<()> {
+        let _timer = self.timed("scatter_add_rows");
+        check_scatter_rows((acc.rows, acc.cols), (x.rows, x.cols), rows)
+            .map_err(|detail| shape_error("scatter_add_rows", detail))?;
+        let indices = self.upload(&slots_i32(rows))?;
+        let ones = self.upload(&vec![1.0f32; rows.len()])?;
+        self.scatter_add_weighted(acc, x, &indices.as_view(), &ones.as_view())
+    }
+
+    fn shape(&self, x: &CudaTensor) -> (usize, usize) {
+        (x.rows, x.cols)
+    }
+
+    fn upload_tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<CudaTensor> {
+        if data.len() != rows * cols {
+            return Err(shape_error(
+                "upload_tensor",
+                format!("{} values for [{rows}, {cols}]", data.len()),
+            ));
+        }
+        Ok(CudaTensor {
+            rows,
+            cols,
+            data: self.upload(&data)?,
+        })
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
