@@ -5,6 +5,8 @@ use std::ops::Range;
 use crate::block_pool::BlockId;
 use crate::checkpoint::HostTensor;
 use crate::error::{EngineError, Result};
+use crate::parallel::Collective;
+use crate::parallel::host::host_collectives;
 use crate::weights::ExpertWeights;
 
 pub(crate) mod cpu;
@@ -86,6 +88,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// A `[rows, cols]` tensor holding `data`.
     fn upload_tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<Self::Tensor>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Connects ranks running on `backends` (rank r on `backends[r]`). Threads of one process
+    /// exchanging host copies, unless a backend has a faster path.
+    fn group_collectives(backends: &[Self]) -> Result<Vec<Box<dyn Collective<Self>>>> {
+        Ok(host_collectives(backends.len()))
+    }
     /// Each row's greedy token (ties to the lowest id) and its logprob, for rows of `vocab`
     /// logits. A device backend overrides this so the logits stay where they are.
     fn greedy(&self, logits: &Self::Tensor, vocab: usize) -> Result<Vec<(u32, f32)>> {

@@ -27,7 +27,7 @@ pub use backend::cpu::{CpuBackend, CpuKvStore, CpuMatrix, CpuTensor};
 pub mod cuda {
     pub use crate::backend::cuda::{
         CudaBackend, CudaKvStore, CudaMatrix, CudaTensor, CudaVector, KERNEL_NAMES, KERNELS_SOURCE,
-        compile_kernels, probe,
+        NCCL_ID_BYTES, NcclCollective, compile_kernels, nccl_probe, nccl_unique_id, probe,
     };
 }
 pub use backend::{
@@ -43,10 +43,10 @@ pub use engine::{Engine, EngineConfig, FinishReason, LayerKv, StepOutput, TokenE
 pub use error::EngineError;
 pub use kv_cache::{BlockHash, prefix_block_hashes};
 pub use model::Model;
-pub use parallel::expert::ExpertParallelEngine;
+pub use parallel::expert::EngineGroup;
 pub use parallel::host::{DEFAULT_COLLECTIVE_TIMEOUT, HostCollective};
 pub use parallel::tensor::load_tensor_parallel;
-pub use parallel::{Collective, ExpertPlacement, Parallelism};
+pub use parallel::{Collective, ExpertPlacement, Parallelism, Sharding, load_ranks};
 pub use sampling::{Logprobs, MAX_TOP_LOGPROBS, SamplingParams, TopLogprob};
 pub use sequence::{SeqId, StopCriteria};
 pub use served::{Served, ServedModel};

@@ -328,8 +328,8 @@ impl<B: Backend> Model<B> {
                 .collect()
         };
         Ok(KvRows {
-            k: join(comm.all_gather_host(&local.k)?),
-            v: join(comm.all_gather_host(&local.v)?),
+            k: join(comm.all_gather_host(&self.backend, &local.k)?),
+            v: join(comm.all_gather_host(&self.backend, &local.v)?),
         })
     }
 

@@ -6,12 +6,15 @@
 //! each rank serving its own requests, and split the experts (expert parallelism, an
 //! all-to-all dispatch and combine around every MoE block).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::backend::Backend;
+use crate::checkpoint::LoadProgress;
+use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::model::Model;
 
 pub(crate) mod expert;
 pub(crate) mod host;
@@ -39,9 +42,9 @@ pub trait Collective<B: Backend>: Send + Sync {
     fn recv(&self, backend: &B, from: usize, rows: usize, cols: usize) -> Result<B::Tensor>;
     fn barrier(&self) -> Result<()>;
     /// [`Collective::all_to_all_v`] for small host values (routing metadata).
-    fn all_to_all_host(&self, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>>;
+    fn all_to_all_host(&self, backend: &B, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>>;
     /// Every rank's `x`, in rank order.
-    fn all_gather_host(&self, x: &[f32]) -> Result<Vec<Vec<f32>>>;
+    fn all_gather_host(&self, backend: &B, x: &[f32]) -> Result<Vec<Vec<f32>>>;
 }
 
 /// How a rank's share of the model is chosen.
@@ -166,6 +169,107 @@ impl ExpertPlacement {
             .filter(|&e| self.owner[e] == rank)
             .collect()
     }
+}
+
+/// How one worker spreads the model over ranks (`--tp`, `--ep`, `--expert-placement`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sharding {
+    /// Ranks splitting each layer's heads and MLP width (prefill).
+    pub tensor_parallel: usize,
+    /// Ranks splitting the experts, each serving its own requests (decode).
+    pub expert_parallel: usize,
+    /// Which rank holds each expert; round-robin when None.
+    pub expert_placement: Option<PathBuf>,
+}
+
+impl Default for Sharding {
+    fn default() -> Self {
+        Self {
+            tensor_parallel: 1,
+            expert_parallel: 1,
+            expert_placement: None,
+        }
+    }
+}
+
+impl Sharding {
+    /// Ranks (devices) the worker needs.
+    pub fn ranks(&self) -> usize {
+        self.tensor_parallel.max(1) * self.expert_parallel.max(1)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.tensor_parallel == 0 || self.expert_parallel == 0 {
+            return Err(format!(
+                "--tp and --ep must be >= 1, got --tp {} --ep {}",
+                self.tensor_parallel, self.expert_parallel
+            ));
+        }
+        if self.tensor_parallel > 1 && self.expert_parallel > 1 {
+            return Err(format!(
+                "--tp {} with --ep {}: a worker splits either heads (prefill) or experts (decode), not both",
+                self.tensor_parallel, self.expert_parallel
+            ));
+        }
+        if self.expert_placement.is_some() && self.expert_parallel == 1 {
+            return Err("--expert-placement needs --ep above 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Loads the model in `dir` over `backends` as `sharding` says: one model per data-parallel
+/// rank (a tensor-parallel group is one model driving the others).
+pub fn load_ranks<B: Backend>(
+    dir: &Path,
+    backends: Vec<B>,
+    sharding: &Sharding,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<Vec<Model<B>>> {
+    sharding.validate().map_err(EngineError::Config)?;
+    if backends.len() != sharding.ranks() {
+        return Err(EngineError::Config(format!(
+            "{} ranks need {} devices, got {}",
+            sharding.ranks(),
+            sharding.ranks(),
+            backends.len()
+        )));
+    }
+    if sharding.ranks() == 1 {
+        let backend = backends
+            .into_iter()
+            .next()
+            .ok_or_else(|| EngineError::Config("no device to load the model on".into()))?;
+        return Ok(vec![Model::load(dir, backend, progress)?]);
+    }
+    let comms = B::group_collectives(&backends)?;
+    if sharding.tensor_parallel > 1 {
+        return Ok(vec![tensor::load_tensor_parallel(
+            dir, backends, comms, progress,
+        )?]);
+    }
+    let num_experts = ModelConfig::from_dir(dir)?.moe.num_experts;
+    let ranks = sharding.expert_parallel;
+    let placement = match &sharding.expert_placement {
+        Some(path) => ExpertPlacement::from_file(path, num_experts, ranks)?,
+        None => ExpertPlacement::round_robin(num_experts, ranks),
+    };
+    let mut progress = Some(progress);
+    backends
+        .into_iter()
+        .zip(comms)
+        .enumerate()
+        .map(|(rank, (backend, comm))| {
+            let parallel = Parallelism::Expert {
+                rank,
+                placement: placement.clone(),
+            };
+            match progress.take() {
+                Some(report) => Model::load_rank(dir, backend, parallel, Some(comm), report),
+                None => Model::load_rank(dir, backend, parallel, Some(comm), &mut |_| {}),
+            }
+        })
+        .collect()
 }
 
 /// A collective that failed: a peer gone or silent past the timeout.

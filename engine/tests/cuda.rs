@@ -17,11 +17,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use tandem_engine::cuda::{CudaBackend, KERNEL_NAMES, compile_kernels};
+use tandem_engine::cuda::{CudaBackend, KERNEL_NAMES, NcclCollective, compile_kernels};
 use tandem_engine::{
-    AttentionBatch, AttentionSeq, Backend, BlockId, CpuBackend, Engine, EngineConfig,
-    ExpertWeights, HostTensor, KvSpec, Model, RopeTable, Routing, SamplingParams, SeqId,
-    StopCriteria,
+    AttentionBatch, AttentionSeq, Backend, BlockId, Collective, CpuBackend, Engine, EngineConfig,
+    EngineGroup, ExpertPlacement, ExpertWeights, HostTensor, KvSpec, Model, Parallelism, RopeTable,
+    Routing, SamplingParams, SeqId, Sharding, StopCriteria, load_ranks, load_tensor_parallel,
 };
 
 const RELATIVE_TOLERANCE: f32 = 2e-2;
@@ -379,6 +379,11 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         b.to_host(&b.select_rows(&x, &[17, 0, 5, 5]).expect("select"))
             .expect("host"),
     ));
+    let picked = b.select_rows(&x, &[3, 1, 2]).expect("select");
+    let mut acc = b.select_rows(&x, &[0, 1, 2, 3]).expect("select");
+    b.scatter_add_rows(&mut acc, &picked, &[1, 1, 3])
+        .expect("scatter_add_rows");
+    out.push(("scatter_add_rows".into(), b.to_host(&acc).expect("host")));
 
     // MoE: 4 experts of width 8, top-2 routing over the 18 rows.
     let experts: Vec<ExpertWeights<B>> = (0..4)
@@ -498,4 +503,132 @@ fn every_gpu_kernel_matches_the_cpu_backend() {
         }
     }
     assert!(failed.is_empty(), "{failed:?}");
+}
+
+/// `Some` where NCCL loads (after [`cuda_or_skip`]); fails instead under `TANDEM_REQUIRE_CUDA`.
+fn nccl_or_skip(test: &str) -> Option<()> {
+    cuda_or_skip(test)?;
+    match tandem_engine::cuda::nccl_probe() {
+        Ok(()) => Some(()),
+        Err(reason) if std::env::var_os("TANDEM_REQUIRE_CUDA").is_some() => {
+            panic!("{test}: NCCL required but unavailable: {reason}")
+        }
+        Err(reason) => {
+            eprintln!("skipping {test}: {reason}");
+            None
+        }
+    }
+}
+
+fn nccl_group(backends: &[CudaBackend]) -> Vec<Box<dyn Collective<CudaBackend>>> {
+    NcclCollective::group(backends)
+        .expect("nccl group")
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn Collective<CudaBackend>>)
+        .collect()
+}
+
+/// A one-rank NCCL group: every collective runs through NCCL (all-to-all as grouped self
+/// send/recv) and must hand back what it was given.
+#[test]
+fn nccl_single_rank_collectives_run_end_to_end() {
+    if nccl_or_skip("nccl_single_rank_collectives_run_end_to_end").is_none() {
+        return;
+    }
+    let b = CudaBackend::new(0).expect("cuda backend");
+    let comm = nccl_group(std::slice::from_ref(&b)).remove(0);
+    let data: Vec<f32> = (0..12).map(|i| i as f32 * 0.5).collect();
+    let mut x = b.upload_tensor(4, 3, data.clone()).expect("upload");
+    comm.all_reduce_sum(&b, &mut x).expect("all_reduce");
+    assert_eq!(b.to_host(&x).expect("host"), data);
+    let gathered = comm.all_gather(&b, &x).expect("all_gather");
+    assert_eq!(b.to_host(&gathered).expect("host"), data);
+    let (moved, counts) = comm.all_to_all_v(&b, &x, &[4]).expect("all_to_all_v");
+    assert_eq!(counts, vec![4]);
+    assert_eq!(b.to_host(&moved).expect("host"), data);
+    let host = comm
+        .all_to_all_host(&b, vec![vec![1.0, 2.0, 3.0]])
+        .expect("all_to_all_host");
+    assert_eq!(host, vec![vec![1.0, 2.0, 3.0]]);
+    comm.barrier().expect("barrier");
+}
+
+/// Tensor- and expert-parallel models on the GPU: one rank through NCCL, and two expert
+/// ranks sharing one GPU through the host collective, against the unsharded GPU model.
+#[test]
+fn sharded_models_on_the_gpu_match_one_gpu() {
+    if nccl_or_skip("sharded_models_on_the_gpu_match_one_gpu").is_none() {
+        return;
+    }
+    let dir = bf16_copy(&fixture("qwen3-moe-f32"));
+    let new_gpu = || CudaBackend::new(0).expect("cuda backend");
+    let mut one = engine(&dir, new_gpu());
+    let mut cpu = engine(&dir, CpuBackend);
+    let vocab = one.model().config().vocab_size;
+    let num_experts = one.model().config().moe.num_experts;
+    let config = EngineConfig {
+        num_blocks: 256,
+        ..EngineConfig::default()
+    };
+    let tp_backends = vec![new_gpu()];
+    let tp_comms = nccl_group(&tp_backends);
+    let tp = load_tensor_parallel(&dir, tp_backends, tp_comms, &mut |_| {}).expect("tp=1");
+    let ep_backend = new_gpu();
+    let ep_comm = nccl_group(std::slice::from_ref(&ep_backend)).remove(0);
+    let expert = Parallelism::Expert {
+        rank: 0,
+        placement: ExpertPlacement::round_robin(num_experts, 1),
+    };
+    let ep = Model::load_rank(&dir, ep_backend, expert, Some(ep_comm), &mut |_| {}).expect("ep=1");
+    for (name, model) in [("tp=1 nccl", tp), ("ep=1 nccl", ep)] {
+        let mut sharded = Engine::new(model, None, config).expect("engine");
+        for (len, salt) in [(7, 1), (40, 2)] {
+            let p = prompt(len, salt);
+            let rows = relative_l2_by_row(
+                &one.score(&p).expect("one gpu"),
+                &sharded.score(&p).expect("sharded"),
+                vocab,
+            );
+            let worst = rows.iter().copied().fold(0.0, f32::max);
+            eprintln!("{name} prompt {len}: worst row relative L2 {worst:.2e}");
+            assert!(worst <= ROW_LOGIT_TOLERANCE, "{name} prompt {len}: {worst}");
+        }
+    }
+
+    // Two expert ranks on one GPU: NCCL cannot, so they talk through the host collective.
+    let sharding = Sharding {
+        expert_parallel: 2,
+        ..Sharding::default()
+    };
+    let models = load_ranks(&dir, vec![new_gpu(), new_gpu()], &sharding, &mut |_| {})
+        .expect("ep=2 on one gpu");
+    let mut group = EngineGroup::new(models, None, config).expect("engines");
+    let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(5 + 9 * i, i as u32)).collect();
+    let want = batched_greedy(&mut one, &prompts, 10);
+    for (i, p) in prompts.iter().enumerate() {
+        let stop = StopCriteria {
+            ignore_eos: true,
+            ..StopCriteria::max_new_tokens(10)
+        };
+        group
+            .add_request(SeqId(i as u64), p.clone(), SamplingParams::greedy(), stop)
+            .expect("request");
+    }
+    let mut got: HashMap<u64, Vec<u32>> = HashMap::new();
+    while group.has_work() {
+        for event in group.step().expect("step").events {
+            got.entry(event.seq.0).or_default().push(event.token);
+        }
+    }
+    for (i, (p, w)) in prompts.iter().zip(&want).enumerate() {
+        let g = &got[&(i as u64)];
+        if let Some(at) = w.iter().zip(g).position(|(a, b)| a != b) {
+            let context: Vec<u32> = p.iter().chain(&w[..at]).copied().collect();
+            let margin = relative_margin(&mut cpu, &context, vocab);
+            assert!(
+                margin < 2.0 * RELATIVE_TOLERANCE,
+                "ep=2 prompt {i}: token {at} differs with a clear margin {margin:.2e}"
+            );
+        }
+    }
 }

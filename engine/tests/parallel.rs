@@ -2,7 +2,7 @@
 //! the sharded model must compute what the whole model computes.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,9 +10,8 @@ mod common;
 
 use common::{FIXTURES, fixture_dir};
 use tandem_engine::{
-    Collective, CpuBackend, Engine, EngineConfig, ExpertParallelEngine, ExpertPlacement,
-    HostCollective, KvRows, Model, SamplingParams, SeqId, StopCriteria, Tokenizer,
-    load_tensor_parallel,
+    Collective, CpuBackend, Engine, EngineConfig, EngineGroup, HostCollective, KvRows, Model,
+    SamplingParams, SeqId, Sharding, StopCriteria, Tokenizer, load_ranks, load_tensor_parallel,
 };
 
 /// Summing partial products in another order moves f32 logits by rounding only.
@@ -90,13 +89,13 @@ impl Generator for Engine<CpuBackend> {
     }
 }
 
-impl Generator for ExpertParallelEngine<CpuBackend> {
+impl Generator for EngineGroup<CpuBackend> {
     fn add(&mut self, id: SeqId, prompt: Vec<u32>, params: SamplingParams, stop: StopCriteria) {
         self.add_request(id, prompt, params, stop).expect("add");
     }
 
     fn has_work(&self) -> bool {
-        ExpertParallelEngine::has_work(self)
+        EngineGroup::has_work(self)
     }
 
     fn step_tokens(&mut self) -> Vec<(SeqId, u32)> {
@@ -209,21 +208,15 @@ fn tensor_parallel_refuses_sizes_that_do_not_divide() {
     );
 }
 
-fn expert_parallel(
-    dir: &Path,
-    size: usize,
-    placement: Option<ExpertPlacement>,
-) -> ExpertParallelEngine<CpuBackend> {
-    ExpertParallelEngine::load(
-        dir,
-        vec![CpuBackend; size],
-        comms(size),
-        placement,
-        tokenizer(dir),
-        EngineConfig::default(),
-        &mut |_| {},
-    )
-    .expect("expert-parallel group loads")
+fn expert_parallel(dir: &Path, size: usize, placement: Option<PathBuf>) -> EngineGroup<CpuBackend> {
+    let sharding = Sharding {
+        expert_parallel: size,
+        expert_placement: placement,
+        ..Sharding::default()
+    };
+    let models = load_ranks(dir, vec![CpuBackend; size], &sharding, &mut |_| {})
+        .expect("expert-parallel group loads");
+    EngineGroup::new(models, tokenizer(dir), EngineConfig::default()).expect("engines")
 }
 
 #[test]
@@ -272,11 +265,11 @@ fn expert_parallel_decode_matches_one_rank_and_counts_every_expert_pair() {
 fn expert_placement_decides_which_rank_runs_each_expert() {
     let dir = fixture_dir("qwen3-moe-f32");
     // Rank 1 holds only expert 0; rank 0 the rest.
-    let placement = ExpertPlacement {
-        ranks: 2,
-        owner: vec![1, 0, 0, 0, 0, 0, 0, 0],
-    };
-    let mut group = expert_parallel(&dir, 2, Some(placement));
+    let placement =
+        std::env::temp_dir().join(format!("tandem-placement-{}.json", std::process::id()));
+    std::fs::write(&placement, r#"{"owner": [1, 0, 0, 0, 0, 0, 0, 0]}"#).expect("placement file");
+    let mut group = expert_parallel(&dir, 2, Some(placement.clone()));
+    std::fs::remove_file(&placement).expect("remove placement file");
     let cases = prompts(6, 1024);
     generate(&mut group, &cases);
     let num_experts = 8;

@@ -134,6 +134,37 @@ async fn wait_blocks_freed(url: String) {
     }
 }
 
+/// Sends the 32 [`mixed_requests`] of `seed` at once and checks each against a single-process
+/// run: same tokens, same finish reason; then every worker's blocks are freed.
+async fn assert_matches_single_process(cluster: &Cluster, model: &Path, name: &str, seed: u32) {
+    let requests = mixed_requests(seed);
+    let calls = requests.iter().map(|(prompt, max_tokens)| {
+        let url = cluster.router_url();
+        let request = ids_request(prompt.clone(), *max_tokens);
+        tokio::spawn(async move { generate(&mut client(url).await, request).await })
+    });
+    let results = futures_util::future::join_all(calls).await;
+    for ((prompt, max_tokens), result) in requests.iter().zip(results) {
+        let (tokens, finish) = result.expect("task").expect("completion");
+        let expected = single_process(model, prompt, *max_tokens);
+        assert_eq!(
+            tokens,
+            expected,
+            "{name}: prompt of {} tokens, max_tokens {max_tokens}",
+            prompt.len()
+        );
+        let by_length = tokens.len() == *max_tokens as usize && tokens.last() != Some(&2);
+        assert_eq!(
+            finish == FinishReason::Length,
+            by_length,
+            "{name}: {finish:?}"
+        );
+    }
+    for worker in cluster.decode.iter().chain(&cluster.prefill) {
+        wait_blocks_freed(worker.url()).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disaggregated_greedy_tokens_equal_single_process_for_32_concurrent_requests() {
     for (n, name) in FIXTURES.iter().enumerate() {
@@ -145,32 +176,36 @@ async fn disaggregated_greedy_tokens_equal_single_process_for_32_concurrent_requ
             .prefill(workers)
             .decode(workers)
             .start();
-        let requests = mixed_requests(n as u32);
-        let calls = requests.iter().map(|(prompt, max_tokens)| {
-            let url = cluster.router_url();
-            let request = ids_request(prompt.clone(), *max_tokens);
-            tokio::spawn(async move { generate(&mut client(url).await, request).await })
-        });
-        let results = futures_util::future::join_all(calls).await;
-        for ((prompt, max_tokens), result) in requests.iter().zip(results) {
-            let (tokens, finish) = result.expect("task").expect("completion");
-            let expected = single_process(&model, prompt, *max_tokens);
-            assert_eq!(
-                tokens,
-                expected,
-                "{name}: prompt of {} tokens, max_tokens {max_tokens}",
-                prompt.len()
-            );
-            let by_length = tokens.len() == *max_tokens as usize && tokens.last() != Some(&2);
-            assert_eq!(
-                finish == FinishReason::Length,
-                by_length,
-                "{name}: {finish:?}"
-            );
-        }
-        for worker in cluster.decode.iter().chain(&cluster.prefill) {
-            wait_blocks_freed(worker.url()).await;
-        }
+        assert_matches_single_process(&cluster, &model, name, n as u32).await;
+    }
+}
+
+/// Prefill split over 2 tensor-parallel ranks, decode over 2 expert-parallel ranks: the KV
+/// a prefill group assembles from its ranks' head slices lands on one decode rank, and the
+/// tokens are still exactly the single-process ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensor_parallel_prefill_and_expert_parallel_decode_keep_tokens_exact() {
+    for (n, name) in ["qwen3-moe-f32", "qwen2-moe-f32"].iter().enumerate() {
+        let model = fixture(name);
+        let cluster = Cluster::builder(&format!("parallel-{name}"))
+            .model(model.clone())
+            .prefill_args(&["--tp", "2"])
+            .decode_args(&["--ep", "2"])
+            .start();
+        assert_matches_single_process(&cluster, &model, name, 7 + n as u32).await;
+        let decode = stats(cluster.decode[0].url()).await;
+        assert_eq!(decode.ranks.len(), 2, "{name}: one load entry per rank");
+        assert!(
+            decode.expert_load.iter().all(|&pairs| pairs > 0),
+            "{name}: every expert ran: {:?}",
+            decode.expert_load
+        );
+        let prefill = stats(cluster.prefill[0].url()).await;
+        assert_eq!(
+            prefill.ranks.len(),
+            1,
+            "{name}: a tensor-parallel group is one rank"
+        );
     }
 }
 

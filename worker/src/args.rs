@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use tandem_common::generate::DeviceArg;
-use tandem_engine::{DeviceChoice, EngineConfig};
+use tandem_engine::{DeviceChoice, EngineConfig, Sharding};
 
 /// Flags every worker takes.
 #[derive(Debug, Clone, PartialEq, Args)]
@@ -73,6 +73,18 @@ pub struct WorkerArgs {
         default_value_t = 30.0
     )]
     pub kv_transfer_timeout_seconds: f64,
+    /// Tensor parallelism: ranks splitting every layer's attention heads and MLP width, with
+    /// an all-reduce after each (for prefill). Rank r runs on GPU r (threads on CPU).
+    #[arg(long = "tp", env = "TANDEM_TP", default_value_t = 1)]
+    pub tensor_parallel: usize,
+    /// Expert parallelism: ranks splitting the experts, each serving its own requests with
+    /// its own KV cache, tokens exchanged all-to-all around every MoE block (for decode).
+    #[arg(long = "ep", env = "TANDEM_EP", default_value_t = 1)]
+    pub expert_parallel: usize,
+    /// JSON file placing experts on expert-parallel ranks: `{"owner": [rank of expert 0,
+    /// …]}`. Default: expert e on rank e mod --ep.
+    #[arg(long, env = "TANDEM_EXPERT_PLACEMENT", value_name = "FILE")]
+    pub expert_placement: Option<PathBuf>,
 }
 
 impl WorkerArgs {
@@ -87,11 +99,19 @@ impl WorkerArgs {
         if self.queue_depth == 0 {
             return Err("--queue-depth must be >= 1".into());
         }
-        Ok(())
+        self.sharding().validate()
     }
 
     pub fn kv_transfer_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs_f64(self.kv_transfer_timeout_seconds)
+    }
+
+    pub fn sharding(&self) -> Sharding {
+        Sharding {
+            tensor_parallel: self.tensor_parallel,
+            expert_parallel: self.expert_parallel,
+            expert_placement: self.expert_placement.clone(),
+        }
     }
 
     pub fn engine_config(&self) -> EngineConfig {

@@ -1,8 +1,43 @@
 //! Between the engine's types and the internal protos.
 
-use tandem_engine::{FinishReason, Logprobs, SamplingParams, TopLogprob};
-use tandem_proto::internal::v1::Sampling;
+use tandem_engine::{Backend, EngineGroup, FinishReason, Logprobs, SamplingParams, TopLogprob};
+use tandem_proto::internal::v1::{RankLoad, Role, Sampling, WorkerStats};
 use tandem_proto::v1 as api;
+
+/// What an engine thread in `role` reports about its engines.
+pub(crate) fn worker_stats<B: Backend>(
+    engine: &EngineGroup<B>,
+    role: Role,
+    tokens_total: u64,
+) -> WorkerStats {
+    let num_experts = engine.model().config().moe.num_experts.max(1);
+    let mut expert_load = vec![0u64; num_experts];
+    for rank in engine.ranks() {
+        for (i, pairs) in rank.model().expert_load().into_iter().enumerate() {
+            expert_load[i % num_experts] += pairs;
+        }
+    }
+    WorkerStats {
+        role: role as i32,
+        running_sequences: engine.num_running() as u32,
+        waiting_sequences: engine.num_waiting() as u32,
+        queued_prefill_tokens: engine.queued_prefill_tokens() as u64,
+        kv_blocks_used: engine.used_blocks() as u32,
+        kv_blocks_total: (engine.used_blocks() + engine.free_blocks()) as u32,
+        pending_transfers: engine.num_reserved() as u32,
+        tokens_total,
+        ranks: engine
+            .ranks()
+            .iter()
+            .map(|e| RankLoad {
+                running_sequences: e.num_running() as u32,
+                kv_blocks_used: e.used_blocks() as u32,
+                kv_blocks_total: (e.used_blocks() + e.free_blocks()) as u32,
+            })
+            .collect(),
+        expert_load,
+    }
+}
 
 pub fn sampling_params(s: &Sampling) -> SamplingParams {
     SamplingParams {

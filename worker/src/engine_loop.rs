@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tandem_engine::{Backend, Engine};
+use tandem_engine::{Backend, EngineGroup};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
@@ -17,9 +17,9 @@ pub(crate) trait EngineThread: Send + Sized + 'static {
     fn sweep_every(&self) -> Option<Duration>;
     fn handle(&mut self, command: Self::Command);
     /// Set once a retire command was handled: where the engine goes.
-    fn take_retire(&mut self) -> Option<oneshot::Sender<Engine<Self::Backend>>>;
+    fn take_retire(&mut self) -> Option<oneshot::Sender<EngineGroup<Self::Backend>>>;
     /// Fails every request (the role is retiring) and gives up the engine.
-    fn into_engine(self) -> Engine<Self::Backend>;
+    fn into_engine(self) -> EngineGroup<Self::Backend>;
     fn sweep(&mut self);
     fn step(&mut self);
 }

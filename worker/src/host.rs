@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use tandem_common::registry::{Registration, WorkerRecord, WorkerRole};
-use tandem_engine::{Backend, Engine};
+use tandem_engine::{Backend, EngineGroup};
 use tandem_proto::internal::v1::decode_server::DecodeServer;
 use tandem_proto::internal::v1::prefill_server::PrefillServer;
 use tandem_proto::internal::v1::{Role, WorkerDescription, WorkerStats};
@@ -26,7 +26,7 @@ pub(crate) trait RoleCommand: Send + 'static {
     type Backend: Backend;
     const ROLE: &'static str;
     fn stats(reply: oneshot::Sender<WorkerStats>) -> Self;
-    fn retire(reply: oneshot::Sender<Engine<Self::Backend>>) -> Self;
+    fn retire(reply: oneshot::Sender<EngineGroup<Self::Backend>>) -> Self;
 }
 
 /// The way to one role's engine thread; empty while the worker serves the other role.
@@ -64,7 +64,7 @@ impl<C: RoleCommand> RoleSlot<C> {
     }
 
     /// Empties the slot, so new calls are refused, and takes the engine back from its thread.
-    async fn retire(&self) -> Result<Engine<C::Backend>, WorkerError> {
+    async fn retire(&self) -> Result<EngineGroup<C::Backend>, WorkerError> {
         let sender = self
             .set(None)
             .ok_or(WorkerError::NotInRole { role: C::ROLE })?;
@@ -153,7 +153,7 @@ impl<B: Backend> Host<B> {
     }
 
     /// Starts `role`'s engine thread on `engine` and serves that role.
-    pub(crate) fn start(&self, role: Role, engine: Engine<B>) -> std::io::Result<()> {
+    pub(crate) fn start(&self, role: Role, engine: EngineGroup<B>) -> std::io::Result<()> {
         let EngineSettings {
             queue_depth,
             kv_transfer_timeout,

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tandem_common::registry::{DesiredStates, EtcdRegistry, Registry, RegistryError, WorkerRole};
-use tandem_engine::{Backend, Engine, EngineError, Served, ServedModel};
+use tandem_engine::{Backend, EngineError, Served, ServedModel};
 use tandem_kv_transfer::{KvListener, TcpKvSender};
 use tandem_proto::internal::v1::decode_server::DecodeServer;
 use tandem_proto::internal::v1::prefill_server::PrefillServer;
@@ -77,7 +77,7 @@ fn describe<B: Backend>(
     addr: SocketAddr,
     served: &ServedModel<B>,
 ) -> WorkerDescription {
-    let c = served.model.config();
+    let c = served.model().config();
     WorkerDescription {
         role: role as i32,
         model: served.name.clone(),
@@ -88,7 +88,7 @@ fn describe<B: Backend>(
         num_kv_heads: c.num_kv_heads as u32,
         head_dim: c.head_dim as u32,
         tokenizer_json: served.tokenizer_json.clone(),
-        device: served.model.backend_name().to_owned(),
+        device: served.model().backend_name().to_owned(),
         worker_id: args.worker_id.clone().unwrap_or_else(|| {
             let role = if role == Role::Prefill {
                 "prefill"
@@ -97,6 +97,8 @@ fn describe<B: Backend>(
             };
             format!("{role}@{addr}")
         }),
+        tensor_parallel: args.tensor_parallel as u32,
+        expert_parallel: args.expert_parallel as u32,
     }
 }
 
@@ -122,7 +124,13 @@ pub async fn run(args: WorkerArgs, default_role: Role) -> Result<(), ServeError>
         kv_addr,
     };
     let started = Instant::now();
-    match Served::load(args.model.as_deref(), args.device_choice(), &mut |_| {})? {
+    let sharding = args.sharding();
+    match Served::load(
+        args.model.as_deref(),
+        args.device_choice(),
+        &sharding,
+        &mut |_| {},
+    )? {
         Served::Cpu {
             served,
             fallback_reason,
@@ -160,7 +168,7 @@ async fn serve_model<B: Backend>(
     );
     let d = &description;
     let (num_layers, kv_heads, head_dim) = (d.num_layers as usize, d.num_kv_heads, d.head_dim);
-    let engine = Engine::new(served.model, Some(served.tokenizer), args.engine_config())?;
+    let engine = served.into_engines(args.engine_config())?;
 
     let registry = args
         .etcd

@@ -26,7 +26,13 @@ use crate::backend::{
 };
 use crate::checkpoint::HostTensor;
 use crate::error::{EngineError, Result};
+use crate::parallel::Collective;
+use crate::parallel::host::host_collectives;
 use crate::weights::ExpertWeights;
+
+mod nccl;
+
+pub use nccl::{NCCL_ID_BYTES, NcclCollective, nccl_probe, nccl_unique_id};
 
 /// The kernels' CUDA C source.
 pub const KERNELS_SOURCE: &str = include_str!("cuda/kernels.cu");
@@ -288,6 +294,17 @@ fn per_row(rows: usize) -> LaunchConfig {
 
 fn slots_i32(slots: &[usize]) -> Vec<i32> {
     slots.iter().map(|&s| s as i32).collect()
+}
+
+/// GPUs the driver sees.
+pub(crate) fn cuda_device_count() -> Result<usize> {
+    probe().map_err(|reason| EngineError::DeviceUnavailable {
+        device: "cuda".into(),
+        reason,
+    })?;
+    CudaContext::device_count()
+        .map(|n| n.max(0) as usize)
+        .map_err(|e| device_error("counting devices", e))
 }
 
 impl CudaBackend {
@@ -1263,6 +1280,24 @@ impl Backend for CudaBackend {
             cols,
             data: self.upload(&data)?,
         })
+    }
+
+    /// NCCL when every rank has its own GPU and libnccl loads; otherwise (NCCL cannot put two
+    /// ranks on one GPU) the host collective.
+    fn group_collectives(backends: &[Self]) -> Result<Vec<Box<dyn Collective<Self>>>> {
+        let mut ordinals: Vec<usize> = backends
+            .iter()
+            .map(|b| b.stream.context().ordinal())
+            .collect();
+        ordinals.sort_unstable();
+        ordinals.dedup();
+        if ordinals.len() == backends.len() && nccl_probe().is_ok() {
+            return Ok(NcclCollective::group(backends)?
+                .into_iter()
+                .map(|c| Box::new(c) as Box<dyn Collective<Self>>)
+                .collect());
+        }
+        Ok(host_collectives(backends.len()))
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {

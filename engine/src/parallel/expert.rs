@@ -3,16 +3,14 @@
 //! experts (dispatch), runs the experts there, and sends the weighted outputs back (combine).
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::backend::{Backend, KvRows, Routing};
 use crate::block_pool::BlockId;
-use crate::checkpoint::LoadProgress;
-use crate::engine::{Engine, EngineConfig, StepOutput, TokenEvent};
+use crate::engine::{Engine, EngineConfig, LayerKv, StepOutput, TokenEvent};
 use crate::error::{EngineError, Result};
 use crate::model::Model;
-use crate::parallel::{Collective, ExpertPlacement, Parallelism, collective_error};
+use crate::parallel::{Collective, ExpertPlacement, collective_error};
 use crate::sampling::{Logprobs, SamplingParams};
 use crate::sequence::{SeqId, StopCriteria};
 use crate::tokenizer::Tokenizer;
@@ -62,7 +60,7 @@ pub(crate) fn expert_parallel_moe<B: Backend>(
                 .collect()
         })
         .collect();
-    let metadata = comm.all_to_all_host(metadata)?;
+    let metadata = comm.all_to_all_host(b, metadata)?;
     let (received, received_counts) =
         comm.all_to_all_v(b, &b.select_rows(x, &send_rows)?, &counts)?;
     let received_rows = b.shape(&received).0;
@@ -117,66 +115,46 @@ pub(crate) fn expert_parallel_moe<B: Backend>(
     Ok(out)
 }
 
-/// A decode group: one engine per rank, each with its own requests and KV cache, stepped
-/// together (every rank runs one forward pass per step, an empty one if it has no work, so
-/// the MoE exchanges line up). Requests go to the least busy rank.
-pub struct ExpertParallelEngine<B: Backend> {
+/// The engines of one worker: one per data-parallel rank, each with its own requests and KV
+/// cache, stepped together (with experts split over the ranks, every rank runs one forward
+/// pass per step, an empty one if it has no work, so the MoE exchanges line up). Requests go
+/// to the least busy rank. A group of one is a plain engine (which may itself drive a
+/// tensor-parallel group).
+pub struct EngineGroup<B: Backend> {
     ranks: Vec<Engine<B>>,
     /// Which rank each live sequence is on.
     home: HashMap<SeqId, usize>,
 }
 
-impl<B: Backend> std::fmt::Debug for ExpertParallelEngine<B> {
+impl<B: Backend> std::fmt::Debug for EngineGroup<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExpertParallelEngine")
+        f.debug_struct("EngineGroup")
             .field("ranks", &self.ranks)
             .finish_non_exhaustive()
     }
 }
 
-impl<B: Backend> ExpertParallelEngine<B> {
-    /// Loads rank r of `backends.len()` on `backends[r]` with `comms[r]`, experts placed by
-    /// `placement` (round-robin when None), each with a KV cache sized by `config`.
-    pub fn load(
-        dir: &Path,
-        backends: Vec<B>,
-        comms: Vec<Box<dyn Collective<B>>>,
-        placement: Option<ExpertPlacement>,
+impl<B: Backend> EngineGroup<B> {
+    /// A group of one engine.
+    pub fn single(engine: Engine<B>) -> Self {
+        Self {
+            ranks: vec![engine],
+            home: HashMap::new(),
+        }
+    }
+
+    /// One engine per model (data-parallel rank), each with a KV cache sized by `config`.
+    pub fn new(
+        models: Vec<Model<B>>,
         tokenizer: Option<Arc<Tokenizer>>,
         config: EngineConfig,
-        progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Self> {
-        let size = backends.len();
-        if size == 0 || comms.len() != size {
-            return Err(EngineError::Config(format!(
-                "an expert-parallel group needs one collective per backend, got {} and {size}",
-                comms.len()
-            )));
+        if models.is_empty() {
+            return Err(EngineError::Config("an engine group needs a model".into()));
         }
-        let placement = match placement {
-            Some(p) => p,
-            None => {
-                let num_experts = crate::config::ModelConfig::from_dir(dir)?.moe.num_experts;
-                ExpertPlacement::round_robin(num_experts, size)
-            }
-        };
-        let mut progress = Some(progress);
-        let ranks = backends
+        let ranks = models
             .into_iter()
-            .zip(comms)
-            .enumerate()
-            .map(|(rank, (backend, comm))| {
-                let parallel = Parallelism::Expert {
-                    rank,
-                    placement: placement.clone(),
-                };
-                let report = progress.take();
-                let model = match report {
-                    Some(report) => Model::load_rank(dir, backend, parallel, Some(comm), report),
-                    None => Model::load_rank(dir, backend, parallel, Some(comm), &mut |_| {}),
-                }?;
-                Engine::new(model, tokenizer.clone(), config)
-            })
+            .map(|model| Engine::new(model, tokenizer.clone(), config))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             ranks,
@@ -186,6 +164,39 @@ impl<B: Backend> ExpertParallelEngine<B> {
 
     pub fn ranks(&self) -> &[Engine<B>] {
         &self.ranks
+    }
+
+    /// Rank 0's model: the configuration every rank shares.
+    pub fn model(&self) -> &Model<B> {
+        self.ranks[0].model()
+    }
+
+    fn sum(&self, count: impl Fn(&Engine<B>) -> usize) -> usize {
+        self.ranks.iter().map(count).sum()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.sum(Engine::num_running)
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.sum(Engine::num_waiting)
+    }
+
+    pub fn num_reserved(&self) -> usize {
+        self.sum(Engine::num_reserved)
+    }
+
+    pub fn queued_prefill_tokens(&self) -> usize {
+        self.sum(Engine::queued_prefill_tokens)
+    }
+
+    pub fn used_blocks(&self) -> usize {
+        self.sum(Engine::used_blocks)
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.sum(Engine::free_blocks)
     }
 
     /// The rank with the fewest sequences (ties to the lowest rank).
@@ -226,6 +237,16 @@ impl<B: Backend> ExpertParallelEngine<B> {
         stop: StopCriteria,
     ) -> Result<()> {
         self.place(id, |engine| engine.add_request(id, prompt, params, stop))
+    }
+
+    /// [`Engine::add_prefill_request`] on the least busy rank.
+    pub fn add_prefill_request(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<()> {
+        self.place(id, |engine| engine.add_prefill_request(id, prompt, params))
     }
 
     /// [`Engine::reserve`] on the least busy rank.
@@ -271,23 +292,47 @@ impl<B: Backend> ExpertParallelEngine<B> {
 
     /// One step of every rank, run side by side (their MoE exchanges meet in the middle).
     pub fn step(&mut self) -> Result<StepOutput> {
+        self.step_exporting(&mut |_| {})
+    }
+
+    /// [`Engine::step_exporting`] on every rank; `export` may be called from any rank's
+    /// thread (one call at a time).
+    pub fn step_exporting(
+        &mut self,
+        export: &mut (dyn FnMut(LayerKv<'_>) + Send),
+    ) -> Result<StepOutput> {
         if !self.has_work() {
             return Ok(StepOutput::default());
         }
-        let results: Vec<Result<StepOutput>> = std::thread::scope(|s| {
-            let running: Vec<_> = self
-                .ranks
-                .iter_mut()
-                .map(|engine| s.spawn(move || engine.step()))
-                .collect();
-            running
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(collective_error("a rank's step panicked".into())))
-                })
-                .collect()
-        });
+        let results: Vec<Result<StepOutput>> = if let [engine] = &mut self.ranks[..] {
+            vec![engine.step_exporting(export)]
+        } else {
+            let export = Mutex::new(export);
+            let export = &export;
+            std::thread::scope(|s| {
+                let running: Vec<_> = self
+                    .ranks
+                    .iter_mut()
+                    .map(|engine| {
+                        s.spawn(move || {
+                            engine.step_exporting(&mut |kv| {
+                                let mut export =
+                                    export.lock().unwrap_or_else(PoisonError::into_inner);
+                                export(kv)
+                            })
+                        })
+                    })
+                    .collect();
+                running
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(collective_error("a rank's step panicked".into()))
+                        })
+                    })
+                    .collect()
+            })
+        };
         let mut merged = StepOutput::default();
         for result in results {
             let output = result?;

@@ -16,6 +16,14 @@ pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// What one peer sent this rank, in order.
 type Inbox = Mutex<Receiver<Vec<f32>>>;
 
+/// A group of `size` host-connected ranks with the default timeout, boxed for any backend.
+pub(crate) fn host_collectives<B: Backend>(size: usize) -> Vec<Box<dyn Collective<B>>> {
+    HostCollective::group(size, DEFAULT_COLLECTIVE_TIMEOUT)
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn Collective<B>>)
+        .collect()
+}
+
 /// One rank's end of a group of channel-connected ranks.
 pub struct HostCollective {
     rank: usize,
@@ -207,11 +215,11 @@ impl<B: Backend> Collective<B> for HostCollective {
         self.broadcast_own(&[]).map(|_| ())
     }
 
-    fn all_to_all_host(&self, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+    fn all_to_all_host(&self, _: &B, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
         self.exchange(send)
     }
 
-    fn all_gather_host(&self, x: &[f32]) -> Result<Vec<Vec<f32>>> {
+    fn all_gather_host(&self, _: &B, x: &[f32]) -> Result<Vec<Vec<f32>>> {
         self.broadcast_own(x)
     }
 }
@@ -302,7 +310,8 @@ mod tests {
     #[test]
     fn a_silent_rank_times_out() {
         let comms = HostCollective::group(2, Duration::from_millis(50));
-        let err = Collective::<CpuBackend>::all_gather_host(&comms[0], &[1.0]).unwrap_err();
+        let err =
+            Collective::<CpuBackend>::all_gather_host(&comms[0], &CpuBackend, &[1.0]).unwrap_err();
         assert!(
             err.to_string().contains("heard nothing from rank 1"),
             "{err}"

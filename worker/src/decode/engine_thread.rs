@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use crate::WorkerError;
 use tandem_common::ids::{KvBlockId, TransferId};
 use tandem_engine::{
-    Backend, BlockId, Engine, EngineError, KvRows, Logprobs, SamplingParams, SeqId, StopCriteria,
-    TokenEvent,
+    Backend, BlockId, EngineError, EngineGroup, KvRows, Logprobs, SamplingParams, SeqId,
+    StopCriteria, TokenEvent,
 };
 use tandem_proto::internal::v1::{Role, WorkerStats};
 use tokio::sync::{mpsc, oneshot};
@@ -65,7 +65,7 @@ pub(crate) enum Command<B: Backend> {
     /// Stop and hand the engine back (the worker switches role); sequences still running fail
     /// with a retryable error.
     Retire {
-        reply: oneshot::Sender<Engine<B>>,
+        reply: oneshot::Sender<EngineGroup<B>>,
     },
 }
 
@@ -88,23 +88,23 @@ impl<B: Backend> crate::host::RoleCommand for Command<B> {
         Self::Stats { reply }
     }
 
-    fn retire(reply: oneshot::Sender<Engine<B>>) -> Self {
+    fn retire(reply: oneshot::Sender<EngineGroup<B>>) -> Self {
         Self::Retire { reply }
     }
 }
 
 pub(crate) struct EngineThread<B: Backend> {
-    engine: Engine<B>,
+    engine: EngineGroup<B>,
     commands: mpsc::Receiver<Command<B>>,
     transfer_timeout: Duration,
     requests: HashMap<SeqId, Tracked>,
     generated_tokens_total: u64,
-    retire: Option<oneshot::Sender<Engine<B>>>,
+    retire: Option<oneshot::Sender<EngineGroup<B>>>,
 }
 
 impl<B: Backend> EngineThread<B> {
     pub(crate) fn spawn(
-        engine: Engine<B>,
+        engine: EngineGroup<B>,
         commands: mpsc::Receiver<Command<B>>,
         transfer_timeout: Duration,
     ) -> std::io::Result<()> {
@@ -249,11 +249,11 @@ impl<B: Backend> crate::engine_loop::EngineThread for EngineThread<B> {
         (!self.requests.is_empty()).then_some(SWEEP_INTERVAL)
     }
 
-    fn take_retire(&mut self) -> Option<oneshot::Sender<Engine<B>>> {
+    fn take_retire(&mut self) -> Option<oneshot::Sender<EngineGroup<B>>> {
         self.retire.take()
     }
 
-    fn into_engine(mut self) -> Engine<B> {
+    fn into_engine(mut self) -> EngineGroup<B> {
         self.fail_all(|| WorkerError::NotInRole { role: "decode" });
         self.engine
     }
@@ -294,16 +294,12 @@ impl<B: Backend> crate::engine_loop::EngineThread for EngineThread<B> {
                 );
             }
             Command::Stats { reply } => {
-                let _ = reply.send(WorkerStats {
-                    role: Role::Decode as i32,
-                    running_sequences: self.engine.num_running() as u32,
-                    waiting_sequences: self.engine.num_waiting() as u32,
-                    queued_prefill_tokens: self.engine.queued_prefill_tokens() as u64,
-                    kv_blocks_used: self.engine.used_blocks() as u32,
-                    kv_blocks_total: (self.engine.used_blocks() + self.engine.free_blocks()) as u32,
-                    pending_transfers: self.engine.num_reserved() as u32,
-                    tokens_total: self.generated_tokens_total,
-                });
+                let stats = crate::convert::worker_stats(
+                    &self.engine,
+                    Role::Decode,
+                    self.generated_tokens_total,
+                );
+                let _ = reply.send(stats);
             }
             Command::Retire { reply } => self.retire = Some(reply),
         }

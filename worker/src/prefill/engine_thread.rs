@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use crate::WorkerError;
-use tandem_engine::{Backend, Engine, EngineError, KvRows, SamplingParams, SeqId, TokenEvent};
+use tandem_engine::{Backend, EngineError, EngineGroup, KvRows, SamplingParams, SeqId, TokenEvent};
 use tandem_proto::internal::v1::{Role, WorkerStats};
 use tokio::sync::{mpsc, oneshot};
 
@@ -33,7 +33,7 @@ pub(crate) enum Command<B: Backend> {
     /// Stop and hand the engine back (the worker switches role); prompts still queued fail
     /// with a retryable error.
     Retire {
-        reply: oneshot::Sender<Engine<B>>,
+        reply: oneshot::Sender<EngineGroup<B>>,
     },
 }
 
@@ -45,23 +45,23 @@ impl<B: Backend> crate::host::RoleCommand for Command<B> {
         Self::Stats { reply }
     }
 
-    fn retire(reply: oneshot::Sender<Engine<B>>) -> Self {
+    fn retire(reply: oneshot::Sender<EngineGroup<B>>) -> Self {
         Self::Retire { reply }
     }
 }
 
 pub(crate) struct EngineThread<B: Backend> {
-    engine: Engine<B>,
+    engine: EngineGroup<B>,
     commands: mpsc::Receiver<Command<B>>,
     requests: HashMap<SeqId, mpsc::Sender<PrefillOutput>>,
     /// Prompt tokens computed since start.
     prefilled_tokens_total: u64,
-    retire: Option<oneshot::Sender<Engine<B>>>,
+    retire: Option<oneshot::Sender<EngineGroup<B>>>,
 }
 
 impl<B: Backend> EngineThread<B> {
     pub(crate) fn spawn(
-        engine: Engine<B>,
+        engine: EngineGroup<B>,
         commands: mpsc::Receiver<Command<B>>,
     ) -> std::io::Result<()> {
         let thread = Self {
@@ -100,11 +100,11 @@ impl<B: Backend> crate::engine_loop::EngineThread for EngineThread<B> {
         None
     }
 
-    fn take_retire(&mut self) -> Option<oneshot::Sender<Engine<B>>> {
+    fn take_retire(&mut self) -> Option<oneshot::Sender<EngineGroup<B>>> {
         self.retire.take()
     }
 
-    fn into_engine(mut self) -> Engine<B> {
+    fn into_engine(mut self) -> EngineGroup<B> {
         self.fail_all(|| WorkerError::NotInRole { role: "prefill" });
         self.engine
     }
@@ -125,16 +125,12 @@ impl<B: Backend> crate::engine_loop::EngineThread for EngineThread<B> {
                 let _ = reply.send(result);
             }
             Command::Stats { reply } => {
-                let _ = reply.send(WorkerStats {
-                    role: Role::Prefill as i32,
-                    running_sequences: self.engine.num_running() as u32,
-                    waiting_sequences: self.engine.num_waiting() as u32,
-                    queued_prefill_tokens: self.engine.queued_prefill_tokens() as u64,
-                    kv_blocks_used: self.engine.used_blocks() as u32,
-                    kv_blocks_total: (self.engine.used_blocks() + self.engine.free_blocks()) as u32,
-                    pending_transfers: 0,
-                    tokens_total: self.prefilled_tokens_total,
-                });
+                let stats = crate::convert::worker_stats(
+                    &self.engine,
+                    Role::Prefill,
+                    self.prefilled_tokens_total,
+                );
+                let _ = reply.send(stats);
             }
             Command::Retire { reply } => self.retire = Some(reply),
         }

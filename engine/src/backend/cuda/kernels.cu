@@ -140,14 +140,14 @@ extern "C" __global__ void gather_rows(const float* x, const int* rows, float* o
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
 }
 
-// out[rows[r], :] += weights[r] * y[r, :]; one block per row of y. Rows must be distinct
-// within one launch (one expert's tokens are).
+// out[rows[r], :] += weights[r] * y[r, :]; one block per row of y. Rows may repeat within
+// one launch (a token's several experts on one expert-parallel rank), so adds are atomic.
 extern "C" __global__ void scatter_add_weighted(float* out, const float* y, const int* rows,
                                                 const float* weights, int cols) {
     float* dst = out + (size_t)rows[blockIdx.x] * cols;
     const float* src = y + (size_t)blockIdx.x * cols;
     float w = weights[blockIdx.x];
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] += w * src[c];
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) atomicAdd(&dst[c], w * src[c]);
 }
 
 // Most values of a head one lane holds: head_dim <= 256.
