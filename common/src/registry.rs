@@ -31,6 +31,32 @@ pub struct WorkerRecord {
     pub model: String,
     /// `cpu` or `cuda`.
     pub device: String,
+    /// Data-parallel ranks, each taking its own requests (an expert-parallel worker's `--ep`):
+    /// routers spread load in proportion. Records without it have one.
+    #[serde(default = "one_rank")]
+    pub ranks: u32,
+}
+
+fn one_rank() -> u32 {
+    1
+}
+
+impl WorkerRecord {
+    /// The record of the worker `description` describes, serving `role` at `grpc`.
+    pub fn from_description(
+        description: tandem_proto::internal::v1::WorkerDescription,
+        role: WorkerRole,
+        grpc: String,
+    ) -> Self {
+        Self {
+            id: description.worker_id,
+            role,
+            grpc,
+            model: description.model,
+            device: description.device,
+            ranks: description.expert_parallel.max(1),
+        }
+    }
 }
 
 /// What an SRE asked of a worker, under `/tandem/<cluster>/desired/<id>` in etcd. It outlives

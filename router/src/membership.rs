@@ -87,13 +87,7 @@ impl Membership {
                     if role != flagged_role {
                         tracing::info!(id = %d.worker_id, ?role, ?flagged_role, "worker was moved; it joins the pool of the role it serves");
                     }
-                    let record = WorkerRecord {
-                        id: d.worker_id,
-                        role,
-                        grpc: addr.clone(),
-                        model: d.model,
-                        device: d.device,
-                    };
+                    let record = WorkerRecord::from_description(d, role, addr.clone());
                     let registration = registry
                         .register(record.clone())
                         .await

@@ -33,6 +33,8 @@ pub(crate) struct Worker<C> {
     /// Load in flight from this router, in the pool's unit (prompt tokens for prefill,
     /// sequences for decode).
     load: AtomicUsize,
+    /// Data-parallel ranks sharing that load.
+    ranks: usize,
     /// Requests in flight from this router.
     requests: AtomicUsize,
     /// The last `tokens_total` seen and when, for a tokens/s figure.
@@ -144,6 +146,7 @@ impl<C> Pool<C> {
                 info: WorkerClient::new(channel),
                 state: AtomicU8::new(AdminState::Ready as u8),
                 load: AtomicUsize::new(0),
+                ranks: record.ranks.max(1) as usize,
                 requests: AtomicUsize::new(0),
                 last_sample: std::sync::Mutex::new(None),
                 held_back_until: std::sync::Mutex::new(None),
@@ -162,8 +165,8 @@ impl<C> Pool<C> {
         self.read().iter().find(|w| w.id == id).cloned()
     }
 
-    /// The ready worker with the least load, ties going round-robin, charged `cost` until the
-    /// lease drops. None when no worker takes new requests.
+    /// The ready worker with the least load per data-parallel rank, ties going round-robin,
+    /// charged `cost` until the lease drops. None when no worker takes new requests.
     pub(crate) fn pick(&self, cost: usize) -> Option<Lease<C>> {
         let workers = self.read();
         let n = workers.len();
@@ -174,7 +177,12 @@ impl<C> Pool<C> {
         let worker = (0..n)
             .map(|i| &workers[(start + i) % n])
             .filter(|w| w.state() == AdminState::Ready && !w.is_held_back())
-            .min_by_key(|w| w.load.load(Ordering::Relaxed))?;
+            .min_by(|a, b| {
+                // a.load / a.ranks against b.load / b.ranks, without division.
+                let a_share = a.load.load(Ordering::Relaxed) * b.ranks;
+                let b_share = b.load.load(Ordering::Relaxed) * a.ranks;
+                a_share.cmp(&b_share)
+            })?;
         worker.load.fetch_add(cost, Ordering::Relaxed);
         worker.requests.fetch_add(1, Ordering::Relaxed);
         Some(Lease {
@@ -212,6 +220,7 @@ mod tests {
             grpc: "127.0.0.1:1".to_owned(),
             model: "m".to_owned(),
             device: "cpu".to_owned(),
+            ranks: 1,
         }
     }
 
@@ -249,6 +258,22 @@ mod tests {
         drop(third);
         let fourth = pool.pick(1).expect("a worker");
         assert_ne!(fourth.worker().id, second.worker().id);
+    }
+
+    #[tokio::test]
+    async fn load_is_spread_in_proportion_to_data_parallel_ranks() {
+        let pool = Pool::default();
+        let wide = WorkerRecord {
+            ranks: 4,
+            ..record("wide")
+        };
+        pool.sync(&[&wide, &record("narrow")], |_| ());
+        let leases: Vec<_> = (0..10).map(|_| pool.pick(1).expect("a worker")).collect();
+        let on_wide = leases.iter().filter(|l| l.worker().id == "wide").count();
+        assert_eq!(
+            on_wide, 8,
+            "4 ranks take 4 requests for every 1 of a single rank"
+        );
     }
 
     #[tokio::test]

@@ -139,17 +139,12 @@ impl<B: Backend> Host<B> {
     /// The registry record for the current role.
     pub(crate) fn record(&self) -> WorkerRecord {
         let d = self.description();
-        WorkerRecord {
-            id: d.worker_id,
-            role: if d.role == Role::Prefill as i32 {
-                WorkerRole::Prefill
-            } else {
-                WorkerRole::Decode
-            },
-            grpc: self.grpc_addr.clone(),
-            model: d.model,
-            device: d.device,
-        }
+        let role = if d.role == Role::Prefill as i32 {
+            WorkerRole::Prefill
+        } else {
+            WorkerRole::Decode
+        };
+        WorkerRecord::from_description(d, role, self.grpc_addr.clone())
     }
 
     /// Starts `role`'s engine thread on `engine` and serves that role.

@@ -113,6 +113,7 @@ mod tests {
             grpc: "127.0.0.1:1".into(),
             model: "m".into(),
             device: "cpu".into(),
+            ranks: 1,
         }
     }
 
