@@ -9,7 +9,7 @@ build:
 # A local cluster (router, prefill and decode workers) with the built-in demo model (no GPU,
 # no download, no etcd) answers one prompt streamed through the router, then stops.
 demo: build
-	@out=$$(mktemp); ./target/release/tandemctl up --listen 127.0.0.1:0 >$$out & up=$$!; \
+	@out=$$(mktemp); ./target/release/tandemctl up --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >$$out & up=$$!; \
 	until grep -q ready $$out; do kill -0 $$up 2>/dev/null || exit 1; sleep 0.2; done; \
 	cat $$out; \
 	./target/release/tandemctl generate --router $$(head -n 1 $$out) --prompt "Hello, Tandem" --max-tokens 32; \

@@ -211,6 +211,16 @@ pub struct UpArgs {
     /// The router's gRPC address; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// The router's OpenAI-compatible HTTP address (`/v1/chat/completions`, …); port 0
+    /// picks a free port.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub http_listen: SocketAddr,
+    /// Tensor-parallel ranks per prefill worker (`--tp`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub prefill_tp: u64,
+    /// Expert-parallel ranks per decode worker (`--ep`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub decode_ep: u64,
     /// Seconds each process may take to start before `up` gives up.
     #[arg(long, default_value_t = 300.0)]
     pub startup_timeout_seconds: f64,

@@ -26,6 +26,8 @@ pub struct ServedModel<B: Backend> {
     pub ranks: Vec<Model<B>>,
     pub tokenizer: Arc<Tokenizer>,
     pub tokenizer_json: Vec<u8>,
+    /// `tokenizer_config.json` (chat template, special tokens); empty when absent.
+    pub tokenizer_config_json: Vec<u8>,
 }
 
 /// A served model on the backend its device needs.
@@ -89,6 +91,12 @@ impl<B: Backend> ServedModel<B> {
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer_json =
             std::fs::read(&tokenizer_path).map_err(|e| EngineError::io(&tokenizer_path, e))?;
+        let config_path = dir.join("tokenizer_config.json");
+        let tokenizer_config_json = match std::fs::read(&config_path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(EngineError::io(&config_path, e)),
+        };
         let tokenizer = Arc::new(Tokenizer::from_dir(&dir)?);
         let ranks = load_ranks(&dir, backends, sharding, progress)?;
         let name = dir
@@ -101,6 +109,7 @@ impl<B: Backend> ServedModel<B> {
             ranks,
             tokenizer,
             tokenizer_json,
+            tokenizer_config_json,
         })
     }
 

@@ -13,6 +13,11 @@ pub struct Config {
     /// on stdout once it serves.
     #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Address for OpenAI-compatible HTTP (`/v1/completions`, `/v1/chat/completions`,
+    /// `/v1/models`); port 0 picks a free port (printed as `http=HOST:PORT` on the ready
+    /// line). Off when unset.
+    #[arg(long, env = "TANDEM_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// Prefill worker gRPC address (host:port); repeat or comma-separate. None: decode
     /// workers prefill their own prompts.
     #[arg(

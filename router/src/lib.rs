@@ -6,8 +6,10 @@
 
 mod admin;
 mod admission;
+mod chat;
 pub mod config;
 mod error;
+mod http;
 mod membership;
 mod orchestrate;
 mod pool;
@@ -77,6 +79,18 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         addr: config.listen,
         source,
     })?;
+    let http = match config.http_listen {
+        Some(http_addr) => {
+            let bind_error = |source| StartError::Bind {
+                addr: http_addr,
+                source,
+            };
+            let listener = TcpListener::bind(http_addr).await.map_err(bind_error)?;
+            let bound = listener.local_addr().map_err(bind_error)?;
+            Some((listener, bound))
+        }
+        None => None,
+    };
     let limits = &config.limits;
     let max_message = limits.max_message_bytes;
     let (membership, card) = Membership::start(&config).await?;
@@ -125,8 +139,18 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     reporter
         .set_serving::<InferenceServer<InferenceService>>()
         .await;
-    tandem_common::server::announce_ready(&[("grpc", addr)]);
-    tracing::info!(%addr, "router serving");
+    let mut listening = vec![("grpc", addr)];
+    let http = http.map(|(listener, http_addr)| {
+        listening.push(("http", http_addr));
+        let app = http::routes(Arc::clone(&state), max_message);
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(tandem_common::server::shutdown_signal())
+                .await
+        })
+    });
+    tandem_common::server::announce_ready(&listening);
+    tracing::info!(%addr, http = ?http.as_ref().map(|_| listening[1].1), "router serving");
     // Tower layers in front of every RPC: a deadline on producing the response, and a bound
     // on calls in progress per connection beyond which calls are shed at once. Admission and
     // the request deadline (inside Generate) bound whole streams.
@@ -149,6 +173,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tandem_common::server::shutdown_signal(),
     )
     .await?;
+    if let Some(mut http) = http {
+        // Streams still open after the grace period are cut, as gRPC's are.
+        if tokio::time::timeout(grace, &mut http).await.is_err() {
+            http.abort();
+        }
+    }
     tracing::info!("router stopped");
     Ok(())
 }

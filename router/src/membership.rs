@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::StartError;
+use crate::chat::ChatTemplate;
 use crate::config::Config;
 use crate::orchestrate::{Cluster, DecodeClient, PrefillClient};
 use crate::pool::AdminState;
@@ -127,12 +128,23 @@ impl Membership {
                     reason: e.to_string(),
                 }
             })?;
+        let chat_template = if description.tokenizer_config_json.is_empty() {
+            None
+        } else {
+            ChatTemplate::from_tokenizer_config(&description.tokenizer_config_json).map_err(
+                |reason| StartError::Tokenizer {
+                    addr: first.grpc.clone(),
+                    reason,
+                },
+            )?
+        };
         let card = ModelCard {
             name: description.model,
             vocab_size: description.vocab_size,
             max_position_embeddings: description.max_position_embeddings,
             eos_token_ids: description.eos_token_ids,
             tokenizer,
+            chat_template,
         };
         let mut desired = registry
             .watch_desired()

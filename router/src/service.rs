@@ -44,33 +44,33 @@ pub(crate) struct InferenceService {
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl Inference for InferenceService {
-    type GenerateStream = GenerateStream;
+/// What a client of one generation reads: chunks, then a final message or a status.
+pub(crate) type TokenStream = ReceiverStream<Result<GenerateResponse, Status>>;
 
-    async fn generate(
-        &self,
-        request: Request<GenerateRequest>,
-    ) -> Result<Response<GenerateStream>, Status> {
-        let state = Arc::clone(&self.state);
+impl RouterState {
+    /// Admits `request` (waiting at most the request timeout for a slot), validates and
+    /// tokenizes it, and starts it. Returns its request id (the request's, else `header_id`,
+    /// else one this router makes up) and the stream of its responses; dropping the stream
+    /// cancels it. gRPC and HTTP calls both come through here.
+    pub(crate) async fn start_generation(
+        self: &Arc<Self>,
+        request: GenerateRequest,
+        header_id: Option<String>,
+    ) -> Result<(RequestId, TokenStream), Status> {
+        let state = Arc::clone(self);
         let timeout = state.validator.limits.request_timeout();
         let deadline = tokio::time::Instant::now() + timeout;
-        let request_id = request
-            .metadata()
-            .get(REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
+        let request_id = header_id
             .unwrap_or_else(|| format!("r{}", state.next_request.fetch_add(1, Ordering::Relaxed)));
         let permit = state.admission.admit(timeout).await?;
         let validating = Arc::clone(&state);
         let fallback_id = RequestId(request_id);
         let valid = tokio::task::spawn_blocking(move || {
-            validating
-                .validator
-                .validate(request.into_inner(), fallback_id)
+            validating.validator.validate(request, fallback_id)
         })
         .await
         .map_err(|e| RouterError::Internal(format!("validation task: {e}")))??;
+        let request_id = valid.request_id.clone();
         let span = tracing::info_span!(
             "request",
             request_id = %valid.request_id,
@@ -119,7 +119,28 @@ impl Inference for InferenceService {
             }
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+        Ok((request_id, ReceiverStream::new(stream)))
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let header_id = request
+            .metadata()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let (_, stream) = self
+            .state
+            .start_generation(request.into_inner(), header_id)
+            .await?;
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn tokenize(

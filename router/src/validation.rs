@@ -22,6 +22,8 @@ pub(crate) struct ModelCard {
     pub max_position_embeddings: u32,
     pub eos_token_ids: Vec<u32>,
     pub tokenizer: tokenizers::Tokenizer,
+    /// From `tokenizer_config.json`, for chat requests; None when the model has none.
+    pub chat_template: Option<crate::chat::ChatTemplate>,
 }
 
 /// A request that passed every check, with defaults filled in.

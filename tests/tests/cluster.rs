@@ -495,6 +495,8 @@ fn tandemctl_up_prints_the_address_then_ready_and_stops_on_sigterm() {
             "up",
             "--listen",
             "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
             "--prefill",
             "1",
             "--decode",
@@ -511,6 +513,10 @@ fn tandemctl_up_prints_the_address_then_ready_and_stops_on_sigterm() {
     assert!(addr.parse::<std::net::SocketAddr>().is_ok(), "{addr}");
     let ready = lines.next().expect("ready line").expect("utf-8");
     assert!(ready.contains("ready"), "{ready}");
+    assert!(
+        ready.contains("OpenAI HTTP at http://127.0.0.1:"),
+        "the ready line names the HTTP address: {ready}"
+    );
     let out = Command::new(binary("tandemctl"))
         .args([
             "generate",

@@ -46,9 +46,19 @@ async fn up(args: &UpArgs) -> Result<ExitCode, CommandError> {
     let (exits, mut exited) = mpsc::channel(args.prefill + args.decode as usize + 1);
     let mut workers = Vec::new();
     let mut pending = Vec::new();
-    for (role, count, binary) in [
-        ("decode", args.decode as usize, "tandem-decode-worker"),
-        ("prefill", args.prefill, "tandem-prefill-worker"),
+    for (role, count, binary, parallel) in [
+        (
+            "decode",
+            args.decode as usize,
+            "tandem-decode-worker",
+            ["--ep".to_owned(), args.decode_ep.to_string()],
+        ),
+        (
+            "prefill",
+            args.prefill,
+            "tandem-prefill-worker",
+            ["--tp".to_owned(), args.prefill_tp.to_string()],
+        ),
     ] {
         let path = sibling_binary(binary)?;
         for i in 0..count {
@@ -61,6 +71,7 @@ async fn up(args: &UpArgs) -> Result<ExitCode, CommandError> {
                 name.clone().into(),
             ];
             argv.extend(model.iter().cloned());
+            argv.extend(parallel.iter().map(OsString::from));
             pending.push(start(name, &path, &argv, exits.clone())?);
         }
     }
@@ -77,15 +88,21 @@ async fn up(args: &UpArgs) -> Result<ExitCode, CommandError> {
             })
             .collect()
     };
-    let mut argv: Vec<OsString> = vec!["--listen".into(), args.listen.to_string().into()];
+    let mut argv: Vec<OsString> = vec![
+        "--listen".into(),
+        args.listen.to_string().into(),
+        "--http-listen".into(),
+        args.http_listen.to_string().into(),
+    ];
     argv.extend(addrs("decode"));
     argv.extend(addrs("prefill"));
     let router_path = sibling_binary("tandem-router")?;
     let router = wait_ready(start("router".into(), &router_path, &argv, exits)?, startup).await?;
     let router_addr = router.ready.get("grpc").cloned().unwrap_or_default();
+    let http_addr = router.ready.get("http").cloned().unwrap_or_default();
     println!("{router_addr}");
     println!(
-        "ready: router {router_addr} in front of {} prefill and {} decode workers (Ctrl-C stops them)",
+        "ready: router {router_addr} (OpenAI HTTP at http://{http_addr}/v1) in front of {} prefill and {} decode workers (Ctrl-C stops them)",
         args.prefill, args.decode
     );
 

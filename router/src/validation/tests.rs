@@ -25,6 +25,7 @@ fn validator(max_prompt_tokens: u32, max_new_tokens: u32) -> Validator {
             max_position_embeddings: 64,
             eos_token_ids: vec![2],
             tokenizer,
+            chat_template: None,
         },
         limits,
         default_max_tokens: 8,
