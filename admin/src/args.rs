@@ -52,6 +52,15 @@ pub enum Command {
     Rebalance(RebalanceArgs),
     /// A live table of workers and pools, refreshed until Ctrl-C.
     Top(TopArgs),
+    /// Load a running cluster and report latency percentiles (TTFT, ITL, TPOT, end to end),
+    /// throughput and goodput per load level, as a table, JSON and an SVG chart.
+    ///
+    /// Closed loop with --concurrency, open loop (Poisson) with --rate; a comma-separated list
+    /// sweeps. Requests are greedy with end-of-sequence ignored, so each yields exactly its
+    /// output length.
+    ///
+    /// Example: tandemctl bench --isl 128 --osl 32 --concurrency 1,4,16 --chart bench.svg
+    Bench(BenchArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -198,6 +207,72 @@ pub struct GenerateCommand {
 }
 
 #[derive(Debug, Clone, PartialEq, Args)]
+pub struct BenchArgs {
+    /// The router's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub router: String,
+    /// Send requests over OpenAI HTTP to this base URL (http://HOST:PORT/v1) instead of gRPC.
+    #[arg(long, value_name = "URL")]
+    pub http: Option<String>,
+    /// random: prompts of --isl tokens; shared-prefix: --groups prefixes of --prefix-len
+    /// tokens, each request one of them plus --isl tokens of its own; trace: --trace.
+    #[arg(long, value_enum, default_value_t = WorkloadKind::Random)]
+    pub workload: WorkloadKind,
+    /// Prompt tokens (after the shared prefix, for shared-prefix).
+    #[arg(long, default_value_t = 128)]
+    pub isl: usize,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 32)]
+    pub osl: u32,
+    /// shared-prefix: how many distinct prefixes.
+    #[arg(long, default_value_t = 4)]
+    pub groups: usize,
+    /// shared-prefix: tokens in each prefix.
+    #[arg(long, default_value_t = 512)]
+    pub prefix_len: usize,
+    /// trace: a JSONL file, one request per line: {"prompt_ids": [...] or "prompt_len": N,
+    /// "output_len": M}.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    /// Requests per load level.
+    #[arg(long, default_value_t = 64)]
+    pub requests: usize,
+    /// Closed loop: requests in flight at once; a list sweeps (default 8).
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
+    /// Open loop: Poisson arrivals per second; a list sweeps.
+    #[arg(long, value_delimiter = ',')]
+    pub rate: Vec<f64>,
+    /// Goodput counts requests whose time to first token is within this many ms.
+    #[arg(long)]
+    pub slo_ttft_ms: Option<f64>,
+    /// Goodput counts requests whose time per output token is within this many ms.
+    #[arg(long)]
+    pub slo_tpot_ms: Option<f64>,
+    /// Write the results as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write an SVG chart here: the TTFT distribution per load level, and output tokens/s
+    /// against tokens/s per user across the sweep.
+    #[arg(long, value_name = "FILE")]
+    pub chart: Option<PathBuf>,
+    /// Seed of the prompts and arrivals.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Which prompts `tandemctl bench` sends.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkloadKind {
+    Random,
+    SharedPrefix,
+    Trace,
+}
+
+#[derive(Debug, Args)]
 pub struct UpArgs {
     /// Hugging Face checkpoint folder every worker loads; without it, the demo model.
     #[arg(long, value_name = "DIR")]

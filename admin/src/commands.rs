@@ -3,9 +3,25 @@
 use std::path::PathBuf;
 
 pub mod admin;
+pub mod bench;
 pub mod generate;
 mod remote_generate;
 pub mod up;
+
+/// A gRPC channel to the router at `router` (host:port), named `flag` in errors.
+pub(crate) async fn router_channel(
+    router: &str,
+    flag: &str,
+) -> Result<tonic::transport::Channel, CommandError> {
+    tonic::transport::Endpoint::from_shared(format!("http://{router}"))
+        .map_err(|e| CommandError::Usage(format!("{flag} `{router}` is not host:port: {e}")))?
+        .connect()
+        .await
+        .map_err(|source| CommandError::Connect {
+            router: router.to_owned(),
+            source,
+        })
+}
 
 /// Failures of a `tandemctl` command.
 #[derive(Debug, thiserror::Error)]

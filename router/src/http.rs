@@ -137,6 +137,7 @@ async fn models(State(state): State<Arc<RouterState>>) -> Json<Value> {
             "created": 0,
             "owned_by": "tandem",
             "max_model_len": card.max_position_embeddings,
+            "vocab_size": card.vocab_size,
         }],
     }))
 }
@@ -256,6 +257,7 @@ fn generate_request(
             .unwrap_or_default(),
         logprobs: logprobs.is_some(),
         top_logprobs: logprobs.unwrap_or(0),
+        ignore_eos: common.ignore_eos,
         ..GenerateRequest::default()
     })
 }

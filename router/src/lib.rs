@@ -23,7 +23,6 @@ use std::time::Duration;
 use tandem_proto::v1::admin_server::AdminServer;
 use tandem_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::Config;
 pub use error::RouterError;
@@ -144,6 +143,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         listening.push(("http", http_addr));
         let app = http::routes(Arc::clone(&state), max_message);
         tokio::spawn(async move {
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             axum::serve(listener, app)
                 .with_graceful_shutdown(tandem_common::server::shutdown_signal())
                 .await
@@ -162,7 +164,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         )
         .load_shed(true)
         .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(tandem_common::server::incoming_nodelay(listener), async {
             let _ = stopped.await;
         });
     let grace = Duration::from_secs_f64(config.shutdown_grace_seconds);

@@ -15,7 +15,6 @@ use tandem_proto::internal::v1::worker_server::WorkerServer;
 use tandem_proto::internal::v1::{Role, WorkerDescription};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::args::WorkerArgs;
 use crate::decode::{DecodeService, KvLayout, run_kv_intake};
@@ -262,7 +261,7 @@ async fn serve_model<B: Backend>(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async {
+        .serve_with_incoming_shutdown(tandem_common::server::incoming_nodelay(grpc), async {
             let _ = stopped.await;
         });
     let lease_lost = AtomicBool::new(false);

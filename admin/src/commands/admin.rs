@@ -12,7 +12,7 @@ use tandem_proto::v1::{
     WorkerRole, WorkerState,
 };
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use super::CommandError;
@@ -46,14 +46,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, CommandError> {
 
 async fn connect(endpoint: &Endpoint) -> Result<Client, CommandError> {
     let router = endpoint.endpoint.clone();
-    let channel = TonicEndpoint::from_shared(format!("http://{router}"))
-        .map_err(|e| CommandError::Usage(format!("--endpoint `{router}` is not host:port: {e}")))?
-        .connect()
-        .await
-        .map_err(|source| CommandError::Connect {
-            router: router.clone(),
-            source,
-        })?;
+    let channel = super::router_channel(&router, "--endpoint").await?;
     let token = match &endpoint.token {
         Some(t) => Some(
             format!("Bearer {t}")

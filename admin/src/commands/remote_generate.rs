@@ -9,7 +9,6 @@ use tandem_proto::v1::{
     FinishReason, GenerateRequest, SamplingParams, TokenIds, TokenizeRequest, generate_request,
     generate_response,
 };
-use tonic::transport::Endpoint;
 
 use super::CommandError;
 
@@ -32,15 +31,7 @@ async fn generate(router: &str, args: &GenerateArgs) -> Result<(), CommandError>
             args.max_tokens
         ))
     })?;
-    let endpoint = Endpoint::from_shared(format!("http://{router}"))
-        .map_err(|e| CommandError::Usage(format!("--router `{router}` is not host:port: {e}")))?;
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|source| CommandError::Connect {
-            router: router.to_owned(),
-            source,
-        })?;
+    let channel = super::router_channel(router, "--router").await?;
     let mut client = InferenceClient::new(channel);
     let (prompt, prompt_token_ids) = match (&args.prompt_ids, &args.prompt) {
         (Some(ids), _) => (

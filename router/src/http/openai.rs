@@ -51,6 +51,9 @@ pub(crate) struct CommonParams {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<u32>,
+    /// vLLM's extension: keep generating past end-of-sequence tokens (benchmarks use it).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,0 +1,263 @@
+//! Sends one bench request over gRPC or OpenAI HTTP (server-sent events) and times it.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tandem_proto::v1::inference_client::InferenceClient;
+use tandem_proto::v1::{
+    GenerateRequest, ModelInfoRequest, SamplingParams, TokenIds, generate_request,
+    generate_response,
+};
+use tonic::transport::Channel;
+
+use super::CommandError;
+use super::workload::BenchRequest;
+use crate::args::BenchArgs;
+
+/// Where requests go.
+#[derive(Debug, Clone)]
+pub(crate) enum Client {
+    Grpc {
+        router: String,
+        client: InferenceClient<Channel>,
+    },
+    /// `host:port` and the API's base path (`/v1`).
+    Http { authority: String, base: String },
+}
+
+/// What happened to one request, times from the start of its sweep point.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RequestTiming {
+    pub error: Option<String>,
+    pub sent: Duration,
+    /// When each chunk of tokens arrived, and how many tokens it held (HTTP: 1 per event).
+    pub chunks: Vec<(Duration, u32)>,
+    pub done: Duration,
+    pub output_tokens: u32,
+}
+
+impl RequestTiming {
+    pub(crate) fn lost() -> Self {
+        Self {
+            error: Some("the request task ended without a result".into()),
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn ttft(&self) -> Option<Duration> {
+        self.chunks
+            .first()
+            .map(|(t, _)| t.saturating_sub(self.sent))
+    }
+}
+
+impl Client {
+    pub(crate) async fn connect(args: &BenchArgs) -> Result<Self, CommandError> {
+        if let Some(url) = &args.http {
+            let rest = url.strip_prefix("http://").ok_or_else(|| {
+                CommandError::Usage(format!("--http must be http://HOST:PORT/v1, got {url}"))
+            })?;
+            let (authority, base) = match rest.split_once('/') {
+                Some((a, b)) => (a.to_owned(), format!("/{}", b.trim_end_matches('/'))),
+                None => (rest.to_owned(), String::new()),
+            };
+            return Ok(Self::Http { authority, base });
+        }
+        let router = args.router.clone();
+        let channel = super::super::router_channel(&router, "--router").await?;
+        Ok(Self::Grpc {
+            router,
+            client: InferenceClient::new(channel),
+        })
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Self::Grpc { router, .. } => format!("grpc {router}"),
+            Self::Http { authority, base } => format!("http http://{authority}{base}"),
+        }
+    }
+
+    /// The served model's vocabulary size, to draw prompt ids from.
+    pub(crate) async fn vocab_size(&self) -> Result<u32, CommandError> {
+        match self {
+            Self::Grpc { router, client } => Ok(client
+                .clone()
+                .model_info(ModelInfoRequest {})
+                .await
+                .map_err(|status| CommandError::Rpc {
+                    router: router.clone(),
+                    status,
+                })?
+                .into_inner()
+                .vocab_size),
+            Self::Http { authority, base } => {
+                let models = get_json(authority, &format!("{base}/models")).await?;
+                models["data"][0]["vocab_size"]
+                    .as_u64()
+                    .map(|v| v as u32)
+                    .ok_or_else(|| {
+                        CommandError::Usage(format!("{authority}{base}/models names no vocab_size"))
+                    })
+            }
+        }
+    }
+
+    /// Sends `request` greedily with end-of-sequence ignored, so it yields exactly its
+    /// `max_tokens`; never fails, an error is recorded in the timing.
+    pub(crate) async fn send(&self, request: &BenchRequest, started: Instant) -> RequestTiming {
+        let mut timing = RequestTiming {
+            sent: started.elapsed(),
+            ..RequestTiming::default()
+        };
+        let result = match self {
+            Self::Grpc { client, .. } => grpc(client.clone(), request, started, &mut timing).await,
+            Self::Http { authority, base } => {
+                http(authority, base, request, started, &mut timing).await
+            }
+        };
+        timing.done = started.elapsed();
+        if let Err(error) = result {
+            timing.error = Some(error);
+        }
+        timing
+    }
+}
+
+async fn grpc(
+    mut client: InferenceClient<Channel>,
+    request: &BenchRequest,
+    started: Instant,
+    timing: &mut RequestTiming,
+) -> Result<(), String> {
+    let request = GenerateRequest {
+        prompt: Some(generate_request::Prompt::TokenIds(TokenIds {
+            ids: request.prompt_ids.clone(),
+        })),
+        sampling: Some(SamplingParams {
+            temperature: Some(0.0),
+            ..SamplingParams::default()
+        }),
+        max_tokens: Some(request.max_tokens),
+        ignore_eos: true,
+        ..GenerateRequest::default()
+    };
+    let mut stream = client
+        .generate(request)
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    while let Some(message) = stream
+        .message()
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+    {
+        match message.kind {
+            Some(generate_response::Kind::Chunk(chunk)) => {
+                let n = chunk.token_ids.len() as u32;
+                timing.chunks.push((started.elapsed(), n));
+                timing.output_tokens += n;
+            }
+            Some(generate_response::Kind::Final(_)) => return Ok(()),
+            Some(generate_response::Kind::Error(e)) => {
+                return Err(format!("{}: {}", e.code, e.message));
+            }
+            None => {}
+        }
+    }
+    Err("the stream ended without a final message".into())
+}
+
+/// One HTTP/1.1 request on its own connection; returns the response to read frames from.
+async fn post(
+    authority: &str,
+    path: &str,
+    method: hyper::Method,
+    body: String,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .map_err(|e| format!("connecting to {authority}: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("http handshake: {e}"))?;
+    tokio::spawn(connection);
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, authority)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("http request: {e}"))
+}
+
+async fn get_json(authority: &str, path: &str) -> Result<Value, CommandError> {
+    let response = post(authority, path, hyper::Method::GET, String::new())
+        .await
+        .map_err(CommandError::Usage)?;
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| CommandError::Usage(e.to_string()))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| CommandError::Usage(format!("{path}: {e}")))
+}
+
+async fn http(
+    authority: &str,
+    base: &str,
+    request: &BenchRequest,
+    started: Instant,
+    timing: &mut RequestTiming,
+) -> Result<(), String> {
+    let body = json!({
+        "prompt": request.prompt_ids,
+        "max_tokens": request.max_tokens,
+        "temperature": 0,
+        "ignore_eos": true,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let path = format!("{base}/completions");
+    let mut response = post(authority, &path, hyper::Method::POST, body.to_string()).await?;
+    let status = response.status();
+    let mut pending = String::new();
+    while let Some(frame) = response.body_mut().frame().await {
+        let frame = frame.map_err(|e| format!("reading the stream: {e}"))?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        pending.push_str(&String::from_utf8_lossy(data));
+        while let Some(end) = pending.find('\n') {
+            let line: String = pending.drain(..=end).collect();
+            let Some(payload) = line.trim_end().strip_prefix("data: ") else {
+                continue;
+            };
+            if payload == "[DONE]" {
+                return Ok(());
+            }
+            let event: Value = serde_json::from_str(payload).map_err(|e| e.to_string())?;
+            if let Some(message) = event["error"]["message"].as_str() {
+                return Err(message.to_owned());
+            }
+            if let Some(tokens) = event["usage"]["completion_tokens"].as_u64() {
+                timing.output_tokens = tokens as u32;
+            } else if event["choices"][0]["finish_reason"].is_null() {
+                timing.chunks.push((started.elapsed(), 1));
+            }
+        }
+    }
+    if status.is_success() {
+        Err("the stream ended without [DONE]".into())
+    } else {
+        Err(format!("HTTP {status}: {}", pending.trim()))
+    }
+}
