@@ -77,6 +77,8 @@ fn main() {
         num_blocks: blocks_needed.max(PREFILL_LENGTHS[1] / BLOCK_SIZE + 64),
         max_batch_tokens: PREFILL_LENGTHS[1],
         max_running: 256,
+        // Every step computes: repeated prompts must not hit a prefix cache.
+        prefix_caching: false,
     };
     let mut engine = Engine::new(model, None, config).expect("engine");
 

@@ -188,6 +188,8 @@ fn serve(dir: &std::path::Path, batch: usize) -> (f64, f64, f64) {
     let config = EngineConfig {
         max_batch_tokens: batch * PROMPT_TOKENS,
         num_blocks: batch * (PROMPT_TOKENS + DECODE_STEPS + 2).div_ceil(16),
+        // Every step computes: repeated prompts must not hit a prefix cache.
+        prefix_caching: false,
         ..EngineConfig::default()
     };
     let mut engine = Engine::new(model, None, config).expect("engine");

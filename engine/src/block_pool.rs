@@ -60,6 +60,17 @@ impl BlockPool {
     /// Drops one user from each of `blocks`; a block whose last user leaves becomes free.
     /// Returns false, changing nothing, if any block is already free or unknown.
     pub fn release(&mut self, blocks: &[BlockId]) -> bool {
+        self.release_keeping(blocks, |_| false)
+    }
+
+    /// [`BlockPool::release`], except that a block whose last user leaves and for which
+    /// `keep` says so is set aside instead of freed (its contents stay valid): the prefix
+    /// cache then [`revive`](BlockPool::revive)s or [`reclaim`](BlockPool::reclaim)s it.
+    pub fn release_keeping(
+        &mut self,
+        blocks: &[BlockId],
+        mut keep: impl FnMut(BlockId) -> bool,
+    ) -> bool {
         let mut drops: Vec<BlockId> = blocks.to_vec();
         drops.sort_unstable();
         let valid = drops
@@ -71,11 +82,30 @@ impl BlockPool {
         for b in blocks {
             let count = &mut self.refcounts[b.0 as usize];
             *count -= 1;
-            if *count == 0 {
+            if *count == 0 && !keep(*b) {
                 self.free.push(*b);
             }
         }
         true
+    }
+
+    /// Gives a set-aside block (no users, not free) its first user again.
+    pub fn revive(&mut self, block: BlockId) {
+        if let Some(count @ 0) = self.refcounts.get_mut(block.0 as usize) {
+            *count = 1;
+        }
+    }
+
+    /// Frees a block set aside by [`BlockPool::release_keeping`] (and only such a block).
+    pub fn reclaim(&mut self, block: BlockId) {
+        debug_assert!(
+            !self.free.contains(&block),
+            "block {} is already free",
+            block.0
+        );
+        if self.count(block) == Some(0) {
+            self.free.push(block);
+        }
     }
 
     /// Users of `block`, or `None` for an id outside the pool.

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::backend::{AttentionSeq, Backend, KvRows};
 use crate::block_pool::BlockId;
 use crate::error::{EngineError, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{BlockHash, KvCache, KvEvent, prefix_block_hashes};
 use crate::model::{ForwardBatch, Model};
 use crate::sampling::{Logprobs, Sampler, SamplingParams};
 use crate::sequence::{SeqId, Sequence, StopCriteria};
@@ -25,6 +25,9 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Most sequences running at once.
     pub max_running: usize,
+    /// Keep computed prompt blocks cached by prefix hash after their sequence ends, and let
+    /// later prompts with that prefix reuse them.
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -34,6 +37,7 @@ impl Default for EngineConfig {
             num_blocks: 2048,
             max_batch_tokens: 512,
             max_running: 256,
+            prefix_caching: true,
         }
     }
 }
@@ -114,6 +118,7 @@ pub struct Engine<B: Backend> {
     running: Vec<Sequence>,
     reserved: HashMap<SeqId, Reservation>,
     seed_base: u64,
+    cached_prompt_tokens: u64,
 }
 
 impl<B: Backend> std::fmt::Debug for Engine<B> {
@@ -143,7 +148,7 @@ impl<B: Backend> Engine<B> {
                 "engine config needs every size >= 1, got {config:?}"
             )));
         }
-        let kv = model.new_kv_cache(config.num_blocks, config.block_size)?;
+        let kv = model.new_kv_cache(config.num_blocks, config.block_size, config.prefix_caching)?;
         let c = model.config();
         let mut eos_token_ids = c.eos_token_ids.clone();
         if let Some(t) = &tokenizer {
@@ -165,6 +170,7 @@ impl<B: Backend> Engine<B> {
             running: Vec::new(),
             reserved: HashMap::new(),
             seed_base,
+            cached_prompt_tokens: 0,
         })
     }
 
@@ -186,11 +192,11 @@ impl<B: Backend> Engine<B> {
     }
 
     pub fn free_blocks(&self) -> usize {
-        self.kv.pool.free_count()
+        self.kv.free_count()
     }
 
     pub fn used_blocks(&self) -> usize {
-        self.kv.pool.used_count()
+        self.kv.used_count()
     }
 
     pub fn num_running(&self) -> usize {
@@ -269,15 +275,11 @@ impl<B: Backend> Engine<B> {
             return Err(EngineError::AtCapacity { busy, limit });
         }
         let needed = self.kv.blocks_for(prompt.len() + stop.max_new_tokens);
-        let blocks = self
-            .kv
-            .pool
-            .allocate(needed)
-            .ok_or(EngineError::OutOfBlocks {
-                needed,
-                free: self.kv.pool.free_count(),
-                total: self.kv.pool.total(),
-            })?;
+        let blocks = self.kv.allocate(needed).ok_or(EngineError::OutOfBlocks {
+            needed,
+            free: self.kv.free_count(),
+            total: self.kv.total(),
+        })?;
         let mut seq = self.new_sequence(id, prompt, params, stop, false);
         seq.blocks = blocks.clone();
         let landed = vec![false; self.model.config().num_layers];
@@ -356,7 +358,7 @@ impl<B: Backend> Engine<B> {
             self.tokenizer.as_deref(),
         )?;
         if event.finish.is_some() {
-            self.kv.pool.release(&seq.blocks);
+            self.kv.release(&seq.blocks);
         } else {
             self.running.push(seq);
         }
@@ -370,13 +372,13 @@ impl<B: Backend> Engine<B> {
             return true;
         }
         if let Some(reservation) = self.reserved.remove(&id) {
-            self.kv.pool.release(&reservation.seq.blocks);
+            self.kv.release(&reservation.seq.blocks);
             return true;
         }
         match self.running.iter().position(|s| s.id == id) {
             Some(i) => {
                 let seq = self.running.remove(i);
-                self.kv.pool.release(&seq.blocks);
+                self.kv.release(&seq.blocks);
                 true
             }
             None => false,
@@ -392,15 +394,11 @@ impl<B: Backend> Engine<B> {
         }
         self.validate_tokens(prompt)?;
         let needed = self.kv.blocks_for(prompt.len());
-        let blocks = self
-            .kv
-            .pool
-            .allocate(needed)
-            .ok_or(EngineError::OutOfBlocks {
-                needed,
-                free: self.kv.pool.free_count(),
-                total: self.kv.pool.total(),
-            })?;
+        let blocks = self.kv.allocate(needed).ok_or(EngineError::OutOfBlocks {
+            needed,
+            free: self.kv.free_count(),
+            total: self.kv.total(),
+        })?;
         let batch = ForwardBatch {
             tokens: prompt.to_vec(),
             positions: (0..prompt.len() as u32).collect(),
@@ -415,7 +413,7 @@ impl<B: Backend> Engine<B> {
         let logits = self
             .model
             .forward(&batch, &mut self.kv, &mut |_, _, _| Ok(()));
-        self.kv.pool.release(&blocks);
+        self.kv.release(&blocks);
         logits
     }
 
@@ -518,6 +516,7 @@ impl<B: Backend> Engine<B> {
         for (i, n) in scheduled {
             let seq = &mut self.running[i];
             seq.computed += n;
+            Self::cache_computed_blocks(&mut self.kv, seq);
             if seq.computed < seq.len() {
                 continue;
             }
@@ -612,22 +611,62 @@ impl<B: Backend> Engine<B> {
 
     /// Moves waiting sequences into the running batch, oldest first, reserving the blocks for
     /// their whole prompt plus `max_new_tokens` so a running sequence never runs out.
+    /// Leading prompt blocks found in the prefix cache are shared instead of computed; at
+    /// least the prompt's last token is always computed, for its logits.
     fn admit(&mut self) {
+        let block_size = self.kv.block_size;
         while self.running.len() < self.config.max_running {
             let Some(seq) = self.waiting.front() else {
                 return;
             };
+            let hashes = prefix_block_hashes(&seq.prompt, block_size);
             let needed = self
                 .kv
                 .blocks_for(seq.prompt.len() + seq.stop.max_new_tokens);
-            let Some(blocks) = self.kv.pool.allocate(needed) else {
+            let mut shared = self.kv.take_cached_prefix(&hashes);
+            let usable = shared.len().min((seq.prompt.len() - 1) / block_size);
+            let unusable = shared.split_off(usable);
+            self.kv.release(&unusable);
+            let Some(fresh) = self.kv.allocate(needed - usable) else {
+                self.kv.release(&shared);
                 return;
             };
             if let Some(mut seq) = self.waiting.pop_front() {
-                seq.blocks = blocks;
+                shared.extend(fresh);
+                seq.blocks = shared;
+                seq.computed = usable * block_size;
+                seq.block_hashes = hashes;
+                seq.cached_blocks = usable;
+                self.cached_prompt_tokens += seq.computed as u64;
                 self.running.push(seq);
             }
         }
+    }
+
+    /// Caches every prompt block of `seq` that is now fully computed.
+    fn cache_computed_blocks(kv: &mut KvCache<B>, seq: &mut Sequence) {
+        while let Some(&hash) = seq.block_hashes.get(seq.cached_blocks) {
+            if (seq.cached_blocks + 1) * kv.block_size > seq.computed {
+                return;
+            }
+            kv.cache(hash, seq.blocks[seq.cached_blocks]);
+            seq.cached_blocks += 1;
+        }
+    }
+
+    /// Changes to the prefix cache since the last call (blocks stored and evicted).
+    pub fn take_kv_events(&mut self) -> Vec<KvEvent> {
+        self.kv.take_events()
+    }
+
+    /// Every prefix hash cached now.
+    pub fn cached_block_hashes(&self) -> Vec<BlockHash> {
+        self.kv.cached_hashes()
+    }
+
+    /// Prompt tokens taken from the prefix cache instead of computed, since start.
+    pub fn cached_prompt_tokens(&self) -> u64 {
+        self.cached_prompt_tokens
     }
 
     fn new_sequence(
@@ -653,6 +692,8 @@ impl<B: Backend> Engine<B> {
             stop,
             text,
             export_kv,
+            block_hashes: Vec::new(),
+            cached_blocks: 0,
         }
     }
 
@@ -698,11 +739,11 @@ impl<B: Backend> Engine<B> {
             )));
         }
         let needed = self.kv.blocks_for(total);
-        if needed > self.kv.pool.total() {
+        if needed > self.kv.total() {
             return Err(EngineError::OutOfBlocks {
                 needed,
-                free: self.kv.pool.free_count(),
-                total: self.kv.pool.total(),
+                free: self.kv.free_count(),
+                total: self.kv.total(),
             });
         }
         if !stop.stop_strings.is_empty() && self.tokenizer.is_none() {

@@ -41,7 +41,7 @@ pub use demo::{
 };
 pub use engine::{Engine, EngineConfig, FinishReason, LayerKv, StepOutput, TokenEvent};
 pub use error::EngineError;
-pub use kv_cache::{BlockHash, prefix_block_hashes};
+pub use kv_cache::{BlockHash, KvEvent, prefix_block_hashes};
 pub use model::Model;
 pub use parallel::expert::EngineGroup;
 pub use parallel::host::{DEFAULT_COLLECTIVE_TIMEOUT, HostCollective};

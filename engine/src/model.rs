@@ -148,7 +148,12 @@ impl<B: Backend> Model<B> {
     }
 
     /// The KV cache for this rank (and, on a tensor-parallel leader, for every follower).
-    pub(crate) fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<KvCache<B>> {
+    pub(crate) fn new_kv_cache(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+        prefix_caching: bool,
+    ) -> Result<KvCache<B>> {
         let spec = KvSpec {
             num_blocks,
             block_size,
@@ -158,7 +163,7 @@ impl<B: Backend> Model<B> {
         if let Some(followers) = &self.followers {
             followers.allocate(self.config.num_layers, spec)?;
         }
-        KvCache::new(&self.backend, self.config.num_layers, spec)
+        KvCache::new(&self.backend, self.config.num_layers, spec, prefix_caching)
     }
 
     /// Runs `batch`, writing its K and V into `kv`, and returns the logits of

@@ -42,6 +42,10 @@ pub(crate) struct Sequence {
     pub(crate) text: Option<IncrementalText>,
     /// Its prompt KV is handed out layer by layer for another worker.
     pub(crate) export_kv: bool,
+    /// Prefix hash of each full prompt block (empty until admitted).
+    pub(crate) block_hashes: Vec<crate::kv_cache::BlockHash>,
+    /// Leading prompt blocks already in the prefix cache (shared, or cached as computed).
+    pub(crate) cached_blocks: usize,
 }
 
 impl Sequence {

@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
+
+pub use crate::orchestrate::Routing;
 use tandem_common::limits::Limits;
 
 /// Tandem router: the gRPC front door of a prefill/decode cluster.
@@ -67,6 +69,11 @@ pub struct Config {
     /// stream goes on (0: the request fails instead).
     #[arg(long, env = "TANDEM_MIGRATION_LIMIT", default_value_t = 2)]
     pub migration_limit: u32,
+    /// How prefill workers are chosen: kv-aware sends each prompt where the fewest of its
+    /// tokens need computing (the workers' prefix caches, from their KV events, and the
+    /// prompt tokens already queued there); round-robin takes each in turn.
+    #[arg(long, value_enum, env = "TANDEM_ROUTING", default_value_t = Routing::KvAware)]
+    pub routing: Routing,
     /// Seconds a drain waits for a worker's requests when the call gives no timeout.
     #[arg(long, env = "TANDEM_DRAIN_TIMEOUT_SECONDS", default_value_t = 300.0)]
     pub drain_timeout_seconds: f64,

@@ -13,6 +13,7 @@ mod http;
 mod membership;
 mod orchestrate;
 mod pool;
+mod prefix_index;
 mod service;
 mod validation;
 
@@ -99,6 +100,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         hold_back: Duration::from_secs_f64(config.worker_holdback_seconds),
         max_attempts: config.max_attempts,
         migration_limit: config.migration_limit,
+        routing: config.routing,
         ..Cluster::default()
     });
     membership.follow(Arc::clone(&cluster), card.name.clone(), max_message);

@@ -21,6 +21,7 @@ use crate::chat::ChatTemplate;
 use crate::config::Config;
 use crate::orchestrate::{Cluster, DecodeClient, PrefillClient};
 use crate::pool::AdminState;
+use crate::prefix_index::PrefixIndex;
 use crate::validation::ModelCard;
 
 /// Wait between attempts to reach a worker that is still starting.
@@ -187,7 +188,7 @@ impl Membership {
         });
     }
 
-    fn apply(&mut self, cluster: &Cluster, model: &str, max_message: usize) {
+    fn apply(&mut self, cluster: &Arc<Cluster>, model: &str, max_message: usize) {
         let records = self.snapshots.borrow_and_update().clone();
         apply(cluster, &records, model, max_message);
         let desired = self.desired.borrow_and_update().clone();
@@ -210,7 +211,7 @@ pub(crate) fn admin_state(desired: Option<&DesiredState>) -> AdminState {
 }
 
 /// Makes the pools hold the snapshot's workers of the served model.
-fn apply(cluster: &Cluster, records: &[WorkerRecord], model: &str, max_message: usize) {
+fn apply(cluster: &Arc<Cluster>, records: &[WorkerRecord], model: &str, max_message: usize) {
     let serving = |role| -> Vec<&WorkerRecord> {
         records
             .iter()
@@ -236,6 +237,10 @@ fn apply(cluster: &Cluster, records: &[WorkerRecord], model: &str, max_message: 
             .max_encoding_message_size(max_message)
     });
     log_changes("prefill", &added, &removed);
+    // Every prefill worker's prefix cache is followed while it is in the pool.
+    for worker in cluster.prefill.workers() {
+        PrefixIndex::watch(cluster, &worker.id);
+    }
 }
 
 fn log_changes(pool: &str, added: &[String], removed: &[String]) {

@@ -17,6 +17,7 @@ use tonic::{Status, Streaming};
 
 use crate::error::RouterError;
 use crate::pool::{Lease, Pool};
+use crate::prefix_index::PrefixIndex;
 use crate::validation::ValidGenerateRequest;
 
 pub(crate) type PrefillClient = tandem_proto::internal::v1::prefill_client::PrefillClient<Channel>;
@@ -33,6 +34,21 @@ pub(crate) struct Cluster {
     pub(crate) max_attempts: u32,
     /// Moves of one stream to another worker pair after tokens reached the client.
     pub(crate) migration_limit: u32,
+    /// How a prefill worker is chosen.
+    pub(crate) routing: Routing,
+    /// What each prefill worker caches, for KV-aware routing.
+    pub(crate) prefix_index: PrefixIndex,
+}
+
+/// How the router picks a prefill worker (`--routing`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Routing {
+    /// The worker with the least prompt tokens to compute: the ones not in its prefix
+    /// cache, plus the ones it is already computing for this router.
+    #[default]
+    KvAware,
+    /// Each worker in turn, whatever it caches or runs.
+    RoundRobin,
 }
 
 /// Where a request's responses go, and the tokens that went there.
@@ -101,7 +117,13 @@ impl Cluster {
     ) -> Result<(), RouterError> {
         // Without a prefill worker taking requests (none, or all cordoned or moving), the
         // decode worker prefills the prompt itself.
-        let prefill = self.prefill.pick(request.prompt_ids.len());
+        let prompt = &request.prompt_ids;
+        let prefill = match self.routing {
+            Routing::KvAware => self
+                .prefill
+                .pick_by(|w| prompt.len() - self.prefix_index.cached_tokens(&w.id, prompt)),
+            Routing::RoundRobin => self.prefill.pick_in_turn(prompt.len()),
+        };
         let decode = self
             .decode
             .pick(1)

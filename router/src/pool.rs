@@ -168,27 +168,50 @@ impl<C> Pool<C> {
     /// The ready worker with the least load per data-parallel rank, ties going round-robin,
     /// charged `cost` until the lease drops. None when no worker takes new requests.
     pub(crate) fn pick(&self, cost: usize) -> Option<Lease<C>> {
+        self.pick_by(|_| cost)
+    }
+
+    /// The ready worker whose load plus `cost(worker)` (the work this request would add
+    /// there), per data-parallel rank, is least; ties go round-robin. It is charged its cost
+    /// until the lease drops.
+    pub(crate) fn pick_by(&self, cost: impl Fn(&Worker<C>) -> usize) -> Option<Lease<C>> {
         let workers = self.read();
         let n = workers.len();
         if n == 0 {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let worker = (0..n)
+        let (worker, cost) = (0..n)
             .map(|i| &workers[(start + i) % n])
             .filter(|w| w.state() == AdminState::Ready && !w.is_held_back())
-            .min_by(|a, b| {
-                // a.load / a.ranks against b.load / b.ranks, without division.
-                let a_share = a.load.load(Ordering::Relaxed) * b.ranks;
-                let b_share = b.load.load(Ordering::Relaxed) * a.ranks;
+            .map(|w| (w, cost(w)))
+            .min_by(|(a, a_cost), (b, b_cost)| {
+                // (a.load + a_cost) / a.ranks against the same of b, without division.
+                let a_share = (a.load.load(Ordering::Relaxed) + a_cost) * b.ranks;
+                let b_share = (b.load.load(Ordering::Relaxed) + b_cost) * a.ranks;
                 a_share.cmp(&b_share)
             })?;
+        Some(Self::lease(worker, cost))
+    }
+
+    /// The next ready worker in turn, whatever its load, charged `cost`.
+    pub(crate) fn pick_in_turn(&self, cost: usize) -> Option<Lease<C>> {
+        let workers = self.read();
+        let n = workers.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let worker = (0..n)
+            .map(|i| &workers[(start + i) % n])
+            .find(|w| w.state() == AdminState::Ready && !w.is_held_back())?;
+        Some(Self::lease(worker, cost))
+    }
+
+    fn lease(worker: &Arc<Worker<C>>, cost: usize) -> Lease<C> {
         worker.load.fetch_add(cost, Ordering::Relaxed);
         worker.requests.fetch_add(1, Ordering::Relaxed);
-        Some(Lease {
+        Lease {
             worker: Arc::clone(worker),
             cost,
-        })
+        }
     }
 }
 

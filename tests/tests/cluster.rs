@@ -760,3 +760,51 @@ async fn a_decode_worker_killed_mid_stream_migrates_the_stream_with_no_token_los
         "no token lost or repeated across the move"
     );
 }
+
+/// Three groups of prompts sharing a 64-token prefix (4 blocks), four rounds, two prefill
+/// workers: KV-aware routing computes each prefix once and then only the 8 new tokens of
+/// each prompt; round-robin sends each group to both workers, which compute the prefix each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_aware_routing_sends_each_prompt_where_its_prefix_is_cached() {
+    const PREFIX: u32 = 64;
+    const OWN: u32 = 8;
+    let mut computed = Vec::new();
+    for routing in ["kv-aware", "round-robin"] {
+        let cluster = Cluster::builder(&format!("routing-{routing}"))
+            .model(fixture("qwen3-moe-f32"))
+            .prefill(2)
+            .router_args(&["--routing", routing])
+            .start();
+        let url = cluster.router_url();
+        for round in 0..4u32 {
+            for group in 0..3u32 {
+                let prompt: Vec<u32> = (0..PREFIX)
+                    .map(|i| 3 + (i * 31 + group * 97) % 1000)
+                    .chain((0..OWN).map(|i| 5 + (i * 13 + round * 7 + group) % 1000))
+                    .collect();
+                generate(&mut client(url.clone()).await, ids_request(prompt, 2))
+                    .await
+                    .expect("completion");
+                // Lets the worker's cache events reach the router before the next prompt.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        }
+        let mut total = 0;
+        for worker in &cluster.prefill {
+            total += stats(worker.url()).await.tokens_total;
+        }
+        computed.push(total);
+    }
+    let first_of_each_group = 3 * u64::from(PREFIX + OWN);
+    assert_eq!(
+        computed[0],
+        first_of_each_group + 9 * u64::from(OWN),
+        "kv-aware: each prefix computed once (round-robin computed {})",
+        computed[1]
+    );
+    assert_eq!(
+        computed[1],
+        2 * first_of_each_group + 6 * u64::from(OWN),
+        "round-robin: each prefix computed on both workers"
+    );
+}

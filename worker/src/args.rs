@@ -34,6 +34,10 @@ pub struct WorkerArgs {
     /// Most sequences in the running batch (decode: also counts reservations).
     #[arg(long, env = "TANDEM_MAX_RUNNING", default_value_t = 256)]
     pub max_running: usize,
+    /// Do not keep computed prompt blocks for reuse by later prompts with the same prefix
+    /// (and so publish no KV events for KV-aware routing).
+    #[arg(long, env = "TANDEM_NO_PREFIX_CACHING")]
+    pub no_prefix_caching: bool,
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "TANDEM_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
@@ -120,6 +124,7 @@ impl WorkerArgs {
             num_blocks: self.num_blocks,
             max_batch_tokens: self.max_batch_tokens,
             max_running: self.max_running,
+            prefix_caching: !self.no_prefix_caching,
         }
     }
 

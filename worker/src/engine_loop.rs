@@ -1,17 +1,21 @@
 //! The loop every role's engine thread runs: wait for commands (or step at once when there
 //! is work), handle them, hand the engine back if asked to retire, sweep, step.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_engine::{Backend, EngineGroup};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::kv_events::KvEventHub;
+
 /// A role's engine thread state; [`spawn`] runs the shared loop over it.
 pub(crate) trait EngineThread: Send + Sized + 'static {
     type Backend: Backend;
     type Command: Send + 'static;
     fn commands(&mut self) -> &mut mpsc::Receiver<Self::Command>;
+    fn engine(&mut self) -> &mut EngineGroup<Self::Backend>;
     fn has_work(&self) -> bool;
     /// How often to wake for [`EngineThread::sweep`] with nothing else to do (None: never).
     fn sweep_every(&self) -> Option<Duration>;
@@ -25,16 +29,20 @@ pub(crate) trait EngineThread: Send + Sized + 'static {
 }
 
 /// Runs `thread` on a new OS thread named `name`, until every command sender is gone or it
-/// retires.
-pub(crate) fn spawn<T: EngineThread>(name: &str, thread: T) -> std::io::Result<()> {
+/// retires; the engine's prefix-cache changes go to `kv_events`.
+pub(crate) fn spawn<T: EngineThread>(
+    name: &str,
+    thread: T,
+    kv_events: Arc<KvEventHub>,
+) -> std::io::Result<()> {
     let runtime = Handle::current();
     std::thread::Builder::new()
         .name(name.into())
-        .spawn(move || run(thread, &runtime))
+        .spawn(move || run(thread, &runtime, &kv_events))
         .map(drop)
 }
 
-fn run<T: EngineThread>(mut thread: T, runtime: &Handle) {
+fn run<T: EngineThread>(mut thread: T, runtime: &Handle, kv_events: &KvEventHub) {
     loop {
         let (has_work, sweep_every) = (thread.has_work(), thread.sweep_every());
         match next_command(thread.commands(), runtime, has_work, sweep_every) {
@@ -53,6 +61,8 @@ fn run<T: EngineThread>(mut thread: T, runtime: &Handle) {
         if thread.has_work() {
             thread.step();
         }
+        // Commands (reservations) and steps (admissions, finished prompts) change the cache.
+        kv_events.publish(thread.engine().take_kv_events());
     }
 }
 

@@ -19,6 +19,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::WorkerError;
 use crate::decode::{self, DecodeService};
+use crate::kv_events::KvEventHub;
 use crate::prefill::{self, PrefillService};
 
 /// What every role's engine-thread command type can carry.
@@ -97,6 +98,8 @@ pub(crate) struct Host<B: Backend> {
     registration: Mutex<Option<Arc<Registration>>>,
     /// One switch at a time.
     switching: tokio::sync::Mutex<()>,
+    /// Prefix-cache changes for routers; the engine keeps its cache across a role switch.
+    pub(crate) kv_events: Arc<KvEventHub>,
 }
 
 impl<B: Backend> Host<B> {
@@ -106,6 +109,7 @@ impl<B: Backend> Host<B> {
         settings: EngineSettings,
         health: HealthReporter,
     ) -> Self {
+        let kv_events = Arc::new(KvEventHub::new(description.block_size));
         Self {
             prefill: Arc::new(RoleSlot::empty()),
             decode: Arc::new(RoleSlot::empty()),
@@ -116,6 +120,7 @@ impl<B: Backend> Host<B> {
             health,
             registration: Mutex::new(None),
             switching: tokio::sync::Mutex::new(()),
+            kv_events,
         }
     }
 
@@ -155,11 +160,16 @@ impl<B: Backend> Host<B> {
         } = self.settings;
         if role == Role::Prefill {
             let (commands, commands_rx) = mpsc::channel(queue_depth);
-            prefill::EngineThread::spawn(engine, commands_rx)?;
+            prefill::EngineThread::spawn(engine, commands_rx, Arc::clone(&self.kv_events))?;
             self.prefill.set(Some(commands));
         } else {
             let (commands, commands_rx) = mpsc::channel(queue_depth);
-            decode::EngineThread::spawn(engine, commands_rx, kv_transfer_timeout)?;
+            decode::EngineThread::spawn(
+                engine,
+                commands_rx,
+                kv_transfer_timeout,
+                Arc::clone(&self.kv_events),
+            )?;
             self.decode.set(Some(commands));
         }
         self.description

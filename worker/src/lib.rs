@@ -11,6 +11,7 @@ pub mod engine_loop;
 mod error;
 mod host;
 mod info;
+mod kv_events;
 mod prefill;
 mod serve;
 

@@ -88,6 +88,7 @@ fn describe<B: Backend>(
         head_dim: c.head_dim as u32,
         tokenizer_json: served.tokenizer_json.clone(),
         tokenizer_config_json: served.tokenizer_config_json.clone(),
+        block_size: args.block_size as u32,
         device: served.model().backend_name().to_owned(),
         worker_id: args.worker_id.clone().unwrap_or_else(|| {
             let role = if role == Role::Prefill {

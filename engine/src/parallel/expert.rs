@@ -9,6 +9,7 @@ use crate::backend::{Backend, KvRows, Routing};
 use crate::block_pool::BlockId;
 use crate::engine::{Engine, EngineConfig, LayerKv, StepOutput, TokenEvent};
 use crate::error::{EngineError, Result};
+use crate::kv_cache::{BlockHash, KvEvent};
 use crate::model::Model;
 use crate::parallel::{Collective, ExpertPlacement, collective_error};
 use crate::sampling::{Logprobs, SamplingParams};
@@ -197,6 +198,33 @@ impl<B: Backend> EngineGroup<B> {
 
     pub fn free_blocks(&self) -> usize {
         self.sum(Engine::free_blocks)
+    }
+
+    /// Prefix-cache changes of every rank since the last call. A prefix cached on two
+    /// ranks and evicted from one reads as evicted: routers then underestimate, never
+    /// overestimate, what is cached.
+    pub fn take_kv_events(&mut self) -> Vec<KvEvent> {
+        self.ranks
+            .iter_mut()
+            .flat_map(Engine::take_kv_events)
+            .collect()
+    }
+
+    /// Every prefix hash cached on any rank.
+    pub fn cached_block_hashes(&self) -> Vec<BlockHash> {
+        let mut hashes: Vec<BlockHash> = self
+            .ranks
+            .iter()
+            .flat_map(Engine::cached_block_hashes)
+            .collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        hashes
+    }
+
+    /// Prompt tokens taken from prefix caches instead of computed, since start.
+    pub fn cached_prompt_tokens(&self) -> u64 {
+        self.ranks.iter().map(Engine::cached_prompt_tokens).sum()
     }
 
     /// The rank with the fewest sequences (ties to the lowest rank).

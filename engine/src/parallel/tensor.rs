@@ -120,7 +120,7 @@ fn follow<B: Backend>(
     for command in commands {
         let result = match command {
             Command::Allocate { num_layers, spec } => {
-                KvCache::new(&model.backend, num_layers, spec).map(|cache| kv = Some(cache))
+                KvCache::new(&model.backend, num_layers, spec, false).map(|cache| kv = Some(cache))
             }
             Command::Forward(batch) => match kv.as_mut() {
                 Some(kv) => model

@@ -107,6 +107,7 @@ impl<B: Backend> EngineThread<B> {
         engine: EngineGroup<B>,
         commands: mpsc::Receiver<Command<B>>,
         transfer_timeout: Duration,
+        kv_events: std::sync::Arc<crate::kv_events::KvEventHub>,
     ) -> std::io::Result<()> {
         let thread = Self {
             engine,
@@ -116,7 +117,7 @@ impl<B: Backend> EngineThread<B> {
             generated_tokens_total: 0,
             retire: None,
         };
-        crate::engine_loop::spawn("decode-engine", thread)
+        crate::engine_loop::spawn("decode-engine", thread, kv_events)
     }
 
     /// Ends every request with `error`, freeing its blocks.
@@ -239,6 +240,10 @@ impl<B: Backend> crate::engine_loop::EngineThread for EngineThread<B> {
 
     fn commands(&mut self) -> &mut mpsc::Receiver<Command<B>> {
         &mut self.commands
+    }
+
+    fn engine(&mut self) -> &mut EngineGroup<B> {
+        &mut self.engine
     }
 
     fn has_work(&self) -> bool {

@@ -63,6 +63,7 @@ impl<B: Backend> EngineThread<B> {
     pub(crate) fn spawn(
         engine: EngineGroup<B>,
         commands: mpsc::Receiver<Command<B>>,
+        kv_events: std::sync::Arc<crate::kv_events::KvEventHub>,
     ) -> std::io::Result<()> {
         let thread = Self {
             engine,
@@ -71,7 +72,7 @@ impl<B: Backend> EngineThread<B> {
             prefilled_tokens_total: 0,
             retire: None,
         };
-        crate::engine_loop::spawn("prefill-engine", thread)
+        crate::engine_loop::spawn("prefill-engine", thread, kv_events)
     }
 
     /// Ends every request with `error`, freeing its blocks.
@@ -89,6 +90,10 @@ impl<B: Backend> crate::engine_loop::EngineThread for EngineThread<B> {
 
     fn commands(&mut self) -> &mut mpsc::Receiver<Command<B>> {
         &mut self.commands
+    }
+
+    fn engine(&mut self) -> &mut EngineGroup<B> {
+        &mut self.engine
     }
 
     fn has_work(&self) -> bool {
