@@ -161,6 +161,8 @@ async fn worker_info<C>(worker: &Worker<C>, role: WorkerRole) -> WorkerInfo {
         tokens_per_second,
         pending_transfers: stats.pending_transfers,
         router_in_flight: in_flight,
+        tokens_total: stats.tokens_total,
+        cached_prompt_tokens: stats.cached_prompt_tokens,
     });
     info
 }

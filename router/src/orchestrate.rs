@@ -124,6 +124,9 @@ impl Cluster {
                 .pick_by(|w| prompt.len() - self.prefix_index.cached_tokens(&w.id, prompt)),
             Routing::RoundRobin => self.prefill.pick_in_turn(prompt.len()),
         };
+        if let (Routing::KvAware, Some(lease)) = (self.routing, &prefill) {
+            self.prefix_index.note_routed(&lease.worker().id, prompt);
+        }
         let decode = self
             .decode
             .pick(1)

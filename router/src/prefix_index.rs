@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_prefix_hash::{BlockHash, prefix_block_hashes};
 use tandem_proto::internal::v1::{KvEventBatch, WatchKvEventsRequest};
@@ -16,12 +16,19 @@ const REWATCH_AFTER: Duration = Duration::from_millis(500);
 /// How often an idle watch checks that its worker is still in the prefill pool.
 const MEMBERSHIP_CHECK: Duration = Duration::from_secs(2);
 
+/// How long a prefix this router sent to a worker counts as cached there before the worker
+/// reports it stored: long enough for a prefill, short enough that a failed one is forgotten.
+const ROUTED_COUNTS_FOR: Duration = Duration::from_secs(10);
+
 /// One worker's cached prefix hashes.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Cached {
     block_size: usize,
     hashes: HashSet<u64>,
     last_id: u64,
+    /// Prefixes this router sent there that the worker has not reported stored yet, and when:
+    /// a burst of prompts with one prefix then goes to one worker, not to every idle one.
+    routed: HashMap<u64, Instant>,
 }
 
 /// A change that does not follow the last one seen: the watcher must start over.
@@ -43,14 +50,13 @@ impl PrefixIndex {
     pub(crate) fn apply(&self, worker: &str, batch: &KvEventBatch) -> Result<(), Gap> {
         let mut workers = self.workers.write().unwrap_or_else(PoisonError::into_inner);
         if batch.snapshot {
-            workers.insert(
-                worker.to_owned(),
-                Cached {
-                    block_size: batch.block_size.max(1) as usize,
-                    hashes: batch.stored.iter().copied().collect(),
-                    last_id: batch.id,
-                },
-            );
+            let cached = workers.entry(worker.to_owned()).or_default();
+            cached.block_size = batch.block_size.max(1) as usize;
+            cached.hashes = batch.stored.iter().copied().collect();
+            cached.last_id = batch.id;
+            for h in &batch.stored {
+                cached.routed.remove(h);
+            }
             return Ok(());
         }
         let cached = workers.entry(worker.to_owned()).or_default();
@@ -64,8 +70,29 @@ impl PrefixIndex {
         for h in &batch.evicted {
             cached.hashes.remove(h);
         }
+        for h in &batch.stored {
+            cached.routed.remove(h);
+        }
         cached.hashes.extend(&batch.stored);
         Ok(())
+    }
+
+    /// Records that `prompt` was sent to `worker` to prefill: its blocks count as cached
+    /// there until the worker reports them, or for [`ROUTED_COUNTS_FOR`].
+    pub(crate) fn note_routed(&self, worker: &str, prompt: &[u32]) {
+        let mut workers = self.workers.write().unwrap_or_else(PoisonError::into_inner);
+        let Some(cached) = workers.get_mut(worker).filter(|c| c.block_size > 0) else {
+            return;
+        };
+        let now = Instant::now();
+        cached
+            .routed
+            .retain(|_, since| now.duration_since(*since) < ROUTED_COUNTS_FOR);
+        for BlockHash(h) in prefix_block_hashes(prompt, cached.block_size) {
+            if !cached.hashes.contains(&h) {
+                cached.routed.insert(h, now);
+            }
+        }
     }
 
     pub(crate) fn forget(&self, worker: &str) {
@@ -81,9 +108,16 @@ impl PrefixIndex {
         let Some(cached) = workers.get(worker) else {
             return 0;
         };
+        let now = Instant::now();
         let blocks = prefix_block_hashes(prompt, cached.block_size)
             .into_iter()
-            .take_while(|BlockHash(h)| cached.hashes.contains(h))
+            .take_while(|BlockHash(h)| {
+                cached.hashes.contains(h)
+                    || cached
+                        .routed
+                        .get(h)
+                        .is_some_and(|since| now.duration_since(*since) < ROUTED_COUNTS_FOR)
+            })
             .count();
         blocks * cached.block_size
     }
@@ -194,6 +228,12 @@ mod tests {
             index.cached_tokens("b", &prompt),
             0,
             "unknown workers hold nothing"
+        );
+        index.note_routed("a", &prompt);
+        assert_eq!(
+            index.cached_tokens("a", &prompt),
+            32,
+            "a prompt sent there counts before the worker reports it"
         );
     }
 

@@ -36,6 +36,7 @@ pub(crate) fn worker_stats<B: Backend>(
             })
             .collect(),
         expert_load,
+        cached_prompt_tokens: engine.cached_prompt_tokens(),
     }
 }
 

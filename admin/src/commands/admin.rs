@@ -106,6 +106,8 @@ fn worker_json(w: &WorkerInfo) -> Value {
             "tokens_per_second": load.tokens_per_second,
             "pending_transfers": load.pending_transfers,
             "router_in_flight": load.router_in_flight,
+            "tokens_total": load.tokens_total,
+            "cached_prompt_tokens": load.cached_prompt_tokens,
         },
     })
 }
