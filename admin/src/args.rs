@@ -61,6 +61,9 @@ pub enum Command {
     ///
     /// Example: tandemctl bench --isl 128 --osl 32 --concurrency 1,4,16 --chart bench.svg
     Bench(BenchArgs),
+    /// How the router places requests.
+    #[command(subcommand)]
+    Route(RouteCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -270,6 +273,27 @@ pub enum WorkloadKind {
     Random,
     SharedPrefix,
     Trace,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// Where a prompt would go among the prefill workers now, and why: each worker's cached
+    /// and uncached prompt tokens, the tokens queued there and its score (lower wins).
+    ///
+    /// Example: tandemctl route explain --prompt "You are a helpful assistant. Hi"
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The prompt as text (tokenized by the router).
+    #[arg(long, required_unless_present = "prompt_ids")]
+    pub prompt: Option<String>,
+    /// The prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
+    pub prompt_ids: Vec<u32>,
+    #[command(flatten)]
+    pub endpoint: Endpoint,
 }
 
 #[derive(Debug, Args)]

@@ -13,14 +13,16 @@ use tandem_proto::internal::v1::{Role, StatsRequest, SwitchRoleRequest};
 use tandem_proto::v1::admin_server::Admin;
 use tandem_proto::v1::{
     ClusterSummaryRequest, ClusterSummaryResponse, CordonRequest, DescribeWorkerRequest,
-    DrainProgress, DrainRequest, ListWorkersRequest, ListWorkersResponse, MoveProgress,
-    MoveRequest, PoolSummary, RebalanceRequest, WorkerInfo, WorkerLoad, WorkerRole, WorkerState,
+    DrainProgress, DrainRequest, ExplainRouteRequest, ExplainRouteResponse, ListWorkersRequest,
+    ListWorkersResponse, MoveProgress, MoveRequest, PoolSummary, RebalanceRequest, RouteCandidate,
+    WorkerInfo, WorkerLoad, WorkerRole, WorkerState,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::RouterError;
 use crate::pool::{AdminState, Worker};
 use crate::service::RouterState;
 
@@ -413,6 +415,56 @@ impl Admin for AdminService {
     ) -> Result<Response<ListWorkersResponse>, Status> {
         Ok(Response::new(ListWorkersResponse {
             workers: self.all().await,
+        }))
+    }
+
+    async fn explain_route(
+        &self,
+        request: Request<ExplainRouteRequest>,
+    ) -> Result<Response<ExplainRouteResponse>, Status> {
+        let request = request.into_inner();
+        let prompt = if request.token_ids.is_empty() {
+            let state = Arc::clone(&self.state);
+            tokio::task::spawn_blocking(move || state.validator.card.encode(&request.text))
+                .await
+                .map_err(|e| RouterError::Internal(format!("tokenize task: {e}")))??
+        } else {
+            request.token_ids
+        };
+        let cluster = &self.state.cluster;
+        let mut candidates: Vec<RouteCandidate> = cluster
+            .prefill
+            .workers()
+            .iter()
+            .map(|w| {
+                let uncached = cluster.uncached_tokens(w, &prompt);
+                let queued = w.load() as u64;
+                RouteCandidate {
+                    worker: w.id.clone(),
+                    state: match w.state() {
+                        AdminState::Ready => WorkerState::Ready,
+                        AdminState::Cordoned => WorkerState::Cordoned,
+                        AdminState::Draining => WorkerState::Draining,
+                    } as i32,
+                    cached_tokens: (prompt.len() - uncached) as u32,
+                    uncached_tokens: uncached as u32,
+                    queued_tokens: queued,
+                    score: uncached as u64 + queued,
+                    chosen: false,
+                }
+            })
+            .collect();
+        if let Some(best) = candidates
+            .iter_mut()
+            .filter(|c| c.state == WorkerState::Ready as i32)
+            .min_by_key(|c| c.score)
+        {
+            best.chosen = true;
+        }
+        Ok(Response::new(ExplainRouteResponse {
+            routing: format!("{:?}", cluster.routing),
+            prompt_tokens: prompt.len() as u32,
+            candidates,
         }))
     }
 

@@ -74,6 +74,11 @@ pub struct Config {
     /// prompt tokens already queued there); round-robin takes each in turn.
     #[arg(long, value_enum, env = "TANDEM_ROUTING", default_value_t = Routing::KvAware)]
     pub routing: Routing,
+    /// Prompts with fewer tokens than this left to compute on the chosen prefill worker (not
+    /// in its prefix cache) are prefilled by the decode worker instead: cheaper than moving
+    /// their KV. 0 (the default) always uses a prefill worker when there is one.
+    #[arg(long, env = "TANDEM_LOCAL_PREFILL_BELOW", default_value_t = 0)]
+    pub local_prefill_below: usize,
     /// Seconds a drain waits for a worker's requests when the call gives no timeout.
     #[arg(long, env = "TANDEM_DRAIN_TIMEOUT_SECONDS", default_value_t = 300.0)]
     pub drain_timeout_seconds: f64,

@@ -101,6 +101,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         max_attempts: config.max_attempts,
         migration_limit: config.migration_limit,
         routing: config.routing,
+        local_prefill_below: config.local_prefill_below,
         ..Cluster::default()
     });
     membership.follow(Arc::clone(&cluster), card.name.clone(), max_message);

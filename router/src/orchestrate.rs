@@ -38,6 +38,8 @@ pub(crate) struct Cluster {
     pub(crate) routing: Routing,
     /// What each prefill worker caches, for KV-aware routing.
     pub(crate) prefix_index: PrefixIndex,
+    /// Prompts with fewer tokens than this to compute are prefilled by the decode worker.
+    pub(crate) local_prefill_below: usize,
 }
 
 /// How the router picks a prefill worker (`--routing`).
@@ -60,6 +62,15 @@ pub(crate) struct Responder {
 }
 
 impl Cluster {
+    /// Prompt tokens `worker` would compute for `prompt`: those not in its prefix cache.
+    pub(crate) fn uncached_tokens<C>(
+        &self,
+        worker: &crate::pool::Worker<C>,
+        prompt: &[u32],
+    ) -> usize {
+        prompt.len() - self.prefix_index.cached_tokens(&worker.id, prompt)
+    }
+
     /// Runs `request`, sending its chunks and final message through `responder`. A worker
     /// failure before the first token is retried on other workers (the failed one is held
     /// back). After tokens reached the client, the stream migrates: the prompt and the tokens
@@ -119,11 +130,14 @@ impl Cluster {
         // decode worker prefills the prompt itself.
         let prompt = &request.prompt_ids;
         let prefill = match self.routing {
-            Routing::KvAware => self
-                .prefill
-                .pick_by(|w| prompt.len() - self.prefix_index.cached_tokens(&w.id, prompt)),
+            Routing::KvAware => self.prefill.pick_by(|w| self.uncached_tokens(w, prompt)),
             Routing::RoundRobin => self.prefill.pick_in_turn(prompt.len()),
         };
+        // A prompt with little left to compute is cheaper to prefill on the decode worker
+        // than to move as KV (when the operator allows it).
+        let prefill = prefill.filter(|lease| {
+            self.uncached_tokens(lease.worker(), prompt) >= self.local_prefill_below
+        });
         if let (Routing::KvAware, Some(lease)) = (self.routing, &prefill) {
             self.prefix_index.note_routed(&lease.worker().id, prompt);
         }

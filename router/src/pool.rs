@@ -72,6 +72,11 @@ impl<C> Worker<C> {
         self.state.store(state as u8, Ordering::Relaxed);
     }
 
+    /// Load in flight from this router, in the pool's unit.
+    pub(crate) fn load(&self) -> usize {
+        self.load.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn requests_in_flight(&self) -> usize {
         self.requests.load(Ordering::Relaxed)
     }

@@ -794,6 +794,40 @@ async fn kv_aware_routing_sends_each_prompt_where_its_prefix_is_cached() {
             total += stats(worker.url()).await.tokens_total;
         }
         computed.push(total);
+        if routing == "kv-aware" {
+            // A new prompt of group 0: one worker holds its 64-token prefix and is chosen.
+            let ids: Vec<String> = (0..PREFIX + OWN)
+                .map(|i| (3 + (i * 31) % 1000).to_string())
+                .collect();
+            let out = Command::new(binary("tandemctl"))
+                .args([
+                    "route",
+                    "explain",
+                    "-o",
+                    "json",
+                    "--endpoint",
+                    &cluster.router.addr("grpc"),
+                ])
+                .args(["--prompt-ids", &ids.join(",")])
+                .output()
+                .expect("tandemctl runs");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let explained: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+            let candidates = explained["candidates"].as_array().expect("candidates");
+            let cached: Vec<u64> = candidates
+                .iter()
+                .map(|c| c["cached_tokens"].as_u64().expect("cached"))
+                .collect();
+            assert_eq!(cached.iter().sum::<u64>(), u64::from(PREFIX), "{explained}");
+            let chosen: Vec<&serde_json::Value> =
+                candidates.iter().filter(|c| c["chosen"] == true).collect();
+            assert_eq!(chosen.len(), 1, "{explained}");
+            assert_eq!(chosen[0]["cached_tokens"], PREFIX, "{explained}");
+        }
     }
     let first_of_each_group = 3 * u64::from(PREFIX + OWN);
     assert_eq!(
@@ -807,4 +841,34 @@ async fn kv_aware_routing_sends_each_prompt_where_its_prefix_is_cached() {
         2 * first_of_each_group + 6 * u64::from(OWN),
         "round-robin: each prefix computed on both workers"
     );
+}
+
+/// With `--local-prefill-below 32`, a 10-token prompt is prefilled by the decode worker (the
+/// prefill worker computes nothing) and a 40-token one by the prefill worker; both exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_prompts_prefill_on_the_decode_worker_when_the_operator_allows() {
+    let model = fixture("qwen3-moe-f32");
+    let cluster = Cluster::builder("local-prefill")
+        .model(model.clone())
+        .router_args(&["--local-prefill-below", "32"])
+        .start();
+    for (len, computed_by_prefill) in [(10u32, 0u64), (40, 40)] {
+        let prompt: Vec<u32> = (0..len).map(|i| 3 + i * 11).collect();
+        let (tokens, _) = generate(
+            &mut client(cluster.router_url()).await,
+            ids_request(prompt.clone(), 4),
+        )
+        .await
+        .expect("completion");
+        assert_eq!(
+            tokens,
+            single_process(&model, &prompt, 4),
+            "prompt of {len}"
+        );
+        assert_eq!(
+            stats(cluster.prefill[0].url()).await.tokens_total,
+            computed_by_prefill,
+            "prompt of {len}"
+        );
+    }
 }

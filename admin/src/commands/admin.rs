@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 use tandem_proto::v1::admin_client::AdminClient;
 use tandem_proto::v1::{
     ClusterSummaryRequest, ClusterSummaryResponse, CordonRequest, DescribeWorkerRequest,
-    DrainRequest, ListWorkersRequest, MoveProgress, MoveRequest, RebalanceRequest, WorkerInfo,
-    WorkerRole, WorkerState,
+    DrainRequest, ExplainRouteRequest, ListWorkersRequest, MoveProgress, MoveRequest,
+    RebalanceRequest, WorkerInfo, WorkerRole, WorkerState,
 };
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -17,8 +17,8 @@ use tonic::{Request, Status};
 
 use super::CommandError;
 use crate::args::{
-    DescribeArgs, DrainArgs, Endpoint, Format, GetArgs, GetWhat, MoveArgs, Pool, RebalanceArgs,
-    TopArgs, WorkerArgs,
+    DescribeArgs, DrainArgs, Endpoint, ExplainArgs, Format, GetArgs, GetWhat, MoveArgs, Pool,
+    RebalanceArgs, TopArgs, WorkerArgs,
 };
 
 type Client = AdminClient<InterceptedService<Channel, TokenInterceptor>>;
@@ -479,6 +479,60 @@ pub fn top(args: &TopArgs) -> Result<ExitCode, CommandError> {
                 () = tokio::time::sleep(interval) => {}
             }
         }
+    })
+}
+
+/// `tandemctl route explain`.
+pub fn explain_route(args: &ExplainArgs) -> Result<ExitCode, CommandError> {
+    runtime()?.block_on(async {
+        let mut client = connect(&args.endpoint).await?;
+        let explained = client
+            .explain_route(ExplainRouteRequest {
+                text: args.prompt.clone().unwrap_or_default(),
+                token_ids: args.prompt_ids.clone(),
+            })
+            .await
+            .map_err(rpc(&args.endpoint))?
+            .into_inner();
+        let value = json!({
+            "routing": explained.routing,
+            "prompt_tokens": explained.prompt_tokens,
+            "candidates": explained.candidates.iter().map(|c| json!({
+                "id": c.worker,
+                "state": state_name(c.state),
+                "cached_tokens": c.cached_tokens,
+                "uncached_tokens": c.uncached_tokens,
+                "queued_tokens": c.queued_tokens,
+                "score": c.score,
+                "chosen": c.chosen,
+            })).collect::<Vec<_>>(),
+        });
+        print(args.endpoint.format, &value, || {
+            let mut rows = vec![
+                [
+                    "WORKER", "STATE", "CACHED", "UNCACHED", "QUEUED", "SCORE", "CHOSEN",
+                ]
+                .map(str::to_owned),
+            ];
+            rows.extend(explained.candidates.iter().map(|c| {
+                [
+                    c.worker.clone(),
+                    state_name(c.state).to_owned(),
+                    c.cached_tokens.to_string(),
+                    c.uncached_tokens.to_string(),
+                    c.queued_tokens.to_string(),
+                    c.score.to_string(),
+                    if c.chosen { "*" } else { "" }.to_owned(),
+                ]
+            }));
+            format!(
+                "{} prompt tokens, routing {}\n{}",
+                explained.prompt_tokens,
+                explained.routing,
+                table(&rows)
+            )
+        });
+        Ok(ExitCode::SUCCESS)
     })
 }
 
