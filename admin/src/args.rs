@@ -207,6 +207,14 @@ pub struct GenerateCommand {
     /// cluster's model is used, so --model and --device do not apply.
     #[arg(long, env = "TANDEM_ROUTER", value_name = "HOST:PORT")]
     pub router: Option<String>,
+    /// API key the router asks for (its --api-key), with --router.
+    #[arg(
+        long,
+        env = "TANDEM_API_KEY",
+        hide_env_values = true,
+        requires = "router"
+    )]
+    pub api_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Args)]
@@ -217,6 +225,9 @@ pub struct BenchArgs {
     /// Send requests over OpenAI HTTP to this base URL (http://HOST:PORT/v1) instead of gRPC.
     #[arg(long, value_name = "URL")]
     pub http: Option<String>,
+    /// API key the router asks for (its --api-key).
+    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// random: prompts of --isl tokens; shared-prefix: --groups prefixes of --prefix-len
     /// tokens, each request one of them plus --isl tokens of its own; trace: --trace.
     #[arg(long, value_enum, default_value_t = WorkloadKind::Random)]

@@ -23,6 +23,56 @@ pub(crate) async fn router_channel(
         })
 }
 
+/// Adds `authorization: Bearer <token>` to every call when there is a token.
+#[derive(Debug, Clone)]
+pub(crate) struct BearerToken(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl BearerToken {
+    /// `token` (from flag `flag`) as a header value.
+    pub(crate) fn new(token: Option<&str>, flag: &str) -> Result<Self, CommandError> {
+        token
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| CommandError::Usage(format!("{flag} must be printable ASCII")))
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client of the router's inference API, presenting `--api-key` when given.
+pub(crate) type InferenceRpc = tandem_proto::v1::inference_client::InferenceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+>;
+
+pub(crate) async fn inference_client(
+    router: &str,
+    api_key: Option<&str>,
+) -> Result<InferenceRpc, CommandError> {
+    let channel = router_channel(router, "--router").await?;
+    Ok(
+        tandem_proto::v1::inference_client::InferenceClient::with_interceptor(
+            channel,
+            BearerToken::new(api_key, "--api-key")?,
+        ),
+    )
+}
+
 /// Failures of a `tandemctl` command.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {

@@ -18,6 +18,8 @@ pub enum ErrorClass {
     NotFound,
     /// The target is not in a state that allows it (a worker still busy); fix that first.
     Precondition,
+    /// The caller did not prove who it is (no API key, or a wrong one).
+    Unauthenticated,
     /// A bug or a broken invariant; the client sees a generic message.
     Internal,
 }
@@ -32,6 +34,7 @@ impl ErrorClass {
             Self::Cancelled => tonic::Code::Cancelled,
             Self::NotFound => tonic::Code::NotFound,
             Self::Precondition => tonic::Code::FailedPrecondition,
+            Self::Unauthenticated => tonic::Code::Unauthenticated,
             Self::Internal => tonic::Code::Internal,
         }
     }

@@ -54,6 +54,23 @@ pub struct Config {
         default_value_t = 120.0
     )]
     pub worker_startup_timeout_seconds: f64,
+    /// API key clients must present (`authorization: Bearer <key>`) on gRPC and HTTP
+    /// inference calls; repeat or comma-separate for several. Without one, anyone who can
+    /// reach the router may call it.
+    #[arg(
+        long = "api-key",
+        env = "TANDEM_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// Generation requests per second each client may make (by API key, or by address
+    /// without keys); over it, RESOURCE_EXHAUSTED (HTTP 429) at once. Off when unset.
+    #[arg(long, env = "TANDEM_RATE_LIMIT_PER_CLIENT")]
+    pub rate_limit_per_client: Option<f64>,
+    /// Requests a client may make at once above its rate (the bucket size).
+    #[arg(long, env = "TANDEM_RATE_LIMIT_BURST", default_value_t = 10)]
+    pub rate_limit_burst: u32,
     /// Token admin calls must carry (`authorization: Bearer <token>`). Without one, admin
     /// calls are accepted from loopback clients only.
     #[arg(long, env = "TANDEM_ADMIN_TOKEN", hide_env_values = true)]

@@ -26,6 +26,16 @@ pub enum RouterError {
     #[error("the client closed the stream")]
     ClientGone,
     #[error("{0}")]
+    Unauthenticated(String),
+    #[error(
+        "{client} is over its rate limit of {per_second} requests/s with bursts of {burst} (--rate-limit-per-client, --rate-limit-burst)"
+    )]
+    RateLimited {
+        client: String,
+        per_second: f64,
+        burst: f64,
+    },
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -44,7 +54,8 @@ impl RouterError {
         match self {
             Self::Invalid(_) => ErrorClass::InvalidRequest,
             Self::UnknownModel { .. } => ErrorClass::NotFound,
-            Self::QueueFull { .. } => ErrorClass::Overloaded,
+            Self::QueueFull { .. } | Self::RateLimited { .. } => ErrorClass::Overloaded,
+            Self::Unauthenticated(_) => ErrorClass::Unauthenticated,
             Self::Timeout { .. } => ErrorClass::Timeout,
             Self::NoWorker { .. } => ErrorClass::Unavailable,
             Self::Worker { status, .. } => match status.code() {

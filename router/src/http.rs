@@ -7,12 +7,13 @@
 mod openai;
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -127,9 +128,38 @@ impl IntoResponse for HttpError {
     }
 }
 
-async fn models(State(state): State<Arc<RouterState>>) -> Json<Value> {
+/// The calling client (see [`crate::gate::ClientGate::identify`]).
+fn client(state: &RouterState, headers: &HeaderMap, peer: SocketAddr) -> Result<String, HttpError> {
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    state
+        .gate
+        .identify(authorization, Some(peer.ip()))
+        .map_err(|e| HttpError::from(Status::from(e)))
+}
+
+/// A generation request's client, charged one request of its rate.
+fn admit_client(
+    state: &RouterState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<(), HttpError> {
+    let client = client(state, headers, peer)?;
+    state
+        .gate
+        .charge(&client)
+        .map_err(|e| HttpError::from(Status::from(e)))
+}
+
+async fn models(
+    State(state): State<Arc<RouterState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, HttpError> {
+    client(&state, &headers, peer)?;
     let card = &state.validator.card;
-    Json(json!({
+    Ok(Json(json!({
         "object": "list",
         "data": [{
             "id": card.name,
@@ -139,7 +169,7 @@ async fn models(State(state): State<Arc<RouterState>>) -> Json<Value> {
             "max_model_len": card.max_position_embeddings,
             "vocab_size": card.vocab_size,
         }],
-    }))
+    })))
 }
 
 /// Which endpoint a request came in on; it decides the response's shape.
@@ -151,8 +181,11 @@ enum Api {
 
 async fn completions(
     State(state): State<Arc<RouterState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, HttpError> {
+    admit_client(&state, &headers, peer)?;
     let Json(request) = body?;
     if request.echo == Some(true) {
         return Err(HttpError::invalid("echo is not supported".into()));
@@ -181,8 +214,11 @@ async fn completions(
 
 async fn chat_completions(
     State(state): State<Arc<RouterState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     body: Result<Json<ChatCompletionRequest>, JsonRejection>,
 ) -> Result<Response, HttpError> {
+    admit_client(&state, &headers, peer)?;
     let Json(request) = body?;
     let template = state.validator.card.chat_template.as_ref().ok_or_else(|| {
         HttpError::invalid(format!(

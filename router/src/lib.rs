@@ -9,6 +9,7 @@ mod admission;
 mod chat;
 pub mod config;
 mod error;
+mod gate;
 mod http;
 mod membership;
 mod orchestrate;
@@ -122,6 +123,15 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         local_records,
         admission: Admission::new(limits.max_concurrent_requests, limits.queue_depth),
         next_request: AtomicU64::new(1),
+        gate: gate::ClientGate::new(
+            config.api_keys.clone(),
+            config
+                .rate_limit_per_client
+                .map(|per_second| gate::RateLimit {
+                    per_second,
+                    burst: f64::from(config.rate_limit_burst.max(1)),
+                }),
+        ),
     });
     let inference = InferenceServer::new(InferenceService {
         state: Arc::clone(&state),
@@ -149,6 +159,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
                 let _ = tcp.set_nodelay(true);
             });
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
             axum::serve(listener, app)
                 .with_graceful_shutdown(tandem_common::server::shutdown_signal())
                 .await

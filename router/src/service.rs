@@ -36,6 +36,24 @@ pub(crate) struct RouterState {
     pub local_records: Arc<crate::membership::LocalRecords>,
     pub admission: Admission,
     pub next_request: AtomicU64,
+    /// API keys and per-client rate limits.
+    pub gate: crate::gate::ClientGate,
+}
+
+/// The `authorization` value of a gRPC call.
+fn authorization<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+}
+
+impl InferenceService {
+    /// The calling client, refused without a valid API key when keys are configured.
+    fn client<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
+        Ok(self.state.gate.identify(authorization(request), peer)?)
+    }
 }
 
 pub(crate) struct InferenceService {
@@ -131,6 +149,8 @@ impl Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
+        let client = self.client(&request)?;
+        self.state.gate.charge(&client)?;
         let header_id = request
             .metadata()
             .get(REQUEST_ID_HEADER)
@@ -147,6 +167,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<TokenizeRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
+        self.client(&request)?;
         let r = request.into_inner();
         let card = &self.state.validator.card;
         if !r.model.is_empty() && r.model != card.name {
@@ -165,8 +186,9 @@ impl Inference for InferenceService {
 
     async fn model_info(
         &self,
-        _: Request<ModelInfoRequest>,
+        request: Request<ModelInfoRequest>,
     ) -> Result<Response<ModelInfoResponse>, Status> {
+        self.client(&request)?;
         let v = &self.state.validator;
         Ok(Response::new(ModelInfoResponse {
             model: v.card.name.clone(),

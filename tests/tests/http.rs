@@ -11,13 +11,18 @@ use tokio::net::TcpStream;
 
 /// One HTTP/1.1 request on a fresh connection; (status, body with chunked encoding undone).
 async fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .expect("router http reachable");
     let request = format!(
         "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
+    raw_http(addr, &request).await
+}
+
+/// Sends `request` (a whole HTTP/1.1 request) on a fresh connection; (status, body).
+async fn raw_http(addr: &str, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .expect("router http reachable");
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.expect("read");
@@ -227,4 +232,76 @@ async fn bad_requests_get_openai_errors_with_matching_http_codes() {
     let (status, body) = http(&addr, "POST", "/v1/completions", "{not json").await;
     assert_eq!(status, 400, "{body}");
     assert!(json_of(&body)["error"]["message"].is_string(), "{body}");
+}
+
+/// `--api-key` and `--rate-limit-per-client` on both front doors: no key or a wrong one is
+/// refused (UNAUTHENTICATED / 401), each key gets its own bucket of 2, and the third request
+/// of a key is refused at once (RESOURCE_EXHAUSTED / 429) naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_and_per_client_rate_limits_guard_grpc_and_http() {
+    let cluster = Cluster::builder("http-auth")
+        .model(fixture("qwen3-moe-f32"))
+        .router_args(&[
+            "--http-listen",
+            "127.0.0.1:0",
+            "--api-key",
+            "key-one,key-two",
+            "--rate-limit-per-client",
+            "0.001",
+            "--rate-limit-burst",
+            "2",
+        ])
+        .start();
+    let grpc = cluster.router.addr("grpc");
+    let generate = |key: Option<&str>| {
+        let mut command = Command::new(binary("tandemctl"));
+        command.args([
+            "generate",
+            "--router",
+            &grpc,
+            "--prompt-ids",
+            "5,6,7",
+            "--max-tokens",
+            "2",
+        ]);
+        if let Some(key) = key {
+            command.args(["--api-key", key]);
+        }
+        let out = command.output().expect("tandemctl runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = generate(None);
+    assert!(
+        !ok && err.contains("Unauthenticated") && err.contains("API key"),
+        "{err}"
+    );
+    let (ok, err) = generate(Some("key-three"));
+    assert!(!ok && err.contains("not valid"), "{err}");
+    for _ in 0..2 {
+        let (ok, err) = generate(Some("key-one"));
+        assert!(ok, "{err}");
+    }
+    let (ok, err) = generate(Some("key-one"));
+    assert!(
+        !ok && err.contains("ResourceExhausted") && err.contains("--rate-limit-per-client"),
+        "{err}"
+    );
+
+    let addr = cluster.router.addr("http");
+    let request = json!({"prompt": "x", "max_tokens": 1}).to_string();
+    let (status, body) = http(&addr, "POST", "/v1/completions", &request).await;
+    assert_eq!(status, 401, "{body}");
+    let with_key = |body: &str| {
+        format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer key-two\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    for expected in [200, 200, 429] {
+        let (status, body) = raw_http(&addr, &with_key(&request)).await;
+        assert_eq!(status, expected, "{body}");
+    }
 }

@@ -11,32 +11,17 @@ use tandem_proto::v1::{
     DrainRequest, ExplainRouteRequest, ListWorkersRequest, MoveProgress, MoveRequest,
     RebalanceRequest, WorkerInfo, WorkerRole, WorkerState,
 };
+use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Request, Status};
 
-use super::CommandError;
+use super::{BearerToken, CommandError};
 use crate::args::{
     DescribeArgs, DrainArgs, Endpoint, ExplainArgs, Format, GetArgs, GetWhat, MoveArgs, Pool,
     RebalanceArgs, TopArgs, WorkerArgs,
 };
 
-type Client = AdminClient<InterceptedService<Channel, TokenInterceptor>>;
-
-/// Adds the admin token to every call.
-#[derive(Clone)]
-struct TokenInterceptor(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for TokenInterceptor {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
+type Client = AdminClient<InterceptedService<Channel, BearerToken>>;
 
 fn runtime() -> Result<tokio::runtime::Runtime, CommandError> {
     Ok(tokio::runtime::Builder::new_current_thread()
@@ -47,17 +32,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, CommandError> {
 async fn connect(endpoint: &Endpoint) -> Result<Client, CommandError> {
     let router = endpoint.endpoint.clone();
     let channel = super::router_channel(&router, "--endpoint").await?;
-    let token = match &endpoint.token {
-        Some(t) => Some(
-            format!("Bearer {t}")
-                .parse()
-                .map_err(|_| CommandError::Usage("--token must be printable ASCII".into()))?,
-        ),
-        None => None,
-    };
     Ok(AdminClient::with_interceptor(
         channel,
-        TokenInterceptor(token),
+        BearerToken::new(endpoint.token.as_deref(), "--token")?,
     ))
 }
 

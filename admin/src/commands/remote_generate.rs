@@ -4,7 +4,6 @@
 use std::io::Write;
 
 use tandem_common::generate::{GenerateArgs, GenerateOutput, OutputFormat, TopLogprobJson, Usage};
-use tandem_proto::v1::inference_client::InferenceClient;
 use tandem_proto::v1::{
     FinishReason, GenerateRequest, SamplingParams, TokenIds, TokenizeRequest, generate_request,
     generate_response,
@@ -13,14 +12,22 @@ use tandem_proto::v1::{
 use super::CommandError;
 
 /// Streams one completion from `router` and prints it like the single-process run.
-pub(crate) fn run(router: &str, args: &GenerateArgs) -> Result<(), CommandError> {
+pub(crate) fn run(
+    router: &str,
+    api_key: Option<&str>,
+    args: &GenerateArgs,
+) -> Result<(), CommandError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(generate(router, args))
+    runtime.block_on(generate(router, api_key, args))
 }
 
-async fn generate(router: &str, args: &GenerateArgs) -> Result<(), CommandError> {
+async fn generate(
+    router: &str,
+    api_key: Option<&str>,
+    args: &GenerateArgs,
+) -> Result<(), CommandError> {
     let rpc_error = |status| CommandError::Rpc {
         router: router.to_owned(),
         status,
@@ -31,8 +38,7 @@ async fn generate(router: &str, args: &GenerateArgs) -> Result<(), CommandError>
             args.max_tokens
         ))
     })?;
-    let channel = super::router_channel(router, "--router").await?;
-    let mut client = InferenceClient::new(channel);
+    let mut client = super::inference_client(router, api_key).await?;
     let (prompt, prompt_token_ids) = match (&args.prompt_ids, &args.prompt) {
         (Some(ids), _) => (
             generate_request::Prompt::TokenIds(TokenIds { ids: ids.clone() }),

@@ -6,13 +6,12 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tandem_proto::v1::inference_client::InferenceClient;
 use tandem_proto::v1::{
     GenerateRequest, ModelInfoRequest, SamplingParams, TokenIds, generate_request,
     generate_response,
 };
-use tonic::transport::Channel;
 
+use super::super::InferenceRpc;
 use super::CommandError;
 use super::workload::BenchRequest;
 use crate::args::BenchArgs;
@@ -22,10 +21,14 @@ use crate::args::BenchArgs;
 pub(crate) enum Client {
     Grpc {
         router: String,
-        client: InferenceClient<Channel>,
+        client: InferenceRpc,
     },
-    /// `host:port` and the API's base path (`/v1`).
-    Http { authority: String, base: String },
+    /// `host:port`, the API's base path (`/v1`) and the `authorization` value, if any.
+    Http {
+        authority: String,
+        base: String,
+        authorization: Option<String>,
+    },
 }
 
 /// What happened to one request, times from the start of its sweep point.
@@ -64,20 +67,23 @@ impl Client {
                 Some((a, b)) => (a.to_owned(), format!("/{}", b.trim_end_matches('/'))),
                 None => (rest.to_owned(), String::new()),
             };
-            return Ok(Self::Http { authority, base });
+            return Ok(Self::Http {
+                authority,
+                base,
+                authorization: args.api_key.as_ref().map(|k| format!("Bearer {k}")),
+            });
         }
         let router = args.router.clone();
-        let channel = super::super::router_channel(&router, "--router").await?;
-        Ok(Self::Grpc {
-            router,
-            client: InferenceClient::new(channel),
-        })
+        let client = super::super::inference_client(&router, args.api_key.as_deref()).await?;
+        Ok(Self::Grpc { router, client })
     }
 
     pub(crate) fn describe(&self) -> String {
         match self {
             Self::Grpc { router, .. } => format!("grpc {router}"),
-            Self::Http { authority, base } => format!("http http://{authority}{base}"),
+            Self::Http {
+                authority, base, ..
+            } => format!("http http://{authority}{base}"),
         }
     }
 
@@ -94,8 +100,17 @@ impl Client {
                 })?
                 .into_inner()
                 .vocab_size),
-            Self::Http { authority, base } => {
-                let models = get_json(authority, &format!("{base}/models")).await?;
+            Self::Http {
+                authority,
+                base,
+                authorization,
+            } => {
+                let models = get_json(
+                    authority,
+                    &format!("{base}/models"),
+                    authorization.as_deref(),
+                )
+                .await?;
                 models["data"][0]["vocab_size"]
                     .as_u64()
                     .map(|v| v as u32)
@@ -115,8 +130,17 @@ impl Client {
         };
         let result = match self {
             Self::Grpc { client, .. } => grpc(client.clone(), request, started, &mut timing).await,
-            Self::Http { authority, base } => {
-                http(authority, base, request, started, &mut timing).await
+            Self::Http {
+                authority,
+                base,
+                authorization,
+            } => {
+                let target = HttpTarget {
+                    authority,
+                    base,
+                    authorization: authorization.as_deref(),
+                };
+                http(&target, request, started, &mut timing).await
             }
         };
         timing.done = started.elapsed();
@@ -128,7 +152,7 @@ impl Client {
 }
 
 async fn grpc(
-    mut client: InferenceClient<Channel>,
+    mut client: InferenceRpc,
     request: &BenchRequest,
     started: Instant,
     timing: &mut RequestTiming,
@@ -171,11 +195,19 @@ async fn grpc(
     Err("the stream ended without a final message".into())
 }
 
+/// Where HTTP requests go.
+struct HttpTarget<'a> {
+    authority: &'a str,
+    base: &'a str,
+    authorization: Option<&'a str>,
+}
+
 /// One HTTP/1.1 request on its own connection; returns the response to read frames from.
 async fn post(
     authority: &str,
     path: &str,
     method: hyper::Method,
+    authorization: Option<&str>,
     body: String,
 ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
     let stream = tokio::net::TcpStream::connect(authority)
@@ -185,11 +217,15 @@ async fn post(
         .await
         .map_err(|e| format!("http handshake: {e}"))?;
     tokio::spawn(connection);
-    let request = hyper::Request::builder()
+    let mut request = hyper::Request::builder()
         .method(method)
         .uri(path)
         .header(hyper::header::HOST, authority)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(value) = authorization {
+        request = request.header(hyper::header::AUTHORIZATION, value);
+    }
+    let request = request
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
     sender
@@ -198,10 +234,20 @@ async fn post(
         .map_err(|e| format!("http request: {e}"))
 }
 
-async fn get_json(authority: &str, path: &str) -> Result<Value, CommandError> {
-    let response = post(authority, path, hyper::Method::GET, String::new())
-        .await
-        .map_err(CommandError::Usage)?;
+async fn get_json(
+    authority: &str,
+    path: &str,
+    authorization: Option<&str>,
+) -> Result<Value, CommandError> {
+    let response = post(
+        authority,
+        path,
+        hyper::Method::GET,
+        authorization,
+        String::new(),
+    )
+    .await
+    .map_err(CommandError::Usage)?;
     let body = response
         .into_body()
         .collect()
@@ -212,8 +258,7 @@ async fn get_json(authority: &str, path: &str) -> Result<Value, CommandError> {
 }
 
 async fn http(
-    authority: &str,
-    base: &str,
+    target: &HttpTarget<'_>,
     request: &BenchRequest,
     started: Instant,
     timing: &mut RequestTiming,
@@ -226,8 +271,15 @@ async fn http(
         "stream": true,
         "stream_options": {"include_usage": true},
     });
-    let path = format!("{base}/completions");
-    let mut response = post(authority, &path, hyper::Method::POST, body.to_string()).await?;
+    let path = format!("{}/completions", target.base);
+    let mut response = post(
+        target.authority,
+        &path,
+        hyper::Method::POST,
+        target.authorization,
+        body.to_string(),
+    )
+    .await?;
     let status = response.status();
     let mut pending = String::new();
     while let Some(frame) = response.body_mut().frame().await {
