@@ -223,6 +223,33 @@ mod tests {
         assert!(ChatTemplate::from_tokenizer_config(broken.as_bytes()).is_err());
     }
 
+    proptest::proptest! {
+        /// Whatever clients put in messages (template syntax, quotes, control characters,
+        /// any role) renders as data or is refused with a message; it never panics and is
+        /// never evaluated as template code.
+        #[test]
+        fn arbitrary_messages_render_as_data(
+            messages in proptest::collection::vec(("\\PC{0,12}", "\\PC{0,40}"), 0..6),
+        ) {
+            let json = std::fs::read(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../tests/fixtures/qwen3-moe-f32/tokenizer_config.json"),
+            )
+            .expect("fixture tokenizer_config.json");
+            let template = ChatTemplate::from_tokenizer_config(&json)
+                .expect("parses")
+                .expect("has a template");
+            let messages: Vec<ChatMessage> = messages
+                .into_iter()
+                .map(|(role, content)| message(&role, &content))
+                .collect();
+            let text = template.render(&messages).expect("the fixture template accepts any roles");
+            for m in &messages {
+                proptest::prop_assert!(text.contains(&m.content), "content kept verbatim");
+            }
+        }
+    }
+
     #[test]
     fn days_convert_to_civil_dates() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));

@@ -163,3 +163,72 @@ fn text_is_tokenized_and_an_unset_seed_is_drawn_per_request() {
     assert_ne!(a.sampling.seed, b.sampling.seed);
     assert_eq!(check(&v, text("")).unwrap_err(), "text is empty");
 }
+
+fn any_float() -> impl proptest::strategy::Strategy<Value = f32> {
+    use proptest::prelude::*;
+    prop_oneof![
+        any::<f32>(),
+        Just(f32::NAN),
+        Just(f32::INFINITY),
+        Just(-0.0),
+        -3.0f32..3.0
+    ]
+}
+
+proptest::proptest! {
+    /// Arbitrary requests (any ids, any floats including NaN and infinities, any text) are
+    /// either accepted within every limit or refused with INVALID_ARGUMENT or OUT_OF_RANGE,
+    /// never a panic.
+    #[test]
+    fn arbitrary_requests_are_accepted_within_limits_or_refused_cleanly(
+        ids in proptest::collection::vec(proptest::prelude::any::<u32>(), 0..40),
+        text in proptest::option::of("\\PC{0,60}"),
+        max_tokens in proptest::option::of(proptest::prelude::any::<u32>()),
+        temperature in proptest::option::of(any_float()),
+        top_p in proptest::option::of(any_float()),
+        min_p in proptest::option::of(any_float()),
+        top_k in proptest::option::of(proptest::prelude::any::<u32>()),
+        penalty in proptest::option::of(any_float()),
+        top_logprobs in proptest::prelude::any::<u32>(),
+        stop in proptest::collection::vec("\\PC{0,8}", 0..3),
+    ) {
+        let v = validator(32, 16);
+        let request = GenerateRequest {
+            prompt: Some(match text {
+                Some(text) => generate_request::Prompt::Text(text),
+                None => generate_request::Prompt::TokenIds(TokenIds { ids }),
+            }),
+            sampling: Some(SamplingParams {
+                temperature,
+                top_p,
+                min_p,
+                top_k,
+                presence_penalty: penalty,
+                frequency_penalty: penalty,
+                repetition_penalty: penalty,
+                ..SamplingParams::default()
+            }),
+            max_tokens,
+            stop,
+            logprobs: top_logprobs % 2 == 0,
+            top_logprobs,
+            ..GenerateRequest::default()
+        };
+        match v.validate(request, RequestId("p".into())) {
+            Ok(valid) => {
+                proptest::prop_assert!(!valid.prompt_ids.is_empty());
+                proptest::prop_assert!(valid.prompt_ids.len() <= 32);
+                proptest::prop_assert!(valid.prompt_ids.iter().all(|&id| id < v.card.vocab_size));
+                proptest::prop_assert!((1..=16).contains(&valid.max_tokens));
+                proptest::prop_assert!(valid.sampling.temperature.is_finite());
+            }
+            Err(e) => {
+                let code = tonic::Status::from(e).code();
+                proptest::prop_assert!(
+                    matches!(code, tonic::Code::InvalidArgument | tonic::Code::OutOfRange),
+                    "{code:?}"
+                );
+            }
+        }
+    }
+}
