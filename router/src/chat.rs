@@ -171,16 +171,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn renders_the_fixture_template_with_a_generation_prompt() {
+    /// The Qwen-style template of the qwen3-moe-f32 fixture.
+    fn fixture_template() -> ChatTemplate {
         let json = std::fs::read(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("../tests/fixtures/qwen3-moe-f32/tokenizer_config.json"),
         )
         .expect("fixture tokenizer_config.json");
-        let template = ChatTemplate::from_tokenizer_config(&json)
+        ChatTemplate::from_tokenizer_config(&json)
             .expect("parses")
-            .expect("has a template");
+            .expect("has a template")
+    }
+
+    #[test]
+    fn renders_the_fixture_template_with_a_generation_prompt() {
+        let template = fixture_template();
         let text = template
             .render(&[message("system", "Be brief."), message("user", "Hi")])
             .expect("renders");
@@ -231,14 +236,7 @@ mod tests {
         fn arbitrary_messages_render_as_data(
             messages in proptest::collection::vec(("\\PC{0,12}", "\\PC{0,40}"), 0..6),
         ) {
-            let json = std::fs::read(
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../tests/fixtures/qwen3-moe-f32/tokenizer_config.json"),
-            )
-            .expect("fixture tokenizer_config.json");
-            let template = ChatTemplate::from_tokenizer_config(&json)
-                .expect("parses")
-                .expect("has a template");
+            let template = fixture_template();
             let messages: Vec<ChatMessage> = messages
                 .into_iter()
                 .map(|(role, content)| message(&role, &content))
