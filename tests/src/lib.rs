@@ -4,7 +4,8 @@
 mod cluster;
 mod etcd;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 pub use cluster::{Cluster, ClusterBuilder, Process, TEST_LEASE_TTL_SECONDS};
 pub use etcd::Etcd;
@@ -41,4 +42,49 @@ pub fn log_dir(test: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::create_dir_all(&dir);
     dir
+}
+
+/// Runs `tandemctl args`, which must succeed, and parses its stdout as JSON.
+pub fn tandemctl_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(binary("tandemctl"))
+        .args(args)
+        .output()
+        .expect("tandemctl runs");
+    assert!(
+        out.status.success(),
+        "tandemctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json output")
+}
+
+/// `tandemctl generate --output json` in one process on the CPU with `model` and `args`: the
+/// reference the cluster must reproduce.
+pub fn single_process_json(model: &Path, args: &[&str]) -> serde_json::Value {
+    let model = model.to_string_lossy();
+    let mut all = vec![
+        "generate", "--output", "json", "--device", "cpu", "--model", &model,
+    ];
+    all.extend_from_slice(args);
+    tandemctl_json(&all)
+}
+
+/// Greedy tokens of a single-process run for `prompt` (see [`single_process_json`]);
+/// `flags` are more `generate` flags.
+pub fn single_process_tokens(
+    model: &Path,
+    prompt: &[u32],
+    max_tokens: u32,
+    flags: &[&str],
+) -> Vec<u32> {
+    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let (ids, max_tokens) = (ids.join(","), max_tokens.to_string());
+    let mut args = vec!["--prompt-ids", &ids, "--max-tokens", &max_tokens];
+    args.extend_from_slice(flags);
+    single_process_json(model, &args)["token_ids"]
+        .as_array()
+        .expect("token_ids")
+        .iter()
+        .map(|t| t.as_u64().expect("id") as u32)
+        .collect()
 }

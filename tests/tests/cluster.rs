@@ -72,27 +72,7 @@ fn single_process(model: &Path, prompt: &[u32], max_tokens: u32) -> Vec<u32> {
 
 /// [`single_process`] with more `tandemctl generate` flags.
 fn single_process_with(model: &Path, prompt: &[u32], max_tokens: u32, flags: &[&str]) -> Vec<u32> {
-    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
-    let out = Command::new(binary("tandemctl"))
-        .args(["generate", "--output", "json", "--device", "cpu", "--model"])
-        .arg(model)
-        .args(["--prompt-ids", &ids.join(","), "--max-tokens"])
-        .arg(max_tokens.to_string())
-        .args(flags)
-        .output()
-        .expect("tandemctl runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    json["token_ids"]
-        .as_array()
-        .expect("token_ids")
-        .iter()
-        .map(|t| t.as_u64().expect("id") as u32)
-        .collect()
+    tandem_tests::single_process_tokens(model, prompt, max_tokens, flags)
 }
 
 /// 32 prompts of mixed lengths (1 to 94 tokens) and lengths of output (1 to 24 tokens).

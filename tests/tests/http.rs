@@ -74,18 +74,9 @@ fn events(body: &str) -> Vec<String> {
 
 /// `tandemctl generate`'s text for `prompt` in one process (greedy).
 fn single_process_text(model: &Path, prompt: &str, max_tokens: u32) -> String {
-    let out = Command::new(binary("tandemctl"))
-        .args(["generate", "--output", "json", "--device", "cpu", "--model"])
-        .arg(model)
-        .args(["--prompt", prompt, "--max-tokens", &max_tokens.to_string()])
-        .output()
-        .expect("tandemctl runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    json_of(&String::from_utf8_lossy(&out.stdout))["text"]
+    let max_tokens = max_tokens.to_string();
+    tandem_tests::single_process_json(model, &["--prompt", prompt, "--max-tokens", &max_tokens])
+        ["text"]
         .as_str()
         .expect("text")
         .to_owned()

@@ -1,36 +1,28 @@
 //! Workers and routers meeting through a real etcd: registration, lease expiry after a crash,
-//! and serving through an etcd restart.
+//! serving through an etcd restart, and all of it at once under load (the chaos test).
 
 use std::ffi::OsString;
-use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
+use tandem_proto::internal::v1::StatsRequest;
+use tandem_proto::internal::v1::worker_client::WorkerClient;
 use tandem_proto::v1::inference_client::InferenceClient;
-use tandem_proto::v1::{GenerateRequest, TokenIds, generate_request};
+use tandem_proto::v1::{GenerateRequest, TokenIds, generate_request, generate_response};
 use tandem_tests::{Cluster, Etcd, Process, TEST_LEASE_TTL_SECONDS, binary, fixture, log_dir};
 
-/// Runs `tandemctl args --endpoint endpoint`, which must succeed, and returns its stdout.
-fn tandemctl(args: &[&str], endpoint: &str) -> Vec<u8> {
-    let out: Output = Command::new(binary("tandemctl"))
-        .args(args)
-        .args(["--endpoint", endpoint])
-        .output()
-        .expect("tandemctl runs");
-    assert!(
-        out.status.success(),
-        "tandemctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+/// Runs `tandemctl args -o json --endpoint endpoint`, which must succeed; its output.
+fn tandemctl(args: &[&str], endpoint: &str) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json", "--endpoint", endpoint]);
+    tandem_tests::tandemctl_json(&all)
 }
 
 fn worker_ids(endpoint: &str) -> Vec<String> {
-    let out = tandemctl(&["get", "workers", "-o", "json"], endpoint);
-    let workers: Value = serde_json::from_slice(&out).expect("json");
+    let workers = tandemctl(&["get", "workers"], endpoint);
     let mut ids: Vec<String> = workers
         .as_array()
         .expect("array")
@@ -218,8 +210,7 @@ async fn wait_for_health(url: String, status: i32) {
 }
 
 fn state_of(endpoint: &str, id: &str) -> String {
-    let out = tandemctl(&["get", "workers", "-o", "json"], endpoint);
-    let workers: Value = serde_json::from_slice(&out).expect("json");
+    let workers = tandemctl(&["get", "workers"], endpoint);
     workers
         .as_array()
         .expect("array")
@@ -305,4 +296,179 @@ async fn a_worker_whose_lease_etcd_expires_stops_and_exits_non_zero() {
         assert_eq!(status.code(), Some(1), "{}: {status:?}", worker.name);
     }
     wait_for_ids(&endpoint, &[], Duration::from_secs(5));
+}
+
+/// How one chaos request ended.
+#[derive(Debug)]
+enum Ended {
+    /// The client dropped its stream after the first token, on purpose.
+    Cancelled,
+    Completed(Vec<u32>),
+    Failed(tonic::Status),
+}
+
+/// Streams one greedy request; `cancel` drops it after its first chunk.
+async fn chaos_request(url: String, prompt: Vec<u32>, max_tokens: u32, cancel: bool) -> Ended {
+    let request = GenerateRequest {
+        prompt: Some(generate_request::Prompt::TokenIds(TokenIds { ids: prompt })),
+        max_tokens: Some(max_tokens),
+        ignore_eos: true,
+        ..GenerateRequest::default()
+    };
+    let mut client = match InferenceClient::connect(url).await {
+        Ok(client) => client,
+        Err(e) => return Ended::Failed(tonic::Status::unavailable(e.to_string())),
+    };
+    let mut stream = match client.generate(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return Ended::Failed(status),
+    };
+    let mut tokens = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(message)) => match message.kind {
+                Some(generate_response::Kind::Chunk(chunk)) => {
+                    if cancel {
+                        return Ended::Cancelled;
+                    }
+                    tokens.extend(chunk.token_ids);
+                }
+                Some(generate_response::Kind::Final(_)) => return Ended::Completed(tokens),
+                _ => {}
+            },
+            Ok(None) => {
+                return Ended::Failed(tonic::Status::internal("stream ended without a final"));
+            }
+            Err(status) => return Ended::Failed(status),
+        }
+    }
+}
+
+/// 2 prefill + 2 decode workers behind a router on etcd; 500 streaming requests, one in ten
+/// cancelled by its client; one decode worker and one prefill worker killed with SIGKILL and
+/// etcd restarted while they run. Every request that was not cancelled ends with exactly the
+/// single-process greedy tokens or an explicit error status, none hangs, and afterwards the
+/// surviving workers hold no KV block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_every_stream_ends_exact_or_with_an_explicit_error() {
+    const REQUESTS: usize = 500;
+    const IN_FLIGHT: usize = 24;
+    let Some(mut etcd) = Etcd::start("chaos") else {
+        return;
+    };
+    let model = fixture("qwen3-moe-f32");
+    let cluster = Cluster::builder("chaos")
+        .model(model.clone())
+        .prefill(2)
+        .decode(2)
+        .etcd(etcd.endpoint())
+        .start();
+    let endpoint = cluster.router.addr("grpc");
+    wait_for_ids(
+        &endpoint,
+        &["decode-0", "decode-1", "prefill-0", "prefill-1"],
+        Duration::from_secs(15),
+    );
+    let shapes: Vec<(Vec<u32>, u32)> = (0..16u32)
+        .map(|i| {
+            (
+                (0..4 + 3 * i)
+                    .map(|j| 3 + (j * 37 + i * 11) % 1000)
+                    .collect(),
+                8 + i % 8,
+            )
+        })
+        .collect();
+    let expected: Vec<Vec<u32>> = shapes
+        .iter()
+        .map(|(p, n)| tandem_tests::single_process_tokens(&model, p, *n, &["--ignore-eos"]))
+        .collect();
+
+    let finished = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let tasks: Vec<_> = (0..REQUESTS)
+        .map(|i| {
+            let (prompt, max_tokens) = shapes[i % shapes.len()].clone();
+            let (url, finished, slots) = (cluster.router_url(), finished.clone(), slots.clone());
+            tokio::spawn(async move {
+                let _slot = slots.acquire_owned().await.expect("semaphore");
+                let ended = tokio::time::timeout(
+                    Duration::from_secs(90),
+                    chaos_request(url, prompt, max_tokens, i % 10 == 3),
+                )
+                .await;
+                finished.fetch_add(1, Ordering::Relaxed);
+                ended
+            })
+        })
+        .collect();
+    let wait_until = |n: usize| {
+        let finished = finished.clone();
+        async move {
+            while finished.load(Ordering::Relaxed) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    wait_until(100).await;
+    cluster.decode[1].signal(Signal::SIGKILL);
+    wait_until(200).await;
+    cluster.prefill[1].signal(Signal::SIGKILL);
+    wait_until(300).await;
+    etcd.restart();
+
+    let (mut completed, mut cancelled, mut failed) = (0, 0, Vec::new());
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await.expect("task") {
+            Err(_) => panic!("request {i} hung past 90 s"),
+            Ok(Ended::Cancelled) => cancelled += 1,
+            Ok(Ended::Completed(tokens)) => {
+                assert_eq!(tokens, expected[i % shapes.len()], "request {i}");
+                completed += 1;
+            }
+            Ok(Ended::Failed(status)) => {
+                assert!(
+                    matches!(
+                        status.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::ResourceExhausted
+                    ) && !status.message().is_empty(),
+                    "request {i} failed without an explicit status: {status:?}"
+                );
+                failed.push(status);
+            }
+        }
+    }
+    eprintln!(
+        "chaos: {completed} completed exactly, {cancelled} cancelled, {} failed explicitly: {:?}",
+        failed.len(),
+        failed
+            .iter()
+            .map(|s| s.message())
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(cancelled, REQUESTS / 10);
+    assert!(
+        completed >= REQUESTS * 8 / 10,
+        "most requests survive the chaos: {completed} of {REQUESTS}"
+    );
+    for survivor in [&cluster.decode[0], &cluster.prefill[0]] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stats = WorkerClient::connect(survivor.url())
+                .await
+                .expect("survivor reachable")
+                .stats(StatsRequest {})
+                .await
+                .expect("stats")
+                .into_inner();
+            if stats.kv_blocks_used == 0 && stats.running_sequences == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "blocks still held: {stats:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
