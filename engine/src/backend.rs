@@ -89,9 +89,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn upload_tensor(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<Self::Tensor>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
     /// Connects ranks running on `backends` (rank r on `backends[r]`). Threads of one process
-    /// exchanging host copies, unless a backend has a faster path.
-    fn group_collectives(backends: &[Self]) -> Result<Vec<Box<dyn Collective<Self>>>> {
-        Ok(host_collectives(backends.len()))
+    /// exchanging host copies, unless a backend has a faster path; a rank waits at most
+    /// `timeout` for a peer's part of a collective.
+    fn group_collectives(
+        backends: &[Self],
+        timeout: std::time::Duration,
+    ) -> Result<Vec<Box<dyn Collective<Self>>>> {
+        Ok(host_collectives(backends.len(), timeout))
     }
     /// Each row's greedy token (ties to the lowest id) and its logprob, for rows of `vocab`
     /// logits. A device backend overrides this so the logits stay where they are.

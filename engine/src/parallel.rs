@@ -180,6 +180,8 @@ pub struct Sharding {
     pub expert_parallel: usize,
     /// Which rank holds each expert; round-robin when None.
     pub expert_placement: Option<PathBuf>,
+    /// How long a rank waits for a peer's part of a host collective before failing it.
+    pub collective_timeout: std::time::Duration,
 }
 
 impl Default for Sharding {
@@ -188,6 +190,7 @@ impl Default for Sharding {
             tensor_parallel: 1,
             expert_parallel: 1,
             expert_placement: None,
+            collective_timeout: host::DEFAULT_COLLECTIVE_TIMEOUT,
         }
     }
 }
@@ -242,7 +245,7 @@ pub fn load_ranks<B: Backend>(
             .ok_or_else(|| EngineError::Config("no device to load the model on".into()))?;
         return Ok(vec![Model::load(dir, backend, progress)?]);
     }
-    let comms = B::group_collectives(&backends)?;
+    let comms = B::group_collectives(&backends, sharding.collective_timeout)?;
     if sharding.tensor_parallel > 1 {
         return Ok(vec![tensor::load_tensor_parallel(
             dir, backends, comms, progress,

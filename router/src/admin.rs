@@ -432,12 +432,13 @@ impl Admin for AdminService {
             request.token_ids
         };
         let cluster = &self.state.cluster;
+        let hashes = crate::prefix_index::PromptHashes::new(&prompt);
         let mut candidates: Vec<RouteCandidate> = cluster
             .prefill
             .workers()
             .iter()
             .map(|w| {
-                let uncached = cluster.uncached_tokens(w, &prompt);
+                let uncached = cluster.uncached_tokens(w, &hashes);
                 let queued = w.load() as u64;
                 RouteCandidate {
                     worker: w.id.clone(),

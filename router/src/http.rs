@@ -446,26 +446,26 @@ impl Shape {
                 })
             }
         };
-        let object = match self.api {
-            Api::Completions => "text_completion",
-            Api::Chat => "chat.completion.chunk",
-        };
         json!({
-            "id": self.id, "object": object, "created": self.created, "model": self.model,
-            "choices": [choice],
+            "id": self.id, "object": self.chunk_object(), "created": self.created,
+            "model": self.model, "choices": [choice],
         })
     }
 
     /// The usage chunk `stream_options.include_usage` asks for: no choices.
     fn usage_chunk(&self, usage: &Usage) -> Value {
-        let object = match self.api {
+        json!({
+            "id": self.id, "object": self.chunk_object(), "created": self.created,
+            "model": self.model, "choices": [], "usage": usage,
+        })
+    }
+
+    /// The `object` of a streamed chunk.
+    fn chunk_object(&self) -> &'static str {
+        match self.api {
             Api::Completions => "text_completion",
             Api::Chat => "chat.completion.chunk",
-        };
-        json!({
-            "id": self.id, "object": object, "created": self.created, "model": self.model,
-            "choices": [], "usage": usage,
-        })
+        }
     }
 
     /// The whole response of a non-streaming request.

@@ -17,7 +17,7 @@ use tonic::{Status, Streaming};
 
 use crate::error::RouterError;
 use crate::pool::{Lease, Pool};
-use crate::prefix_index::PrefixIndex;
+use crate::prefix_index::{PrefixIndex, PromptHashes};
 use crate::validation::ValidGenerateRequest;
 
 pub(crate) type PrefillClient = tandem_proto::internal::v1::prefill_client::PrefillClient<Channel>;
@@ -66,9 +66,29 @@ impl Cluster {
     pub(crate) fn uncached_tokens<C>(
         &self,
         worker: &crate::pool::Worker<C>,
-        prompt: &[u32],
+        prompt: &PromptHashes<'_>,
     ) -> usize {
-        prompt.len() - self.prefix_index.cached_tokens(&worker.id, prompt)
+        prompt.prompt_len() - self.prefix_index.cached_tokens(&worker.id, prompt)
+    }
+
+    /// The prefill worker for `prompt` (None: the decode worker prefills it itself).
+    fn pick_prefill(&self, prompt: &[u32]) -> Option<Lease<PrefillClient>> {
+        // Hashed once, however many workers are scored (the hashes are not Send, so this
+        // stays out of the async code).
+        let hashes = PromptHashes::new(prompt);
+        let prefill = match self.routing {
+            Routing::KvAware => self.prefill.pick_by(|w| self.uncached_tokens(w, &hashes)),
+            Routing::RoundRobin => self.prefill.pick_in_turn(prompt.len()),
+        };
+        // A prompt with little left to compute is cheaper to prefill on the decode worker
+        // than to move as KV (when the operator allows it).
+        let prefill = prefill.filter(|lease| {
+            self.uncached_tokens(lease.worker(), &hashes) >= self.local_prefill_below
+        });
+        if let (Routing::KvAware, Some(lease)) = (self.routing, &prefill) {
+            self.prefix_index.note_routed(&lease.worker().id, &hashes);
+        }
+        prefill
     }
 
     /// Runs `request`, sending its chunks and final message through `responder`. A worker
@@ -128,19 +148,7 @@ impl Cluster {
     ) -> Result<(), RouterError> {
         // Without a prefill worker taking requests (none, or all cordoned or moving), the
         // decode worker prefills the prompt itself.
-        let prompt = &request.prompt_ids;
-        let prefill = match self.routing {
-            Routing::KvAware => self.prefill.pick_by(|w| self.uncached_tokens(w, prompt)),
-            Routing::RoundRobin => self.prefill.pick_in_turn(prompt.len()),
-        };
-        // A prompt with little left to compute is cheaper to prefill on the decode worker
-        // than to move as KV (when the operator allows it).
-        let prefill = prefill.filter(|lease| {
-            self.uncached_tokens(lease.worker(), prompt) >= self.local_prefill_below
-        });
-        if let (Routing::KvAware, Some(lease)) = (self.routing, &prefill) {
-            self.prefix_index.note_routed(&lease.worker().id, prompt);
-        }
+        let prefill = self.pick_prefill(&request.prompt_ids);
         let decode = self
             .decode
             .pick(1)

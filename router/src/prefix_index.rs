@@ -2,7 +2,9 @@
 //! (a snapshot, then numbered changes; a gap means a new snapshot), and how many of a
 //! prompt's tokens a worker would not have to compute.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,38 @@ struct Cached {
     /// Prefixes this router sent there that the worker has not reported stored yet, and when:
     /// a burst of prompts with one prefix then goes to one worker, not to every idle one.
     routed: HashMap<u64, Instant>,
+}
+
+/// A prompt's prefix hashes, computed once per block size however many workers are scored.
+pub(crate) struct PromptHashes<'a> {
+    prompt: &'a [u32],
+    by_block_size: RefCell<Vec<(usize, Rc<[u64]>)>>,
+}
+
+impl<'a> PromptHashes<'a> {
+    pub(crate) fn new(prompt: &'a [u32]) -> Self {
+        Self {
+            prompt,
+            by_block_size: RefCell::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn prompt_len(&self) -> usize {
+        self.prompt.len()
+    }
+
+    fn of_blocks(&self, block_size: usize) -> Rc<[u64]> {
+        let mut known = self.by_block_size.borrow_mut();
+        if let Some((_, hashes)) = known.iter().find(|(size, _)| *size == block_size) {
+            return Rc::clone(hashes);
+        }
+        let hashes: Rc<[u64]> = prefix_block_hashes(self.prompt, block_size)
+            .into_iter()
+            .map(|BlockHash(h)| h)
+            .collect();
+        known.push((block_size, Rc::clone(&hashes)));
+        hashes
+    }
 }
 
 /// A change that does not follow the last one seen: the watcher must start over.
@@ -79,7 +113,7 @@ impl PrefixIndex {
 
     /// Records that `prompt` was sent to `worker` to prefill: its blocks count as cached
     /// there until the worker reports them, or for [`ROUTED_COUNTS_FOR`].
-    pub(crate) fn note_routed(&self, worker: &str, prompt: &[u32]) {
+    pub(crate) fn note_routed(&self, worker: &str, prompt: &PromptHashes<'_>) {
         let mut workers = self.workers.write().unwrap_or_else(PoisonError::into_inner);
         let Some(cached) = workers.get_mut(worker).filter(|c| c.block_size > 0) else {
             return;
@@ -88,7 +122,7 @@ impl PrefixIndex {
         cached
             .routed
             .retain(|_, since| now.duration_since(*since) < ROUTED_COUNTS_FOR);
-        for BlockHash(h) in prefix_block_hashes(prompt, cached.block_size) {
+        for &h in prompt.of_blocks(cached.block_size).iter() {
             if !cached.hashes.contains(&h) {
                 cached.routed.insert(h, now);
             }
@@ -103,15 +137,16 @@ impl PrefixIndex {
     }
 
     /// Leading tokens of `prompt` in `worker`'s cache (whole blocks).
-    pub(crate) fn cached_tokens(&self, worker: &str, prompt: &[u32]) -> usize {
+    pub(crate) fn cached_tokens(&self, worker: &str, prompt: &PromptHashes<'_>) -> usize {
         let workers = self.workers.read().unwrap_or_else(PoisonError::into_inner);
         let Some(cached) = workers.get(worker) else {
             return 0;
         };
         let now = Instant::now();
-        let blocks = prefix_block_hashes(prompt, cached.block_size)
-            .into_iter()
-            .take_while(|BlockHash(h)| {
+        let blocks = prompt
+            .of_blocks(cached.block_size)
+            .iter()
+            .take_while(|h| {
                 cached.hashes.contains(h)
                     || cached
                         .routed
@@ -211,27 +246,27 @@ mod tests {
             ..KvEventBatch::default()
         };
         index.apply("a", &snapshot).expect("snapshot");
-        assert_eq!(index.cached_tokens("a", &prompt), 16);
+        assert_eq!(index.cached_tokens("a", &PromptHashes::new(&prompt)), 16);
         index
             .apply("a", &change(8, &[hashes[1]], &[]))
             .expect("next");
-        assert_eq!(index.cached_tokens("a", &prompt), 32);
+        assert_eq!(index.cached_tokens("a", &PromptHashes::new(&prompt)), 32);
         index
             .apply("a", &change(9, &[], &[hashes[0]]))
             .expect("next");
         assert_eq!(
-            index.cached_tokens("a", &prompt),
+            index.cached_tokens("a", &PromptHashes::new(&prompt)),
             0,
             "only a leading run counts"
         );
         assert_eq!(
-            index.cached_tokens("b", &prompt),
+            index.cached_tokens("b", &PromptHashes::new(&prompt)),
             0,
             "unknown workers hold nothing"
         );
-        index.note_routed("a", &prompt);
+        index.note_routed("a", &PromptHashes::new(&prompt));
         assert_eq!(
-            index.cached_tokens("a", &prompt),
+            index.cached_tokens("a", &PromptHashes::new(&prompt)),
             32,
             "a prompt sent there counts before the worker reports it"
         );

@@ -89,6 +89,15 @@ pub struct WorkerArgs {
     /// …]}`. Default: expert e on rank e mod --ep.
     #[arg(long, env = "TANDEM_EXPERT_PLACEMENT", value_name = "FILE")]
     pub expert_placement: Option<PathBuf>,
+    /// Seconds a rank of a --tp or --ep group (ranks sharing a host, not NCCL) waits for a
+    /// peer's part of a collective before failing the step: ranks run in lockstep, so a long
+    /// wait means a stuck or dead rank.
+    #[arg(
+        long,
+        env = "TANDEM_COLLECTIVE_TIMEOUT_SECONDS",
+        default_value_t = 120.0
+    )]
+    pub collective_timeout_seconds: f64,
 }
 
 impl WorkerArgs {
@@ -103,6 +112,10 @@ impl WorkerArgs {
         if self.queue_depth == 0 {
             return Err("--queue-depth must be >= 1".into());
         }
+        let c = self.collective_timeout_seconds;
+        if !(c.is_finite() && c > 0.0) {
+            return Err(format!("--collective-timeout-seconds must be > 0, got {c}"));
+        }
         self.sharding().validate()
     }
 
@@ -115,6 +128,7 @@ impl WorkerArgs {
             tensor_parallel: self.tensor_parallel,
             expert_parallel: self.expert_parallel,
             expert_placement: self.expert_placement.clone(),
+            collective_timeout: std::time::Duration::from_secs_f64(self.collective_timeout_seconds),
         }
     }
 

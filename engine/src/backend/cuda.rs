@@ -1284,7 +1284,10 @@ impl Backend for CudaBackend {
 
     /// NCCL when every rank has its own GPU and libnccl loads; otherwise (NCCL cannot put two
     /// ranks on one GPU) the host collective.
-    fn group_collectives(backends: &[Self]) -> Result<Vec<Box<dyn Collective<Self>>>> {
+    fn group_collectives(
+        backends: &[Self],
+        timeout: std::time::Duration,
+    ) -> Result<Vec<Box<dyn Collective<Self>>>> {
         let mut ordinals: Vec<usize> = backends
             .iter()
             .map(|b| b.stream.context().ordinal())
@@ -1297,7 +1300,7 @@ impl Backend for CudaBackend {
                 .map(|c| Box::new(c) as Box<dyn Collective<Self>>)
                 .collect());
         }
-        Ok(host_collectives(backends.len()))
+        Ok(host_collectives(backends.len(), timeout))
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {

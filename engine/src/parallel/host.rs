@@ -16,9 +16,12 @@ pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// What one peer sent this rank, in order.
 type Inbox = Mutex<Receiver<Vec<f32>>>;
 
-/// A group of `size` host-connected ranks with the default timeout, boxed for any backend.
-pub(crate) fn host_collectives<B: Backend>(size: usize) -> Vec<Box<dyn Collective<B>>> {
-    HostCollective::group(size, DEFAULT_COLLECTIVE_TIMEOUT)
+/// A group of `size` host-connected ranks, boxed for any backend.
+pub(crate) fn host_collectives<B: Backend>(
+    size: usize,
+    timeout: Duration,
+) -> Vec<Box<dyn Collective<B>>> {
+    HostCollective::group(size, timeout)
         .into_iter()
         .map(|c| Box::new(c) as Box<dyn Collective<B>>)
         .collect()
@@ -117,15 +120,14 @@ impl HostCollective {
                 self.put(r, part)?;
             }
         }
-        (0..size)
-            .map(|r| {
-                if r == self.rank {
-                    Ok(own.clone())
-                } else {
-                    self.take(r)
-                }
-            })
-            .collect()
+        let mut received = (0..self.rank)
+            .map(|r| self.take(r))
+            .collect::<Result<Vec<_>>>()?;
+        received.push(own);
+        for r in self.rank + 1..size {
+            received.push(self.take(r)?);
+        }
+        Ok(received)
     }
 
     fn broadcast_own(&self, x: &[f32]) -> Result<Vec<Vec<f32>>> {
