@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use tandem_common::generate::GenerateArgs;
+use tandem_common::tls::TlsArgs;
 
 /// Tandem: disaggregated prefill/decode serving for Mixture-of-Experts models.
 #[derive(Debug, Parser)]
@@ -92,6 +93,8 @@ pub struct Endpoint {
     pub token: Option<String>,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table, global = true)]
     pub format: Format,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// How admin verbs print.
@@ -215,6 +218,10 @@ pub struct GenerateCommand {
         requires = "router"
     )]
     pub api_key: Option<String>,
+    /// TLS to the router (with --router): --tls-ca verifies it, --tls-cert/--tls-key are
+    /// this client's certificate when the router asks for one.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 #[derive(Debug, Clone, PartialEq, Args)]
@@ -228,6 +235,9 @@ pub struct BenchArgs {
     /// API key the router asks for (its --api-key).
     #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// TLS to the router, gRPC or HTTP (an https:// --http URL needs --tls-ca).
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// random: prompts of --isl tokens; shared-prefix: --groups prefixes of --prefix-len
     /// tokens, each request one of them plus --isl tokens of its own; trace: --trace.
     #[arg(long, value_enum, default_value_t = WorkloadKind::Random)]

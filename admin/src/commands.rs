@@ -2,20 +2,30 @@
 
 use std::path::PathBuf;
 
+use tandem_common::tls::{Tls, TlsArgs};
+
 pub mod admin;
 pub mod bench;
 pub mod generate;
 mod remote_generate;
 pub mod up;
 
+/// TLS to the router, from the --tls-* flags.
+pub(crate) fn client_tls(args: &TlsArgs) -> Result<Option<Tls>, CommandError> {
+    args.load_client()
+        .map_err(|e| CommandError::Usage(e.to_string()))
+}
+
 /// A gRPC channel to the router at `router` (host:port), named `flag` in errors.
 pub(crate) async fn router_channel(
     router: &str,
     flag: &str,
+    tls: &TlsArgs,
 ) -> Result<tonic::transport::Channel, CommandError> {
     tonic::transport::Endpoint::from_shared(format!("http://{router}"))
-        .map_err(|e| CommandError::Usage(format!("{flag} `{router}` is not host:port: {e}")))?
-        .connect()
+        .map_err(|e| CommandError::Usage(format!("{flag} `{router}` is not host:port: {e}")))?;
+    let tls = client_tls(tls)?;
+    tandem_common::tls::grpc_connect(router, tls.as_ref())
         .await
         .map_err(|source| CommandError::Connect {
             router: router.to_owned(),
@@ -63,8 +73,9 @@ pub(crate) type InferenceRpc = tandem_proto::v1::inference_client::InferenceClie
 pub(crate) async fn inference_client(
     router: &str,
     api_key: Option<&str>,
+    tls: &TlsArgs,
 ) -> Result<InferenceRpc, CommandError> {
-    let channel = router_channel(router, "--router").await?;
+    let channel = router_channel(router, "--router", tls).await?;
     Ok(
         tandem_proto::v1::inference_client::InferenceClient::with_interceptor(
             channel,
@@ -89,7 +100,7 @@ pub enum CommandError {
     },
     #[error("{0}")]
     Usage(String),
-    #[error("router {router}: {:?}: {}", status.code(), status.message())]
+    #[error("router {router}: {:?}: {}{}", status.code(), status.message(), causes(status))]
     Rpc {
         router: String,
         status: tonic::Status,
@@ -104,6 +115,25 @@ pub enum CommandError {
     Cluster { process: String, what: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// What lies under a status that a broken connection produced, as `: cause: cause (hint)`;
+/// empty for statuses the router sent.
+fn causes(status: &tonic::Status) -> String {
+    let mut out = String::new();
+    let mut next = std::error::Error::source(status);
+    while let Some(cause) = next {
+        out.push_str(&format!(": {cause}"));
+        next = cause.source();
+    }
+    if !out.is_empty() {
+        // A TLS refusal reaches a client only as a closed connection; the router logs why.
+        out.push_str(
+            " (the connection broke: a router with TLS needs --tls-ca, and with mutual TLS \
+             a --tls-cert/--tls-key from its CA; its log says why it refused)",
+        );
+    }
+    out
 }
 
 impl CommandError {

@@ -7,3 +7,4 @@ pub mod limits;
 pub mod registry;
 pub mod server;
 pub mod telemetry;
+pub mod tls;

@@ -34,20 +34,6 @@ pub fn announce_ready(listeners: &[(&str, SocketAddr)]) {
     let _ = out.flush();
 }
 
-/// Connections accepted on `listener`, with Nagle's algorithm off: a gRPC stream writes many
-/// small frames, and Nagle waiting on the peer's delayed ACK holds each for ~40 ms.
-pub fn incoming_nodelay(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
-        if let Ok(stream) = &accepted {
-            let _ = stream.set_nodelay(true);
-        }
-        accepted
-    })
-}
-
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

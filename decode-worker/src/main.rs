@@ -21,7 +21,7 @@ enum Command {
     /// Serve the decode role: take KV from prefill workers and stream tokens to routers.
     /// Prints `ready grpc=HOST:PORT kv=HOST:PORT` on stdout once it serves. `tandemctl move`
     /// can switch it to prefill without reloading the weights.
-    Serve(WorkerArgs),
+    Serve(Box<WorkerArgs>),
     /// Run one prompt through the model in this process and print the result.
     Generate(GenerateArgs),
 }
@@ -29,7 +29,7 @@ enum Command {
 fn main() -> ExitCode {
     let config = Config::parse();
     match config.command {
-        Command::Serve(args) => tandem_worker::main_with(tandem_worker::run(args, Role::Decode)),
+        Command::Serve(args) => tandem_worker::main_with(tandem_worker::run(*args, Role::Decode)),
         Command::Generate(args) => match tandem_decode_worker::generate::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tandem_common::tls::Tls;
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -22,6 +23,7 @@ const CONNECTION_QUEUE: usize = 64;
 pub struct TcpKvSender {
     connections: Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Outgoing>>>>,
     codec: FrameCodec,
+    tls: Option<Tls>,
 }
 
 /// Accepts KV connections and decodes their frames.
@@ -29,6 +31,7 @@ pub struct TcpKvSender {
 pub struct KvListener {
     listener: TcpListener,
     codec: FrameCodec,
+    tls: Option<Tls>,
 }
 
 #[derive(Debug)]
@@ -38,10 +41,12 @@ struct Outgoing {
 }
 
 impl TcpKvSender {
-    pub fn new(max_frame_bytes: usize) -> Self {
+    /// Frames up to `max_frame_bytes`, over TLS to listeners that have it when `tls` is set.
+    pub fn new(max_frame_bytes: usize, tls: Option<Tls>) -> Self {
         Self {
             connections: Arc::default(),
             codec: FrameCodec::new(max_frame_bytes),
+            tls,
         }
     }
 
@@ -77,7 +82,7 @@ impl TcpKvSender {
             .entry(endpoint)
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(CONNECTION_QUEUE);
-                tokio::spawn(write_connection(endpoint, self.codec, rx));
+                tokio::spawn(write_connection(endpoint, self.codec, self.tls.clone(), rx));
                 tx
             })
             .clone()
@@ -102,9 +107,10 @@ impl TcpKvSender {
 async fn write_connection(
     endpoint: SocketAddr,
     codec: FrameCodec,
+    tls: Option<Tls>,
     mut queue: mpsc::Receiver<Outgoing>,
 ) {
-    let stream = match TcpStream::connect(endpoint).await {
+    let stream = match tandem_common::tls::connect(&endpoint.to_string(), tls.as_ref()).await {
         Ok(stream) => stream,
         Err(source) => {
             let message = source.to_string();
@@ -123,7 +129,6 @@ async fn write_connection(
             return;
         }
     };
-    let _ = stream.set_nodelay(true);
     let mut sink = FramedWrite::new(stream, codec);
     while let Some(Outgoing { frame, sent }) = queue.recv().await {
         let result = sink.send(frame).await.map_err(|e| match e {
@@ -139,10 +144,17 @@ async fn write_connection(
 }
 
 impl KvListener {
-    pub async fn bind(addr: SocketAddr, max_frame_bytes: usize) -> std::io::Result<Self> {
+    /// Binds `addr` for frames up to `max_frame_bytes`; with `tls`, senders need a
+    /// certificate from its CA.
+    pub async fn bind(
+        addr: SocketAddr,
+        max_frame_bytes: usize,
+        tls: Option<Tls>,
+    ) -> std::io::Result<Self> {
         Ok(Self {
             listener: TcpListener::bind(addr).await?,
             codec: FrameCodec::new(max_frame_bytes),
+            tls,
         })
     }
 
@@ -153,19 +165,18 @@ impl KvListener {
     /// Accepts connections until `frames` closes, sending every decoded envelope to it. A
     /// corrupt stream (bad magic, oversize frame) closes that connection only.
     pub async fn run(self, frames: mpsc::Sender<Received>) {
+        let mut incoming = tandem_common::tls::incoming(self.listener, self.tls.as_ref());
         loop {
-            let accepted = tokio::select! {
-                accepted = self.listener.accept() => accepted,
+            let stream = tokio::select! {
+                accepted = incoming.accept() => match accepted {
+                    Some(stream) => stream,
+                    None => return,
+                },
                 () = frames.closed() => return,
             };
-            let (stream, peer) = match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "accepting a kv connection failed");
-                    continue;
-                }
+            let Ok(peer) = stream.peer_addr() else {
+                continue;
             };
-            let _ = stream.set_nodelay(true);
             let frames = frames.clone();
             let mut reader = FramedRead::new(stream, self.codec);
             tokio::spawn(async move {
@@ -196,13 +207,13 @@ mod tests {
 
     #[tokio::test]
     async fn frames_to_one_endpoint_arrive_in_order_over_one_connection() {
-        let listener = KvListener::bind("127.0.0.1:0".parse().expect("addr"), 1 << 20)
+        let listener = KvListener::bind("127.0.0.1:0".parse().expect("addr"), 1 << 20, None)
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, mut rx) = mpsc::channel(4);
         tokio::spawn(listener.run(tx));
-        let sender = TcpKvSender::new(1 << 20);
+        let sender = TcpKvSender::new(1 << 20, None);
         let shape = KvShape {
             num_tokens: 2,
             kv_heads: 1,
@@ -241,7 +252,7 @@ mod tests {
         let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = closed.local_addr().expect("addr");
         drop(closed);
-        let sender = TcpKvSender::new(1024);
+        let sender = TcpKvSender::new(1024, None);
         let frame = Frame::Done(DoneFrame {
             transfer: TransferId(1),
             first_token: 1,

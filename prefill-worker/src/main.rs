@@ -21,11 +21,11 @@ enum Command {
     /// Serve the prefill role: run prompts and push their KV to decode workers. Prints
     /// `ready grpc=HOST:PORT kv=HOST:PORT` on stdout once it serves (the KV listener is used
     /// if the worker is moved to decode).
-    Serve(WorkerArgs),
+    Serve(Box<WorkerArgs>),
 }
 
 fn main() -> ExitCode {
     match Config::parse().command {
-        Command::Serve(args) => tandem_worker::main_with(tandem_worker::run(args, Role::Prefill)),
+        Command::Serve(args) => tandem_worker::main_with(tandem_worker::run(*args, Role::Prefill)),
     }
 }

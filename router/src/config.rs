@@ -6,6 +6,7 @@ use clap::Parser;
 
 pub use crate::orchestrate::Routing;
 use tandem_common::limits::Limits;
+use tandem_common::tls::TlsArgs;
 
 /// Tandem router: the gRPC front door of a prefill/decode cluster.
 #[derive(Debug, Clone, PartialEq, Parser)]
@@ -104,6 +105,13 @@ pub struct Config {
     pub shutdown_grace_seconds: f64,
     #[command(flatten)]
     pub limits: Limits,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// With TLS on, let clients without a certificate in on the router's gRPC and HTTP
+    /// listeners (API keys tell them apart); a certificate one presents must still come from
+    /// --tls-ca. Workers always require one.
+    #[arg(long, env = "TANDEM_TLS_ANONYMOUS_CLIENTS")]
+    pub tls_anonymous_clients: bool,
 }
 
 impl Config {

@@ -35,6 +35,42 @@ use openai::{
     error_body,
 };
 
+/// The HTTP listener's connections (TLS already handled), as axum takes them.
+pub(crate) struct Listener(pub(crate) tandem_common::tls::Incoming);
+
+impl axum::serve::Listener for Listener {
+    type Io = tandem_common::tls::Stream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Some(stream) = self.0.accept().await else {
+                // The accepting task is gone only when the runtime stops.
+                return std::future::pending().await;
+            };
+            if let Ok(peer) = stream.peer_addr() {
+                return (stream, peer);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+/// The client's address, for rate limits without API keys.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientAddr(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Listener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Listener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
 /// OpenAI's default sampling temperature (gRPC's default is greedy).
 const OPENAI_DEFAULT_TEMPERATURE: f32 = 1.0;
 /// Server-sent events buffered per stream before the router waits for the client.
@@ -154,7 +190,7 @@ fn admit_client(
 
 async fn models(
     State(state): State<Arc<RouterState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, HttpError> {
     client(&state, &headers, peer)?;
@@ -181,7 +217,7 @@ enum Api {
 
 async fn completions(
     State(state): State<Arc<RouterState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
     headers: HeaderMap,
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, HttpError> {
@@ -214,7 +250,7 @@ async fn completions(
 
 async fn chat_completions(
     State(state): State<Arc<RouterState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
     headers: HeaderMap,
     body: Result<Json<ChatCompletionRequest>, JsonRejection>,
 ) -> Result<Response, HttpError> {

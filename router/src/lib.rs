@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use tandem_common::tls::ClientCertificates;
 use tandem_proto::v1::admin_server::AdminServer;
 use tandem_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
@@ -65,11 +66,19 @@ pub enum StartError {
     Reflection(String),
     #[error("grpc server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("tls: {0}")]
+    Tls(#[from] tandem_common::tls::TlsError),
 }
 
 /// Binds, learns the model from the workers, prints `ready grpc=HOST:PORT` and serves until
 /// Ctrl-C or SIGTERM.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    let clients = if config.tls_anonymous_clients {
+        ClientCertificates::Optional
+    } else {
+        ClientCertificates::Required
+    };
+    let tls = config.tls.load_component(clients)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -94,7 +103,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     let limits = &config.limits;
     let max_message = limits.max_message_bytes;
-    let (membership, card) = Membership::start(&config).await?;
+    let (membership, card) = Membership::start(&config, tls.clone()).await?;
     let registry = membership.registry();
     let local_records = membership.local_records();
     let cluster = Arc::new(Cluster {
@@ -155,11 +164,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let http = http.map(|(listener, http_addr)| {
         listening.push(("http", http_addr));
         let app = http::routes(Arc::clone(&state), max_message);
+        let listener = http::Listener(tandem_common::tls::incoming(listener, tls.as_ref()));
         tokio::spawn(async move {
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+            let app = app.into_make_service_with_connect_info::<http::ClientAddr>();
             axum::serve(listener, app)
                 .with_graceful_shutdown(tandem_common::server::shutdown_signal())
                 .await
@@ -178,9 +185,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         )
         .load_shed(true)
         .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(tandem_common::server::incoming_nodelay(listener), async {
-            let _ = stopped.await;
-        });
+        .serve_with_incoming_shutdown(
+            tandem_common::tls::incoming(listener, tls.as_ref()),
+            async {
+                let _ = stopped.await;
+            },
+        );
     let grace = Duration::from_secs_f64(config.shutdown_grace_seconds);
     tandem_common::server::serve_with_grace(
         server,

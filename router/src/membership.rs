@@ -11,10 +11,10 @@ use tandem_common::registry::{
     DesiredState, DesiredStates, EmbeddedRegistry, EtcdRegistry, Registration, Registry,
     RegistryError, WorkerRecord, WorkerRole,
 };
+use tandem_common::tls::Tls;
 use tandem_proto::internal::v1::worker_client::WorkerClient;
 use tandem_proto::internal::v1::{DescribeRequest, Role, WorkerDescription};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::StartError;
 use crate::chat::ChatTemplate;
@@ -33,6 +33,7 @@ pub(crate) struct Membership {
     desired: watch::Receiver<DesiredStates>,
     local: Arc<LocalRecords>,
     registry: Arc<dyn Registry>,
+    tls: Option<Tls>,
 }
 
 /// Records this router publishes for its workers (the embedded registry's, seeded from the
@@ -55,7 +56,10 @@ impl LocalRecords {
 impl Membership {
     /// Connects to the registry (seeding the embedded one from the flags) and waits for a
     /// decode worker to learn the model from.
-    pub(crate) async fn start(config: &Config) -> Result<(Self, ModelCard), StartError> {
+    pub(crate) async fn start(
+        config: &Config,
+        tls: Option<Tls>,
+    ) -> Result<(Self, ModelCard), StartError> {
         let startup = Duration::from_secs_f64(config.worker_startup_timeout_seconds);
         let local = Arc::new(LocalRecords::default());
         let registry: Arc<dyn Registry> = match &config.etcd {
@@ -77,7 +81,7 @@ impl Membership {
                     );
                 let mut seeded = local.0.lock().await;
                 for (addr, flagged_role) in flagged {
-                    let d = describe(addr, startup).await?;
+                    let d = describe(addr, startup, tls.as_ref()).await?;
                     if seeded.contains_key(&d.worker_id) {
                         return Err(StartError::DuplicateWorkerId { id: d.worker_id });
                     }
@@ -121,7 +125,7 @@ impl Membership {
         .ok_or(StartError::NoDecodeWorker {
             seconds: startup.as_secs_f64(),
         })?;
-        let description = describe(&first.grpc, startup).await?;
+        let description = describe(&first.grpc, startup, tls.as_ref()).await?;
         let tokenizer =
             tokenizers::Tokenizer::from_bytes(&description.tokenizer_json).map_err(|e| {
                 StartError::Tokenizer {
@@ -160,6 +164,7 @@ impl Membership {
             desired,
             local,
             registry,
+            tls,
         };
         Ok((membership, card))
     }
@@ -190,7 +195,7 @@ impl Membership {
 
     fn apply(&mut self, cluster: &Arc<Cluster>, model: &str, max_message: usize) {
         let records = self.snapshots.borrow_and_update().clone();
-        apply(cluster, &records, model, max_message);
+        apply(cluster, &records, model, max_message, self.tls.as_ref());
         let desired = self.desired.borrow_and_update().clone();
         for w in cluster.decode.workers() {
             w.set_state(admin_state(desired.get(&w.id)));
@@ -211,7 +216,13 @@ pub(crate) fn admin_state(desired: Option<&DesiredState>) -> AdminState {
 }
 
 /// Makes the pools hold the snapshot's workers of the served model.
-fn apply(cluster: &Arc<Cluster>, records: &[WorkerRecord], model: &str, max_message: usize) {
+fn apply(
+    cluster: &Arc<Cluster>,
+    records: &[WorkerRecord],
+    model: &str,
+    max_message: usize,
+    tls: Option<&Tls>,
+) {
     let serving = |role| -> Vec<&WorkerRecord> {
         records
             .iter()
@@ -225,17 +236,19 @@ fn apply(cluster: &Arc<Cluster>, records: &[WorkerRecord], model: &str, max_mess
             })
             .collect()
     };
-    let (added, removed) = cluster.decode.sync(&serving(WorkerRole::Decode), |c| {
+    let (added, removed) = cluster.decode.sync(&serving(WorkerRole::Decode), tls, |c| {
         DecodeClient::new(c)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message)
     });
     log_changes("decode", &added, &removed);
-    let (added, removed) = cluster.prefill.sync(&serving(WorkerRole::Prefill), |c| {
-        PrefillClient::new(c)
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message)
-    });
+    let (added, removed) = cluster
+        .prefill
+        .sync(&serving(WorkerRole::Prefill), tls, |c| {
+            PrefillClient::new(c)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message)
+        });
     log_changes("prefill", &added, &removed);
     // Every prefill worker's prefix cache is followed while it is in the pool.
     for worker in cluster.prefill.workers() {
@@ -253,13 +266,16 @@ fn log_changes(pool: &str, added: &[String], removed: &[String]) {
 }
 
 /// The worker's model description, retrying while it starts.
-async fn describe(addr: &str, within: Duration) -> Result<WorkerDescription, StartError> {
-    let channel: Channel = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| StartError::BadWorkerAddress {
+async fn describe(
+    addr: &str,
+    within: Duration,
+    tls: Option<&Tls>,
+) -> Result<WorkerDescription, StartError> {
+    let channel =
+        tandem_common::tls::grpc_channel(addr, tls).map_err(|e| StartError::BadWorkerAddress {
             addr: addr.to_owned(),
             reason: e.to_string(),
-        })?
-        .connect_lazy();
+        })?;
     let deadline = tokio::time::Instant::now() + within;
     let mut client = WorkerClient::new(channel).max_decoding_message_size(usize::MAX);
     loop {

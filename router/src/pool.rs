@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tandem_common::registry::WorkerRecord;
+use tandem_common::tls::Tls;
 use tandem_proto::internal::v1::worker_client::WorkerClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// What an SRE has asked of a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +121,7 @@ impl<C> Pool<C> {
     pub(crate) fn sync(
         &self,
         records: &[&WorkerRecord],
+        tls: Option<&Tls>,
         client: impl Fn(Channel) -> C,
     ) -> (Vec<String>, Vec<String>) {
         let mut workers = self
@@ -137,11 +139,10 @@ impl<C> Pool<C> {
             if workers.iter().any(|w| w.id == record.id) {
                 continue;
             }
-            let Ok(endpoint) = Endpoint::from_shared(format!("http://{}", record.grpc)) else {
+            let Ok(channel) = tandem_common::tls::grpc_channel(&record.grpc, tls) else {
                 tracing::warn!(id = %record.id, grpc = %record.grpc, "worker address is not host:port");
                 continue;
             };
-            let channel = endpoint.connect_lazy();
             workers.push(Arc::new(Worker {
                 id: record.id.clone(),
                 addr: record.grpc.clone(),
@@ -255,7 +256,7 @@ mod tests {
     fn pool(ids: &[&str]) -> Pool<()> {
         let pool = Pool::default();
         let records: Vec<WorkerRecord> = ids.iter().map(|id| record(id)).collect();
-        pool.sync(&records.iter().collect::<Vec<_>>(), |_| ());
+        pool.sync(&records.iter().collect::<Vec<_>>(), None, |_| ());
         pool
     }
 
@@ -264,7 +265,7 @@ mod tests {
         let pool = pool(&["a", "b"]);
         pool.find("a").expect("a").set_state(AdminState::Cordoned);
         let (a, c) = (record("a"), record("c"));
-        let (added, removed) = pool.sync(&[&a, &c], |_| ());
+        let (added, removed) = pool.sync(&[&a, &c], None, |_| ());
         assert_eq!(
             (added, removed),
             (vec!["c".to_owned()], vec!["b".to_owned()])
@@ -295,7 +296,7 @@ mod tests {
             ranks: 4,
             ..record("wide")
         };
-        pool.sync(&[&wide, &record("narrow")], |_| ());
+        pool.sync(&[&wide, &record("narrow")], None, |_| ());
         let leases: Vec<_> = (0..10).map(|_| pool.pick(1).expect("a worker")).collect();
         let on_wide = leases.iter().filter(|l| l.worker().id == "wide").count();
         assert_eq!(

@@ -205,13 +205,13 @@ async fn kv_transfer(frames: usize) {
     let total = (frame_bytes * frames) as f64;
 
     // Tandem's path: encode, send, decode and check every frame.
-    let listener = KvListener::bind("127.0.0.1:0".parse().expect("addr"), 64 << 20)
+    let listener = KvListener::bind("127.0.0.1:0".parse().expect("addr"), 64 << 20, None)
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (tx, mut rx) = mpsc::channel(4);
     tokio::spawn(listener.run(tx));
-    let sender = TcpKvSender::new(64 << 20);
+    let sender = TcpKvSender::new(64 << 20, None);
     // Warm the connection.
     sender
         .send(addr, Frame::Layer(frame.clone()))

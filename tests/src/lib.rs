@@ -3,6 +3,7 @@
 
 mod cluster;
 mod etcd;
+pub mod pki;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

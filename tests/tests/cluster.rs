@@ -644,7 +644,7 @@ async fn a_bad_kv_frame_fails_its_transfer_and_frees_the_reservation() {
         &vec![1.0; values],
     );
     let endpoint = ticket.endpoint.parse().expect("host:port");
-    TcpKvSender::new(1 << 20)
+    TcpKvSender::new(1 << 20, None)
         .send(endpoint, Frame::Layer(frame))
         .await
         .expect("sent");

@@ -11,6 +11,10 @@ pub struct WorkerArgs {
     /// gRPC address to listen on; port 0 picks a free port (printed on the ready line).
     #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
+    /// gRPC address (host:port) routers are told to reach this worker at, when it differs
+    /// from the bound one (a pod IP or DNS name behind 0.0.0.0).
+    #[arg(long, env = "TANDEM_ADVERTISE", value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
     /// This worker's id in the cluster, what admin commands name it by. Default:
     /// `<role>@<listen address>`.
     #[arg(long, env = "TANDEM_WORKER_ID")]
@@ -98,6 +102,10 @@ pub struct WorkerArgs {
         default_value_t = 120.0
     )]
     pub collective_timeout_seconds: f64,
+    /// TLS between this worker and routers and peer workers (gRPC and KV), mutual: every
+    /// connection presents a certificate from --tls-ca.
+    #[command(flatten)]
+    pub tls: tandem_common::tls::TlsArgs,
 }
 
 impl WorkerArgs {

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tandem_common::registry::{DesiredStates, EtcdRegistry, Registry, RegistryError, WorkerRole};
+use tandem_common::tls::{ClientCertificates, Tls};
 use tandem_engine::{Backend, EngineError, Served, ServedModel};
 use tandem_kv_transfer::{KvListener, TcpKvSender};
 use tandem_proto::internal::v1::decode_server::DecodeServer;
@@ -51,6 +52,8 @@ pub enum ServeError {
     Registry(#[from] RegistryError),
     #[error("the registry lease expired; stopped after finishing the running requests")]
     LeaseLost,
+    #[error("tls: {0}")]
+    Tls(#[from] tandem_common::tls::TlsError),
 }
 
 /// Binds a listener, naming the address in the error.
@@ -67,13 +70,14 @@ struct Listeners {
     grpc_addr: SocketAddr,
     kv: KvListener,
     kv_addr: SocketAddr,
+    tls: Option<Tls>,
 }
 
 /// What the worker tells routers about itself and `served`, starting in `role` at `addr`.
 fn describe<B: Backend>(
     args: &WorkerArgs,
     role: Role,
-    addr: SocketAddr,
+    addr: &str,
     served: &ServedModel<B>,
 ) -> WorkerDescription {
     let c = served.model().config();
@@ -109,12 +113,13 @@ fn describe<B: Backend>(
 /// lease and drains for at most the grace period.
 pub async fn run(args: WorkerArgs, default_role: Role) -> Result<(), ServeError> {
     args.validate().map_err(ServeError::Config)?;
+    let tls = args.tls.load_component(ClientCertificates::Required)?;
     let (grpc, grpc_addr) = bind(args.listen).await?;
     let kv_bind_error = |source| ServeError::Bind {
         addr: args.kv_listen,
         source,
     };
-    let kv = KvListener::bind(args.kv_listen, args.max_kv_frame_bytes)
+    let kv = KvListener::bind(args.kv_listen, args.max_kv_frame_bytes, tls.clone())
         .await
         .map_err(kv_bind_error)?;
     let kv_addr = kv.local_addr().map_err(kv_bind_error)?;
@@ -123,6 +128,7 @@ pub async fn run(args: WorkerArgs, default_role: Role) -> Result<(), ServeError>
         grpc_addr,
         kv,
         kv_addr,
+        tls,
     };
     let started = Instant::now();
     let sharding = args.sharding();
@@ -158,8 +164,13 @@ async fn serve_model<B: Backend>(
         grpc_addr,
         kv,
         kv_addr,
+        tls,
     } = listeners;
-    let description = describe(&args, default_role, grpc_addr, &served);
+    let advertised = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| grpc_addr.to_string());
+    let description = describe(&args, default_role, &advertised, &served);
     tracing::info!(
         model = %served.name,
         dir = %served.dir.display(),
@@ -201,12 +212,7 @@ async fn serve_model<B: Backend>(
         queue_depth: args.queue_depth,
         kv_transfer_timeout: args.kv_transfer_timeout(),
     };
-    let host = Arc::new(Host::new(
-        description,
-        grpc_addr.to_string(),
-        settings,
-        health.clone(),
-    ));
+    let host = Arc::new(Host::new(description, advertised, settings, health.clone()));
     host.start(role, engine).map_err(ServeError::Thread)?;
 
     let (frames, frames_rx) = mpsc::channel(KV_FRAME_QUEUE);
@@ -225,7 +231,7 @@ async fn serve_model<B: Backend>(
     routes.add_service(
         PrefillServer::new(PrefillService {
             commands: Arc::clone(&host.prefill),
-            sender: TcpKvSender::new(args.max_kv_frame_bytes),
+            sender: TcpKvSender::new(args.max_kv_frame_bytes, tls.clone()),
             next_id: AtomicU64::new(1),
             queue_depth: args.queue_depth,
             num_layers,
@@ -262,7 +268,7 @@ async fn serve_model<B: Backend>(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(tandem_common::server::incoming_nodelay(grpc), async {
+        .serve_with_incoming_shutdown(tandem_common::tls::incoming(grpc, tls.as_ref()), async {
             let _ = stopped.await;
         });
     let lease_lost = AtomicBool::new(false);

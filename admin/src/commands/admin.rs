@@ -31,7 +31,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, CommandError> {
 
 async fn connect(endpoint: &Endpoint) -> Result<Client, CommandError> {
     let router = endpoint.endpoint.clone();
-    let channel = super::router_channel(&router, "--endpoint").await?;
+    let channel = super::router_channel(&router, "--endpoint", &endpoint.tls).await?;
     Ok(AdminClient::with_interceptor(
         channel,
         BearerToken::new(endpoint.token.as_deref(), "--token")?,

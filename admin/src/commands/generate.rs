@@ -20,7 +20,7 @@ pub fn run(command: &GenerateCommand) -> Result<ExitCode, CommandError> {
                 "--model names a folder for runs in this process; with --router the cluster's model is used".into(),
             ));
         }
-        remote_generate::run(router, command.api_key.as_deref(), args)?;
+        remote_generate::run(router, command.api_key.as_deref(), &command.tls, args)?;
         return Ok(ExitCode::SUCCESS);
     }
     let worker = sibling_binary(WORKER_BINARY)?;

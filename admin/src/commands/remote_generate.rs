@@ -4,6 +4,7 @@
 use std::io::Write;
 
 use tandem_common::generate::{GenerateArgs, GenerateOutput, OutputFormat, TopLogprobJson, Usage};
+use tandem_common::tls::TlsArgs;
 use tandem_proto::v1::{
     FinishReason, GenerateRequest, SamplingParams, TokenIds, TokenizeRequest, generate_request,
     generate_response,
@@ -15,17 +16,19 @@ use super::CommandError;
 pub(crate) fn run(
     router: &str,
     api_key: Option<&str>,
+    tls: &TlsArgs,
     args: &GenerateArgs,
 ) -> Result<(), CommandError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(generate(router, api_key, args))
+    runtime.block_on(generate(router, api_key, tls, args))
 }
 
 async fn generate(
     router: &str,
     api_key: Option<&str>,
+    tls: &TlsArgs,
     args: &GenerateArgs,
 ) -> Result<(), CommandError> {
     let rpc_error = |status| CommandError::Rpc {
@@ -38,7 +41,7 @@ async fn generate(
             args.max_tokens
         ))
     })?;
-    let mut client = super::inference_client(router, api_key).await?;
+    let mut client = super::inference_client(router, api_key, tls).await?;
     let (prompt, prompt_token_ids) = match (&args.prompt_ids, &args.prompt) {
         (Some(ids), _) => (
             generate_request::Prompt::TokenIds(TokenIds { ids: ids.clone() }),

@@ -15,6 +15,7 @@ use super::super::InferenceRpc;
 use super::CommandError;
 use super::workload::BenchRequest;
 use crate::args::BenchArgs;
+use tandem_common::tls::Tls;
 
 /// Where requests go.
 #[derive(Debug, Clone)]
@@ -23,12 +24,17 @@ pub(crate) enum Client {
         router: String,
         client: InferenceRpc,
     },
-    /// `host:port`, the API's base path (`/v1`) and the `authorization` value, if any.
-    Http {
-        authority: String,
-        base: String,
-        authorization: Option<String>,
-    },
+    Http(HttpEndpoint),
+}
+
+/// Where HTTP requests go: `host:port`, the API's base path (`/v1`), the `authorization`
+/// value if any, and TLS for an https:// URL.
+#[derive(Debug, Clone)]
+pub(crate) struct HttpEndpoint {
+    authority: String,
+    base: String,
+    authorization: Option<String>,
+    tls: Option<Tls>,
 }
 
 /// What happened to one request, times from the start of its sweep point.
@@ -60,30 +66,53 @@ impl RequestTiming {
 impl Client {
     pub(crate) async fn connect(args: &BenchArgs) -> Result<Self, CommandError> {
         if let Some(url) = &args.http {
-            let rest = url.strip_prefix("http://").ok_or_else(|| {
-                CommandError::Usage(format!("--http must be http://HOST:PORT/v1, got {url}"))
-            })?;
+            let tls = super::super::client_tls(&args.tls)?;
+            let rest = match (url.split_once("://"), &tls) {
+                (Some(("http", rest)), None) | (Some(("https", rest)), Some(_)) => rest,
+                (Some(("https", _)), None) => {
+                    return Err(CommandError::Usage(
+                        "an https:// --http URL needs --tls-ca to verify the router".into(),
+                    ));
+                }
+                (Some(("http", _)), Some(_)) => {
+                    return Err(CommandError::Usage(
+                        "--tls-ca is set but --http is http://; use https://".into(),
+                    ));
+                }
+                _ => {
+                    return Err(CommandError::Usage(format!(
+                        "--http must be http(s)://HOST:PORT/v1, got {url}"
+                    )));
+                }
+            };
             let (authority, base) = match rest.split_once('/') {
                 Some((a, b)) => (a.to_owned(), format!("/{}", b.trim_end_matches('/'))),
                 None => (rest.to_owned(), String::new()),
             };
-            return Ok(Self::Http {
+            return Ok(Self::Http(HttpEndpoint {
                 authority,
                 base,
                 authorization: args.api_key.as_ref().map(|k| format!("Bearer {k}")),
-            });
+                tls,
+            }));
         }
         let router = args.router.clone();
-        let client = super::super::inference_client(&router, args.api_key.as_deref()).await?;
+        let client =
+            super::super::inference_client(&router, args.api_key.as_deref(), &args.tls).await?;
         Ok(Self::Grpc { router, client })
     }
 
     pub(crate) fn describe(&self) -> String {
         match self {
             Self::Grpc { router, .. } => format!("grpc {router}"),
-            Self::Http {
-                authority, base, ..
-            } => format!("http http://{authority}{base}"),
+            Self::Http(endpoint) => {
+                let scheme = if endpoint.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("http {scheme}://{}{}", endpoint.authority, endpoint.base)
+            }
         }
     }
 
@@ -100,22 +129,16 @@ impl Client {
                 })?
                 .into_inner()
                 .vocab_size),
-            Self::Http {
-                authority,
-                base,
-                authorization,
-            } => {
-                let models = get_json(
-                    authority,
-                    &format!("{base}/models"),
-                    authorization.as_deref(),
-                )
-                .await?;
+            Self::Http(endpoint) => {
+                let models = get_json(endpoint, &format!("{}/models", endpoint.base)).await?;
                 models["data"][0]["vocab_size"]
                     .as_u64()
                     .map(|v| v as u32)
                     .ok_or_else(|| {
-                        CommandError::Usage(format!("{authority}{base}/models names no vocab_size"))
+                        CommandError::Usage(format!(
+                            "{}{}/models names no vocab_size",
+                            endpoint.authority, endpoint.base
+                        ))
                     })
             }
         }
@@ -130,18 +153,7 @@ impl Client {
         };
         let result = match self {
             Self::Grpc { client, .. } => grpc(client.clone(), request, started, &mut timing).await,
-            Self::Http {
-                authority,
-                base,
-                authorization,
-            } => {
-                let target = HttpTarget {
-                    authority,
-                    base,
-                    authorization: authorization.as_deref(),
-                };
-                http(&target, request, started, &mut timing).await
-            }
+            Self::Http(endpoint) => http(endpoint, request, started, &mut timing).await,
         };
         timing.done = started.elapsed();
         if let Err(error) = result {
@@ -195,22 +207,15 @@ async fn grpc(
     Err("the stream ended without a final message".into())
 }
 
-/// Where HTTP requests go.
-struct HttpTarget<'a> {
-    authority: &'a str,
-    base: &'a str,
-    authorization: Option<&'a str>,
-}
-
 /// One HTTP/1.1 request on its own connection; returns the response to read frames from.
 async fn post(
-    authority: &str,
+    endpoint: &HttpEndpoint,
     path: &str,
     method: hyper::Method,
-    authorization: Option<&str>,
     body: String,
 ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
-    let stream = tokio::net::TcpStream::connect(authority)
+    let authority = &endpoint.authority;
+    let stream = tandem_common::tls::connect(authority, endpoint.tls.as_ref())
         .await
         .map_err(|e| format!("connecting to {authority}: {e}"))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -222,7 +227,7 @@ async fn post(
         .uri(path)
         .header(hyper::header::HOST, authority)
         .header(hyper::header::CONTENT_TYPE, "application/json");
-    if let Some(value) = authorization {
+    if let Some(value) = &endpoint.authorization {
         request = request.header(hyper::header::AUTHORIZATION, value);
     }
     let request = request
@@ -234,20 +239,10 @@ async fn post(
         .map_err(|e| format!("http request: {e}"))
 }
 
-async fn get_json(
-    authority: &str,
-    path: &str,
-    authorization: Option<&str>,
-) -> Result<Value, CommandError> {
-    let response = post(
-        authority,
-        path,
-        hyper::Method::GET,
-        authorization,
-        String::new(),
-    )
-    .await
-    .map_err(CommandError::Usage)?;
+async fn get_json(endpoint: &HttpEndpoint, path: &str) -> Result<Value, CommandError> {
+    let response = post(endpoint, path, hyper::Method::GET, String::new())
+        .await
+        .map_err(CommandError::Usage)?;
     let body = response
         .into_body()
         .collect()
@@ -258,7 +253,7 @@ async fn get_json(
 }
 
 async fn http(
-    target: &HttpTarget<'_>,
+    endpoint: &HttpEndpoint,
     request: &BenchRequest,
     started: Instant,
     timing: &mut RequestTiming,
@@ -271,15 +266,8 @@ async fn http(
         "stream": true,
         "stream_options": {"include_usage": true},
     });
-    let path = format!("{}/completions", target.base);
-    let mut response = post(
-        target.authority,
-        &path,
-        hyper::Method::POST,
-        target.authorization,
-        body.to_string(),
-    )
-    .await?;
+    let path = format!("{}/completions", endpoint.base);
+    let mut response = post(endpoint, &path, hyper::Method::POST, body.to_string()).await?;
     let status = response.status();
     let mut pending = String::new();
     while let Some(frame) = response.body_mut().frame().await {
