@@ -4,6 +4,7 @@ pub mod error_class;
 pub mod generate;
 pub mod ids;
 pub mod limits;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod telemetry;

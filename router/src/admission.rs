@@ -36,6 +36,12 @@ impl Admission {
         }
     }
 
+    /// Requests holding a slot and requests waiting for one.
+    pub(crate) fn occupancy(&self) -> (usize, usize) {
+        let running = self.max_concurrent - self.running.available_permits();
+        (running, self.waiting.load(Ordering::Relaxed))
+    }
+
     /// A running slot, held for the request's whole stream. Waits in the queue (at most
     /// `timeout`) when every slot is taken; refuses at once when the queue is full too.
     pub(crate) async fn admit(

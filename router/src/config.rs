@@ -21,6 +21,11 @@ pub struct Config {
     /// line). Off when unset.
     #[arg(long, env = "TANDEM_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+    /// Address for Prometheus metrics (`/metrics`) and probes (`/healthz`, `/readyz`: ready
+    /// once a decode worker is known), plain HTTP; port 0 picks one (`metrics=HOST:PORT` on the
+    /// ready line). Off when unset.
+    #[arg(long, env = "TANDEM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Prefill worker gRPC address (host:port); repeat or comma-separate. None: decode
     /// workers prefill their own prompts.
     #[arg(

@@ -182,10 +182,7 @@ fn admit_client(
     peer: SocketAddr,
 ) -> Result<(), HttpError> {
     let client = client(state, headers, peer)?;
-    state
-        .gate
-        .charge(&client)
-        .map_err(|e| HttpError::from(Status::from(e)))
+    state.charge(&client).map_err(HttpError::from)
 }
 
 async fn models(

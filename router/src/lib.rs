@@ -12,6 +12,7 @@ mod error;
 mod gate;
 mod http;
 mod membership;
+mod metrics;
 mod orchestrate;
 mod pool;
 mod prefix_index;
@@ -19,7 +20,7 @@ mod service;
 mod validation;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tandem_common::tls::ClientCertificates;
@@ -141,7 +142,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                     burst: f64::from(config.rate_limit_burst.max(1)),
                 }),
         ),
+        metrics: Arc::default(),
     });
+    let exporter = Arc::new(metrics::RouterExporter {
+        state: Arc::clone(&state),
+        serving: AtomicBool::new(false),
+    });
+    let metrics_addr = match config.metrics_listen {
+        Some(addr) => Some(
+            tandem_common::metrics::start(addr, Arc::clone(&exporter))
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
     let inference = InferenceServer::new(InferenceService {
         state: Arc::clone(&state),
     })
@@ -172,8 +186,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 .await
         })
     });
+    listening.extend(metrics_addr.map(|a| ("metrics", a)));
+    exporter.serving.store(true, Ordering::Relaxed);
     tandem_common::server::announce_ready(&listening);
-    tracing::info!(%addr, http = ?http.as_ref().map(|_| listening[1].1), "router serving");
+    tracing::info!(?listening, "router serving");
     // Tower layers in front of every RPC: a deadline on producing the response, and a bound
     // on calls in progress per connection beyond which calls are shed at once. Admission and
     // the request deadline (inside Generate) bound whole streams.

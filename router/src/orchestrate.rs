@@ -3,7 +3,8 @@
 //! stream back to the client. Without a prefill worker taking requests the decode worker
 //! prefills itself.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tandem_proto::internal::v1::{
     DecodeRequest, DecodeResponse, DecodeToken, PrefillRequest, decode_response,
 };
@@ -16,6 +17,7 @@ use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
 use crate::error::RouterError;
+use crate::metrics::RouterMetrics;
 use crate::pool::{Lease, Pool};
 use crate::prefix_index::{PrefixIndex, PromptHashes};
 use crate::validation::ValidGenerateRequest;
@@ -59,6 +61,9 @@ pub(crate) struct Responder {
     /// The client's prompt length, for the usage of the final message.
     prompt_tokens: u32,
     sent: Vec<u32>,
+    metrics: Arc<RouterMetrics>,
+    arrived: Instant,
+    last_sent: Option<Instant>,
 }
 
 impl Cluster {
@@ -266,10 +271,7 @@ async fn stream_tokens(
                 Vec::new()
             },
         };
-        responder.sent.push(token.token_id);
-        responder
-            .send(generate_response::Kind::Chunk(chunk))
-            .await?;
+        responder.send_token(token.token_id, chunk).await?;
         if finish != FinishReason::Unspecified {
             return responder.finish(finish, request).await;
         }
@@ -286,15 +288,37 @@ fn continuation(request: &ValidGenerateRequest, sent: &[u32]) -> ValidGenerateRe
 }
 
 impl Responder {
+    /// Streams to `out` for a request that arrived at `arrived`, recording token timings.
     pub(crate) fn new(
         out: mpsc::Sender<Result<GenerateResponse, Status>>,
         prompt_tokens: u32,
+        metrics: Arc<RouterMetrics>,
+        arrived: Instant,
     ) -> Self {
         Self {
             out,
             prompt_tokens,
             sent: Vec::new(),
+            metrics,
+            arrived,
+            last_sent: None,
         }
+    }
+
+    /// Sends one token's chunk: the first one's time is the time to first token, later
+    /// ones' gaps the inter-token latency.
+    async fn send_token(&mut self, token_id: u32, chunk: TokenChunk) -> Result<(), RouterError> {
+        self.send(generate_response::Kind::Chunk(chunk)).await?;
+        let now = Instant::now();
+        let since = self.last_sent.replace(now);
+        let (histogram, from) = match since {
+            None => (&self.metrics.time_to_first_token, self.arrived),
+            Some(previous) => (&self.metrics.inter_token_latency, previous),
+        };
+        histogram.observe(now.duration_since(from).as_secs_f64());
+        self.metrics.output_tokens.inc();
+        self.sent.push(token_id);
+        Ok(())
     }
 
     pub(crate) fn tokens_sent(&self) -> usize {

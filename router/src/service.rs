@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use tandem_common::ids::RequestId;
 use tandem_proto::v1::inference_server::Inference;
@@ -18,6 +19,7 @@ use tracing::Instrument;
 
 use crate::admission::Admission;
 use crate::error::RouterError;
+use crate::metrics::{RouterMetrics, outcome_of};
 use crate::orchestrate::{Cluster, Responder};
 use crate::validation::Validator;
 
@@ -38,6 +40,7 @@ pub(crate) struct RouterState {
     pub next_request: AtomicU64,
     /// API keys and per-client rate limits.
     pub gate: crate::gate::ClientGate,
+    pub metrics: Arc<RouterMetrics>,
 }
 
 /// The `authorization` value of a gRPC call.
@@ -66,14 +69,36 @@ type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>
 pub(crate) type TokenStream = ReceiverStream<Result<GenerateResponse, Status>>;
 
 impl RouterState {
-    /// Admits `request` (waiting at most the request timeout for a slot), validates and
-    /// tokenizes it, and starts it. Returns its request id (the request's, else `header_id`,
-    /// else one this router makes up) and the stream of its responses; dropping the stream
-    /// cancels it. gRPC and HTTP calls both come through here.
+    /// Charges `client` one request against its rate limit; a refusal counts as a request
+    /// that ended RESOURCE_EXHAUSTED.
+    pub(crate) fn charge(&self, client: &str) -> Result<(), Status> {
+        self.gate.charge(client).map_err(|error| {
+            let status = Status::from(error);
+            self.metrics.request_ended(&outcome_of(status.code()));
+            status
+        })
+    }
+
+    /// [`Self::admit_and_start`], counting a request refused before it started.
     pub(crate) async fn start_generation(
         self: &Arc<Self>,
         request: GenerateRequest,
         header_id: Option<String>,
+    ) -> Result<(RequestId, TokenStream), Status> {
+        self.admit_and_start(request, header_id, Instant::now())
+            .await
+            .inspect_err(|status| self.metrics.request_ended(&outcome_of(status.code())))
+    }
+
+    /// Admits `request` (waiting at most the request timeout for a slot), validates and
+    /// tokenizes it, and starts it. Returns its request id (the request's, else `header_id`,
+    /// else one this router makes up) and the stream of its responses; dropping the stream
+    /// cancels it. gRPC and HTTP calls both come through here.
+    async fn admit_and_start(
+        self: &Arc<Self>,
+        request: GenerateRequest,
+        header_id: Option<String>,
+        arrived: Instant,
     ) -> Result<(RequestId, TokenStream), Status> {
         let state = Arc::clone(self);
         let timeout = state.validator.limits.request_timeout();
@@ -81,6 +106,8 @@ impl RouterState {
         let request_id = header_id
             .unwrap_or_else(|| format!("r{}", state.next_request.fetch_add(1, Ordering::Relaxed)));
         let permit = state.admission.admit(timeout).await?;
+        let metrics = Arc::clone(&state.metrics);
+        metrics.queue_time.observe(arrived.elapsed().as_secs_f64());
         let validating = Arc::clone(&state);
         let fallback_id = RequestId(request_id);
         let valid = tokio::task::spawn_blocking(move || {
@@ -99,7 +126,13 @@ impl RouterState {
         tokio::spawn(
             async move {
                 let _permit = permit;
-                let mut responder = Responder::new(out.clone(), valid.prompt_ids.len() as u32);
+                metrics.prompt_tokens.inc_by(valid.prompt_ids.len() as u64);
+                let mut responder = Responder::new(
+                    out.clone(),
+                    valid.prompt_ids.len() as u32,
+                    Arc::clone(&metrics),
+                    arrived,
+                );
                 let result = tokio::select! {
                     // The client went away: dropping the legs cancels both workers' calls.
                     () = out.closed() => Err(RouterError::ClientGone),
@@ -110,9 +143,18 @@ impl RouterState {
                         seconds: timeout.as_secs_f64(),
                     })),
                 };
+                metrics
+                    .request_duration
+                    .observe(arrived.elapsed().as_secs_f64());
                 match result {
-                    Ok(()) => tracing::debug!(tokens = responder.tokens_sent(), "request done"),
-                    Err(RouterError::ClientGone) => tracing::debug!("client went away"),
+                    Ok(()) => {
+                        metrics.request_ended("ok");
+                        tracing::debug!(tokens = responder.tokens_sent(), "request done");
+                    }
+                    Err(RouterError::ClientGone) => {
+                        metrics.request_ended("cancelled");
+                        tracing::debug!("client went away");
+                    }
                     Err(error) => {
                         if error.class() == tandem_common::error_class::ErrorClass::Internal {
                             tracing::error!(%error, "request failed");
@@ -120,6 +162,7 @@ impl RouterState {
                             tracing::debug!(%error, "request failed");
                         }
                         let status = Status::from(error);
+                        metrics.request_ended(&outcome_of(status.code()));
                         if responder.tokens_sent() > 0 {
                             let message = GenerateError {
                                 code: format!("{:?}", status.code()),
@@ -150,7 +193,7 @@ impl Inference for InferenceService {
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
         let client = self.client(&request)?;
-        self.state.gate.charge(&client)?;
+        self.state.charge(&client)?;
         let header_id = request
             .metadata()
             .get(REQUEST_ID_HEADER)

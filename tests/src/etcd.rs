@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tandem_proto::etcd::RangeRequest;
 use tandem_proto::etcd::kv_client::KvClient;
 
-use crate::log_dir;
+use crate::{installed, log_dir};
 
 /// How long etcd may take to answer its first request.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,12 +34,7 @@ impl Etcd {
     /// Starts etcd for `test`. Without an `etcd` binary the test is skipped (None, with a
     /// printed reason) unless `CI=true`, where that fails the run.
     pub fn start(test: &str) -> Option<Self> {
-        if Command::new("etcd").arg("--version").output().is_err() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "etcd is not installed, and CI=true requires it (apt-get install etcd-server)"
-            );
-            println!("skipped: no etcd binary (apt-get install etcd-server)");
+        if !installed("etcd", "etcd-server") {
             return None;
         }
         let logs = log_dir(&format!("{test}-etcd"));

@@ -4,6 +4,7 @@
 mod cluster;
 mod etcd;
 pub mod pki;
+pub mod prometheus;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,6 +33,20 @@ pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
         .join(name)
+}
+
+/// Whether `binary` (from Debian's `package`) is installed. Without it a test is skipped with
+/// a printed reason, unless `CI=true`, where that fails the run.
+pub fn installed(binary: &str, package: &str) -> bool {
+    if Command::new(binary).arg("--version").output().is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{binary} is not installed, and CI=true requires it (apt-get install {package})"
+    );
+    println!("skipped: no {binary} binary (apt-get install {package})");
+    false
 }
 
 /// `target/test-logs/<test>`, emptied.

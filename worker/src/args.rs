@@ -15,6 +15,11 @@ pub struct WorkerArgs {
     /// from the bound one (a pod IP or DNS name behind 0.0.0.0).
     #[arg(long, env = "TANDEM_ADVERTISE", value_name = "HOST:PORT")]
     pub advertise: Option<String>,
+    /// Address for Prometheus metrics (`/metrics`) and probes (`/healthz`; `/readyz` once the
+    /// model is loaded and the worker serves), plain HTTP; port 0 picks one
+    /// (`metrics=HOST:PORT` on the ready line). Off when unset.
+    #[arg(long, env = "TANDEM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// This worker's id in the cluster, what admin commands name it by. Default:
     /// `<role>@<listen address>`.
     #[arg(long, env = "TANDEM_WORKER_ID")]

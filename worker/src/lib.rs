@@ -12,6 +12,7 @@ mod error;
 mod host;
 mod info;
 mod kv_events;
+mod metrics;
 mod prefill;
 mod serve;
 

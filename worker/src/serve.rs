@@ -21,6 +21,7 @@ use crate::args::WorkerArgs;
 use crate::decode::{DecodeService, KvLayout, run_kv_intake};
 use crate::host::{EngineSettings, Host};
 use crate::info::WorkerInfoService;
+use crate::metrics::{WorkerExporter, WorkerMetrics};
 use crate::prefill::PrefillService;
 
 /// Arriving KV frames buffered before the listener stops reading (and senders slow down).
@@ -71,6 +72,8 @@ struct Listeners {
     kv: KvListener,
     kv_addr: SocketAddr,
     tls: Option<Tls>,
+    metrics: Arc<WorkerMetrics>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// What the worker tells routers about itself and `served`, starting in `role` at `addr`.
@@ -123,12 +126,24 @@ pub async fn run(args: WorkerArgs, default_role: Role) -> Result<(), ServeError>
         .await
         .map_err(kv_bind_error)?;
     let kv_addr = kv.local_addr().map_err(kv_bind_error)?;
+    // Metrics and probes answer while the model loads: live, not ready.
+    let metrics = Arc::new(WorkerMetrics::default());
+    let metrics_addr = match args.metrics_listen {
+        Some(addr) => Some(
+            tandem_common::metrics::start(addr, Arc::new(WorkerExporter(Arc::clone(&metrics))))
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
     let listeners = Listeners {
         grpc,
         grpc_addr,
         kv,
         kv_addr,
         tls,
+        metrics,
+        metrics_addr,
     };
     let started = Instant::now();
     let sharding = args.sharding();
@@ -165,6 +180,8 @@ async fn serve_model<B: Backend>(
         kv,
         kv_addr,
         tls,
+        metrics,
+        metrics_addr,
     } = listeners;
     let advertised = args
         .advertise
@@ -214,6 +231,11 @@ async fn serve_model<B: Backend>(
     };
     let host = Arc::new(Host::new(description, advertised, settings, health.clone()));
     host.start(role, engine).map_err(ServeError::Thread)?;
+    let scraped = Arc::clone(&host);
+    metrics.set_source(Box::new(move || {
+        let host = Arc::clone(&scraped);
+        Box::pin(async move { host.stats().await.ok() })
+    }));
 
     let (frames, frames_rx) = mpsc::channel(KV_FRAME_QUEUE);
     tokio::spawn(kv.run(frames));
@@ -232,6 +254,7 @@ async fn serve_model<B: Backend>(
         PrefillServer::new(PrefillService {
             commands: Arc::clone(&host.prefill),
             sender: TcpKvSender::new(args.max_kv_frame_bytes, tls.clone()),
+            metrics: Arc::clone(&metrics),
             next_id: AtomicU64::new(1),
             queue_depth: args.queue_depth,
             num_layers,
@@ -263,7 +286,10 @@ async fn serve_model<B: Backend>(
         tokio::spawn(follow_desired_state(desired, Arc::clone(&host)));
     }
     tracing::info!(grpc = %grpc_addr, kv = %kv_addr, role = role.as_str_name(), "worker serving");
-    tandem_common::server::announce_ready(&[("grpc", grpc_addr), ("kv", kv_addr)]);
+    let mut listening = vec![("grpc", grpc_addr), ("kv", kv_addr)];
+    listening.extend(metrics_addr.map(|a| ("metrics", a)));
+    tandem_common::server::announce_ready(&listening);
+    metrics.set_serving(true);
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
@@ -297,6 +323,7 @@ async fn serve_model<B: Backend>(
         // Routers drop the record at once, and probes see NOT_SERVING, while running work
         // finishes within the grace period.
         drop(registration);
+        metrics.set_serving(false);
         stopping.deregister();
         stopping.stop_serving().await;
     };

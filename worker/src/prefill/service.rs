@@ -3,8 +3,9 @@
 //! token.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tandem_common::ids::{KvBlockId, TransferId};
 use tandem_engine::{Backend, SeqId};
@@ -18,6 +19,7 @@ use super::engine_thread::{Command, PrefillOutput};
 use crate::WorkerError;
 use crate::engine_loop::try_queue;
 use crate::host::RoleSlot;
+use crate::metrics::WorkerMetrics;
 use crate::sampling_params;
 
 pub(crate) struct PrefillService<B: Backend> {
@@ -28,6 +30,7 @@ pub(crate) struct PrefillService<B: Backend> {
     pub(crate) num_layers: usize,
     pub(crate) kv_heads: u32,
     pub(crate) head_dim: u32,
+    pub(crate) metrics: Arc<WorkerMetrics>,
 }
 
 #[tonic::async_trait]
@@ -77,6 +80,7 @@ impl<B: Backend> Prefill for PrefillService<B> {
             .map_err(|_| WorkerError::EngineStopped)?
             .map_err(WorkerError::from)?;
         let mut first_layer_seconds = None;
+        let mut sending = Duration::ZERO;
         // Dropping `outputs_rx` (the router cancelled) makes the engine abort the prompt.
         while let Some(output) = outputs_rx.recv().await {
             match output {
@@ -90,10 +94,14 @@ impl<B: Backend> Prefill for PrefillService<B> {
                         &rows.k,
                         &rows.v,
                     );
+                    let bytes = frame.payload.len();
+                    let send_started = Instant::now();
                     self.sender
                         .send(endpoint, Frame::Layer(frame))
                         .await
                         .map_err(WorkerError::from)?;
+                    sending += send_started.elapsed();
+                    self.metrics.kv_transfer_bytes.inc_by(bytes as u64);
                 }
                 PrefillOutput::First(event) => {
                     let done = DoneFrame {
@@ -112,6 +120,12 @@ impl<B: Backend> Prefill for PrefillService<B> {
                         .await
                         .map_err(WorkerError::from)?;
                     tracing::debug!(request_id = %r.request_id, %transfer, "kv pushed");
+                    self.metrics
+                        .kv_transfer_duration
+                        .observe(sending.as_secs_f64());
+                    self.metrics
+                        .prefill_duration
+                        .observe(arrived.elapsed().as_secs_f64());
                     return Ok(Response::new(PrefillResponse {
                         first_token: event.token,
                         first_layer_seconds: first_layer_seconds.unwrap_or_default(),

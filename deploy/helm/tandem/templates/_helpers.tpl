@@ -47,6 +47,8 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.cluster | quote }}
 - name: RUST_LOG
   value: {{ .Values.logLevel | quote }}
+- name: TANDEM_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
 {{- if .Values.tls.enabled }}
 - name: TANDEM_TLS_CERT
   value: /etc/tandem/tls/tls.crt
