@@ -29,7 +29,7 @@ enum Command {
 fn main() -> ExitCode {
     let config = Config::parse();
     match config.command {
-        Command::Serve(args) => tandem_worker::main_with(tandem_worker::run(*args, Role::Decode)),
+        Command::Serve(args) => tandem_worker::serve_main(*args, Role::Decode),
         Command::Generate(args) => match tandem_decode_worker::generate::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -26,6 +26,6 @@ enum Command {
 
 fn main() -> ExitCode {
     match Config::parse().command {
-        Command::Serve(args) => tandem_worker::main_with(tandem_worker::run(*args, Role::Prefill)),
+        Command::Serve(args) => tandem_worker::serve_main(*args, Role::Prefill),
     }
 }

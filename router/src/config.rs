@@ -6,6 +6,7 @@ use clap::Parser;
 
 pub use crate::orchestrate::Routing;
 use tandem_common::limits::Limits;
+use tandem_common::telemetry::TraceArgs;
 use tandem_common::tls::TlsArgs;
 
 /// Tandem router: the gRPC front door of a prefill/decode cluster.
@@ -112,6 +113,8 @@ pub struct Config {
     pub limits: Limits,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub traces: TraceArgs,
     /// With TLS on, let clients without a certificate in on the router's gRPC and HTTP
     /// listeners (API keys tell them apart); a certificate one presents must still come from
     /// --tls-ca. Workers always require one.

@@ -195,6 +195,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     // the request deadline (inside Generate) bound whole streams.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .trace_fn(tandem_common::telemetry::rpc_span)
         .timeout(limits.request_timeout() + TIMEOUT_BACKSTOP_MARGIN)
         .concurrency_limit_per_connection(
             limits.max_concurrent_requests + limits.queue_depth + HEALTH_HEADROOM,

@@ -12,7 +12,6 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
-    tandem_common::telemetry::init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -20,7 +19,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(tandem_router::run(config)) {
+    let served = runtime.block_on(async {
+        let _telemetry =
+            tandem_common::telemetry::init_with_traces("tandem-router", &config.traces);
+        tandem_router::run(config).await
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -16,6 +16,8 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
+use tandem_common::telemetry::traced;
+
 use crate::error::RouterError;
 use crate::metrics::RouterMetrics;
 use crate::pool::{Lease, Pool};
@@ -164,7 +166,7 @@ impl Cluster {
             .worker()
             .client
             .clone()
-            .generate(DecodeRequest {
+            .generate(traced(DecodeRequest {
                 request_id: request.request_id.0.clone(),
                 prompt_ids: request.prompt_ids.clone(),
                 sampling: Some(request.sampling),
@@ -173,7 +175,7 @@ impl Cluster {
                 stop_token_ids: request.stop_token_ids.clone(),
                 ignore_eos: request.ignore_eos,
                 remote_prefill,
-            })
+            }))
             .await
             .map_err(&decode_error)?
             .into_inner();
@@ -191,12 +193,12 @@ impl Cluster {
         };
         let prefill_error = worker_error("prefill", &prefill, self.hold_back);
         let mut prefill_client = prefill.worker().client.clone();
-        let prefill_call = prefill_client.prefill(PrefillRequest {
+        let prefill_call = prefill_client.prefill(traced(PrefillRequest {
             request_id: request.request_id.0.clone(),
             prompt_ids: request.prompt_ids.clone(),
             sampling: Some(request.sampling),
             ticket: Some(ticket),
-        });
+        }));
         tokio::pin!(prefill_call);
         let decoding = stream_tokens(&mut tokens, request, responder, &decode_error);
         tokio::pin!(decoding);

@@ -111,6 +111,8 @@ pub struct WorkerArgs {
     /// connection presents a certificate from --tls-ca.
     #[command(flatten)]
     pub tls: tandem_common::tls::TlsArgs,
+    #[command(flatten)]
+    pub traces: tandem_common::telemetry::TraceArgs,
 }
 
 impl WorkerArgs {

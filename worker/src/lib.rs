@@ -19,4 +19,4 @@ mod serve;
 pub use args::{WorkerArgs, device_choice};
 pub use convert::{finish_reason, logprobs_from_proto, sampling_params, token_logprob};
 pub use error::WorkerError;
-pub use serve::{ServeError, main_with, run};
+pub use serve::{ServeError, run, serve_main};

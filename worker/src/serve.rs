@@ -293,6 +293,7 @@ async fn serve_model<B: Backend>(
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .trace_fn(tandem_common::telemetry::rpc_span)
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(tandem_common::tls::incoming(grpc, tls.as_ref()), async {
             let _ = stopped.await;
@@ -372,13 +373,9 @@ async fn follow_desired_state<B: Backend>(
     }
 }
 
-/// A worker binary's `main`: logging, a runtime, `serve`, and the exit code (64 for bad
-/// configuration).
-pub fn main_with<F>(serve: F) -> ExitCode
-where
-    F: std::future::Future<Output = Result<(), ServeError>>,
-{
-    tandem_common::telemetry::init();
+/// A worker binary's `serve`: a runtime, logs and traces, [`run`], and the exit code (64 for
+/// bad configuration).
+pub fn serve_main(args: WorkerArgs, default_role: Role) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -386,7 +383,15 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve) {
+    let service = match default_role {
+        Role::Prefill => "tandem-prefill-worker",
+        _ => "tandem-decode-worker",
+    };
+    let served = runtime.block_on(async {
+        let _telemetry = tandem_common::telemetry::init_with_traces(service, &args.traces);
+        run(args, default_role).await
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ ServeError::Config(_)) => {
             eprintln!("error: {e}");

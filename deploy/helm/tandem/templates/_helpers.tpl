@@ -49,6 +49,10 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.logLevel | quote }}
 - name: TANDEM_LOG_FORMAT
   value: {{ .Values.logFormat | quote }}
+{{- with .Values.tracing.otlpEndpoint }}
+- name: TANDEM_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
 {{- if .Values.tls.enabled }}
 - name: TANDEM_TLS_CERT
   value: /etc/tandem/tls/tls.crt
