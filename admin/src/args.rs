@@ -62,6 +62,19 @@ pub enum Command {
     ///
     /// Example: tandemctl bench --isl 128 --osl 32 --concurrency 1,4,16 --chart bench.svg
     Bench(BenchArgs),
+    /// Size a fleet on paper: simulate prefill TP, decode EP and P:D splits of --gpus GPUs
+    /// for a model on a hardware profile, print the Pareto front of tokens/s per GPU against
+    /// tokens/s per user and the best deployment meeting the SLOs.
+    ///
+    /// Example: tandemctl plan --model config.json --hardware gb200-nvl72 --gpus 72 --isl 1024 --osl 1024
+    Plan(PlanArgs),
+    /// Fit a hardware profile to Tandem's own kernels from the CUDA engine bench's JSON
+    /// (`TANDEM_BENCH_JSON=bench.json cargo bench -p tandem-engine --bench cuda` on the GPU),
+    /// print each measured step beside the fitted model's prediction, and write the profile
+    /// for `tandemctl plan --hardware`.
+    ///
+    /// Example: tandemctl calibrate --bench bench.json --base h100 --out h100-tandem.json
+    Calibrate(CalibrateArgs),
     /// How the router places requests.
     #[command(subcommand)]
     Route(RouteCommand),
@@ -70,6 +83,58 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Clone, PartialEq, Args)]
+pub struct PlanArgs {
+    /// The model's Hugging Face config.json.
+    #[arg(long, value_name = "CONFIG")]
+    pub model: PathBuf,
+    /// Hardware profile: h100, h200, b200, gb200-nvl72, or a profile JSON file.
+    #[arg(long, value_name = "PROFILE")]
+    pub hardware: String,
+    /// GPUs to deploy on.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=4096))]
+    pub gpus: u32,
+    /// Prompt tokens per request.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub isl: u32,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(2..))]
+    pub osl: u32,
+    /// p90 time-to-first-token target, seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub slo_ttft: f64,
+    /// p90 time-per-output-token target, seconds.
+    #[arg(long, default_value_t = 0.05)]
+    pub slo_tpot: f64,
+    /// Requests simulated per (deployment, load) point.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u32).range(10..))]
+    pub requests: u32,
+    /// Also print the best tokens/s per GPU at these tokens/s per user (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub at: Vec<f64>,
+    /// Write Helm values (deploy/helm/tandem) for the chosen deployment here.
+    #[arg(long, value_name = "FILE")]
+    pub helm_values: Option<PathBuf>,
+    /// `model.path` in those values.
+    #[arg(long, default_value = "model")]
+    pub model_path: String,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, PartialEq, Args)]
+pub struct CalibrateArgs {
+    /// The engine bench's measurements (TANDEM_BENCH_JSON).
+    #[arg(long, value_name = "FILE")]
+    pub bench: PathBuf,
+    /// Datasheet profile of the GPU measured (its links and memory size are kept).
+    #[arg(long, value_name = "PROFILE")]
+    pub base: String,
+    /// Where to write the calibrated profile.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 /// Where the router's admin API is and how to get in.

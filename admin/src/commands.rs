@@ -7,6 +7,7 @@ use tandem_common::tls::{Tls, TlsArgs};
 pub mod admin;
 pub mod bench;
 pub mod generate;
+pub mod plan;
 mod remote_generate;
 pub mod up;
 

@@ -21,6 +21,8 @@ pub fn run(cli: args::Cli) -> Result<ExitCode, CommandError> {
         args::Command::Rebalance(a) => commands::admin::rebalance(&a),
         args::Command::Top(a) => commands::admin::top(&a),
         args::Command::Bench(a) => commands::bench::run(&a).map(|()| ExitCode::SUCCESS),
+        args::Command::Plan(a) => commands::plan::run(&a).map(|()| ExitCode::SUCCESS),
+        args::Command::Calibrate(a) => commands::plan::calibrate(&a).map(|()| ExitCode::SUCCESS),
         args::Command::Route(args::RouteCommand::Explain(a)) => commands::admin::explain_route(&a),
         args::Command::Completions { shell } => {
             let mut command = <args::Cli as clap::CommandFactory>::command();

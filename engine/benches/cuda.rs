@@ -65,6 +65,8 @@ fn main() {
         copy / 1e9,
         gemm / 1e12
     );
+    let backend_name = backend.device_name().to_owned();
+    let checkpoint_config = config(layers);
     let started = Instant::now();
     let model = Model::load(&dir, backend, &mut |_| {}).expect("model loads");
     println!(
@@ -82,11 +84,26 @@ fn main() {
     };
     let mut engine = Engine::new(model, None, config).expect("engine");
 
+    // What `tandemctl calibrate` fits a hardware profile to (TANDEM_BENCH_JSON=path).
+    let mut measured = json!({
+        "device": backend_name,
+        "layers": layers,
+        "config": checkpoint_config,
+        "context": CONTEXT,
+        "copy_bytes_per_s": copy,
+        "gemm_flops": gemm,
+        "decode": [],
+        "prefill": [],
+    });
     println!("decode at {CONTEXT} context");
     println!("| batch | step ms | floor ms | of floor | tokens/s |");
     println!("| ---: | ---: | ---: | ---: | ---: |");
     for batch in BATCHES {
         let step = decode_step_seconds(&mut engine, batch, layers);
+        measured["decode"]
+            .as_array_mut()
+            .expect("array")
+            .push(json!({"batch": batch, "seconds": step}));
         let floor = decode_floor_bytes(batch, layers) / (copy / 2.0);
         println!(
             "| {batch} | {:.2} | {:.2} | {:.0}% | {:.0} |",
@@ -102,6 +119,10 @@ fn main() {
     println!("| ---: | ---: | ---: | ---: | ---: |");
     for len in PREFILL_LENGTHS {
         let seconds = prefill_seconds(&mut engine, len);
+        measured["prefill"]
+            .as_array_mut()
+            .expect("array")
+            .push(json!({"tokens": len, "seconds": seconds}));
         let flops = prefill_flops(len, layers);
         println!(
             "| {len} | {seconds:.3} | {:.0} | {:.1} | {:.0}% |",
@@ -109,6 +130,10 @@ fn main() {
             flops / seconds / 1e12,
             100.0 * flops / seconds / gemm
         );
+    }
+
+    if let Some(path) = std::env::var_os("TANDEM_BENCH_JSON") {
+        std::fs::write(&path, format!("{measured:#}")).expect("write bench json");
     }
 
     // Where the time goes: every operation timed between synchronizations (slower overall).

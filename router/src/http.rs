@@ -4,7 +4,7 @@
 //! gRPC calls, so every limit applies alike; errors come back in OpenAI's error shape with
 //! the matching HTTP status.
 
-mod openai;
+pub(crate) mod openai;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -30,6 +30,7 @@ use tonic::{Code, Status};
 
 use crate::chat::ChatMessage;
 use crate::service::{RouterState, TokenStream};
+use crate::validation::ModelCard;
 use openai::{
     ChatCompletionRequest, CommonParams, CompletionRequest, ContentField, PromptField, Usage,
     error_body,
@@ -88,7 +89,7 @@ pub(crate) fn routes(state: Arc<RouterState>, max_body_bytes: usize) -> Router {
 
 /// A failed request in OpenAI's shape.
 #[derive(Debug)]
-struct HttpError {
+pub(crate) struct HttpError {
     status: StatusCode,
     kind: &'static str,
     code: Option<&'static str>,
@@ -220,16 +221,24 @@ async fn completions(
 ) -> Result<Response, HttpError> {
     admit_client(&state, &headers, peer)?;
     let Json(request) = body?;
+    let generate = completion_request(&request)?;
+    respond(state, Api::Completions, request.common, generate).await
+}
+
+/// The gRPC request a `/v1/completions` body stands for.
+pub(crate) fn completion_request(
+    request: &CompletionRequest,
+) -> Result<GenerateRequest, HttpError> {
     if request.echo == Some(true) {
         return Err(HttpError::invalid("echo is not supported".into()));
     }
     if request.best_of.is_some_and(|b| b != 1) {
         return Err(HttpError::invalid("best_of must be 1".into()));
     }
-    let prompt = match request.prompt {
-        PromptField::Text(text) => generate_request::Prompt::Text(text),
-        PromptField::Texts(mut texts) if texts.len() == 1 => {
-            generate_request::Prompt::Text(texts.remove(0))
+    let prompt = match &request.prompt {
+        PromptField::Text(text) => generate_request::Prompt::Text(text.clone()),
+        PromptField::Texts(texts) if texts.len() == 1 => {
+            generate_request::Prompt::Text(texts[0].clone())
         }
         PromptField::Texts(texts) => {
             return Err(HttpError::invalid(format!(
@@ -237,12 +246,16 @@ async fn completions(
                 texts.len()
             )));
         }
-        PromptField::Tokens(ids) => generate_request::Prompt::TokenIds(TokenIds { ids }),
+        PromptField::Tokens(ids) => {
+            generate_request::Prompt::TokenIds(TokenIds { ids: ids.clone() })
+        }
     };
-    let max_tokens = request.common.max_tokens;
-    let logprobs = request.logprobs;
-    let generate = generate_request(&request.common, prompt, max_tokens, logprobs)?;
-    respond(state, Api::Completions, request.common, generate).await
+    generate_request(
+        &request.common,
+        prompt,
+        request.common.max_tokens,
+        request.logprobs,
+    )
 }
 
 async fn chat_completions(
@@ -253,10 +266,20 @@ async fn chat_completions(
 ) -> Result<Response, HttpError> {
     admit_client(&state, &headers, peer)?;
     let Json(request) = body?;
-    let template = state.validator.card.chat_template.as_ref().ok_or_else(|| {
+    let generate = chat_request(&state.validator.card, &request)?;
+    respond(state, Api::Chat, request.common, generate).await
+}
+
+/// The gRPC request a `/v1/chat/completions` body stands for: its messages rendered through
+/// the model's chat template.
+pub(crate) fn chat_request(
+    card: &ModelCard,
+    request: &ChatCompletionRequest,
+) -> Result<GenerateRequest, HttpError> {
+    let template = card.chat_template.as_ref().ok_or_else(|| {
         HttpError::invalid(format!(
             "model `{}` has no chat template in its tokenizer_config.json; use /v1/completions",
-            state.validator.card.name
+            card.name
         ))
     })?;
     if request.messages.is_empty() {
@@ -264,16 +287,16 @@ async fn chat_completions(
     }
     let messages: Vec<ChatMessage> = request
         .messages
-        .into_iter()
+        .iter()
         .map(|m| ChatMessage {
-            role: m.role,
-            content: match m.content {
+            role: m.role.clone(),
+            content: match &m.content {
                 None => String::new(),
-                Some(ContentField::Text(text)) => text,
+                Some(ContentField::Text(text)) => text.clone(),
                 Some(ContentField::Parts(parts)) => parts
-                    .into_iter()
+                    .iter()
                     .filter(|p| p.kind == "text")
-                    .map(|p| p.text)
+                    .map(|p| p.text.as_str())
                     .collect(),
             },
         })
@@ -290,8 +313,7 @@ async fn chat_completions(
         _ => None,
     };
     let prompt = generate_request::Prompt::Text(text);
-    let generate = generate_request(&request.common, prompt, max_tokens, logprobs)?;
-    respond(state, Api::Chat, request.common, generate).await
+    generate_request(&request.common, prompt, max_tokens, logprobs)
 }
 
 /// The gRPC request an OpenAI one stands for; `logprobs` is the number of alternatives asked

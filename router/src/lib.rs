@@ -9,6 +9,8 @@ mod admission;
 mod chat;
 pub mod config;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod gate;
 mod http;
 mod membership;

@@ -1,0 +1,7 @@
+#![no_main]
+// An OpenAI /v1/chat/completions body through the router's HTTP front door.
+mod harness;
+
+libfuzzer_sys::fuzz_target!(|body: &[u8]| {
+    harness::harness().openai_body(true, body);
+});
