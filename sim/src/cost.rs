@@ -37,8 +37,28 @@ pub struct CostModel {
 }
 
 impl CostModel {
-    fn launches(&self) -> f64 {
-        self.model.layers as f64 * LAUNCHES_PER_LAYER * self.hardware.launch_us * 1e-6
+    /// Kernel launches of one forward pass touching `experts_per_layer` experts per layer.
+    pub fn launch_count(&self, experts_per_layer: f64) -> f64 {
+        let moe = self.model.moe_layers as f64 * experts_per_layer;
+        self.model.layers as f64 * LAUNCHES_PER_LAYER + moe * self.hardware.launches_per_expert
+    }
+
+    /// Launches and host work of one step over `sequences` sequences.
+    fn launches(&self, experts_per_layer: f64, sequences: f64) -> f64 {
+        let hw = &self.hardware;
+        (self.launch_count(experts_per_layer) * hw.launch_us
+            + hw.step_overhead_us
+            + sequences * hw.per_sequence_us)
+            * 1e-6
+    }
+
+    /// Experts of one GPU (of `ep`) that `batch` tokens touch in one layer: each is hit
+    /// unless every routed slot misses it.
+    pub fn experts_touched(&self, ep: usize, batch: f64) -> f64 {
+        let m = &self.model;
+        let slots = batch * m.top_k as f64;
+        let hit = 1.0 - (1.0 - 1.0 / m.experts as f64).powf(slots);
+        m.experts as f64 / ep as f64 * hit
     }
 
     /// A prefill batch of `tokens` prompt tokens, in prompts of `prompt_len`, on `tp` GPUs
@@ -50,7 +70,8 @@ impl CostModel {
         let linear = tokens * 2.0 * (m.active_params() - m.vocab_params / 2.0);
         // Causal attention: each query sees half the prompt on average.
         let attention = tokens * prompt_len / 2.0 * m.attention_flops_per_pair * m.layers as f64;
-        let compute_s = (linear + attention) / (tp_f * hw.gemm_flops(m.weight_bytes));
+        let efficiency = hw.prefill_efficiency.unwrap_or(hw.gemm_efficiency) / hw.gemm_efficiency;
+        let compute_s = (linear + attention) / (tp_f * hw.gemm_flops(m.weight_bytes) * efficiency);
         // Every weight of the shard is read once per batch, the prompt's KV written once.
         let bytes = m.total_params() * m.weight_bytes / tp_f + tokens * m.kv_bytes_per_token();
         let memory_s = bytes / hw.memory_bytes_per_second();
@@ -66,7 +87,7 @@ impl CostModel {
             compute_s,
             memory_s,
             communication_s,
-            launch_s: self.launches(),
+            launch_s: self.launches(self.experts_touched(1, tokens), tokens / prompt_len),
         }
     }
 
@@ -79,13 +100,10 @@ impl CostModel {
         let ep_f = ep as f64;
         let per_gpu = (batch / ep_f).ceil().max(1.0);
         let dense_params = m.dense_params_per_layer * m.layers as f64 + m.vocab_params / 2.0;
-        // Experts a step touches on one GPU: each of its experts is hit unless every routed
-        // slot of the whole batch misses it.
         let slots = batch * m.top_k as f64;
-        let hit = 1.0 - (1.0 - 1.0 / m.experts as f64).powf(slots);
-        let experts_touched = (m.experts as f64 / ep_f) * hit * m.moe_layers as f64;
+        let touched = self.experts_touched(ep, batch);
         let bytes = dense_params * m.weight_bytes
-            + experts_touched * m.expert_params * m.weight_bytes
+            + touched * m.moe_layers as f64 * m.expert_params * m.weight_bytes
             + per_gpu * context * m.kv_bytes_per_token();
         let memory_s = bytes / hw.memory_bytes_per_second();
         let flops = per_gpu * 2.0 * dense_params
@@ -104,7 +122,7 @@ impl CostModel {
             compute_s,
             memory_s,
             communication_s,
-            launch_s: self.launches(),
+            launch_s: self.launches(touched, per_gpu),
         }
     }
 

@@ -35,6 +35,20 @@ pub struct HardwareProfile {
     pub link_efficiency: f64,
     /// Fixed cost per kernel launch, µs (with CUDA graphs, what remains of it).
     pub launch_us: f64,
+    /// Launches per expert a layer touches: 0 for grouped expert GEMMs (one launch for all),
+    /// about 3 for an engine running one GEMM per expert and projection (Tandem today).
+    #[serde(default)]
+    pub launches_per_expert: f64,
+    /// Share of the GEMM peak a whole prefill reaches (attention included); the GEMM
+    /// efficiency when unset.
+    #[serde(default)]
+    pub prefill_efficiency: Option<f64>,
+    /// Host time per engine step beyond the GPU's (scheduling, routing round trips), µs.
+    #[serde(default)]
+    pub step_overhead_us: f64,
+    /// Host time per running sequence per step (sampling, detokenizing, bookkeeping), µs.
+    #[serde(default)]
+    pub per_sequence_us: f64,
 }
 
 /// Profiles shipped with Tandem, by short name.

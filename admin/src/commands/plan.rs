@@ -137,8 +137,14 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<(), CommandError> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{}: copy {:.0} GB/s, GEMM {:.0} TFLOP/s; fitted memory efficiency {:.2}, GEMM efficiency {:.3}, launch {:.1} us",
-        run.device, p.hbm_gbps, p.bf16_tflops, p.memory_efficiency, p.gemm_efficiency, p.launch_us
+        "{}: copy {:.0} GB/s, GEMM {:.0} TFLOP/s; fitted: memory efficiency {:.2}, host {:.0} us per step + {:.1} us per sequence, prefill at {:.2}% of the GEMM rate",
+        run.device,
+        p.hbm_gbps,
+        p.bf16_tflops,
+        p.memory_efficiency,
+        p.step_overhead_us,
+        p.per_sequence_us,
+        100.0 * p.prefill_efficiency.unwrap_or(p.gemm_efficiency)
     )?;
     writeln!(
         out,
