@@ -111,6 +111,11 @@ pub struct PlanArgs {
     /// Requests simulated per (deployment, load) point.
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u32).range(10..))]
     pub requests: u32,
+    /// Replay a trace instead of Poisson arrivals: JSONL lines `{"arrival_s": 0.12,
+    /// "prompt_len": 900, "output_len": 150}`, squeezed or stretched to each load (--isl,
+    /// --osl and --requests then come from it).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
     /// Also print the best tokens/s per GPU at these tokens/s per user (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub at: Vec<f64>,

@@ -36,6 +36,32 @@ pub struct Workload {
     pub seed: u64,
 }
 
+/// One request to simulate: when it arrives (seconds) and its lengths.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+pub struct RequestSpec {
+    pub arrival_s: f64,
+    pub prompt_len: usize,
+    pub output_len: usize,
+}
+
+impl Workload {
+    /// Its requests: Poisson arrivals at `rate`, every one `isl` in and `osl` out.
+    pub fn requests(&self) -> Vec<RequestSpec> {
+        let mut rng = Rng(self.seed.max(1));
+        let mut t = 0.0;
+        (0..self.requests)
+            .map(|_| {
+                t += -rng.uniform().ln() / self.rate;
+                RequestSpec {
+                    arrival_s: t,
+                    prompt_len: self.isl,
+                    output_len: self.osl,
+                }
+            })
+            .collect()
+    }
+}
+
 /// What one simulated run measured (over requests, all of them completed).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Outcome {
@@ -86,6 +112,8 @@ impl PartialOrd for Timed {
 
 #[derive(Debug, Default, Clone)]
 struct Request {
+    isl: usize,
+    osl: usize,
     arrived: f64,
     first_token: f64,
     joined_step: u64,
@@ -106,8 +134,10 @@ struct PrefillGroup {
 struct DecodeGroup {
     waiting: VecDeque<usize>,
     finishing: BinaryHeap<Reverse<(u64, usize)>>,
-    /// Sum of the running sequences' join steps (for their mean length).
+    /// Sums over the running sequences of their join steps and prompt lengths (for their
+    /// mean context).
     joined_sum: f64,
+    prompt_sum: f64,
     step: u64,
     stepping: bool,
 }
@@ -134,7 +164,6 @@ impl Rng {
 struct Simulation<'a> {
     cost: &'a CostModel,
     deployment: Deployment,
-    workload: Workload,
     events: BinaryHeap<Timed>,
     sequence: u64,
     requests: Vec<Request>,
@@ -149,18 +178,39 @@ struct Simulation<'a> {
 /// Runs `workload` on `deployment`; None when the deployment cannot hold the model or one
 /// sequence's KV.
 pub fn simulate(cost: &CostModel, deployment: Deployment, workload: Workload) -> Option<Outcome> {
-    let context = (workload.isl + workload.osl) as f64;
+    simulate_requests(cost, deployment, &workload.requests())
+}
+
+/// Runs `requests` (sorted by arrival) on `deployment`; None when the deployment cannot hold
+/// the model or a sequence of the requests' mean length.
+pub fn simulate_requests(
+    cost: &CostModel,
+    deployment: Deployment,
+    requests: &[RequestSpec],
+) -> Option<Outcome> {
+    let n = requests.len() as f64;
+    let context = requests
+        .iter()
+        .map(|r| (r.prompt_len + r.output_len) as f64)
+        .sum::<f64>()
+        / n;
     let per_gpu = cost.decode_capacity_per_gpu(deployment.ep, context);
-    if per_gpu < 1.0 || !cost.prefill_fits(deployment.tp) || workload.requests == 0 {
+    if requests.is_empty() || per_gpu < 1.0 || !cost.prefill_fits(deployment.tp) {
         return None;
     }
     let mut sim = Simulation {
         cost,
         deployment,
-        workload,
         events: BinaryHeap::new(),
         sequence: 0,
-        requests: vec![Request::default(); workload.requests],
+        requests: requests
+            .iter()
+            .map(|r| Request {
+                isl: r.prompt_len.max(1),
+                osl: r.output_len.max(1),
+                ..Request::default()
+            })
+            .collect(),
         prefill: (0..deployment.prefill_groups)
             .map(|_| PrefillGroup::default())
             .collect(),
@@ -168,19 +218,15 @@ pub fn simulate(cost: &CostModel, deployment: Deployment, workload: Workload) ->
             .map(|_| DecodeGroup::default())
             .collect(),
         decode_capacity: (per_gpu.min(MAX_BATCH_PER_GPU) * deployment.ep as f64) as usize,
-        window: (0.0, 0.0),
+        window: (
+            requests[requests.len() / 5].arrival_s,
+            requests[requests.len() - 1].arrival_s,
+        ),
         window_tokens: 0.0,
     };
-    let mut rng = Rng(workload.seed.max(1));
-    let mut t = 0.0;
-    for id in 0..workload.requests {
-        t += -rng.uniform().ln() / workload.rate;
-        if id == workload.requests / 5 {
-            sim.window.0 = t;
-        }
-        sim.at(t, Event::Arrival(id));
+    for (id, r) in requests.iter().enumerate() {
+        sim.at(r.arrival_s, Event::Arrival(id));
     }
-    sim.window.1 = t;
     sim.run();
     Some(sim.outcome())
 }
@@ -214,17 +260,17 @@ impl Simulation<'_> {
             .unwrap_or(0);
         let p = &mut self.prefill[group];
         p.queue.push_back(id);
-        p.queued_tokens += self.workload.isl;
+        p.queued_tokens += self.requests[id].isl;
         if p.batch.is_empty() {
             self.start_prefill(now, group);
         }
     }
 
     fn start_prefill(&mut self, now: f64, group: usize) {
-        let isl = self.workload.isl;
         let p = &mut self.prefill[group];
         let mut tokens = 0;
         while let Some(&id) = p.queue.front() {
+            let isl = self.requests[id].isl;
             if tokens > 0 && tokens + isl > PREFILL_BATCH_TOKENS {
                 break;
             }
@@ -236,9 +282,10 @@ impl Simulation<'_> {
             return;
         }
         p.queued_tokens -= tokens;
+        let mean_prompt = tokens as f64 / p.batch.len() as f64;
         let seconds = self
             .cost
-            .prefill(self.deployment.tp, tokens as f64, isl as f64)
+            .prefill(self.deployment.tp, tokens as f64, mean_prompt)
             .seconds();
         p.batch_seconds = seconds;
         self.at(now + seconds, Event::PrefillDone(group));
@@ -248,12 +295,10 @@ impl Simulation<'_> {
         let batch = std::mem::take(&mut self.prefill[group].batch);
         // Prefill and decode groups share an NVLink domain when the deployment fits in one.
         let same_domain = self.deployment.gpus() <= self.cost.hardware.nvlink_domain;
-        let transfer = self.cost.kv_transfer(
-            self.workload.isl as f64,
-            same_domain,
-            self.prefill[group].batch_seconds,
-        );
+        let hidden_s = self.prefill[group].batch_seconds;
         for id in batch {
+            let isl = self.requests[id].isl as f64;
+            let transfer = self.cost.kv_transfer(isl, same_domain, hidden_s);
             self.at(now + transfer, Event::KvArrived(id));
         }
         self.start_prefill(now, group);
@@ -280,15 +325,17 @@ impl Simulation<'_> {
 
     fn start_step(&mut self, now: f64, group: usize) {
         let capacity = self.decode_capacity;
-        // The first token came from prefill; osl - 1 steps remain.
-        let steps = self.workload.osl.saturating_sub(1).max(1) as u64;
         let d = &mut self.decode[group];
         while d.running() < capacity {
             let Some(id) = d.waiting.pop_front() else {
                 break;
             };
-            self.requests[id].joined_step = d.step;
+            let r = &mut self.requests[id];
+            r.joined_step = d.step;
             d.joined_sum += d.step as f64;
+            d.prompt_sum += r.isl as f64;
+            // The first token came from prefill; osl - 1 steps remain.
+            let steps = r.osl.saturating_sub(1).max(1) as u64;
             d.finishing.push(Reverse((d.step + steps, id)));
         }
         if d.running() == 0 {
@@ -298,7 +345,7 @@ impl Simulation<'_> {
         d.stepping = true;
         let running = d.running() as f64;
         let mean_generated = d.step as f64 - d.joined_sum / running + 1.0;
-        let context = self.workload.isl as f64 + mean_generated;
+        let context = d.prompt_sum / running + mean_generated;
         let seconds = self
             .cost
             .decode_step(self.deployment.ep, running, context)
@@ -316,8 +363,10 @@ impl Simulation<'_> {
                 break;
             }
             d.finishing.pop();
-            d.joined_sum -= self.requests[id].joined_step as f64;
-            self.requests[id].done = now;
+            let r = &mut self.requests[id];
+            d.joined_sum -= r.joined_step as f64;
+            d.prompt_sum -= r.isl as f64;
+            r.done = now;
         }
         self.start_step(now, group);
     }
@@ -332,7 +381,7 @@ impl Simulation<'_> {
         let mut ttft: Vec<f64> = steady.iter().map(|r| r.first_token - r.arrived).collect();
         let mut tpot: Vec<f64> = steady
             .iter()
-            .map(|r| (r.done - r.first_token) / (self.workload.osl.max(2) - 1) as f64)
+            .map(|r| (r.done - r.first_token) / (r.osl.max(2) - 1) as f64)
             .collect();
         ttft.sort_by(f64::total_cmp);
         tpot.sort_by(f64::total_cmp);

@@ -10,7 +10,7 @@ pub mod model;
 pub mod plan;
 pub mod profile;
 
-pub use cluster::{Deployment, Outcome, Workload, simulate};
+pub use cluster::{Deployment, Outcome, RequestSpec, Workload, simulate, simulate_requests};
 pub use cost::CostModel;
 pub use model::ModelShape;
 pub use plan::{Plan, PlanRequest, Point};

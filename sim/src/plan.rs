@@ -3,20 +3,56 @@
 
 use serde::Serialize;
 
-use crate::cluster::{Deployment, MAX_BATCH_PER_GPU, Outcome, Workload, simulate};
+use crate::cluster::{
+    Deployment, MAX_BATCH_PER_GPU, Outcome, RequestSpec, Workload, simulate_requests,
+};
 use crate::cost::CostModel;
 
 /// What a plan is asked for.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PlanRequest {
     pub gpus: usize,
+    /// Request lengths (with a trace, its means, for capacity estimates).
     pub isl: usize,
     pub osl: usize,
     /// p90 targets, seconds.
     pub slo_ttft_s: f64,
     pub slo_tpot_s: f64,
-    /// Requests simulated per point.
+    /// Requests simulated per point (Poisson arrivals).
     pub requests: usize,
+    /// Replay these requests instead, their arrival times stretched or squeezed to each load.
+    pub trace: Option<Vec<RequestSpec>>,
+}
+
+/// The requests of one load point: Poisson at `rate`, or the trace at that mean rate.
+fn load(request: &PlanRequest, rate: f64, poisson_requests: usize) -> Vec<RequestSpec> {
+    match &request.trace {
+        Some(trace) => {
+            let first = trace.first().map_or(0.0, |r| r.arrival_s);
+            let span = trace.last().map_or(0.0, |r| r.arrival_s) - first;
+            // Its own mean rate over the target's.
+            let scale = if span > 0.0 {
+                trace.len() as f64 / span / rate
+            } else {
+                0.0
+            };
+            trace
+                .iter()
+                .map(|r| RequestSpec {
+                    arrival_s: (r.arrival_s - first) * scale,
+                    ..*r
+                })
+                .collect()
+        }
+        None => Workload {
+            rate,
+            isl: request.isl,
+            osl: request.osl,
+            requests: poisson_requests,
+            seed: 1,
+        }
+        .requests(),
+    }
 }
 
 /// One simulated (deployment, load) pair.
@@ -96,7 +132,7 @@ fn capacity(cost: &CostModel, d: Deployment, isl: usize, osl: usize) -> f64 {
 }
 
 /// Simulates every deployment at a sweep of loads.
-pub fn plan(cost: &CostModel, request: PlanRequest) -> Plan {
+pub fn plan(cost: &CostModel, request: &PlanRequest) -> Plan {
     let mut points = Vec::new();
     for deployment in deployments(cost, request.gpus) {
         let full = capacity(cost, deployment, request.isl, request.osl);
@@ -107,17 +143,12 @@ pub fn plan(cost: &CostModel, request: PlanRequest) -> Plan {
             .max((3.0 * slots) as usize)
             .min(MAX_REQUESTS);
         for share in LOAD_SHARES {
-            let workload = Workload {
-                rate: full * share,
-                isl: request.isl,
-                osl: request.osl,
-                requests,
-                seed: 1,
-            };
-            if let Some(outcome) = simulate(cost, deployment, workload) {
+            let rate = full * share;
+            let requests = load(request, rate, requests);
+            if let Some(outcome) = simulate_requests(cost, deployment, &requests) {
                 points.push(Point {
                     deployment,
-                    rate: workload.rate,
+                    rate,
                     outcome,
                     meets_slo: outcome.ttft_p90_s <= request.slo_ttft_s
                         && outcome.tpot_p90_s <= request.slo_tpot_s,
@@ -233,8 +264,9 @@ mod tests {
             slo_ttft_s: 2.0,
             slo_tpot_s: 0.05,
             requests: 200,
+            trace: None,
         };
-        let plan = plan(&c, request);
+        let plan = plan(&c, &request);
         let chosen = plan.chosen.expect("a point meets a loose SLO");
         assert!(chosen.outcome.ttft_p90_s <= 2.0 && chosen.outcome.tpot_p90_s <= 0.05);
         assert!(plan.pareto.iter().any(|p| {
@@ -259,7 +291,41 @@ mod tests {
             slo_ttft_s: 1e-6,
             slo_tpot_s: 1e-6,
             requests: 100,
+            trace: None,
         };
-        assert!(plan(&c, request).chosen.is_none());
+        assert!(plan(&c, &request).chosen.is_none());
+    }
+
+    #[test]
+    fn a_trace_is_replayed_at_each_load_with_its_own_lengths() {
+        let c = cost("qwen3-30b-a3b", "h100");
+        let trace: Vec<RequestSpec> = (0..300)
+            .map(|i| RequestSpec {
+                arrival_s: f64::from(i) * 0.5,
+                prompt_len: if i % 2 == 0 { 256 } else { 4096 },
+                output_len: if i % 3 == 0 { 16 } else { 256 },
+            })
+            .collect();
+        let request = PlanRequest {
+            gpus: 2,
+            isl: 2176,
+            osl: 176,
+            slo_ttft_s: 5.0,
+            slo_tpot_s: 0.1,
+            requests: 300,
+            trace: Some(trace.clone()),
+        };
+        let replayed = load(&request, 10.0, 0);
+        assert_eq!(replayed.len(), trace.len());
+        let span = replayed.last().expect("last").arrival_s;
+        assert!((299.0 / span - 10.0).abs() < 0.1, "{span}");
+        assert_eq!(replayed[1].prompt_len, 4096);
+        let plan = plan(&c, &request);
+        assert!(!plan.points.is_empty());
+        // Heavier loads of the same trace give more tokens per GPU.
+        let one = plan.points[0].deployment;
+        let of_one: Vec<&Point> = plan.points.iter().filter(|p| p.deployment == one).collect();
+        let (light, heavy) = (of_one[0], of_one[of_one.len() - 1]);
+        assert!(heavy.outcome.tokens_per_s_per_gpu > light.outcome.tokens_per_s_per_gpu);
     }
 }

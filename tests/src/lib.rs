@@ -60,8 +60,8 @@ pub fn log_dir(test: &str) -> PathBuf {
     dir
 }
 
-/// Runs `tandemctl args`, which must succeed, and parses its stdout as JSON.
-pub fn tandemctl_json(args: &[&str]) -> serde_json::Value {
+/// Runs `tandemctl args`, which must succeed, and returns its stdout.
+pub fn tandemctl_ok(args: &[&str]) -> String {
     let out = Command::new(binary("tandemctl"))
         .args(args)
         .output()
@@ -71,7 +71,12 @@ pub fn tandemctl_json(args: &[&str]) -> serde_json::Value {
         "tandemctl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("json output")
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Runs `tandemctl args`, which must succeed, and parses its stdout as JSON.
+pub fn tandemctl_json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&tandemctl_ok(args)).expect("json output")
 }
 
 /// `tandemctl generate --output json` in one process on the CPU with `model` and `args`: the

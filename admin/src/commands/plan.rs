@@ -4,7 +4,7 @@
 use std::io::Write;
 
 use tandem_sim::plan::{helm_values, plan, throughput_at};
-use tandem_sim::{CostModel, HardwareProfile, ModelShape, PlanRequest, Point};
+use tandem_sim::{CostModel, HardwareProfile, ModelShape, PlanRequest, Point, RequestSpec};
 
 use super::CommandError;
 use crate::args::{CalibrateArgs, Format, PlanArgs};
@@ -21,15 +21,22 @@ pub fn run(args: &PlanArgs) -> Result<(), CommandError> {
         }
     }
     let cost = CostModel { model, hardware };
+    let trace = args.trace.as_deref().map(read_trace).transpose()?;
+    let mean = |f: fn(&RequestSpec) -> usize| {
+        trace
+            .as_ref()
+            .map(|t| t.iter().map(f).sum::<usize>() / t.len())
+    };
     let request = PlanRequest {
         gpus: args.gpus as usize,
-        isl: args.isl as usize,
-        osl: args.osl as usize,
+        isl: mean(|r| r.prompt_len).unwrap_or(args.isl as usize),
+        osl: mean(|r| r.output_len).unwrap_or(args.osl as usize),
         slo_ttft_s: args.slo_ttft,
         slo_tpot_s: args.slo_tpot,
         requests: args.requests as usize,
+        trace,
     };
-    let result = plan(&cost, request);
+    let result = plan(&cost, &request);
     if result.points.is_empty() {
         return Err(CommandError::Usage(format!(
             "no deployment of {} GPUs holds {} on {} (weights or one sequence's KV do not fit)",
@@ -62,12 +69,17 @@ pub fn run(args: &PlanArgs) -> Result<(), CommandError> {
         Format::Table => {
             writeln!(
                 out,
-                "{} on {}: {} GPUs, ISL {} / OSL {}, {} deployments x loads simulated",
+                "{} on {}: {} GPUs, ISL {} / OSL {}{}, {} deployments x loads simulated",
                 cost.model.name,
                 cost.hardware.name,
                 args.gpus,
-                args.isl,
-                args.osl,
+                request.isl,
+                request.osl,
+                if request.trace.is_some() {
+                    " (trace means)"
+                } else {
+                    ""
+                },
                 result.points.len()
             )?;
             writeln!(
@@ -163,4 +175,35 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<(), CommandError> {
     }
     writeln!(out, "wrote {}", args.out.display())?;
     Ok(())
+}
+
+/// A trace's requests, sorted by arrival.
+fn read_trace(path: &std::path::Path) -> Result<Vec<RequestSpec>, CommandError> {
+    let text = std::fs::read_to_string(path)?;
+    let mut requests = Vec::new();
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let spec: RequestSpec = serde_json::from_str(line)
+            .map_err(|e| CommandError::Usage(format!("{} line {}: {e}", path.display(), n + 1)))?;
+        if !(spec.arrival_s.is_finite() && spec.arrival_s >= 0.0) || spec.output_len == 0 {
+            return Err(CommandError::Usage(format!(
+                "{} line {}: arrival_s must be >= 0 and output_len >= 1",
+                path.display(),
+                n + 1
+            )));
+        }
+        requests.push(spec);
+    }
+    if requests.len() < 10 {
+        return Err(CommandError::Usage(format!(
+            "{}: a trace needs at least 10 requests, got {}",
+            path.display(),
+            requests.len()
+        )));
+    }
+    requests.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
+    Ok(requests)
 }
