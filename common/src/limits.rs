@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::Args;
 
 /// Every limit a request is checked against. Flags `--max-prompt-tokens` etc., environment
-/// `TANDEM_MAX_PROMPT_TOKENS` etc., Helm `limits.maxPromptTokens` etc.
+/// `TANDEM_MAX_PROMPT_TOKENS` etc., Helm `config.router.max-prompt-tokens` etc.
 #[derive(Debug, Clone, PartialEq, Args)]
 pub struct Limits {
     /// Most prompt tokens a request may have.
@@ -29,6 +29,16 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// Every limit at its flag's default (or its `TANDEM_*` variable, where set).
+    pub fn defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            limits: Limits,
+        }
+        <Only as clap::Parser>::parse_from(["limits"]).limits
+    }
+
     /// Checks the limits themselves, after parsing.
     pub fn validate(&self) -> Result<(), String> {
         let positive = [

@@ -43,11 +43,6 @@ impl Drop for Telemetry {
     }
 }
 
-/// Logs only (tools and tests).
-pub fn init() {
-    let _ = subscriber(None).try_init();
-}
-
 /// Logs, and spans to `traces.otlp_endpoint` as service `service` when it is set. Call it
 /// inside the tokio runtime: the exporter's gRPC channel lives there. A collector that cannot
 /// be set up is logged and traces stay off; the process serves regardless.

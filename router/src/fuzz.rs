@@ -25,7 +25,7 @@ impl Harness {
         let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json).expect("tokenizer");
         let chat_template =
             ChatTemplate::from_tokenizer_config(tokenizer_config_json).expect("chat template");
-        let mut limits: Limits = <LimitsOnly as clap::Parser>::parse_from(["fuzz"]).limits;
+        let mut limits = Limits::defaults();
         limits.max_prompt_tokens = MAX_PROMPT_TOKENS;
         limits.max_new_tokens = MAX_NEW_TOKENS;
         Self {
@@ -88,12 +88,6 @@ impl Harness {
             );
         }
     }
-}
-
-#[derive(clap::Parser)]
-struct LimitsOnly {
-    #[command(flatten)]
-    limits: Limits,
 }
 
 #[cfg(test)]

@@ -187,14 +187,7 @@ mod tests {
     #[test]
     fn a_run_from_known_efficiencies_is_fitted_back_to_them() {
         let base = HardwareProfile::load("h100").expect("h100");
-        let config: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(format!(
-                "{}/models/qwen3-30b-a3b.json",
-                env!("CARGO_MANIFEST_DIR")
-            ))
-            .expect("model"),
-        )
-        .expect("json");
+        let config = crate::fixtures::config("qwen3-30b-a3b");
         let mut truth = base.clone();
         truth.bf16_tflops = 700.0;
         truth.hbm_gbps = 6000.0;

@@ -77,7 +77,7 @@ pub struct Outcome {
 }
 
 /// Most prompt tokens one prefill batch takes.
-const PREFILL_BATCH_TOKENS: usize = 16_384;
+pub(crate) const PREFILL_BATCH_TOKENS: usize = 16_384;
 /// Most sequences one decode GPU runs at once (`--max-running` per rank).
 pub const MAX_BATCH_PER_GPU: f64 = 256.0;
 
@@ -402,15 +402,9 @@ impl Simulation<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ModelShape;
-    use crate::profile::HardwareProfile;
 
     fn qwen_h100() -> CostModel {
-        let path = format!("{}/models/qwen3-30b-a3b.json", env!("CARGO_MANIFEST_DIR"));
-        CostModel {
-            model: ModelShape::load(&path).expect("model"),
-            hardware: HardwareProfile::load("h100").expect("profile"),
-        }
+        crate::fixtures::cost("qwen3-30b-a3b", "h100")
     }
 
     const ONE_AND_ONE: Deployment = Deployment {

@@ -43,6 +43,16 @@ impl CostModel {
         self.model.layers as f64 * LAUNCHES_PER_LAYER + moe * self.hardware.launches_per_expert
     }
 
+    /// `count` collectives among `group` GPUs, each moving `bytes` per GPU over the link
+    /// the group spans; none for a group of one.
+    fn collectives(&self, group: usize, count: f64, bytes: f64) -> f64 {
+        if group <= 1 {
+            return 0.0;
+        }
+        let (bandwidth, latency) = self.hardware.link(group);
+        count * (bytes / bandwidth + latency)
+    }
+
     /// Launches and host work of one step over `sequences` sequences.
     fn launches(&self, experts_per_layer: f64, sequences: f64) -> f64 {
         let hw = &self.hardware;
@@ -75,14 +85,9 @@ impl CostModel {
         // Every weight of the shard is read once per batch, the prompt's KV written once.
         let bytes = m.total_params() * m.weight_bytes / tp_f + tokens * m.kv_bytes_per_token();
         let memory_s = bytes / hw.memory_bytes_per_second();
-        let communication_s = if tp > 1 {
-            let (bandwidth, latency) = hw.link(tp);
-            let per_reduce =
-                tokens * m.hidden as f64 * ACTIVATION_BYTES * 2.0 * (tp_f - 1.0) / tp_f / bandwidth;
-            2.0 * m.layers as f64 * (per_reduce + latency)
-        } else {
-            0.0
-        };
+        // Ring all-reduce: each rank sends and receives 2 (tp - 1) / tp of the activations.
+        let reduced = tokens * m.hidden as f64 * ACTIVATION_BYTES * 2.0 * (tp_f - 1.0) / tp_f;
+        let communication_s = self.collectives(tp, 2.0 * m.layers as f64, reduced);
         Cost {
             compute_s,
             memory_s,
@@ -110,14 +115,10 @@ impl CostModel {
             + slots / ep_f * 2.0 * m.expert_params * m.moe_layers as f64
             + per_gpu * context * m.attention_flops_per_pair * m.layers as f64;
         let compute_s = flops / hw.gemm_flops(m.weight_bytes);
-        let communication_s = if ep > 1 {
-            let (bandwidth, latency) = hw.link(ep);
-            let sent =
-                per_gpu * m.top_k as f64 * m.hidden as f64 * ACTIVATION_BYTES * (ep_f - 1.0) / ep_f;
-            m.moe_layers as f64 * 2.0 * (sent / bandwidth + latency)
-        } else {
-            0.0
-        };
+        // Dispatch and combine: a GPU's routed rows, all but its own share, each way.
+        let sent =
+            per_gpu * m.top_k as f64 * m.hidden as f64 * ACTIVATION_BYTES * (ep_f - 1.0) / ep_f;
+        let communication_s = self.collectives(ep, 2.0 * m.moe_layers as f64, sent);
         Cost {
             compute_s,
             memory_s,
@@ -165,11 +166,7 @@ mod tests {
     use super::*;
 
     fn qwen_on(hardware: &str) -> CostModel {
-        let path = format!("{}/models/qwen3-30b-a3b.json", env!("CARGO_MANIFEST_DIR"));
-        CostModel {
-            model: ModelShape::load(&path).expect("model"),
-            hardware: HardwareProfile::load(hardware).expect("profile"),
-        }
+        crate::fixtures::cost("qwen3-30b-a3b", hardware)
     }
 
     #[test]

@@ -16,6 +16,30 @@ pub use model::ModelShape;
 pub use plan::{Plan, PlanRequest, Point};
 pub use profile::HardwareProfile;
 
+/// The models and profiles shipped in this crate, for its tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use crate::{CostModel, HardwareProfile, ModelShape};
+
+    /// `models/<name>.json` as JSON.
+    pub(crate) fn config(name: &str) -> serde_json::Value {
+        let path = format!("{}/models/{name}.json", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(path).expect("model")).expect("json")
+    }
+
+    pub(crate) fn model(name: &str) -> ModelShape {
+        ModelShape::from_config(name, &config(name)).expect(name)
+    }
+
+    /// `model` on the built-in profile `hardware`.
+    pub(crate) fn cost(model: &str, hardware: &str) -> CostModel {
+        CostModel {
+            model: self::model(model),
+            hardware: HardwareProfile::load(hardware).expect("profile"),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
     #[error("{0}")]

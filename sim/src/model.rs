@@ -140,15 +140,7 @@ impl ModelShape {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    fn shipped(name: &str) -> ModelShape {
-        ModelShape::load(&format!(
-            "{}/models/{name}.json",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .expect(name)
-    }
+    use crate::fixtures::model as shipped;
 
     #[test]
     fn deepseek_r1_has_its_published_size() {

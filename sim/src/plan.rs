@@ -4,7 +4,8 @@
 use serde::Serialize;
 
 use crate::cluster::{
-    Deployment, MAX_BATCH_PER_GPU, Outcome, RequestSpec, Workload, simulate_requests,
+    Deployment, MAX_BATCH_PER_GPU, Outcome, PREFILL_BATCH_TOKENS, RequestSpec, Workload,
+    simulate_requests,
 };
 use crate::cost::CostModel;
 
@@ -119,7 +120,7 @@ pub fn deployments(cost: &CostModel, gpus: usize) -> Vec<Deployment> {
 /// Requests per second `deployment` can sustain at most, from its unloaded costs: the
 /// smaller of what prefill and decode finish.
 fn capacity(cost: &CostModel, d: Deployment, isl: usize, osl: usize) -> f64 {
-    let prefill_tokens = 16_384f64.max(isl as f64);
+    let prefill_tokens = (PREFILL_BATCH_TOKENS as f64).max(isl as f64);
     let prefill_rate = d.prefill_groups as f64 * prefill_tokens
         / cost.prefill(d.tp, prefill_tokens, isl as f64).seconds()
         / isl as f64;
@@ -229,16 +230,8 @@ pub fn helm_values(d: Deployment, model_path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ModelShape;
-    use crate::profile::HardwareProfile;
 
-    fn cost(model: &str, hardware: &str) -> CostModel {
-        let path = format!("{}/models/{model}.json", env!("CARGO_MANIFEST_DIR"));
-        CostModel {
-            model: ModelShape::load(&path).expect("model"),
-            hardware: HardwareProfile::load(hardware).expect("profile"),
-        }
-    }
+    use crate::fixtures::cost;
 
     #[test]
     fn deployments_use_every_gpu_and_keep_tp_inside_the_domain() {

@@ -1,13 +1,6 @@
-use clap::Parser;
 use tandem_proto::v1::{SamplingParams, TokenIds};
 
 use super::*;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    limits: Limits,
-}
 
 fn validator(max_prompt_tokens: u32, max_new_tokens: u32) -> Validator {
     let path = concat!(
@@ -15,7 +8,7 @@ fn validator(max_prompt_tokens: u32, max_new_tokens: u32) -> Validator {
         "/../tests/fixtures/qwen3-moe-f32/tokenizer.json"
     );
     let tokenizer = tokenizers::Tokenizer::from_file(path).expect("fixture tokenizer");
-    let mut limits = Cli::try_parse_from(["x"]).expect("defaults").limits;
+    let mut limits = Limits::defaults();
     limits.max_prompt_tokens = max_prompt_tokens;
     limits.max_new_tokens = max_new_tokens;
     Validator {
