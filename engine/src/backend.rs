@@ -1,6 +1,7 @@
 //! The narrow kernel interface the model is written against, and the choice of device.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::block_pool::BlockId;
 use crate::checkpoint::HostTensor;
@@ -23,12 +24,18 @@ pub trait Backend: Send + Sync + Sized + 'static {
     type Vector: Send + Sync;
     /// K and V storage of one layer's block pool.
     type KvStore: Send;
+    /// One MoE layer's count of (token, expert) pairs per expert, kept where routing runs.
+    type ExpertCounters: Send + Sync;
 
     /// Short name for logs and benches.
     fn name(&self) -> &'static str;
     fn matrix(&self, host: HostTensor) -> Result<Self::Matrix>;
     fn vector(&self, host: Vec<f32>) -> Result<Self::Vector>;
     fn kv_store(&self, spec: &KvSpec) -> Result<Self::KvStore>;
+    fn expert_counters(&self, experts: usize) -> Result<Self::ExpertCounters>;
+    /// Adds pairs routed on the host (expert parallelism routes there).
+    fn count_experts(&self, counters: &Self::ExpertCounters, expert_ids: &[usize]);
+    fn read_expert_counters(&self, counters: &Self::ExpertCounters) -> Result<Vec<u64>>;
 
     /// Gathers rows of `table` (`[vocab, hidden]`).
     fn embed(&self, table: &Self::Matrix, ids: &[u32]) -> Result<Self::Tensor>;
@@ -75,6 +82,22 @@ pub trait Backend: Send + Sync + Sized + 'static {
         routing: &Routing,
         experts: &[ExpertWeights<Self>],
     ) -> Result<Self::Tensor>;
+    /// Routes each row of `x` by `rule` over its `router` logits, runs its experts as
+    /// [`Backend::moe_experts`] does and counts the pairs in `counters`. Routes on the host
+    /// unless a backend keeps the routing where the logits are.
+    fn moe_routed(
+        &self,
+        x: &Self::Tensor,
+        router: &Self::Matrix,
+        rule: &RouteRule,
+        experts: &[ExpertWeights<Self>],
+        counters: &Self::ExpertCounters,
+    ) -> Result<Self::Tensor> {
+        let logits = self.to_host(&self.linear(x, router, None)?)?;
+        let routing = rule.route(&logits);
+        self.count_experts(counters, &routing.expert_ids);
+        self.moe_experts(x, &routing, experts)
+    }
     fn select_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
     /// `acc[rows[i]] += x[i]` for every row i of `x`.
     fn scatter_add_rows(
@@ -204,6 +227,68 @@ pub struct Routing {
     pub experts_per_token: usize,
     pub expert_ids: Vec<usize>,
     pub weights: Vec<f32>,
+}
+
+/// How a family turns router logits into experts: a softmax over every expert, the top
+/// `experts_per_token`, and their weights renormalized to sum to 1 if `renormalize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteRule {
+    pub num_experts: usize,
+    pub experts_per_token: usize,
+    pub renormalize: bool,
+}
+
+impl RouteRule {
+    /// Routes each row of `num_experts` logits. Ties go to the lower expert id, as
+    /// `torch.topk` does on CPU.
+    pub fn route(&self, logits: &[f32]) -> Routing {
+        let (e, k) = (self.num_experts, self.experts_per_token);
+        let mut expert_ids = Vec::with_capacity(logits.len() / e.max(1) * k);
+        let mut weights = Vec::with_capacity(logits.len() / e.max(1) * k);
+        for row in logits.chunks_exact(e.max(1)) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let exp: Vec<f32> = row.iter().map(|l| (l - max).exp()).collect();
+            let total: f32 = exp.iter().sum();
+            let mut order: Vec<usize> = (0..e).collect();
+            order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
+            let chosen = &order[..k];
+            let probs: Vec<f32> = chosen.iter().map(|&i| exp[i] / total).collect();
+            let norm: f32 = if self.renormalize {
+                probs.iter().sum()
+            } else {
+                1.0
+            };
+            expert_ids.extend_from_slice(chosen);
+            weights.extend(probs.iter().map(|p| p / norm));
+        }
+        Routing {
+            experts_per_token: k,
+            expert_ids,
+            weights,
+        }
+    }
+}
+
+/// (token, expert) pairs per expert, counted on the host.
+#[derive(Debug)]
+pub struct HostCounters(Vec<AtomicU64>);
+
+impl HostCounters {
+    pub fn new(experts: usize) -> Self {
+        Self((0..experts).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    pub fn add(&self, expert_ids: &[usize]) {
+        for &e in expert_ids {
+            if let Some(c) = self.0.get(e) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn read(&self) -> Vec<u64> {
+        self.0.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
 }
 
 /// What the operator asked for with `--device`.

@@ -26,12 +26,14 @@ pub use backend::cpu::{CpuBackend, CpuKvStore, CpuMatrix, CpuTensor};
 /// The CUDA backend (libraries loaded at run time; [`cuda::probe`] says whether it can run).
 pub mod cuda {
     pub use crate::backend::cuda::{
-        CudaBackend, CudaKvStore, CudaMatrix, CudaTensor, CudaVector, KERNEL_NAMES, KERNELS_SOURCE,
-        NCCL_ID_BYTES, NcclCollective, compile_kernels, nccl_probe, nccl_unique_id, probe,
+        CudaBackend, CudaExpertCounters, CudaKvStore, CudaMatrix, CudaTensor, CudaVector,
+        KERNEL_NAMES, KERNELS_SOURCE, NCCL_ID_BYTES, NcclCollective, compile_kernels, nccl_probe,
+        nccl_unique_id, probe,
     };
 }
 pub use backend::{
-    AttentionBatch, AttentionSeq, Backend, Device, DeviceChoice, KvRows, KvSpec, RopeTable, Routing,
+    AttentionBatch, AttentionSeq, Backend, Device, DeviceChoice, HostCounters, KvRows, KvSpec,
+    RopeTable, RouteRule, Routing,
 };
 pub use block_pool::{BlockId, BlockPool};
 pub use checkpoint::{HostTensor, LoadProgress};

@@ -1,9 +1,11 @@
 //! The MoE transformer forward pass, written once against [`Backend`].
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::backend::{AttentionBatch, AttentionSeq, Backend, KvRows, KvSpec, RopeTable, Routing};
+use crate::backend::{
+    AttentionBatch, AttentionSeq, Backend, KvRows, KvSpec, RopeTable, RouteRule, Routing,
+};
 use crate::checkpoint::{Checkpoint, LoadProgress};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -23,8 +25,8 @@ pub struct Model<B: Backend> {
     pub(crate) comm: Option<Box<dyn Collective<B>>>,
     /// The other ranks of a tensor-parallel group, on the rank that drives it.
     pub(crate) followers: Option<Followers>,
-    /// (token, expert) pairs this rank computed, `[layer · num_experts + expert]`.
-    expert_load: Vec<AtomicU64>,
+    /// (token, expert) pairs this rank computed, per layer.
+    expert_counters: Vec<B::ExpertCounters>,
     /// Set when a forward pass failed part-way: peers may be inside a collective this rank
     /// left, so the group cannot be trusted again.
     broken: AtomicBool,
@@ -81,9 +83,9 @@ impl<B: Backend> Model<B> {
         }
         let checkpoint = Checkpoint::open(dir)?;
         let weights = ModelWeights::load(&backend, &checkpoint, &config, &parallel, progress)?;
-        let expert_load = (0..config.num_layers * config.moe.num_experts)
-            .map(|_| AtomicU64::new(0))
-            .collect();
+        let expert_counters = (0..config.num_layers)
+            .map(|_| backend.expert_counters(config.moe.num_experts))
+            .collect::<Result<_>>()?;
         Ok(Self {
             config,
             backend,
@@ -91,7 +93,7 @@ impl<B: Backend> Model<B> {
             parallel,
             comm,
             followers: None,
-            expert_load,
+            expert_counters,
             broken: AtomicBool::new(false),
         })
     }
@@ -131,19 +133,29 @@ impl<B: Backend> Model<B> {
 
     /// (token, expert) pairs this rank has computed, per layer and expert:
     /// `[layer · num_experts + expert]`.
-    pub fn expert_load(&self) -> Vec<u64> {
-        self.expert_load
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect()
+    pub fn expert_load(&self) -> Result<Vec<u64>> {
+        let experts = self.config.moe.num_experts;
+        let mut load = Vec::with_capacity(self.expert_counters.len() * experts);
+        for counters in &self.expert_counters {
+            let mut layer = self.backend.read_expert_counters(counters)?;
+            layer.resize(experts, 0);
+            load.extend(layer);
+        }
+        Ok(load)
     }
 
-    pub(crate) fn count_expert_pair(&self, layer: usize, expert: usize) {
-        if let Some(c) = self
-            .expert_load
-            .get(layer * self.config.moe.num_experts + expert)
-        {
-            c.fetch_add(1, Ordering::Relaxed);
+    /// Counts pairs that `layer`'s experts computed after host routing.
+    pub(crate) fn count_expert_pairs(&self, layer: usize, expert_ids: &[usize]) {
+        if let Some(counters) = self.expert_counters.get(layer) {
+            self.backend.count_experts(counters, expert_ids);
+        }
+    }
+
+    pub(crate) fn route_rule(&self) -> RouteRule {
+        RouteRule {
+            num_experts: self.config.moe.num_experts,
+            experts_per_token: self.config.moe.experts_per_token,
+            renormalize: self.config.moe.norm_topk_prob,
         }
     }
 
@@ -348,7 +360,7 @@ impl<B: Backend> Model<B> {
             });
         }
         let logits = b.to_host(&b.linear(x, &sparse.router, None)?)?;
-        Ok(route(&logits, &self.config))
+        Ok(self.route_rule().route(&logits))
     }
 
     fn sparse_mlp(&self, layer: usize, x: &B::Tensor, sparse: &SparseMlp<B>) -> Result<B::Tensor> {
@@ -357,13 +369,14 @@ impl<B: Backend> Model<B> {
             (Parallelism::Expert { placement, .. }, Some(comm)) => {
                 expert_parallel_moe(self, layer, x, sparse, placement, comm.as_ref())?
             }
-            _ => {
-                let routing = self.route(x, sparse)?;
-                for &e in &routing.expert_ids {
-                    self.count_expert_pair(layer, e);
-                }
-                b.moe_experts(x, &routing, &sparse.experts)?
-            }
+            _ if b.shape(x).0 == 0 => b.upload_tensor(0, self.config.hidden_size, Vec::new())?,
+            _ => b.moe_routed(
+                x,
+                &sparse.router,
+                &self.route_rule(),
+                &sparse.experts,
+                &self.expert_counters[layer],
+            )?,
         };
         if b.shape(x).0 == 0 {
             return Ok(out);
@@ -379,35 +392,5 @@ impl<B: Backend> Model<B> {
             b.add_assign(&mut out, &y)?;
         }
         Ok(out)
-    }
-}
-
-/// Softmax over each token's router logits, top-k, and (if the family says so) renormalized
-/// weights. Ties go to the lower expert id, as `torch.topk` does on CPU.
-pub(crate) fn route(logits: &[f32], config: &ModelConfig) -> Routing {
-    let e = config.moe.num_experts;
-    let k = config.moe.experts_per_token;
-    let mut expert_ids = Vec::with_capacity(logits.len() / e * k);
-    let mut weights = Vec::with_capacity(logits.len() / e * k);
-    for row in logits.chunks_exact(e) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let exp: Vec<f32> = row.iter().map(|l| (l - max).exp()).collect();
-        let total: f32 = exp.iter().sum();
-        let mut order: Vec<usize> = (0..e).collect();
-        order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
-        let chosen = &order[..k];
-        let probs: Vec<f32> = chosen.iter().map(|&i| exp[i] / total).collect();
-        let norm: f32 = if config.moe.norm_topk_prob {
-            probs.iter().sum()
-        } else {
-            1.0
-        };
-        expert_ids.extend_from_slice(chosen);
-        weights.extend(probs.iter().map(|p| p / norm));
-    }
-    Routing {
-        experts_per_token: k,
-        expert_ids,
-        weights,
     }
 }

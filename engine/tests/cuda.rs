@@ -21,7 +21,8 @@ use tandem_engine::cuda::{CudaBackend, KERNEL_NAMES, NcclCollective, compile_ker
 use tandem_engine::{
     AttentionBatch, AttentionSeq, Backend, BlockId, Collective, CpuBackend, Engine, EngineConfig,
     EngineGroup, ExpertPlacement, ExpertWeights, HostTensor, KvSpec, Model, Parallelism, RopeTable,
-    Routing, SamplingParams, SeqId, Sharding, StopCriteria, load_ranks, load_tensor_parallel,
+    RouteRule, Routing, SamplingParams, SeqId, Sharding, StopCriteria, load_ranks,
+    load_tensor_parallel,
 };
 
 const RELATIVE_TOLERANCE: f32 = 2e-2;
@@ -412,9 +413,56 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         .expect("host"),
     ));
 
-    // Attention over the paged cache, blocks scattered: a 9-row prefill, a decode row at
-    // position 13, chunked prefills of 8 rows at 20 and of 5 rows at 45, and a 40-row prefill
-    // (several key tiles).
+    // Routed where the logits are: 8 experts of width 128, top-2, over 10 tokens (20 slots:
+    // matrix-vector path) and 300 (600 slots: grouped GEMMs, several row tiles an expert, two
+    // column tiles, eight k steps). Inputs are multiples of 1/8 and router weights of ±1/8, so
+    // every logit is exact in f32 and both backends rank the experts alike.
+    let (hidden_r, inter_r, num_experts) = (256, 128, 8);
+    let rule = RouteRule {
+        num_experts,
+        experts_per_token: 2,
+        renormalize: true,
+    };
+    let router = b
+        .matrix(HostTensor {
+            shape: vec![num_experts, hidden_r],
+            data: (0..num_experts * hidden_r)
+                .map(|i| [-0.125, 0.0, 0.125][(i * 7 + i / 5) % 3])
+                .collect(),
+        })
+        .expect("router");
+    let routed_experts: Vec<ExpertWeights<B>> = (0..num_experts)
+        .map(|_| ExpertWeights {
+            gate_up: matrix(b, &mut v, 2 * inter_r, hidden_r),
+            down: matrix(b, &mut v, hidden_r, inter_r),
+        })
+        .collect();
+    let counters = b.expert_counters(num_experts).expect("counters");
+    for tokens in [10, 300] {
+        let data = (0..tokens * hidden_r)
+            .map(|i| ((i * 13 + i / 7) % 17) as f32 / 8.0 - 1.0)
+            .collect();
+        let xr = tensor(b, tokens, hidden_r, data);
+        let y = b
+            .moe_routed(&xr, &router, &rule, &routed_experts, &counters)
+            .expect("moe_routed");
+        out.push((format!("moe_routed_{tokens}"), b.to_host(&y).expect("host")));
+    }
+    let load = b.read_expert_counters(&counters).expect("counters");
+    assert_eq!(
+        load.iter().sum::<u64>(),
+        620,
+        "{} counts every slot",
+        b.name()
+    );
+    out.push((
+        "expert_counters".into(),
+        load.iter().map(|&c| c as f32).collect(),
+    ));
+
+    // Attention over the paged cache, blocks scattered: a 9-row prefill, decode rows at
+    // positions 13 and 150 (three splits of the grouped decode kernel), chunked prefills of 8
+    // rows at 20 and of 5 rows at 45, and a 40-row prefill (several key tiles).
     let (heads, kv_heads, block_size) = (4, 2, 4);
     let spec = KvSpec {
         num_blocks: 80,
@@ -423,7 +471,7 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         head_dim,
     };
     let mut store = b.kv_store(&spec).expect("store");
-    let layout: [(usize, usize); 5] = [(9, 0), (1, 13), (8, 20), (40, 0), (5, 45)];
+    let layout: [(usize, usize); 6] = [(9, 0), (1, 13), (8, 20), (40, 0), (5, 45), (1, 150)];
     let mut free: Vec<u32> = (0..80).map(|i| (i * 37) % 80).collect();
     let tables: Vec<Vec<BlockId>> = layout
         .iter()
@@ -489,8 +537,10 @@ fn every_gpu_kernel_matches_the_cpu_backend() {
     }
     let gpu = CudaBackend::new(0).expect("cuda backend");
     let mut failed = Vec::new();
-    // 16: the warp kernel's partial lanes; 128: full lanes; 160: past the tiled kernel.
-    for head_dim in [16, 128, 160] {
+    // Decode rows: 16 and 24 fill part of the split kernel's lanes, 128 all, 160 goes past
+    // every prefill kernel (so prefill rows take the split kernel too). Prefill rows: 16 and
+    // 128 run on the tensor cores, 24 on the CUDA-core tiled kernel.
+    for head_dim in [16, 24, 128, 160] {
         let want = run_ops(&CpuBackend, head_dim);
         let got = run_ops(&gpu, head_dim);
         for ((name, c), (_, g)) in want.iter().zip(&got) {

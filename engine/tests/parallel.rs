@@ -240,13 +240,26 @@ fn expert_parallel_decode_matches_one_rank_and_counts_every_expert_pair() {
             let ranks_used = group
                 .ranks()
                 .iter()
-                .filter(|e| e.model().expert_load().iter().sum::<u64>() > 0)
+                .filter(|e| {
+                    e.model()
+                        .expert_load()
+                        .expect("expert load")
+                        .iter()
+                        .sum::<u64>()
+                        > 0
+                })
                 .count();
             assert_eq!(ranks_used, size, "{name} ep={size}: every rank ran experts");
             let pairs: u64 = group
                 .ranks()
                 .iter()
-                .map(|e| e.model().expert_load().iter().sum::<u64>())
+                .map(|e| {
+                    e.model()
+                        .expert_load()
+                        .expect("expert load")
+                        .iter()
+                        .sum::<u64>()
+                })
                 .sum();
             assert_eq!(
                 pairs as usize,
@@ -274,7 +287,13 @@ fn expert_placement_decides_which_rank_runs_each_expert() {
     generate(&mut group, &cases);
     let num_experts = 8;
     for (rank, engine) in group.ranks().iter().enumerate() {
-        for (i, &count) in engine.model().expert_load().iter().enumerate() {
+        for (i, &count) in engine
+            .model()
+            .expert_load()
+            .expect("expert load")
+            .iter()
+            .enumerate()
+        {
             let expert = i % num_experts;
             if (expert == 0) != (rank == 1) {
                 assert_eq!(count, 0, "rank {rank} ran expert {expert}");

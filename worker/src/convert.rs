@@ -13,8 +13,13 @@ pub(crate) fn worker_stats<B: Backend>(
     let num_experts = engine.model().config().moe.num_experts.max(1);
     let mut expert_load = vec![0u64; num_experts];
     for rank in engine.ranks() {
-        for (i, pairs) in rank.model().expert_load().into_iter().enumerate() {
-            expert_load[i % num_experts] += pairs;
+        match rank.model().expert_load() {
+            Ok(load) => {
+                for (i, pairs) in load.into_iter().enumerate() {
+                    expert_load[i % num_experts] += pairs;
+                }
+            }
+            Err(e) => tracing::warn!("reading a rank's expert load: {e}"),
         }
     }
     WorkerStats {

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use crate::backend::{
-    AttentionBatch, Backend, KvRows, KvSpec, RopeTable, Routing, check_scatter_rows,
+    AttentionBatch, Backend, HostCounters, KvRows, KvSpec, RopeTable, Routing, check_scatter_rows,
 };
 use crate::checkpoint::HostTensor;
 use crate::error::{EngineError, Result};
@@ -140,9 +140,22 @@ impl Backend for CpuBackend {
     type Matrix = CpuMatrix;
     type Vector = Vec<f32>;
     type KvStore = CpuKvStore;
+    type ExpertCounters = HostCounters;
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn expert_counters(&self, experts: usize) -> Result<HostCounters> {
+        Ok(HostCounters::new(experts))
+    }
+
+    fn count_experts(&self, counters: &HostCounters, expert_ids: &[usize]) {
+        counters.add(expert_ids);
+    }
+
+    fn read_expert_counters(&self, counters: &HostCounters) -> Result<Vec<u64>> {
+        Ok(counters.read())
     }
 
     fn matrix(&self, host: HostTensor) -> Result<CpuMatrix> {

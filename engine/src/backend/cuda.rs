@@ -1,8 +1,10 @@
 //! CUDA backend through cudarc, loading libcuda, libnvrtc and libcublas at run time so the
 //! workspace builds and runs where they are absent. Activations are f32 on the device; weights
-//! and the KV cache are bf16. Projections are cuBLAS GEMMs (bf16 inputs, f32 accumulate and
-//! output); everything else is the CUDA C in `kernels.cu`, compiled once per process with NVRTC
-//! for the device's architecture.
+//! and the KV cache are bf16. Dense projections are cuBLAS GEMMs (bf16 inputs, f32 accumulate
+//! and output); everything else is the CUDA C in `kernels.cu`, compiled once per process with
+//! NVRTC for the device's architecture: MoE routed and grouped on the device (`moe`), its
+//! experts as grouped tensor-core GEMMs, and tensor-core attention for prefill and for decode
+//! of grouped-query heads.
 //!
 //! This is the only module of the engine that uses cudarc, and the only one with `unsafe`
 //! beyond the CPU backend's gemm call and the checkpoint mmap: kernel launches and the raw
@@ -22,7 +24,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::backend::{
-    AttentionBatch, Backend, KvRows, KvSpec, RopeTable, Routing, check_scatter_rows,
+    AttentionBatch, Backend, KvRows, KvSpec, RopeTable, RouteRule, Routing, check_scatter_rows,
 };
 use crate::checkpoint::HostTensor;
 use crate::error::{EngineError, Result};
@@ -30,15 +32,17 @@ use crate::parallel::Collective;
 use crate::parallel::host::host_collectives;
 use crate::weights::ExpertWeights;
 
+mod moe;
 mod nccl;
 
+pub use moe::CudaExpertCounters;
 pub use nccl::{NCCL_ID_BYTES, NcclCollective, nccl_probe, nccl_unique_id};
 
 /// The kernels' CUDA C source.
 pub const KERNELS_SOURCE: &str = include_str!("cuda/kernels.cu");
 
 /// Every kernel `kernels.cu` defines.
-pub const KERNEL_NAMES: [&str; 19] = [
+pub const KERNEL_NAMES: [&str; 27] = [
     "embed",
     "rms_norm",
     "add_assign",
@@ -54,10 +58,18 @@ pub const KERNEL_NAMES: [&str; 19] = [
     "attention_split",
     "attention_combine",
     "attention_prefill",
+    "attention_prefill_mma",
+    "attention_decode_mma",
     "greedy",
+    "moe_route",
+    "moe_offsets",
+    "moe_place",
     "moe_gate_up",
     "moe_down",
-    "moe_sum",
+    "moe_gemm_gate_up",
+    "moe_gemm_down",
+    "moe_permute",
+    "moe_combine",
 ];
 
 /// Threads per block of the row-wise kernels.
@@ -70,27 +82,25 @@ const WARP: u32 = 32;
 const MAX_HEAD_DIM: usize = 256;
 /// Keys per split of `attention_split` (`SPLIT_KEYS` in kernels.cu).
 const SPLIT_KEYS: usize = 256;
-/// Routing slots (tokens × top-k) up to which MoE runs as grouped matrix-vector products over
-/// expert pointer tables (three launches per layer) rather than a GEMM per expert. Measured
-/// on an H100 (Qwen3-30B-A3B shape): 64 slots (batch 8) take 4.8 ms a step this way against
-/// 7.4 ms with GEMMs, but 512 slots take 19.0 ms against 12.1 ms.
-const MOE_GEMV_MAX_PAIRS: usize = 64;
-/// Output rows one block of `moe_gate_up` / `moe_down` computes: 8 warps × 4 rows.
-const MOE_ROWS_PER_BLOCK: usize = 32;
-/// Most routing slots one block takes (`MOE_MAX_GROUP` in kernels.cu).
-const MOE_MAX_GROUP: usize = 4;
-/// Shared memory a block may stage its group's inputs in without opting in to more.
-const MOE_STAGED_BYTES: usize = 48 * 1024;
-
 /// `attention_prefill`'s limits: `PREFILL_MAX_HEAD_DIM`, `Q_TILE` rows a block, 4 warps.
 const PREFILL_MAX_HEAD_DIM: usize = 128;
 const PREFILL_Q_TILE: usize = 16;
 const PREFILL_THREADS: u32 = 128;
 
-/// Query tiles of `attention_prefill`: each up to `PREFILL_Q_TILE` consecutive rows of one
+/// `attention_prefill_mma`'s limits: head_dim a multiple of 16 up to `FLASH_MAX_HEAD_DIM`,
+/// `FLASH_Q_TILE` rows a block, 4 warps.
+const FLASH_MAX_HEAD_DIM: usize = 128;
+const FLASH_Q_TILE: usize = 64;
+const FLASH_THREADS: u32 = 128;
+/// `attention_decode_mma`: keys a warp takes (`FLASH_K_TILE`), and the most query heads a KV
+/// head may serve (the 16 rows of one mma tile).
+const DECODE_KEYS: usize = 64;
+const DECODE_MAX_GROUP: usize = 16;
+
+/// Query tiles of a prefill attention kernel: each up to `size` consecutive rows of one
 /// sequence.
-#[derive(Default)]
 struct PrefillTiles {
+    size: usize,
     rows: Vec<i32>,
     counts: Vec<i32>,
     positions: Vec<i32>,
@@ -98,11 +108,20 @@ struct PrefillTiles {
 }
 
 impl PrefillTiles {
+    fn new(size: usize) -> Self {
+        Self {
+            size,
+            rows: Vec::new(),
+            counts: Vec::new(),
+            positions: Vec::new(),
+            table_offsets: Vec::new(),
+        }
+    }
+
     fn add(&mut self, rows: std::ops::Range<usize>, first_position: usize, table_offset: i32) {
-        for start in rows.clone().step_by(PREFILL_Q_TILE) {
+        for start in rows.clone().step_by(self.size) {
             self.rows.push(start as i32);
-            self.counts
-                .push((rows.end - start).min(PREFILL_Q_TILE) as i32);
+            self.counts.push((rows.end - start).min(self.size) as i32);
             self.positions
                 .push((first_position + start - rows.start) as i32);
             self.table_offsets.push(table_offset);
@@ -531,132 +550,6 @@ impl CudaBackend {
         Ok(y)
     }
 
-    /// Whether `moe_gemv` takes this call: few routing slots, shapes its kernels handle.
-    fn moe_fits_gemv(
-        &self,
-        x: &CudaTensor,
-        routing: &Routing,
-        experts: &[ExpertWeights<Self>],
-    ) -> bool {
-        let Some(first) = experts.first() else {
-            return false;
-        };
-        let (hidden, inter) = (x.cols, first.down.in_dim);
-        let uniform = experts.iter().all(|e| {
-            (
-                e.gate_up.out_dim,
-                e.gate_up.in_dim,
-                e.down.out_dim,
-                e.down.in_dim,
-            ) == (2 * inter, hidden, hidden, inter)
-        });
-        uniform
-            && routing.expert_ids.len() <= MOE_GEMV_MAX_PAIRS
-            && routing.expert_ids.len() == x.rows * routing.experts_per_token
-            && hidden % 8 == 0
-            && inter % 8 == 0
-            && hidden.max(inter) * 4 <= MOE_STAGED_BYTES
-    }
-
-    /// MoE for decode-sized batches: routing slots grouped by expert (a few to a group), each
-    /// group's expert MLP as matrix-vector products reading the weights once through a pointer
-    /// table, then each token's slots summed in slot order. Three launches per layer.
-    fn moe_gemv(
-        &self,
-        x: &CudaTensor,
-        routing: &Routing,
-        experts: &[ExpertWeights<Self>],
-    ) -> Result<CudaTensor> {
-        let (hidden, inter) = (x.cols, experts[0].down.in_dim);
-        let pairs = routing.expert_ids.len();
-        let mut out = self.output(x.rows, hidden)?;
-        if pairs == 0 {
-            return Ok(out);
-        }
-        // As many slots a group as the widest staged input allows, at most MOE_MAX_GROUP.
-        let group_size = (MOE_STAGED_BYTES / (4 * hidden.max(inter))).clamp(1, MOE_MAX_GROUP);
-        let mut order: Vec<i32> = (0..pairs as i32).collect();
-        order.sort_by_key(|&p| routing.expert_ids[p as usize]);
-        let (mut group_expert, mut group_first, mut group_count) =
-            (Vec::new(), Vec::new(), Vec::new());
-        let mut start = 0;
-        while start < pairs {
-            let expert = routing.expert_ids[order[start] as usize];
-            let run = order[start..]
-                .iter()
-                .take(group_size)
-                .take_while(|&&p| routing.expert_ids[p as usize] == expert)
-                .count();
-            group_expert.push(expert as i32);
-            group_first.push(start as i32);
-            group_count.push(run as i32);
-            start += run;
-        }
-        let groups = group_expert.len();
-        let table = |matrix: fn(&ExpertWeights<Self>) -> &CudaMatrix| -> Vec<u64> {
-            experts
-                .iter()
-                .map(|e| matrix(e).data.device_ptr(&self.stream).0)
-                .collect()
-        };
-        let gate_up = self.upload(&table(|e| &e.gate_up))?;
-        let down = self.upload(&table(|e| &e.down))?;
-        let group_expert = self.upload(&group_expert)?;
-        let group_first = self.upload(&group_first)?;
-        let group_count = self.upload(&group_count)?;
-        let order = self.upload(&order)?;
-        let weights = self.upload(&routing.weights)?;
-        let mut act = self.uninit::<f32>(pairs * inter)?;
-        let mut y = self.uninit::<f32>(pairs * hidden)?;
-        let (hidden_i, inter_i, k) = (
-            hidden as i32,
-            inter as i32,
-            routing.experts_per_token as i32,
-        );
-        let grid = |rows: usize, staged: usize| LaunchConfig {
-            grid_dim: (groups as u32, rows.div_ceil(MOE_ROWS_PER_BLOCK) as u32, 1),
-            block_dim: (ROW_THREADS, 1, 1),
-            shared_mem_bytes: (4 * staged * group_size) as u32,
-        };
-        let mut launch = self.stream.launch_builder(self.function("moe_gate_up"));
-        launch
-            .arg(&x.data)
-            .arg(&gate_up)
-            .arg(&group_expert)
-            .arg(&group_first)
-            .arg(&group_count)
-            .arg(&order)
-            .arg(&mut act)
-            .arg(&hidden_i)
-            .arg(&inter_i)
-            .arg(&k);
-        // SAFETY: every expert id was checked below the tables' length and every entry is a
-        // live [2·inter, hidden] bf16 matrix; each group holds at most group_size slots whose
-        // x rows fit the dynamic shared memory; slot p reads token p / k of x (slots = rows ·
-        // k) and writes row p of act (slots · inter values).
-        launched(unsafe { launch.launch(grid(inter, hidden)) }, "moe_gate_up")?;
-        let mut launch = self.stream.launch_builder(self.function("moe_down"));
-        launch
-            .arg(&act)
-            .arg(&down)
-            .arg(&group_expert)
-            .arg(&group_first)
-            .arg(&group_count)
-            .arg(&order)
-            .arg(&weights)
-            .arg(&mut y)
-            .arg(&hidden_i)
-            .arg(&inter_i);
-        // SAFETY: as above, with [hidden, inter] down matrices, act rows staged, and y of
-        // slots · hidden values.
-        launched(unsafe { launch.launch(grid(hidden, inter)) }, "moe_down")?;
-        let mut launch = self.stream.launch_builder(self.function("moe_sum"));
-        launch.arg(&y).arg(&mut out.data).arg(&hidden_i).arg(&k);
-        // SAFETY: one block per token, reading its k rows of y and writing its row of out.
-        launched(unsafe { launch.launch(per_row(x.rows)) }, "moe_sum")?;
-        Ok(out)
-    }
-
     /// `out[rows[i], :] += weights[i] · y[i, :]`.
     fn scatter_add_weighted(
         &self,
@@ -762,9 +655,22 @@ impl Backend for CudaBackend {
     type Matrix = CudaMatrix;
     type Vector = CudaVector;
     type KvStore = CudaKvStore;
+    type ExpertCounters = CudaExpertCounters;
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn expert_counters(&self, experts: usize) -> Result<CudaExpertCounters> {
+        self.new_expert_counters(experts)
+    }
+
+    fn count_experts(&self, counters: &CudaExpertCounters, expert_ids: &[usize]) {
+        Self::add_host_counts(counters, expert_ids);
+    }
+
+    fn read_expert_counters(&self, counters: &CudaExpertCounters) -> Result<Vec<u64>> {
+        self.read_counters(counters)
     }
 
     fn matrix(&self, host: HostTensor) -> Result<CudaMatrix> {
@@ -1029,11 +935,18 @@ impl Backend for CudaBackend {
             )));
         }
         // Rows decoding one token go to the split kernel; longer runs of a sequence's rows
-        // (prefill) go in tiles to the tiled kernel, which takes head_dim <= 128.
+        // (prefill) go in tiles to a prefill kernel: on the tensor cores for head_dim a
+        // multiple of 16 up to 128, else the CUDA-core one up to 128.
+        let tensor_cores =
+            batch.head_dim.is_multiple_of(16) && batch.head_dim <= FLASH_MAX_HEAD_DIM;
         let tiled = batch.head_dim <= PREFILL_MAX_HEAD_DIM;
         let mut positions = vec![-1i32; q.rows];
         let mut offsets = vec![0i32; q.rows];
-        let mut tiles = PrefillTiles::default();
+        let mut tiles = PrefillTiles::new(if tensor_cores {
+            FLASH_Q_TILE
+        } else {
+            PREFILL_Q_TILE
+        });
         let mut tables: Vec<i32> = Vec::new();
         for seq in batch.seqs {
             let offset = tables.len() as i32;
@@ -1073,15 +986,29 @@ impl Backend for CudaBackend {
             batch.block_size as i32,
         );
         let scale = 1.0 / (batch.head_dim as f32).sqrt();
+        // Decode rows of grouped heads on the tensor cores: a KV head's keys are read once for
+        // all the query heads sharing it.
+        let group = batch.num_heads / batch.num_kv_heads;
+        let grouped = tensor_cores
+            && batch.num_heads.is_multiple_of(batch.num_kv_heads)
+            && group <= DECODE_MAX_GROUP;
         if let Some(&last) = positions.iter().max().filter(|&&p| p >= 0) {
-            let splits = (last as usize + 1).div_ceil(SPLIT_KEYS);
+            let (kernel, split_keys, grid_heads, split_scale) = if grouped {
+                let log2_e = std::f32::consts::LOG2_E;
+                let kv = batch.num_kv_heads as u32;
+                ("attention_decode_mma", DECODE_KEYS, kv, scale * log2_e)
+            } else {
+                let h = batch.num_heads as u32;
+                ("attention_split", SPLIT_KEYS, h, scale)
+            };
+            let splits = (last as usize + 1).div_ceil(split_keys);
             let parts = q.rows * batch.num_heads * splits;
             let mut partial_out = self.uninit::<f32>(parts * batch.head_dim)?;
             let mut partial_max = self.uninit::<f32>(parts)?;
             let mut partial_sum = self.uninit::<f32>(parts)?;
             let positions = self.upload(&positions)?;
             let offsets = self.upload(&offsets)?;
-            let mut launch = self.stream.launch_builder(self.function("attention_split"));
+            let mut launch = self.stream.launch_builder(self.function(kernel));
             launch
                 .arg(&q.data)
                 .arg(&store.k)
@@ -1096,16 +1023,17 @@ impl Backend for CudaBackend {
                 .arg(&kv_heads)
                 .arg(&head_dim)
                 .arg(&block_size)
-                .arg(&scale);
+                .arg(&split_scale);
             let config = LaunchConfig {
-                grid_dim: (q.rows as u32, batch.num_heads as u32, splits as u32),
+                grid_dim: (q.rows as u32, grid_heads, splits as u32),
                 block_dim: (WARP, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: one warp per (row, head, split), writing only its own partial; rows of
-            // the tiled kernel have position -1 and are skipped; every position lies inside
-            // its block table (checked above), whose blocks lie inside the store.
-            launched(unsafe { launch.launch(config) }, "attention_split")?;
+            // SAFETY: one warp per (row, head, split) — or (row, KV head, split) writing the
+            // partials of that KV head's group of query heads — writing only its own partials;
+            // rows of the tiled kernels have position -1 and are skipped; every position lies
+            // inside its block table (checked above), whose blocks lie inside the store.
+            launched(unsafe { launch.launch(config) }, kernel)?;
             let splits_i = splits as i32;
             let mut launch = self
                 .stream
@@ -1134,9 +1062,13 @@ impl Backend for CudaBackend {
             let counts = self.upload(&tiles.counts)?;
             let tile_positions = self.upload(&tiles.positions)?;
             let tile_offsets = self.upload(&tiles.table_offsets)?;
-            let mut launch = self
-                .stream
-                .launch_builder(self.function("attention_prefill"));
+            let (kernel, threads, q_scale) = if tensor_cores {
+                let log2_e = std::f32::consts::LOG2_E;
+                ("attention_prefill_mma", FLASH_THREADS, scale * log2_e)
+            } else {
+                ("attention_prefill", PREFILL_THREADS, scale)
+            };
+            let mut launch = self.stream.launch_builder(self.function(kernel));
             launch
                 .arg(&q.data)
                 .arg(&store.k)
@@ -1151,15 +1083,15 @@ impl Backend for CudaBackend {
                 .arg(&kv_heads)
                 .arg(&head_dim)
                 .arg(&block_size)
-                .arg(&scale);
+                .arg(&q_scale);
             let config = LaunchConfig {
                 grid_dim: (count as u32, batch.num_heads as u32, 1),
-                block_dim: (PREFILL_THREADS, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: one block per (tile, head); each tile's rows lie inside q and out and
             // its positions inside its block table (checked above).
-            launched(unsafe { launch.launch(config) }, "attention_prefill")?;
+            launched(unsafe { launch.launch(config) }, kernel)?;
         }
         Ok(out)
     }
@@ -1171,47 +1103,18 @@ impl Backend for CudaBackend {
         experts: &[ExpertWeights<Self>],
     ) -> Result<CudaTensor> {
         let _timer = self.timed("moe_experts");
-        let k = routing.experts_per_token.max(1);
-        if let Some(bad) = routing.expert_ids.iter().find(|&&e| e >= experts.len()) {
-            return Err(shape_error(
-                "moe",
-                format!("expert {bad} of {}", experts.len()),
-            ));
-        }
-        if self.moe_fits_gemv(x, routing, experts) {
-            return self.moe_gemv(x, routing, experts);
-        }
-        // Tokens grouped by expert, in one upload: rows and weights, expert after expert.
-        let mut groups: Vec<Vec<(i32, f32)>> = vec![Vec::new(); experts.len()];
-        for (slot, (&expert, &weight)) in
-            routing.expert_ids.iter().zip(&routing.weights).enumerate()
-        {
-            let group = groups.get_mut(expert).ok_or_else(|| {
-                shape_error("moe", format!("expert {expert} of {}", experts.len()))
-            })?;
-            group.push(((slot / k) as i32, weight));
-        }
-        let mut out = self.tensor(x.rows, x.cols)?;
-        // Every expert's token rows and weights in one upload each, expert after expert.
-        let rows: Vec<i32> = groups.iter().flatten().map(|t| t.0).collect();
-        let weights: Vec<f32> = groups.iter().flatten().map(|t| t.1).collect();
-        let rows = self.upload(&rows)?;
-        let weights = self.upload(&weights)?;
-        let mut start = 0;
-        for (e, tokens) in groups.iter().enumerate() {
-            if tokens.is_empty() {
-                continue;
-            }
-            let range = start..start + tokens.len();
-            start = range.end;
-            let (rows, weights) = (rows.slice(range.clone()), weights.slice(range));
-            let gathered = self.gather(x, &rows, tokens.len())?;
-            let expert = &experts[e];
-            let act = self.swiglu(&self.gemm(&gathered, &expert.gate_up)?)?;
-            let y = self.gemm(&act, &expert.down)?;
-            self.scatter_add_weighted(&mut out, &y, &rows, &weights)?;
-        }
-        Ok(out)
+        self.moe_host_routed(x, routing, experts)
+    }
+
+    fn moe_routed(
+        &self,
+        x: &CudaTensor,
+        router: &CudaMatrix,
+        rule: &RouteRule,
+        experts: &[ExpertWeights<Self>],
+        counters: &CudaExpertCounters,
+    ) -> Result<CudaTensor> {
+        self.moe_routed_on_device(x, router, rule, experts, counters)
     }
 
     fn select_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {

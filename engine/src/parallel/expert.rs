@@ -68,6 +68,7 @@ pub(crate) fn expert_parallel_moe<B: Backend>(
 
     // Expand the received tokens into one row per (token, local expert) pair.
     let (mut pair_rows, mut experts, mut weights) = (Vec::new(), Vec::new(), Vec::new());
+    let mut received_experts = Vec::new();
     let mut row = 0;
     for (from, values) in metadata.iter().enumerate() {
         let mut i = 0;
@@ -83,7 +84,7 @@ pub(crate) fn expert_parallel_moe<B: Backend>(
                         "rank {from} sent a token for expert {expert}, which this rank does not hold"
                     ))
                 })?;
-                model.count_expert_pair(layer, expert);
+                received_experts.push(expert);
                 pair_rows.push(row);
                 experts.push(local);
                 weights.push(pair[1]);
@@ -92,6 +93,7 @@ pub(crate) fn expert_parallel_moe<B: Backend>(
             row += 1;
         }
     }
+    model.count_expert_pairs(layer, &received_experts);
     if row != received_rows {
         return Err(collective_error(format!(
             "routing metadata names {row} tokens, {received_rows} arrived"

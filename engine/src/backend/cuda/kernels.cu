@@ -270,6 +270,31 @@ extern "C" __global__ void attention_combine(const float* partial_out, const flo
     out[(size_t)row * num_heads * head_dim + head * head_dim + d] = value / total;
 }
 
+// A prefill kernel's tile of query rows (blockIdx.x) for one head (blockIdx.y): its first
+// row, row count, first position, its sequence's block table, the head's KV head and the
+// widths of a KV and a query row.
+struct QueryTile {
+    int first_row, count, first_position, kv_head, kv_width, q_width;
+    const int* table;
+};
+
+__device__ __forceinline__ QueryTile query_tile(const int* tile_rows, const int* tile_counts,
+                                                const int* tile_positions,
+                                                const int* tile_table_offsets,
+                                                const int* block_tables, int num_heads,
+                                                int num_kv_heads, int head_dim) {
+    int tile = blockIdx.x;
+    QueryTile qt;
+    qt.kv_head = blockIdx.y / (num_heads / num_kv_heads);
+    qt.kv_width = num_kv_heads * head_dim;
+    qt.q_width = num_heads * head_dim;
+    qt.first_row = tile_rows[tile];
+    qt.count = tile_counts[tile];
+    qt.first_position = tile_positions[tile];
+    qt.table = block_tables + tile_table_offsets[tile];
+    return qt;
+}
+
 // Prefill attention, flash style on CUDA cores: a block takes a tile of up to Q_TILE
 // consecutive query rows of one sequence and one head, and walks that sequence's keys in tiles
 // of K_TILE staged in shared memory, each warp owning Q_TILE / 4 rows with an online softmax.
@@ -289,15 +314,12 @@ attention_prefill(const float* q, const bf16_t* k_cache, const bf16_t* v_cache, 
     __shared__ float q_tile[Q_TILE][PREFILL_MAX_HEAD_DIM];
     __shared__ float k_tile[K_TILE][PREFILL_MAX_HEAD_DIM + 1];
     __shared__ float v_tile[K_TILE][PREFILL_MAX_HEAD_DIM];
-    int tile = blockIdx.x;
     int head = blockIdx.y;
-    int first_row = tile_rows[tile];
-    int count = tile_counts[tile];
-    int first_position = tile_positions[tile];
-    const int* table = block_tables + tile_table_offsets[tile];
-    int kv_head = head / (num_heads / num_kv_heads);
-    int kv_width = num_kv_heads * head_dim;
-    int q_width = num_heads * head_dim;
+    QueryTile qt = query_tile(tile_rows, tile_counts, tile_positions, tile_table_offsets,
+                              block_tables, num_heads, num_kv_heads, head_dim);
+    int first_row = qt.first_row, count = qt.count, first_position = qt.first_position;
+    int kv_head = qt.kv_head, kv_width = qt.kv_width, q_width = qt.q_width;
+    const int* table = qt.table;
     int warp = threadIdx.x >> 5;
     int lane = threadIdx.x & 31;
 
@@ -421,10 +443,155 @@ extern "C" __global__ void greedy(const float* logits, unsigned int* tokens, flo
     }
 }
 
-// MoE for decode-sized batches without a launch per expert: routing slots (pairs) are grouped
-// by expert, at most `group_size` (<= MOE_MAX_GROUP) to a group, and one block computes a tile
-// of output rows for a whole group, reading each weight row once for all its tokens. Expert
-// weights are reached through tables of device pointers. Pair p belongs to token p / top_k.
+// MoE, routed on the device. Routing slots (pairs) p = token · top_k + j are counted per
+// expert, placed in expert order (`sorted_slot[position] = p`, `slot_position[p] = position`),
+// and cut into tiles of at most `tile_rows` positions of one expert; `tile_start[e]` is the
+// first tile of expert e (an exclusive scan), so a block finds its expert by binary search
+// and no count goes back to the host. Expert weights are reached through tables of device
+// pointers. Every expert kernel writes rows by position; moe_combine sums each token's
+// weighted rows in slot order (deterministic whatever order placement took).
+
+// Experts routed at most: registers one lane of moe_route holds.
+#define ROUTE_MAX_PER_LANE 16
+
+// Softmax over each row's router logits, top_k experts (ties to the lower id, as
+// torch.topk), weights renormalized over the chosen if `renormalize`. One warp per row.
+// Counts each chosen expert in `counts` (this call) and `load` (the layer's lifetime).
+extern "C" __global__ void moe_route(const float* logits, int* expert_ids, float* weights,
+                                     int* counts, unsigned long long* load, int rows,
+                                     int num_experts, int top_k, int renormalize) {
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float* l = logits + (size_t)row * num_experts;
+    float v[ROUTE_MAX_PER_LANE];
+    float max = NEG_INF;
+#pragma unroll
+    for (int i = 0; i < ROUTE_MAX_PER_LANE; i++) {
+        int e = lane + 32 * i;
+        v[i] = e < num_experts ? l[e] : NEG_INF;
+        max = fmaxf(max, v[i]);
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        max = fmaxf(max, __shfl_xor_sync(0xffffffffu, max, offset));
+    }
+    float total = 0.0f;
+#pragma unroll
+    for (int i = 0; i < ROUTE_MAX_PER_LANE; i++) {
+        // Experts not present score -1: below every probability, never chosen.
+        v[i] = lane + 32 * i < num_experts ? expf(v[i] - max) : -1.0f;
+        total += fmaxf(v[i], 0.0f);
+    }
+    total = warp_sum(total);
+    int my_expert = 0;
+    float my_prob = 0.0f, chosen = 0.0f;
+    for (int j = 0; j < top_k; j++) {
+        float best = -2.0f;
+        int best_expert = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < ROUTE_MAX_PER_LANE; i++) {
+            if (v[i] > best) {
+                best = v[i];
+                best_expert = lane + 32 * i;
+            }
+        }
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            float other = __shfl_xor_sync(0xffffffffu, best, offset);
+            int other_expert = __shfl_xor_sync(0xffffffffu, best_expert, offset);
+            if (other > best || (other == best && other_expert < best_expert)) {
+                best = other;
+                best_expert = other_expert;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < ROUTE_MAX_PER_LANE; i++) {
+            if (lane + 32 * i == best_expert) v[i] = -2.0f;
+        }
+        float prob = best / total;
+        chosen += prob;
+        if (lane == j) {
+            my_expert = best_expert;
+            my_prob = prob;
+        }
+    }
+    if (lane < top_k) {
+        size_t p = (size_t)row * top_k + lane;
+        expert_ids[p] = my_expert;
+        weights[p] = renormalize ? my_prob / chosen : my_prob;
+        atomicAdd(&counts[my_expert], 1);
+        atomicAdd(&load[my_expert], 1ull);
+    }
+}
+
+// Exclusive scans of the per-expert counts (`offsets`, num_experts + 1 entries) and of their
+// tiles of `tile_rows` (`tile_start`); `cursor` starts at each expert's offset. One block of
+// at least num_experts threads (at most 1024).
+extern "C" __global__ void moe_offsets(const int* counts, int* offsets, int* tile_start,
+                                       int* cursor, int num_experts, int tile_rows) {
+    __shared__ int rows[1024];
+    __shared__ int tiles[1024];
+    int e = threadIdx.x;
+    int count = e < num_experts ? counts[e] : 0;
+    rows[e] = count;
+    tiles[e] = (count + tile_rows - 1) / tile_rows;
+    __syncthreads();
+    for (int offset = 1; offset < blockDim.x; offset <<= 1) {
+        int r = e >= offset ? rows[e - offset] : 0;
+        int t = e >= offset ? tiles[e - offset] : 0;
+        __syncthreads();
+        rows[e] += r;
+        tiles[e] += t;
+        __syncthreads();
+    }
+    if (e < num_experts) {
+        offsets[e + 1] = rows[e];
+        tile_start[e + 1] = tiles[e];
+        cursor[e] = rows[e] - count;
+    }
+    if (e == 0) {
+        offsets[0] = 0;
+        tile_start[0] = 0;
+    }
+}
+
+// Gives every slot a position among its expert's slots.
+extern "C" __global__ void moe_place(const int* expert_ids, int* cursor, int* sorted_slot,
+                                     int* slot_position, int pairs) {
+    int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= pairs) return;
+    int position = atomicAdd(&cursor[expert_ids[p]], 1);
+    sorted_slot[position] = p;
+    slot_position[p] = position;
+}
+
+// The expert whose tiles hold tile t: the last e with tile_start[e] <= t (t below the total).
+__device__ __forceinline__ int tile_expert(const int* tile_start, int num_experts, int t) {
+    int lo = 0, hi = num_experts;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) >> 1;
+        if (tile_start[mid] <= t) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+// Rows [first, first + count) of tile t, and its expert; false past the last tile.
+__device__ __forceinline__ bool moe_tile(const int* offsets, const int* tile_start,
+                                         int num_experts, int tile_rows, int t, int* expert,
+                                         int* first, int* count) {
+    if (t >= tile_start[num_experts]) return false;
+    int e = tile_expert(tile_start, num_experts, t);
+    *expert = e;
+    *first = offsets[e] + (t - tile_start[e]) * tile_rows;
+    *count = min(tile_rows, offsets[e + 1] - *first);
+    return true;
+}
+
+// Few pairs (decode): each tile of at most MOE_MAX_GROUP positions is a group whose expert
+// MLP runs as matrix-vector products, reading each weight row once for the whole group.
 // A warp computes one output row at a time: lane l reads 16-byte chunks l, l + 32, … of the
 // bf16 row (widths must be multiples of 8); the group's inputs sit in shared memory.
 #define MOE_MAX_GROUP 4
@@ -437,27 +604,29 @@ __device__ __forceinline__ float dot8(uint4 w, const float* x) {
          + x[6] * __uint_as_float(w.w << 16) + x[7] * __uint_as_float(w.w & 0xffff0000u);
 }
 
-// act[p, i] = silu(gate row i · x[t]) · (up row i · x[t]) for the group's pairs; grid
-// (groups, ceil(inter / (warps · MOE_ROWS_PER_WARP))); dynamic shared memory holds the
-// group's x rows (count · hidden floats).
+// act[position, i] = silu(gate row i · x[t]) · (up row i · x[t]); grid (pairs,
+// ceil(inter / (warps · MOE_ROWS_PER_WARP))), blocks past the last group return; dynamic
+// shared memory holds the group's x rows (group_size · hidden floats).
 extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long* gate_up,
-                                       const int* group_expert, const int* group_first,
-                                       const int* group_count, const int* pair_order,
-                                       float* act, int hidden, int inter, int top_k) {
+                                       const int* offsets, const int* tile_start,
+                                       const int* sorted_slot, float* act, int num_experts,
+                                       int group_size, int hidden, int inter, int top_k) {
     extern __shared__ float staged[];
-    int g = blockIdx.x;
-    int count = group_count[g];
-    const int* pairs = pair_order + group_first[g];
+    int expert, first, count;
+    if (!moe_tile(offsets, tile_start, num_experts, group_size, blockIdx.x, &expert, &first,
+                  &count)) {
+        return;
+    }
     for (int j = 0; j < count; j++) {
-        const float* xt = x + (size_t)(pairs[j] / top_k) * hidden;
+        const float* xt = x + (size_t)(sorted_slot[first + j] / top_k) * hidden;
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) staged[j * hidden + i] = xt[i];
     }
     __syncthreads();
-    const bf16_t* w = (const bf16_t*)gate_up[group_expert[g]];
+    const bf16_t* w = (const bf16_t*)gate_up[expert];
     int lane = threadIdx.x & 31;
-    int first = (blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * MOE_ROWS_PER_WARP;
+    int row0 = (blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * MOE_ROWS_PER_WARP;
     for (int r = 0; r < MOE_ROWS_PER_WARP; r++) {
-        int i = first + r;
+        int i = row0 + r;
         if (i >= inter) break;
         const uint4* gate = (const uint4*)(w + (size_t)i * hidden);
         const uint4* up = (const uint4*)(w + (size_t)(inter + i) * hidden);
@@ -480,33 +649,33 @@ extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long*
             if (j < count) {
                 float gv = warp_sum(gs[j]);
                 float uv = warp_sum(us[j]);
-                if (lane == 0) act[(size_t)pairs[j] * inter + i] = gv / (1.0f + expf(-gv)) * uv;
+                if (lane == 0) act[(size_t)(first + j) * inter + i] = gv / (1.0f + expf(-gv)) * uv;
             }
         }
     }
 }
 
-// y[p, h] = weights[p] · (down row h · act[p]) for the group's pairs; grid (groups,
-// ceil(hidden / (warps · MOE_ROWS_PER_WARP))); dynamic shared memory holds the group's act
-// rows (count · inter floats).
+// y[position, h] = down row h · act[position]; grid (pairs, ceil(hidden / (warps ·
+// MOE_ROWS_PER_WARP))); dynamic shared memory holds the group's act rows.
 extern "C" __global__ void moe_down(const float* act, const unsigned long long* down,
-                                    const int* group_expert, const int* group_first,
-                                    const int* group_count, const int* pair_order,
-                                    const float* weights, float* y, int hidden, int inter) {
+                                    const int* offsets, const int* tile_start, float* y,
+                                    int num_experts, int group_size, int hidden, int inter) {
     extern __shared__ float staged[];
-    int g = blockIdx.x;
-    int count = group_count[g];
-    const int* pairs = pair_order + group_first[g];
+    int expert, first, count;
+    if (!moe_tile(offsets, tile_start, num_experts, group_size, blockIdx.x, &expert, &first,
+                  &count)) {
+        return;
+    }
     for (int j = 0; j < count; j++) {
-        const float* ap = act + (size_t)pairs[j] * inter;
+        const float* ap = act + (size_t)(first + j) * inter;
         for (int i = threadIdx.x; i < inter; i += blockDim.x) staged[j * inter + i] = ap[i];
     }
     __syncthreads();
-    const bf16_t* w = (const bf16_t*)down[group_expert[g]];
+    const bf16_t* w = (const bf16_t*)down[expert];
     int lane = threadIdx.x & 31;
-    int first = (blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * MOE_ROWS_PER_WARP;
+    int row0 = (blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * MOE_ROWS_PER_WARP;
     for (int r = 0; r < MOE_ROWS_PER_WARP; r++) {
-        int h = first + r;
+        int h = row0 + r;
         if (h >= hidden) break;
         const uint4* row = (const uint4*)(w + (size_t)h * inter);
         float ds[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -521,19 +690,566 @@ extern "C" __global__ void moe_down(const float* act, const unsigned long long* 
         for (int j = 0; j < MOE_MAX_GROUP; j++) {
             if (j < count) {
                 float d = warp_sum(ds[j]);
-                if (lane == 0) y[(size_t)pairs[j] * hidden + h] = weights[pairs[j]] * d;
+                if (lane == 0) y[(size_t)(first + j) * hidden + h] = d;
             }
         }
     }
 }
 
-// out[t, :] = sum over j < top_k of y[t · top_k + j, :], in slot order (deterministic).
-extern "C" __global__ void moe_sum(const float* y, float* out, int hidden, int top_k) {
+// Many pairs (prefill, large decode batches): one grouped GEMM per projection on the tensor
+// cores. Each block computes a GEMM_BM × GEMM_BN tile of rows of one expert (a tile of
+// moe_tile) times that expert's weight rows, over k in GEMM_BK steps staged through shared
+// memory by cp.async, GEMM_STAGES deep. 8 warps as 2 × 4, each 32 × 32 of the tile as
+// 2 × 4 mma.m16n8k16 (bf16 in, f32 accumulate). Inputs are bf16 rows of k values, k a
+// multiple of 8 (16-byte copies; a partial last step reads zeros).
+#define GEMM_BM 64
+#define GEMM_BN 128
+#define GEMM_BK 32
+#define GEMM_STAGES 3
+// Shared row of GEMM_BK bf16 plus 8 of padding: fragment loads of 8 rows × 4 words then
+// fall in 32 different banks.
+#define GEMM_LD (GEMM_BK + 8)
+#define GEMM_THREADS 256
+#define GEMM_SHARED_BYTES (GEMM_STAGES * (GEMM_BM + GEMM_BN) * GEMM_LD * 2)
+
+__device__ __forceinline__ unsigned int shared_address(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (unsigned int)a;
+}
+
+// 16 bytes from global to shared memory, asynchronously; zeros when !valid (src unread).
+__device__ __forceinline__ void copy16_async(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)),
+                 "l"(src), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int PENDING>
+__device__ __forceinline__ void copies_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
+// c[16 × 8] += a[16 × 16] · b[16 × 8], bf16 inputs as pairs in 32-bit registers.
+__device__ __forceinline__ void mma_bf16(float* c, const unsigned int* a, const unsigned int* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ unsigned int shared_word(const bf16_t* p) {
+    return *(const unsigned int*)p;
+}
+
+// SWIGLU: the expert's matrix holds `n` gate rows then `n` up rows, and block column j
+// computes gate and up rows j · 64 … j · 64 + 63 together, writing silu(gate) · up as bf16
+// to `act` ([rows, n]). Otherwise it computes rows j · 128 … of an [n, k] matrix into f32 `c`.
+template <bool SWIGLU>
+__device__ __forceinline__ void grouped_gemm(const bf16_t* a, const unsigned long long* matrices,
+                                             const int* offsets, const int* tile_start,
+                                             int num_experts, int n, int k, float* c,
+                                             bf16_t* act) {
+    __shared__ __align__(16) unsigned char shared[GEMM_SHARED_BYTES];
+    int expert, m0, rows;
+    if (!moe_tile(offsets, tile_start, num_experts, GEMM_BM, blockIdx.x, &expert, &m0, &rows)) {
+        return;
+    }
+    const bf16_t* w = (const bf16_t*)matrices[expert];
+    typedef bf16_t ATile[GEMM_BM][GEMM_LD];
+    typedef bf16_t BTile[GEMM_BN][GEMM_LD];
+    ATile* as = (ATile*)shared;
+    BTile* bs = (BTile*)(shared + GEMM_STAGES * sizeof(ATile));
+    int tid = threadIdx.x;
+    int warp = tid >> 5, lane = tid & 31;
+    int warp_m = warp >> 2, warp_n = warp & 3;
+    int g = lane >> 2, t = lane & 3;
+    // The weight row behind row r of the block's B tile, or -1 past the matrix.
+    auto weight_row = [&](int r) -> int {
+        if (SWIGLU) {
+            int col = blockIdx.y * (GEMM_BN / 2) + (r % (GEMM_BN / 2));
+            if (col >= n) return -1;
+            return r < GEMM_BN / 2 ? col : n + col;
+        }
+        int row = blockIdx.y * GEMM_BN + r;
+        return row < n ? row : -1;
+    };
+    int chunk = (tid & 3) * 8;
+    int a_row = tid >> 2;
+    int b_rows[2] = {weight_row(tid >> 2), weight_row((tid >> 2) + 64)};
+    auto load = [&](int stage, int k0) {
+        int kk = k0 + chunk;
+        bool in_k = kk < k;
+        bool ok = in_k && a_row < rows;
+        copy16_async(&as[stage][a_row][chunk], ok ? a + (size_t)(m0 + a_row) * k + kk : a, ok);
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            bool okb = in_k && b_rows[i] >= 0;
+            copy16_async(&bs[stage][(tid >> 2) + 64 * i][chunk],
+                         okb ? w + (size_t)b_rows[i] * k + kk : w, okb);
+        }
+    };
+    float acc[2][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[mi][ni][q] = 0.0f;
+    int steps = (k + GEMM_BK - 1) / GEMM_BK;
+#pragma unroll
+    for (int s = 0; s < GEMM_STAGES - 1; s++) {
+        if (s < steps) load(s, s * GEMM_BK);
+        copies_commit();
+    }
+    for (int step = 0; step < steps; step++) {
+        copies_wait<GEMM_STAGES - 2>();
+        __syncthreads();
+        int next = step + GEMM_STAGES - 1;
+        if (next < steps) load(next % GEMM_STAGES, next * GEMM_BK);
+        copies_commit();
+        int stage = step % GEMM_STAGES;
+#pragma unroll
+        for (int ks = 0; ks < GEMM_BK; ks += 16) {
+            unsigned int af[2][4], bf[4][2];
+            int col = ks + t * 2;
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                int r = warp_m * 32 + mi * 16 + g;
+                af[mi][0] = shared_word(&as[stage][r][col]);
+                af[mi][1] = shared_word(&as[stage][r + 8][col]);
+                af[mi][2] = shared_word(&as[stage][r][col + 8]);
+                af[mi][3] = shared_word(&as[stage][r + 8][col + 8]);
+            }
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++) {
+                int r = warp_n * 32 + ni * 8 + g;
+                bf[ni][0] = shared_word(&bs[stage][r][col]);
+                bf[ni][1] = shared_word(&bs[stage][r][col + 8]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++) mma_bf16(acc[mi][ni], af[mi], bf[ni]);
+        }
+    }
+    if (!SWIGLU) {
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++) {
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++) {
+                int r = warp_m * 32 + mi * 16 + g;
+                int col = blockIdx.y * GEMM_BN + warp_n * 32 + ni * 8 + t * 2;
+                if (col >= n) continue;
+                if (r < rows) {
+                    *(float2*)(c + (size_t)(m0 + r) * n + col) =
+                        make_float2(acc[mi][ni][0], acc[mi][ni][1]);
+                }
+                if (r + 8 < rows) {
+                    *(float2*)(c + (size_t)(m0 + r + 8) * n + col) =
+                        make_float2(acc[mi][ni][2], acc[mi][ni][3]);
+                }
+            }
+        }
+        return;
+    }
+    // Gate and up of one column sit in different warps: meet in shared memory.
+    copies_wait<0>();
+    __syncthreads();
+    typedef float CTile[GEMM_BN + 4];
+    CTile* cs = (CTile*)shared;
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++) {
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++) {
+            int r = warp_m * 32 + mi * 16 + g;
+            int col = warp_n * 32 + ni * 8 + t * 2;
+            cs[r][col] = acc[mi][ni][0];
+            cs[r][col + 1] = acc[mi][ni][1];
+            cs[r + 8][col] = acc[mi][ni][2];
+            cs[r + 8][col + 1] = acc[mi][ni][3];
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < GEMM_BM * (GEMM_BN / 2); i += GEMM_THREADS) {
+        int r = i / (GEMM_BN / 2);
+        int local = i % (GEMM_BN / 2);
+        int col = blockIdx.y * (GEMM_BN / 2) + local;
+        if (r < rows && col < n) {
+            float gate = cs[r][local];
+            float up = cs[r][GEMM_BN / 2 + local];
+            act[(size_t)(m0 + r) * n + col] = f32_to_bf16(gate / (1.0f + expf(-gate)) * up);
+        }
+    }
+}
+
+// act[position] = silu(x_sorted · gateᵀ) · (x_sorted · upᵀ) as bf16; grid (tiles upper bound,
+// ceil(inter / 64)).
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
+    moe_gemm_gate_up(const bf16_t* x_sorted, const unsigned long long* gate_up,
+                     const int* offsets, const int* tile_start, int num_experts, int inter,
+                     int hidden, bf16_t* act) {
+    grouped_gemm<true>(x_sorted, gate_up, offsets, tile_start, num_experts, inter, hidden,
+                       nullptr, act);
+}
+
+// y[position] = act[position] · downᵀ in f32; grid (tiles upper bound, ceil(hidden / 128)).
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
+    moe_gemm_down(const bf16_t* act, const unsigned long long* down, const int* offsets,
+                  const int* tile_start, int num_experts, int hidden, int inter, float* y) {
+    grouped_gemm<false>(act, down, offsets, tile_start, num_experts, hidden, inter, y, nullptr);
+}
+
+// x_sorted[position] = x[token of the slot at position] as bf16; one block per position.
+extern "C" __global__ void moe_permute(const float* x, const int* sorted_slot, bf16_t* x_sorted,
+                                       int hidden, int top_k) {
+    const float* src = x + (size_t)(sorted_slot[blockIdx.x] / top_k) * hidden;
+    bf16_t* dst = x_sorted + (size_t)blockIdx.x * hidden;
+    for (int h = threadIdx.x; h < hidden; h += blockDim.x) dst[h] = f32_to_bf16(src[h]);
+}
+
+// out[t] = sum over j < top_k of weights[t · top_k + j] · y[slot_position[t · top_k + j]], in
+// slot order; one block per token.
+extern "C" __global__ void moe_combine(const float* y, const int* slot_position,
+                                       const float* weights, float* out, int hidden, int top_k) {
+    size_t first = (size_t)blockIdx.x * top_k;
     float* dst = out + (size_t)blockIdx.x * hidden;
-    const float* src = y + (size_t)blockIdx.x * top_k * hidden;
     for (int h = threadIdx.x; h < hidden; h += blockDim.x) {
         float sum = 0.0f;
-        for (int j = 0; j < top_k; j++) sum += src[(size_t)j * hidden + h];
+        for (int j = 0; j < top_k; j++) {
+            sum += weights[first + j] * y[(size_t)slot_position[first + j] * hidden + h];
+        }
         dst[h] = sum;
+    }
+}
+
+// Prefill attention on the tensor cores (flash-attention 2 form): one block of 4 warps per
+// (tile of up to FLASH_Q_TILE query rows of one sequence, head), each warp 16 rows. Keys and
+// values come from the paged cache FLASH_K_TILE at a time through cp.async (values load
+// while scores compute). Scores S = Q·Kᵀ stay in mma accumulators; the online softmax runs
+// on them in registers (a row's values sit in one quad of lanes), and the probabilities,
+// rounded to bf16, are reused in place as the A operand of O += P·V, V read transposed by
+// ldmatrix. Queries arrive pre-scaled by log2(e)/sqrt(head_dim), so exp2 gives the softmax.
+// head_dim a multiple of 16, at most FLASH_MAX_HEAD_DIM.
+#define FLASH_Q_TILE 64
+#define FLASH_K_TILE 64
+#define FLASH_MAX_HEAD_DIM 128
+#define FLASH_LD (FLASH_MAX_HEAD_DIM + 8)
+#define FLASH_THREADS 128
+
+__device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
+    return (unsigned int)f32_to_bf16(lo) | ((unsigned int)f32_to_bf16(hi) << 16);
+}
+
+// The B fragment (k16 × n8) of rows [row, row + 16) and columns [col, col + 8) of a
+// row-major shared [k][n] tile, transposed on the way in.
+__device__ __forceinline__ void load_b_transposed(unsigned int* b, const bf16_t* tile_row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(b[0]), "=r"(b[1])
+                 : "r"(shared_address(tile_row)));
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+typedef bf16_t KvTile[FLASH_LD];
+
+// Queues copies of the keys and values at positions [first, first + FLASH_K_TILE) of one KV
+// head into ks and vs, positions past `last` as zeros: two commit groups, keys then values.
+// Threads `thread` of `threads` share the copies.
+__device__ __forceinline__ void load_kv_tiles(KvTile* ks, KvTile* vs, const bf16_t* k_cache,
+                                              const bf16_t* v_cache, const int* table,
+                                              int block_size, int kv_width, int kv_head,
+                                              int head_dim, int first, int last, int thread,
+                                              int threads) {
+    int chunks = head_dim / 8;
+    for (int pass = 0; pass < 2; pass++) {
+        const bf16_t* cache = pass == 0 ? k_cache : v_cache;
+        for (int i = thread; i < FLASH_K_TILE * chunks; i += threads) {
+            int j = i / chunks, c = (i % chunks) * 8;
+            int pos = first + j;
+            bool ok = pos <= last;
+            size_t at = ok ? ((size_t)table[pos / block_size] * block_size + pos % block_size) *
+                                     kv_width +
+                                 kv_head * head_dim + c
+                           : 0;
+            copy16_async(pass == 0 ? &ks[j][c] : &vs[j][c], cache + at, ok);
+        }
+        copies_commit();
+    }
+}
+
+// s = Q · Kᵀ for one 16-row query fragment (qf, head_dim / 16 steps) and the tile's keys
+// (positions from `first`), -inf for keys past the lane's rows' `limit`s; `tile_max` gets each
+// of the lane's two rows' largest score.
+__device__ __forceinline__ void tile_scores(float (*s)[4], float* tile_max,
+                                            const unsigned int (*qf)[4], const KvTile* ks,
+                                            int steps, int first, const int* limit, int g,
+                                            int t) {
+    tile_max[0] = tile_max[1] = NEG_INF;
+#pragma unroll
+    for (int n = 0; n < FLASH_K_TILE / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[n][e] = 0.0f;
+#pragma unroll
+        for (int st = 0; st < FLASH_MAX_HEAD_DIM / 16; st++) {
+            if (st < steps) {
+                unsigned int b[2];
+                b[0] = shared_word(&ks[n * 8 + g][st * 16 + t * 2]);
+                b[1] = shared_word(&ks[n * 8 + g][st * 16 + t * 2 + 8]);
+                mma_bf16(s[n], qf[st], b);
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            if (first + n * 8 + t * 2 + (e & 1) > limit[e >> 1]) s[n][e] = NEG_INF;
+            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
+        }
+    }
+}
+
+// Scores to softmax numerators in place, exp2(s - row max), added to the lane's row sums.
+__device__ __forceinline__ void exponentiate(float (*s)[4], const float* row_max,
+                                             float* row_sum) {
+#pragma unroll
+    for (int n = 0; n < FLASH_K_TILE / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float p = exp2f(s[n][e] - row_max[e >> 1]);
+            s[n][e] = p;
+            row_sum[e >> 1] += p;
+        }
+    }
+}
+
+// o += P · V, the probabilities rounded to bf16 as the A operand straight from the score
+// accumulators (an m16n8 accumulator pair has the layout of an m16k16 A fragment).
+__device__ __forceinline__ void accumulate_values(float (*o)[4], const float (*p)[4],
+                                                  const KvTile* vs, int chunks, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < FLASH_K_TILE / 16; kk++) {
+        unsigned int a[4] = {pack_bf16(p[2 * kk][0], p[2 * kk][1]),
+                             pack_bf16(p[2 * kk][2], p[2 * kk][3]),
+                             pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                             pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+        for (int n = 0; n < FLASH_MAX_HEAD_DIM / 8; n++) {
+            if (n < chunks) {
+                unsigned int b[2];
+                load_b_transposed(b, &vs[kk * 16 + (lane & 15)][n * 8]);
+                mma_bf16(o[n], a, b);
+            }
+        }
+    }
+}
+
+// A row's sum over the four lanes holding its columns.
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
+    attention_prefill_mma(const float* q, const bf16_t* k_cache, const bf16_t* v_cache,
+                          float* out, const int* tile_rows, const int* tile_counts,
+                          const int* tile_positions, const int* tile_table_offsets,
+                          const int* block_tables, int num_heads, int num_kv_heads, int head_dim,
+                          int block_size, float q_scale) {
+    __shared__ __align__(16) KvTile ks[FLASH_K_TILE];
+    __shared__ __align__(16) KvTile vs[FLASH_K_TILE];
+    int head = blockIdx.y;
+    QueryTile qt = query_tile(tile_rows, tile_counts, tile_positions, tile_table_offsets,
+                              block_tables, num_heads, num_kv_heads, head_dim);
+    int first_row = qt.first_row, count = qt.count, first_position = qt.first_position;
+    int kv_head = qt.kv_head, kv_width = qt.kv_width, q_width = qt.q_width;
+    const int* table = qt.table;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int g = lane >> 2, t = lane & 3;
+    int steps = head_dim / 16;
+    int chunks = head_dim / 8;
+
+    // The scaled query tile goes through ks as bf16; each warp keeps its rows' A fragments.
+    for (int i = threadIdx.x; i < FLASH_Q_TILE * head_dim; i += FLASH_THREADS) {
+        int r = i / head_dim, d = i % head_dim;
+        float v = r < count ? q[(size_t)(first_row + r) * q_width + head * head_dim + d] * q_scale
+                            : 0.0f;
+        ks[r][d] = f32_to_bf16(v);
+    }
+    __syncthreads();
+    int row = warp * 16 + g;  // this lane's rows: row and row + 8
+    unsigned int qf[FLASH_MAX_HEAD_DIM / 16][4];
+#pragma unroll
+    for (int s = 0; s < FLASH_MAX_HEAD_DIM / 16; s++) {
+        if (s < steps) {
+            int c = s * 16 + t * 2;
+            qf[s][0] = shared_word(&ks[row][c]);
+            qf[s][1] = shared_word(&ks[row + 8][c]);
+            qf[s][2] = shared_word(&ks[row][c + 8]);
+            qf[s][3] = shared_word(&ks[row + 8][c + 8]);
+        }
+    }
+    float o[FLASH_MAX_HEAD_DIM / 8][4];
+#pragma unroll
+    for (int n = 0; n < FLASH_MAX_HEAD_DIM / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[n][e] = 0.0f;
+    }
+    float row_max[2] = {NEG_INF, NEG_INF};
+    float row_sum[2] = {0.0f, 0.0f};
+    int position[2] = {first_position + row, first_position + row + 8};
+    int last_position = first_position + count - 1;
+
+    for (int key_start = 0; key_start <= last_position; key_start += FLASH_K_TILE) {
+        __syncthreads();  // everyone is done with the last tile (or the query) in shared memory
+        load_kv_tiles(ks, vs, k_cache, v_cache, table, block_size, kv_width, kv_head, head_dim,
+                      key_start, last_position, threadIdx.x, FLASH_THREADS);
+        copies_wait<1>();  // keys are in; values may still be coming
+        __syncthreads();
+        float s[FLASH_K_TILE / 8][4], tile_max[2];
+        tile_scores(s, tile_max, qf, ks, steps, key_start, position, g, t);
+        float correction[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            // Key 0 is in every row's past, so after the first tile the max is finite.
+            float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
+            correction[r] = exp2f(row_max[r] - new_max);
+            row_max[r] = new_max;
+            row_sum[r] *= correction[r];
+        }
+        exponentiate(s, row_max, row_sum);
+#pragma unroll
+        for (int n = 0; n < FLASH_MAX_HEAD_DIM / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[n][e] *= correction[e >> 1];
+        }
+        copies_wait<0>();
+        __syncthreads();
+        accumulate_values(o, s, vs, chunks, lane);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) row_sum[r] = quad_sum(row_sum[r]);
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int local = row + 8 * r;
+        if (local >= count) continue;
+        float* dst = out + (size_t)(first_row + local) * q_width + head * head_dim;
+#pragma unroll
+        for (int n = 0; n < FLASH_MAX_HEAD_DIM / 8; n++) {
+            if (n < chunks) {
+                *(float2*)(dst + n * 8 + t * 2) =
+                    make_float2(o[n][2 * r] / row_sum[r], o[n][2 * r + 1] / row_sum[r]);
+            }
+        }
+    }
+}
+
+// Decode attention on the tensor cores for grouped-query heads: one warp per (query row, KV
+// head, split of FLASH_K_TILE keys) reads that split's keys and values once for every query
+// head sharing the KV head (at most 16: the rows of one m16 tile), instead of once per
+// query head. Writes the same unnormalized partials as attention_split (max in natural-log
+// units) for attention_combine. Queries arrive pre-scaled by log2(e)/sqrt(head_dim).
+extern "C" __global__ void __launch_bounds__(32)
+    attention_decode_mma(const float* q, const bf16_t* k_cache, const bf16_t* v_cache,
+                         float* partial_out, float* partial_max, float* partial_sum,
+                         const int* positions, const int* table_offsets,
+                         const int* block_tables, int num_heads, int num_kv_heads, int head_dim,
+                         int block_size, float q_scale) {
+    __shared__ __align__(16) KvTile ks[FLASH_K_TILE];
+    __shared__ __align__(16) KvTile vs[FLASH_K_TILE];
+    int row = blockIdx.x;
+    int kv_head = blockIdx.y;
+    int split = blockIdx.z;
+    int lane = threadIdx.x;
+    int g = lane >> 2, t = lane & 3;
+    int position = positions[row];
+    if (position < 0) return;
+    int group = num_heads / num_kv_heads;
+    int kv_width = num_kv_heads * head_dim;
+    int steps = head_dim / 16;
+    int chunks = head_dim / 8;
+    int first = split * FLASH_K_TILE;
+    // This lane's two query heads (rows g and g + 8 of the tile) and where their partials go.
+    size_t part[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        part[r] = ((size_t)row * num_heads + kv_head * group + g + 8 * r) * gridDim.z + split;
+    }
+    if (first > position) {
+        // Past this row's context: an empty partial, which attention_combine skips.
+        if (t == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                if (g + 8 * r < group) {
+                    partial_max[part[r]] = NEG_INF;
+                    partial_sum[part[r]] = 0.0f;
+                }
+            }
+        }
+        return;
+    }
+    const int* table = block_tables + table_offsets[row];
+    int last = min(first + FLASH_K_TILE - 1, position);
+    load_kv_tiles(ks, vs, k_cache, v_cache, table, block_size, kv_width, kv_head, head_dim, first,
+                  last, lane, 32);
+    // A fragments of the group's queries straight from global memory (rows past the group
+    // are zero).
+    const float* qrow = q + (size_t)row * num_heads * head_dim + (size_t)kv_head * group * head_dim;
+    unsigned int qf[FLASH_MAX_HEAD_DIM / 16][4];
+#pragma unroll
+    for (int s = 0; s < FLASH_MAX_HEAD_DIM / 16; s++) {
+        if (s < steps) {
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    int h = g + 8 * r;
+                    float2 v = make_float2(0.0f, 0.0f);
+                    if (h < group) {
+                        v = *(const float2*)(qrow + (size_t)h * head_dim + s * 16 + half * 8 + t * 2);
+                    }
+                    qf[s][half * 2 + r] = pack_bf16(v.x * q_scale, v.y * q_scale);
+                }
+            }
+        }
+    }
+    copies_wait<1>();
+    __syncwarp();
+    float s[FLASH_K_TILE / 8][4], row_max[2];
+    int limit[2] = {last, last};
+    tile_scores(s, row_max, qf, ks, steps, first, limit, g, t);
+    float row_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < 2; r++) row_max[r] = quad_max(row_max[r]);
+    exponentiate(s, row_max, row_sum);
+    copies_wait<0>();
+    __syncwarp();
+    float o[FLASH_MAX_HEAD_DIM / 8][4];
+#pragma unroll
+    for (int n = 0; n < FLASH_MAX_HEAD_DIM / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[n][e] = 0.0f;
+    }
+    accumulate_values(o, s, vs, chunks, lane);
+#pragma unroll
+    for (int r = 0; r < 2; r++) row_sum[r] = quad_sum(row_sum[r]);
+    const float ln2 = 0.6931471805599453f;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (g + 8 * r >= group) continue;
+        float* dst = partial_out + part[r] * head_dim;
+#pragma unroll
+        for (int n = 0; n < FLASH_MAX_HEAD_DIM / 8; n++) {
+            if (n < chunks) {
+                *(float2*)(dst + n * 8 + t * 2) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
+            }
+        }
+        if (t == 0) {
+            partial_max[part[r]] = row_max[r] * ln2;
+            partial_sum[part[r]] = row_sum[r];
+        }
     }
 }
