@@ -93,10 +93,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
         experts: &[ExpertWeights<Self>],
         counters: &Self::ExpertCounters,
     ) -> Result<Self::Tensor> {
-        let logits = self.to_host(&self.linear(x, router, None)?)?;
-        let routing = rule.route(&logits);
-        self.count_experts(counters, &routing.expert_ids);
-        self.moe_experts(x, &routing, experts)
+        moe_routed_on_host(self, x, router, rule, experts, counters)
     }
     fn select_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
     /// `acc[rows[i]] += x[i]` for every row i of `x`.
@@ -129,6 +126,21 @@ pub trait Backend: Send + Sync + Sized + 'static {
             .map(crate::sampling::greedy_pick)
             .collect())
     }
+}
+
+/// [`Backend::moe_routed`] with the router's logits brought to the host and routed there.
+pub(crate) fn moe_routed_on_host<B: Backend>(
+    b: &B,
+    x: &B::Tensor,
+    router: &B::Matrix,
+    rule: &RouteRule,
+    experts: &[ExpertWeights<B>],
+    counters: &B::ExpertCounters,
+) -> Result<B::Tensor> {
+    let logits = b.to_host(&b.linear(x, router, None)?)?;
+    let routing = rule.route(&logits);
+    b.count_experts(counters, &routing.expert_ids);
+    b.moe_experts(x, &routing, experts)
 }
 
 /// Checks a scatter of `x` rows into `acc` at `rows`: matching widths, one place per row,

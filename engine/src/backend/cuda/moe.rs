@@ -9,7 +9,7 @@ use super::{
     CudaBackend, CudaMatrix, CudaTensor, ROW_THREADS, blocks, device_error, launched, per_row,
     shape_error,
 };
-use crate::backend::{Backend, HostCounters, RouteRule, Routing};
+use crate::backend::{HostCounters, RouteRule, Routing, moe_routed_on_host};
 use crate::error::{EngineError, Result};
 use crate::weights::ExpertWeights;
 
@@ -103,10 +103,7 @@ impl CudaBackend {
             || router.out_dim != rule.num_experts
             || experts.len() != rule.num_experts
         {
-            let logits = self.to_host(&self.gemm(x, router)?)?;
-            let routing = rule.route(&logits);
-            counters.host.add(&routing.expert_ids);
-            return self.moe_host_routed(x, &routing, experts);
+            return moe_routed_on_host(self, x, router, rule, experts, counters);
         }
         let logits = self.gemm(x, router)?;
         let pairs = x.rows * k;
