@@ -26,6 +26,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     type KvStore: Send;
     /// One MoE layer's count of (token, expert) pairs per expert, kept where routing runs.
     type ExpertCounters: Send + Sync;
+    /// Another process's KV store on this device, opened for writing (see
+    /// [`Backend::share_kv`]).
+    type PeerKv: Send + Sync;
 
     /// Short name for logs and benches.
     fn name(&self) -> &'static str;
@@ -67,6 +70,38 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn read_kv(&self, store: &Self::KvStore, slots: &[usize]) -> Result<KvRows>;
     /// Writes host K and V rows (received from another worker) into `slots`.
     fn load_kv(&self, store: &mut Self::KvStore, rows: &KvRows, slots: &[usize]) -> Result<()>;
+    /// The device's unique id where stores can be shared with other processes on it.
+    fn shareable_device(&self) -> Option<[u8; 16]> {
+        None
+    }
+    /// A handle with which another process on this device writes into `store`
+    /// ([`Backend::open_peer_kv`]), so KV moves device to device instead of through the host.
+    fn share_kv(&self, _store: &Self::KvStore) -> Result<Vec<u8>> {
+        Err(EngineError::Unsupported(format!(
+            "the {} backend cannot share its kv cache",
+            self.name()
+        )))
+    }
+    /// Opens a store another process shared with [`Backend::share_kv`].
+    fn open_peer_kv(&self, _handle: &[u8]) -> Result<Self::PeerKv> {
+        Err(EngineError::Unsupported(format!(
+            "the {} backend cannot open another process's kv cache",
+            self.name()
+        )))
+    }
+    /// Copies the K and V rows in `slots` into a peer's store at `peer_slots`. The copy may
+    /// still be running when this returns: [`Backend::synchronize`] waits for it.
+    fn write_peer_kv(
+        &self,
+        store: &Self::KvStore,
+        slots: &[usize],
+        peer: &Self::PeerKv,
+        peer_slots: &[usize],
+    ) -> Result<()>;
+    /// Waits until every operation queued so far has finished on the device.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
     /// Causal grouped-query attention of `q` over the paged cache.
     fn attention(
         &self,

@@ -9,9 +9,11 @@ use crate::backend::{AttentionSeq, Backend, KvRows};
 use crate::block_pool::BlockId;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{BlockHash, KvCache, KvEvent, prefix_block_hashes};
-use crate::model::{ForwardBatch, Model};
+use crate::model::{ForwardBatch, Model, PeerExport};
+use crate::parallel::Parallelism;
 use crate::sampling::{Logprobs, Sampler, SamplingParams};
 use crate::sequence::{SeqId, Sequence, StopCriteria};
+use crate::shared_kv::{PeerCache, PeerTarget, SharedKv};
 use crate::tokenizer::{IncrementalText, Tokenizer};
 
 /// Sizing of the KV cache and of each step.
@@ -119,6 +121,10 @@ pub struct Engine<B: Backend> {
     reserved: HashMap<SeqId, Reservation>,
     seed_base: u64,
     cached_prompt_tokens: u64,
+    /// Caches of other processes on this device that prompts' KV is written into.
+    peers: PeerCache<B>,
+    /// Where each prompt from [`Engine::add_prefill_request_to_peer`] writes its KV.
+    peer_targets: HashMap<SeqId, PeerTarget<B>>,
 }
 
 impl<B: Backend> std::fmt::Debug for Engine<B> {
@@ -171,6 +177,8 @@ impl<B: Backend> Engine<B> {
             reserved: HashMap::new(),
             seed_base,
             cached_prompt_tokens: 0,
+            peers: PeerCache::default(),
+            peer_targets: HashMap::new(),
         })
     }
 
@@ -255,6 +263,75 @@ impl<B: Backend> Engine<B> {
         self.validate(id, &prompt, &params, &stop)?;
         let seq = self.new_sequence(id, prompt, params, stop, true);
         self.waiting.push_back(seq);
+        Ok(())
+    }
+
+    /// This engine's KV cache as another process on the same device opens it to write
+    /// prompts' KV in place ([`Engine::add_prefill_request_to_peer`]); None where the backend
+    /// cannot share memory or the cache is split over tensor-parallel ranks.
+    pub fn share_kv(&self) -> Result<Option<Vec<u8>>> {
+        let backend = self.model.backend();
+        let Some(device) = backend.shareable_device() else {
+            return Ok(None);
+        };
+        if !matches!(self.model.parallel, Parallelism::Single) {
+            return Ok(None);
+        }
+        let layers = self
+            .kv
+            .layers
+            .iter()
+            .map(|store| backend.share_kv(store))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(
+            SharedKv {
+                device,
+                block_size: self.kv.block_size,
+                layers,
+            }
+            .encode(),
+        ))
+    }
+
+    /// [`Engine::add_prefill_request`], but each layer of the prompt's KV is written straight
+    /// into `blocks` (in position order) of the cache another process shared as `shared`
+    /// ([`Engine::share_kv`]), and nothing is handed out. When the step that completes the
+    /// prompt returns, every layer has landed. Fails with [`EngineError::Unsupported`] where
+    /// that cache is not on this device or this engine's cache is split over ranks: send the
+    /// KV through the host then.
+    pub fn add_prefill_request_to_peer(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        shared: &[u8],
+        blocks: &[u32],
+    ) -> Result<()> {
+        if !matches!(self.model.parallel, Parallelism::Single) {
+            return Err(EngineError::Unsupported(
+                "writing kv into a peer's cache from a parallel group".into(),
+            ));
+        }
+        let target = self.peers.target(
+            self.model.backend(),
+            shared,
+            blocks,
+            prompt.len(),
+            self.model.config().num_layers,
+        )?;
+        self.add_prefill_request(id, prompt, params)?;
+        self.peer_targets.insert(id, target);
+        Ok(())
+    }
+
+    /// Records that a peer on this device wrote every layer of a reserved sequence's prompt
+    /// KV into its blocks ([`Engine::add_prefill_request_to_peer`] on the other side).
+    pub fn mark_kv_landed(&mut self, id: SeqId) -> Result<()> {
+        let reservation = self
+            .reserved
+            .get_mut(&id)
+            .ok_or(EngineError::UnknownSequence(id.0))?;
+        reservation.landed.fill(true);
         Ok(())
     }
 
@@ -367,6 +444,7 @@ impl<B: Backend> Engine<B> {
 
     /// Removes a sequence and frees its blocks. Returns false if it was not in the engine.
     pub fn abort(&mut self, id: SeqId) -> bool {
+        self.peer_targets.remove(&id);
         if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
             self.waiting.remove(i);
             return true;
@@ -408,7 +486,7 @@ impl<B: Backend> Engine<B> {
                 block_table: &blocks,
             }],
             logit_rows: (0..prompt.len()).collect(),
-            exports: Vec::new(),
+            ..ForwardBatch::default()
         };
         let logits = self
             .model
@@ -470,19 +548,26 @@ impl<B: Backend> Engine<B> {
             }
             return Ok(StepOutput::default());
         }
-        // Every prompt that completes in this step and is sent elsewhere, and its cache slots.
-        let (exporting, exports): (Vec<SeqId>, Vec<Vec<usize>>) = scheduled
+        // Every prompt that completes in this step and is sent elsewhere, and its cache slots:
+        // handed out through the host, or written into a peer's cache.
+        let mut exporting = Vec::new();
+        for (seq, _) in scheduled
             .iter()
             .map(|&(i, n)| (&self.running[i], n))
             .filter(|(seq, n)| seq.export_kv && seq.computed + n == seq.prompt.len())
-            .map(|(seq, _)| {
-                let slots = (0..seq.prompt.len())
-                    .map(|p| self.kv.slot(&seq.blocks, p))
-                    .collect();
-                (seq.id, slots)
-            })
-            .unzip();
-        batch.exports = exports;
+        {
+            let slots = (0..seq.prompt.len())
+                .map(|p| self.kv.slot(&seq.blocks, p))
+                .collect();
+            match self.peer_targets.get(&seq.id) {
+                Some(target) => batch.peer_exports.push(PeerExport { slots, target }),
+                None => {
+                    exporting.push(seq.id);
+                    batch.exports.push(slots);
+                }
+            }
+        }
+        let writes_peers = !batch.peer_exports.is_empty();
         // Plain greedy sequences take their token from the backend, so a GPU keeps the logits.
         let greedy = scheduled
             .iter()
@@ -511,6 +596,10 @@ impl<B: Backend> Engine<B> {
                 next: 0,
             }
         };
+        if writes_peers {
+            // The caller tells the peer its KV is there once this step returns.
+            self.model.backend().synchronize()?;
+        }
         let mut events = Vec::new();
         let mut finished = Vec::new();
         for (i, n) in scheduled {

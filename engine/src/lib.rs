@@ -18,6 +18,7 @@ mod rng;
 mod sampling;
 mod sequence;
 mod served;
+mod shared_kv;
 mod tokenizer;
 mod weights;
 
@@ -26,9 +27,9 @@ pub use backend::cpu::{CpuBackend, CpuKvStore, CpuMatrix, CpuTensor};
 /// The CUDA backend (libraries loaded at run time; [`cuda::probe`] says whether it can run).
 pub mod cuda {
     pub use crate::backend::cuda::{
-        CudaBackend, CudaExpertCounters, CudaKvStore, CudaMatrix, CudaTensor, CudaVector,
-        KERNEL_NAMES, KERNELS_SOURCE, NCCL_ID_BYTES, NcclCollective, compile_kernels, nccl_probe,
-        nccl_unique_id, probe,
+        CudaBackend, CudaExpertCounters, CudaKvStore, CudaMatrix, CudaPeerKv, CudaTensor,
+        CudaVector, KERNEL_NAMES, KERNELS_SOURCE, NCCL_ID_BYTES, NcclCollective, compile_kernels,
+        nccl_probe, nccl_unique_id, probe,
     };
 }
 pub use backend::{

@@ -13,6 +13,7 @@ use crate::kv_cache::KvCache;
 use crate::parallel::expert::expert_parallel_moe;
 use crate::parallel::tensor::Followers;
 use crate::parallel::{Collective, Parallelism};
+use crate::shared_kv::PeerTarget;
 use crate::weights::{ExpertWeights, Mlp, ModelWeights, SparseMlp};
 
 /// A loaded model (or one rank's share of it) on one backend.
@@ -34,14 +35,33 @@ pub struct Model<B: Backend> {
 
 /// The tokens one forward pass computes, each sequence's share of them (borrowing its block
 /// table), the rows whose logits are wanted, and the cache slots of every prompt whose KV is
-/// handed out layer by layer.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct ForwardBatch<'a> {
+/// handed out layer by layer or written into a peer's cache.
+pub(crate) struct ForwardBatch<'a, B: Backend> {
     pub(crate) tokens: Vec<u32>,
     pub(crate) positions: Vec<u32>,
     pub(crate) seqs: Vec<AttentionSeq<'a>>,
     pub(crate) logit_rows: Vec<usize>,
     pub(crate) exports: Vec<Vec<usize>>,
+    pub(crate) peer_exports: Vec<PeerExport<'a, B>>,
+}
+
+impl<B: Backend> Default for ForwardBatch<'_, B> {
+    fn default() -> Self {
+        Self {
+            tokens: Vec::new(),
+            positions: Vec::new(),
+            seqs: Vec::new(),
+            logit_rows: Vec::new(),
+            exports: Vec::new(),
+            peer_exports: Vec::new(),
+        }
+    }
+}
+
+/// A prompt whose K and V go from `slots` of this cache into its target's.
+pub(crate) struct PeerExport<'a, B: Backend> {
+    pub(crate) slots: Vec<usize>,
+    pub(crate) target: &'a PeerTarget<B>,
 }
 
 /// Called with (layer, index into `ForwardBatch::exports`, that prompt's K and V rows for the
@@ -183,7 +203,7 @@ impl<B: Backend> Model<B> {
     /// are in the cache, so they can be sent on while later layers compute.
     pub(crate) fn forward(
         &self,
-        batch: &ForwardBatch<'_>,
+        batch: &ForwardBatch<'_, B>,
         kv: &mut KvCache<B>,
         on_export: &mut OnExport<'_>,
     ) -> Result<Vec<f32>> {
@@ -197,7 +217,7 @@ impl<B: Backend> Model<B> {
     /// by the backend (on the device, for a GPU) instead of the logits.
     pub(crate) fn forward_greedy(
         &self,
-        batch: &ForwardBatch<'_>,
+        batch: &ForwardBatch<'_, B>,
         kv: &mut KvCache<B>,
         on_export: &mut OnExport<'_>,
     ) -> Result<Vec<(u32, f32)>> {
@@ -211,7 +231,7 @@ impl<B: Backend> Model<B> {
     /// In a group, a failure leaves the group unusable: peers may wait in a collective.
     pub(crate) fn forward_logits(
         &self,
-        batch: &ForwardBatch<'_>,
+        batch: &ForwardBatch<'_, B>,
         kv: &mut KvCache<B>,
         on_export: &mut OnExport<'_>,
     ) -> Result<Option<B::Tensor>> {
@@ -249,7 +269,7 @@ impl<B: Backend> Model<B> {
 
     fn run_layers(
         &self,
-        batch: &ForwardBatch<'_>,
+        batch: &ForwardBatch<'_, B>,
         kv: &mut KvCache<B>,
         on_export: &mut OnExport<'_>,
     ) -> Result<Option<B::Tensor>> {
@@ -286,6 +306,10 @@ impl<B: Backend> Model<B> {
             for (i, export) in batch.exports.iter().enumerate() {
                 let rows = self.read_whole_heads(store, export)?;
                 on_export(index, i, &rows)?;
+            }
+            for export in &batch.peer_exports {
+                let peer = &export.target.peer.layers[index];
+                b.write_peer_kv(store, &export.slots, peer, &export.target.slots)?;
             }
             let attn = b.attention(&q, store, &attention)?;
             let mut o = b.linear(&attn, &layer.o.weight, layer.o.bias.as_ref())?;

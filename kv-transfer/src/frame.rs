@@ -3,8 +3,8 @@
 //! Layer body: `transfer u64 | layer u32 | dtype u8 | num_tokens u32 | kv_heads u32 |
 //! head_dim u32 | n_blocks u32 | block u32 × n_blocks | payload`, the payload being K then V,
 //! each `[num_tokens, kv_heads, head_dim]`.
-//! Done body: `transfer u64 | first_token u32 | logprob f32 | n_top u32 | (token u32,
-//! logprob f32) × n_top`.
+//! Done body: `transfer u64 | first_token u32 | logprob f32 | flags u8 | n_top u32 | (token
+//! u32, logprob f32) × n_top`; flag bit 0: the KV was written in place (no layer frames).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tandem_common::ids::{KvBlockId, TransferId};
@@ -17,7 +17,8 @@ const ENVELOPE_LEN: usize = 4 + 1 + 8;
 const KIND_LAYER: u8 = 1;
 const KIND_DONE: u8 = 2;
 const LAYER_FIXED_LEN: usize = 8 + 4 + 1 + 4 + 4 + 4 + 4;
-const DONE_FIXED_LEN: usize = 8 + 4 + 4 + 4;
+const DONE_FIXED_LEN: usize = 8 + 4 + 4 + 1 + 4;
+const DONE_KV_IN_PLACE: u8 = 1;
 
 /// Element type of a KV payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +55,9 @@ pub struct DoneFrame {
     pub first_token: u32,
     pub logprob: f32,
     pub top: Vec<(u32, f32)>,
+    /// The prefill worker wrote every layer straight into the reserved blocks (same GPU,
+    /// shared memory), so no layer frame precedes this one.
+    pub kv_in_place: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -249,6 +253,7 @@ impl Encoder<Frame> for FrameCodec {
                 dst.put_u64_le(f.transfer.0);
                 dst.put_u32_le(f.first_token);
                 dst.put_f32_le(f.logprob);
+                dst.put_u8(if f.kv_in_place { DONE_KV_IN_PLACE } else { 0 });
                 dst.put_u32_le(f.top.len() as u32);
                 for (token, logprob) in &f.top {
                     dst.put_u32_le(*token);
@@ -322,6 +327,13 @@ fn decode_done(mut body: Bytes) -> Received {
     let transfer = TransferId(body.get_u64_le());
     let first_token = body.get_u32_le();
     let logprob = body.get_f32_le();
+    let flags = body.get_u8();
+    if flags & !DONE_KV_IN_PLACE != 0 {
+        return Err(invalid(
+            Some(transfer),
+            format!("done frame has unknown flags {flags:#04x}"),
+        ));
+    }
     let n_top = body.get_u32_le() as usize;
     if body.len() != n_top.saturating_mul(8) {
         return Err(invalid(
@@ -340,6 +352,7 @@ fn decode_done(mut body: Bytes) -> Received {
         first_token,
         logprob,
         top,
+        kv_in_place: flags & DONE_KV_IN_PLACE != 0,
     }))
 }
 

@@ -235,6 +235,7 @@ mod tests {
             first_token: 9,
             logprob: -1.0,
             top: Vec::new(),
+            kv_in_place: false,
         });
         sender.send(addr, done.clone()).await.expect("sent");
         for layer in 0..3 {
@@ -258,6 +259,7 @@ mod tests {
             first_token: 1,
             logprob: 0.0,
             top: Vec::new(),
+            kv_in_place: false,
         });
         let err = sender.send(addr, frame).await.unwrap_err();
         assert!(err.to_string().contains(&addr.to_string()), "{err}");

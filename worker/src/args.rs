@@ -47,6 +47,10 @@ pub struct WorkerArgs {
     /// (and so publish no KV events for KV-aware routing).
     #[arg(long, env = "TANDEM_NO_PREFIX_CACHING")]
     pub no_prefix_caching: bool,
+    /// Do not share this worker's KV cache with prefill workers on the same GPU (CUDA IPC),
+    /// which write prompts' KV straight into it; they then send it through the KV listener.
+    #[arg(long, env = "TANDEM_NO_SHARED_KV")]
+    pub no_shared_kv: bool,
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "TANDEM_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,

@@ -29,6 +29,7 @@ pub(crate) struct WorkerMetrics {
     pub(crate) prefill_duration: Histogram,
     pub(crate) kv_transfer_duration: Histogram,
     pub(crate) kv_transfer_bytes: Counter,
+    pub(crate) kv_in_place_bytes: Counter,
     gauges: Family<Labels, Gauge>,
     tokens: Counter,
     cached_prompt_tokens: Counter,
@@ -62,6 +63,13 @@ impl Default for WorkerMetrics {
             Unit::Bytes,
             kv_transfer_bytes.clone(),
         );
+        let kv_in_place_bytes = Counter::default();
+        registry.register_with_unit(
+            "kv_in_place",
+            "KV bytes written straight into the shared caches of decode workers on this GPU",
+            Unit::Bytes,
+            kv_in_place_bytes.clone(),
+        );
         let gauges = Family::<Labels, Gauge>::default();
         registry.register(
             "engine",
@@ -91,6 +99,7 @@ impl Default for WorkerMetrics {
             prefill_duration,
             kv_transfer_duration,
             kv_transfer_bytes,
+            kv_in_place_bytes,
             gauges,
             tokens,
             cached_prompt_tokens,

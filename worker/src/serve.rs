@@ -198,6 +198,15 @@ async fn serve_model<B: Backend>(
     let d = &description;
     let (num_layers, kv_heads, head_dim) = (d.num_layers as usize, d.num_kv_heads, d.head_dim);
     let engine = served.into_engines(args.engine_config())?;
+    let shared_kv = if args.no_shared_kv {
+        None
+    } else {
+        // A failure only costs the fast path: KV then goes through the listener.
+        engine.share_kv().unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot share the kv cache; prefill workers will send it");
+            None
+        })
+    };
 
     let registry = args
         .etcd
@@ -239,7 +248,11 @@ async fn serve_model<B: Backend>(
 
     let (frames, frames_rx) = mpsc::channel(KV_FRAME_QUEUE);
     tokio::spawn(kv.run(frames));
-    let layout = KvLayout { kv_heads, head_dim };
+    let layout = KvLayout {
+        kv_heads,
+        head_dim,
+        shares_kv: shared_kv.is_some(),
+    };
     tokio::spawn(run_kv_intake(frames_rx, Arc::clone(&host.decode), layout));
 
     let max = args.max_message_bytes;
@@ -268,6 +281,7 @@ async fn serve_model<B: Backend>(
         DecodeServer::new(DecodeService {
             commands: Arc::clone(&host.decode),
             kv_endpoint: args.kv_advertise.unwrap_or(kv_addr),
+            shared_kv: shared_kv.unwrap_or_default(),
             next_id: AtomicU64::new(1),
             queue_depth: args.queue_depth,
         })

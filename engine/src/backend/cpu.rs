@@ -141,6 +141,8 @@ impl Backend for CpuBackend {
     type Vector = Vec<f32>;
     type KvStore = CpuKvStore;
     type ExpertCounters = HostCounters;
+    /// Host memory is not shared between processes: nothing to open.
+    type PeerKv = std::convert::Infallible;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -344,6 +346,16 @@ impl Backend for CpuBackend {
 
     fn load_kv(&self, store: &mut CpuKvStore, rows: &KvRows, slots: &[usize]) -> Result<()> {
         store.store_rows(&rows.k, &rows.v, slots)
+    }
+
+    fn write_peer_kv(
+        &self,
+        _store: &CpuKvStore,
+        _slots: &[usize],
+        peer: &Self::PeerKv,
+        _peer_slots: &[usize],
+    ) -> Result<()> {
+        match *peer {}
     }
 
     fn attention(

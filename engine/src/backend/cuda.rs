@@ -34,15 +34,17 @@ use crate::weights::ExpertWeights;
 
 mod moe;
 mod nccl;
+mod peer;
 
 pub use moe::CudaExpertCounters;
 pub use nccl::{NCCL_ID_BYTES, NcclCollective, nccl_probe, nccl_unique_id};
+pub use peer::CudaPeerKv;
 
 /// The kernels' CUDA C source.
 pub const KERNELS_SOURCE: &str = include_str!("cuda/kernels.cu");
 
 /// Every kernel `kernels.cu` defines.
-pub const KERNEL_NAMES: [&str; 27] = [
+pub const KERNEL_NAMES: [&str; 28] = [
     "embed",
     "rms_norm",
     "add_assign",
@@ -52,6 +54,7 @@ pub const KERNEL_NAMES: [&str; 27] = [
     "rope",
     "store_rows",
     "load_rows",
+    "copy_kv_rows",
     "to_bf16",
     "gather_rows",
     "scatter_add_weighted",
@@ -222,6 +225,8 @@ pub struct CudaBackend {
     blas: CudaBlas,
     kernels: Kernels,
     device_name: String,
+    /// Tells whether another process's KV stores are on this same GPU.
+    device_uuid: [u8; 16],
     /// While profiling: calls and seconds per operation, each timed between two stream
     /// synchronizations (so profiling slows the run down).
     profile: Mutex<Option<BTreeMap<&'static str, (u64, f64)>>>,
@@ -341,6 +346,11 @@ impl CudaBackend {
         // allocation, recorded with every launch) order nothing and only cost time.
         unsafe { ctx.disable_event_tracking() };
         let device_name = ctx.name().unwrap_or_else(|_| "cuda".into());
+        let device_uuid = ctx
+            .uuid()
+            .map_err(|e| device_error("reading the device's uuid", e))?
+            .bytes
+            .map(|b| b as u8);
         let stream = ctx.default_stream();
         let module = ctx
             .load_module(cached_ptx(&format!("sm_{major}{minor}"))?)
@@ -358,6 +368,7 @@ impl CudaBackend {
             blas,
             kernels: Kernels { functions },
             device_name,
+            device_uuid,
             profile: Mutex::new(None),
         })
     }
@@ -656,6 +667,7 @@ impl Backend for CudaBackend {
     type Vector = CudaVector;
     type KvStore = CudaKvStore;
     type ExpertCounters = CudaExpertCounters;
+    type PeerKv = CudaPeerKv;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -704,9 +716,35 @@ impl Backend for CudaBackend {
         let n = spec.num_blocks * spec.block_size * spec.num_kv_heads * spec.head_dim;
         Ok(CudaKvStore {
             spec: *spec,
-            k: self.zeros(n)?,
-            v: self.zeros(n)?,
+            k: self.shareable_zeros(n)?,
+            v: self.shareable_zeros(n)?,
         })
+    }
+
+    fn shareable_device(&self) -> Option<[u8; 16]> {
+        Some(self.device_uuid)
+    }
+
+    fn share_kv(&self, store: &CudaKvStore) -> Result<Vec<u8>> {
+        self.share_store(store)
+    }
+
+    fn open_peer_kv(&self, handle: &[u8]) -> Result<CudaPeerKv> {
+        self.open_peer_store(handle)
+    }
+
+    fn write_peer_kv(
+        &self,
+        store: &CudaKvStore,
+        slots: &[usize],
+        peer: &CudaPeerKv,
+        peer_slots: &[usize],
+    ) -> Result<()> {
+        self.write_peer_store(store, slots, peer, peer_slots)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        CudaBackend::synchronize(self)
     }
 
     fn embed(&self, table: &CudaMatrix, ids: &[u32]) -> Result<CudaTensor> {

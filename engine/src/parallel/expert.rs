@@ -279,6 +279,33 @@ impl<B: Backend> EngineGroup<B> {
         self.place(id, |engine| engine.add_prefill_request(id, prompt, params))
     }
 
+    /// [`Engine::share_kv`] of a group of one; a group of several shares nothing (a
+    /// reservation's rank is not known in advance).
+    pub fn share_kv(&self) -> Result<Option<Vec<u8>>> {
+        match &self.ranks[..] {
+            [engine] => engine.share_kv(),
+            _ => Ok(None),
+        }
+    }
+
+    /// [`Engine::add_prefill_request_to_peer`] on the least busy rank.
+    pub fn add_prefill_request_to_peer(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        shared: &[u8],
+        blocks: &[u32],
+    ) -> Result<()> {
+        self.place(id, |engine| {
+            engine.add_prefill_request_to_peer(id, prompt, params, shared, blocks)
+        })
+    }
+
+    pub fn mark_kv_landed(&mut self, id: SeqId) -> Result<()> {
+        self.home_of(id)?.mark_kv_landed(id)
+    }
+
     /// [`Engine::reserve`] on the least busy rank.
     pub fn reserve(
         &mut self,

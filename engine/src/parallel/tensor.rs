@@ -31,7 +31,8 @@ enum Command {
     Forward(OwnedBatch),
 }
 
-/// A [`ForwardBatch`] that owns its block tables, to send to another thread.
+/// A [`ForwardBatch`] that owns its block tables, to send to another thread. Tensor-parallel
+/// ranks never write into a peer's cache (the engine refuses it), so no peer export travels.
 #[derive(Clone)]
 struct OwnedBatch {
     tokens: Vec<u32>,
@@ -42,7 +43,7 @@ struct OwnedBatch {
 }
 
 impl OwnedBatch {
-    fn new(batch: &ForwardBatch<'_>) -> Self {
+    fn new<B: Backend>(batch: &ForwardBatch<'_, B>) -> Self {
         Self {
             tokens: batch.tokens.clone(),
             positions: batch.positions.clone(),
@@ -56,7 +57,7 @@ impl OwnedBatch {
         }
     }
 
-    fn borrow(&self) -> ForwardBatch<'_> {
+    fn borrow<B: Backend>(&self) -> ForwardBatch<'_, B> {
         ForwardBatch {
             tokens: self.tokens.clone(),
             positions: self.positions.clone(),
@@ -71,6 +72,7 @@ impl OwnedBatch {
                 .collect(),
             logit_rows: self.logit_rows.clone(),
             exports: self.exports.clone(),
+            peer_exports: Vec::new(),
         }
     }
 }
@@ -80,7 +82,7 @@ impl Followers {
         self.send(Command::Allocate { num_layers, spec })
     }
 
-    pub(crate) fn forward(&self, batch: &ForwardBatch<'_>) -> Result<()> {
+    pub(crate) fn forward<B: Backend>(&self, batch: &ForwardBatch<'_, B>) -> Result<()> {
         self.send(Command::Forward(OwnedBatch::new(batch)))
     }
 

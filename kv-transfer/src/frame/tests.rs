@@ -60,6 +60,7 @@ fn bad_body_fails_its_transfer_and_the_stream_goes_on() {
         first_token: 42,
         logprob: -0.5,
         top: vec![(42, -0.5), (3, -1.0)],
+        kv_in_place: true,
     });
     let mut buf = encode(&[layer_frame(2, 1, 2, vec![1]), good.clone()]);
     // Shrink num_tokens in the first frame's header: its payload no longer matches.
@@ -72,6 +73,27 @@ fn bad_body_fails_its_transfer_and_the_stream_goes_on() {
     assert_eq!(bad.transfer, Some(TransferId(7)));
     assert!(bad.reason.contains("needs 16"), "{}", bad.reason);
     assert_eq!(decoded[1], Ok(good));
+}
+
+#[test]
+fn unknown_done_flags_fail_the_transfer() {
+    let done = Frame::Done(DoneFrame {
+        transfer: TransferId(5),
+        first_token: 1,
+        logprob: 0.0,
+        top: Vec::new(),
+        kv_in_place: true,
+    });
+    let mut buf = encode(&[done]);
+    let flags_at = ENVELOPE_LEN + 8 + 4 + 4;
+    assert_eq!(buf[flags_at], 1);
+    buf[flags_at] = 0x81;
+    let decoded = decode_all(buf).expect("the envelope is intact");
+    let Err(bad) = &decoded[0] else {
+        panic!("unknown flags must be refused: {decoded:?}")
+    };
+    assert_eq!(bad.transfer, Some(TransferId(5)));
+    assert!(bad.reason.contains("unknown flags 0x81"), "{}", bad.reason);
 }
 
 #[test]
@@ -130,7 +152,7 @@ proptest! {
         split in 0usize..400,
     ) {
         let frames = vec![layer_frame(tokens, heads, dim, blocks), Frame::Done(DoneFrame {
-            transfer: TransferId(1), first_token: 2, logprob: -3.0, top: vec![],
+            transfer: TransferId(1), first_token: 2, logprob: -3.0, top: vec![], kv_in_place: false,
         })];
         let whole = encode(&frames);
         let split = split.min(whole.len());

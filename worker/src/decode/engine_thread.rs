@@ -54,6 +54,8 @@ pub(crate) enum Command<B: Backend> {
         transfer: TransferId,
         first_token: u32,
         logprobs: Logprobs,
+        /// The prefill worker wrote every layer into the shared cache, sending none.
+        kv_in_place: bool,
     },
     FailTransfer {
         transfer: TransferId,
@@ -187,9 +189,20 @@ impl<B: Backend> EngineThread<B> {
             .map_err(|e| e.to_string())
     }
 
-    fn finish_transfer(&mut self, transfer: TransferId, first_token: u32, logprobs: Logprobs) {
+    fn finish_transfer(
+        &mut self,
+        transfer: TransferId,
+        first_token: u32,
+        logprobs: Logprobs,
+        kv_in_place: bool,
+    ) {
         let id = SeqId(transfer.0);
-        match self.engine.admit_prefilled(id, first_token, logprobs) {
+        let landed = if kv_in_place {
+            self.engine.mark_kv_landed(id)
+        } else {
+            Ok(())
+        };
+        match landed.and_then(|()| self.engine.admit_prefilled(id, first_token, logprobs)) {
             Ok(event) => {
                 if let Some(tracked) = self.requests.get_mut(&id) {
                     tracked.awaiting_kv = None;
@@ -291,7 +304,8 @@ impl<B: Backend> crate::engine_loop::EngineThread for EngineThread<B> {
                 transfer,
                 first_token,
                 logprobs,
-            } => self.finish_transfer(transfer, first_token, logprobs),
+                kv_in_place,
+            } => self.finish_transfer(transfer, first_token, logprobs, kv_in_place),
             Command::FailTransfer { transfer, reason } => {
                 self.fail(
                     SeqId(transfer.0),

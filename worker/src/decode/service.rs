@@ -28,6 +28,8 @@ const EVENT_SLACK: usize = 2;
 pub(crate) struct DecodeService<B: Backend> {
     pub(crate) commands: Arc<RoleSlot<Command<B>>>,
     pub(crate) kv_endpoint: SocketAddr,
+    /// This worker's KV cache as a prefill worker on the same GPU opens it (empty: none).
+    pub(crate) shared_kv: Vec<u8>,
     pub(crate) next_id: AtomicU64,
     pub(crate) queue_depth: usize,
 }
@@ -77,6 +79,7 @@ impl<B: Backend> Decode for DecodeService<B> {
                     endpoint: self.kv_endpoint.to_string(),
                     block_ids: blocks.iter().map(|b| b.0).collect(),
                     num_tokens: prompt_len as u32,
+                    shared_kv: self.shared_kv.clone(),
                 })),
             })
         });
@@ -97,11 +100,13 @@ impl<B: Backend> Decode for DecodeService<B> {
     }
 }
 
-/// Shape every arriving layer must have.
+/// Shape every arriving layer must have, and whether KV may be written in place.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct KvLayout {
     pub(crate) kv_heads: u32,
     pub(crate) head_dim: u32,
+    /// This worker shares its cache, so a transfer may end with no layer frame.
+    pub(crate) shares_kv: bool,
 }
 
 /// Checks each arriving frame against the model's KV layout and hands it to the decode
@@ -141,8 +146,13 @@ pub(crate) async fn run_kv_intake<B: Backend>(
                     },
                 }
             }
+            Ok(Frame::Done(d)) if d.kv_in_place && !layout.shares_kv => Command::FailTransfer {
+                transfer: d.transfer,
+                reason: "the kv was written in place, but this worker shares no cache".into(),
+            },
             Ok(Frame::Done(d)) => Command::FinishTransfer {
                 transfer: d.transfer,
+                kv_in_place: d.kv_in_place,
                 first_token: d.first_token,
                 logprobs: Logprobs {
                     chosen: d.logprob,

@@ -17,15 +17,25 @@ pub(crate) enum PrefillOutput {
     Failed(WorkerError),
 }
 
+/// A decode worker's shared KV cache and the blocks reserved there, in position order.
+#[derive(Debug)]
+pub(crate) struct SharedDestination {
+    pub(crate) shared_kv: Vec<u8>,
+    pub(crate) blocks: Vec<u32>,
+}
+
 #[derive(Debug)]
 pub(crate) enum Command<B: Backend> {
     Prefill {
         id: SeqId,
         prompt: Vec<u32>,
         params: SamplingParams,
+        /// Where to write the KV in place, when the decode worker shares its cache.
+        shared: Option<SharedDestination>,
         /// Holds `num_layers + 2` outputs, so the engine never waits on a handler.
         outputs: mpsc::Sender<PrefillOutput>,
-        reply: oneshot::Sender<Result<(), EngineError>>,
+        /// Whether the KV is written in place (no layer outputs follow), once queued.
+        reply: oneshot::Sender<Result<bool, EngineError>>,
     },
     Stats {
         reply: oneshot::Sender<WorkerStats>,
@@ -75,6 +85,35 @@ impl<B: Backend> EngineThread<B> {
         crate::engine_loop::spawn("prefill-engine", thread, kv_events)
     }
 
+    /// Queues a prompt, writing its KV into `shared` where that cache is on this GPU;
+    /// returns whether it does.
+    fn add(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        shared: Option<SharedDestination>,
+    ) -> Result<bool, EngineError> {
+        if let Some(d) = shared {
+            let attempt = self.engine.add_prefill_request_to_peer(
+                id,
+                prompt.clone(),
+                params.clone(),
+                &d.shared_kv,
+                &d.blocks,
+            );
+            match attempt {
+                Ok(()) => return Ok(true),
+                Err(EngineError::Unsupported(why)) => {
+                    tracing::debug!(seq = id.0, %why, "kv goes through the listener");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.engine.add_prefill_request(id, prompt, params)?;
+        Ok(false)
+    }
+
     /// Ends every request with `error`, freeing its blocks.
     fn fail_all(&mut self, error: impl Fn() -> WorkerError) {
         for (id, outputs) in self.requests.drain() {
@@ -120,10 +159,11 @@ impl<B: Backend> crate::engine_loop::EngineThread for EngineThread<B> {
                 id,
                 prompt,
                 params,
+                shared,
                 outputs,
                 reply,
             } => {
-                let result = self.engine.add_prefill_request(id, prompt, params);
+                let result = self.add(id, prompt, params, shared);
                 if result.is_ok() {
                     self.requests.insert(id, outputs);
                 }

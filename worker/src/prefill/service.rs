@@ -15,7 +15,7 @@ use tandem_proto::internal::v1::{PrefillRequest, PrefillResponse};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
-use super::engine_thread::{Command, PrefillOutput};
+use super::engine_thread::{Command, PrefillOutput, SharedDestination};
 use crate::WorkerError;
 use crate::engine_loop::try_queue;
 use crate::host::RoleSlot;
@@ -67,15 +67,20 @@ impl<B: Backend> Prefill for PrefillService<B> {
         };
         let (outputs, mut outputs_rx) = mpsc::channel(self.num_layers + 2);
         let (reply, queued) = oneshot::channel();
+        let shared = (!ticket.shared_kv.is_empty()).then_some(SharedDestination {
+            shared_kv: ticket.shared_kv,
+            blocks: ticket.block_ids,
+        });
         let command = Command::Prefill {
             id: SeqId(self.next_id.fetch_add(1, Ordering::Relaxed)),
             prompt: r.prompt_ids,
             params: sampling_params(&r.sampling.unwrap_or_default()),
+            shared,
             outputs,
             reply,
         };
         try_queue(&self.commands.sender()?, command, self.queue_depth)?;
-        queued
+        let kv_in_place = queued
             .await
             .map_err(|_| WorkerError::EngineStopped)?
             .map_err(WorkerError::from)?;
@@ -114,12 +119,21 @@ impl<B: Backend> Prefill for PrefillService<B> {
                             .iter()
                             .map(|t| (t.token, t.logprob))
                             .collect(),
+                        kv_in_place,
                     };
                     self.sender
                         .send(endpoint, Frame::Done(done))
                         .await
                         .map_err(WorkerError::from)?;
-                    tracing::debug!(request_id = %r.request_id, %transfer, "kv pushed");
+                    tracing::debug!(request_id = %r.request_id, %transfer, kv_in_place, "kv pushed");
+                    if kv_in_place {
+                        // K and V of every layer, bf16.
+                        let per_token =
+                            2 * self.num_layers * (self.kv_heads * self.head_dim) as usize * 2;
+                        self.metrics
+                            .kv_in_place_bytes
+                            .inc_by((shape.num_tokens as usize * per_token) as u64);
+                    }
                     self.metrics
                         .kv_transfer_duration
                         .observe(sending.as_secs_f64());

@@ -128,6 +128,30 @@ extern "C" __global__ void load_rows(const bf16_t* store, const int* slots, floa
     for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = bf16_to_f32(src[c]);
 }
 
+// Copies K and V of src_slots[r] into dst_slots[r] of another store (another process's,
+// opened through CUDA IPC); one block per row, 16-byte moves when rows allow them.
+extern "C" __global__ void copy_kv_rows(const bf16_t* src_k, const bf16_t* src_v,
+                                        bf16_t* dst_k, bf16_t* dst_v, const int* src_slots,
+                                        const int* dst_slots, int width) {
+    size_t from = (size_t)src_slots[blockIdx.x] * width;
+    size_t to = (size_t)dst_slots[blockIdx.x] * width;
+    if (width % 8 == 0) {
+        const uint4* sk = (const uint4*)(src_k + from);
+        const uint4* sv = (const uint4*)(src_v + from);
+        uint4* dk = (uint4*)(dst_k + to);
+        uint4* dv = (uint4*)(dst_v + to);
+        for (int c = threadIdx.x; c < width / 8; c += blockDim.x) {
+            dk[c] = sk[c];
+            dv[c] = sv[c];
+        }
+    } else {
+        for (int c = threadIdx.x; c < width; c += blockDim.x) {
+            dst_k[to + c] = src_k[from + c];
+            dst_v[to + c] = src_v[from + c];
+        }
+    }
+}
+
 extern "C" __global__ void to_bf16(const float* x, bf16_t* out, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = f32_to_bf16(x[i]);
