@@ -585,12 +585,54 @@ async fn every_server_answers_health_and_lists_its_services_by_reflection() {
     }
 }
 
+/// Worker-level sampling that picks greedily.
+fn greedy_sampling() -> tandem_proto::internal::v1::Sampling {
+    tandem_proto::internal::v1::Sampling {
+        top_p: 1.0,
+        repetition_penalty: 1.0,
+        ..Default::default()
+    }
+}
+
+/// Asks `decode` to reserve blocks for `prompt` (greedy) whose KV a prefill worker will send:
+/// the token stream and its ticket.
+async fn reserve(
+    decode: String,
+    prompt: &[u32],
+    max_tokens: u32,
+) -> (
+    tonic::Streaming<tandem_proto::internal::v1::DecodeResponse>,
+    tandem_proto::internal::v1::KvTicket,
+) {
+    use tandem_proto::internal::v1::decode_client::DecodeClient;
+    use tandem_proto::internal::v1::{DecodeRequest, decode_response};
+
+    let mut client = DecodeClient::connect(decode).await.expect("connect");
+    let mut stream = client
+        .generate(DecodeRequest {
+            request_id: "reserve".into(),
+            prompt_ids: prompt.to_vec(),
+            sampling: Some(greedy_sampling()),
+            max_tokens,
+            remote_prefill: true,
+            ..DecodeRequest::default()
+        })
+        .await
+        .expect("reserved")
+        .into_inner();
+    let Some(decode_response::Kind::Ticket(ticket)) =
+        stream.message().await.expect("ticket").and_then(|m| m.kind)
+    else {
+        panic!("the first message is the ticket")
+    };
+    (stream, ticket)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_kv_frame_fails_its_transfer_and_frees_the_reservation() {
     use tandem_common::ids::{KvBlockId, TransferId};
     use tandem_kv_transfer::{Frame, KvShape, LayerFrame, TcpKvSender};
-    use tandem_proto::internal::v1::decode_client::DecodeClient;
-    use tandem_proto::internal::v1::{DecodeRequest, DescribeRequest, Sampling, decode_response};
+    use tandem_proto::internal::v1::DescribeRequest;
 
     let cluster = Cluster::builder("bad-frame")
         .model(fixture("qwen3-moe-f32"))
@@ -604,29 +646,8 @@ async fn a_bad_kv_frame_fails_its_transfer_and_frees_the_reservation() {
         .await
         .expect("describe")
         .into_inner();
-    let mut client = DecodeClient::connect(decode.url()).await.expect("connect");
     let prompt = vec![5u32; 20];
-    let mut stream = client
-        .generate(DecodeRequest {
-            request_id: "bad-frame".into(),
-            prompt_ids: prompt.clone(),
-            sampling: Some(Sampling {
-                top_p: 1.0,
-                repetition_penalty: 1.0,
-                ..Sampling::default()
-            }),
-            max_tokens: 4,
-            remote_prefill: true,
-            ..DecodeRequest::default()
-        })
-        .await
-        .expect("reserved")
-        .into_inner();
-    let Some(decode_response::Kind::Ticket(ticket)) =
-        stream.message().await.expect("ticket").and_then(|m| m.kind)
-    else {
-        panic!("the first message is the ticket")
-    };
+    let (mut stream, ticket) = reserve(decode.url(), &prompt, 4).await;
     assert!(stats(decode.url()).await.kv_blocks_used > 0);
     // One KV head too many: the payload is self-consistent, the shape is not the model's.
     let shape = KvShape {
@@ -658,6 +679,76 @@ async fn a_bad_kv_frame_fails_its_transfer_and_frees_the_reservation() {
         "{status:?}"
     );
     wait_blocks_freed(decode.url()).await;
+}
+
+/// Workers without a shareable cache (CPU) offer none, refuse a transfer that claims its KV
+/// was written in place, and a prefill worker handed a cache on another device sends the KV
+/// through the listener instead: the tokens are those of one process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_goes_through_the_listener_when_no_cache_is_shared_on_this_device() {
+    use tandem_common::ids::TransferId;
+    use tandem_kv_transfer::{DoneFrame, Frame, TcpKvSender};
+    use tandem_proto::internal::v1::PrefillRequest;
+    use tandem_proto::internal::v1::prefill_client::PrefillClient;
+
+    let model = fixture("qwen3-moe-f32");
+    let cluster = Cluster::builder("shared-kv").model(model.clone()).start();
+    let decode = cluster.decode[0].url();
+    let prompt: Vec<u32> = (0..24).map(|i| 7 + i * 13).collect();
+
+    let (mut stream, ticket) = reserve(decode.clone(), &prompt, 4).await;
+    assert!(ticket.shared_kv.is_empty(), "a cpu worker shares no cache");
+    let done = Frame::Done(DoneFrame {
+        transfer: TransferId(ticket.transfer_id),
+        first_token: 1,
+        logprob: 0.0,
+        top: Vec::new(),
+        kv_in_place: true,
+    });
+    TcpKvSender::new(1 << 20, None)
+        .send(ticket.endpoint.parse().expect("host:port"), done)
+        .await
+        .expect("sent");
+    let status = stream.message().await.unwrap_err();
+    assert!(status.message().contains("shares no cache"), "{status:?}");
+
+    // A well-formed description of a cache on a device this worker does not have
+    // ("TSKV", device uuid, block size, then one empty handle per layer).
+    let layers = WorkerClient::connect(decode.clone())
+        .await
+        .expect("connect")
+        .describe(tandem_proto::internal::v1::DescribeRequest {})
+        .await
+        .expect("describe")
+        .into_inner()
+        .num_layers;
+    let mut elsewhere = 0x564B_5354u32.to_le_bytes().to_vec();
+    elsewhere.extend([9u8; 16]);
+    elsewhere.extend(16u32.to_le_bytes());
+    elsewhere.extend(layers.to_le_bytes());
+    for _ in 0..layers {
+        elsewhere.extend(0u32.to_le_bytes());
+    }
+    let (mut stream, mut ticket) = reserve(decode, &prompt, 4).await;
+    ticket.shared_kv = elsewhere;
+    PrefillClient::connect(cluster.prefill[0].url())
+        .await
+        .expect("connect")
+        .prefill(PrefillRequest {
+            request_id: "elsewhere".into(),
+            prompt_ids: prompt.clone(),
+            sampling: Some(greedy_sampling()),
+            ticket: Some(ticket),
+        })
+        .await
+        .expect("prefilled through the listener");
+    let mut tokens = Vec::new();
+    while let Some(message) = stream.message().await.expect("tokens") {
+        if let Some(tandem_proto::internal::v1::decode_response::Kind::Token(t)) = message.kind {
+            tokens.push(t.token_id);
+        }
+    }
+    assert_eq!(tokens, single_process(&model, &prompt, 4));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
