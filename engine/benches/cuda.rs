@@ -116,18 +116,21 @@ fn main() {
         );
     }
 
+    // A prompt and its first token; then the same prompt with its KV exported to the host
+    // layer by layer, as a prefill worker does for a decode worker it shares no GPU with.
     println!("\nprefill");
-    println!("| prompt | seconds | tokens/s | TFLOP/s | of GEMM rate |");
-    println!("| ---: | ---: | ---: | ---: | ---: |");
+    println!("| prompt | seconds | tokens/s | TFLOP/s | of GEMM rate | with host export s |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
     for len in PREFILL_LENGTHS {
-        let seconds = prefill_seconds(&mut engine, len);
+        let seconds = prefill_seconds(&mut engine, len, false);
+        let exporting = prefill_seconds(&mut engine, len, true);
         measured["prefill"]
             .as_array_mut()
             .expect("array")
-            .push(json!({"tokens": len, "seconds": seconds}));
+            .push(json!({"tokens": len, "seconds": seconds, "exporting_seconds": exporting}));
         let flops = prefill_flops(len, layers);
         println!(
-            "| {len} | {seconds:.3} | {:.0} | {:.1} | {:.0}% |",
+            "| {len} | {seconds:.3} | {:.0} | {:.1} | {:.0}% | {exporting:.3} |",
             len as f64 / seconds,
             flops / seconds / 1e12,
             100.0 * flops / seconds / gemm
@@ -150,7 +153,7 @@ fn main() {
     }
     for len in PREFILL_LENGTHS {
         engine.model().backend().start_profile();
-        prefill_seconds(&mut engine, len);
+        prefill_seconds(&mut engine, len, true);
         println!(
             "\nprofile: prefill {len}\n{}",
             engine.model().backend().take_profile()
@@ -239,14 +242,20 @@ fn decode_floor_bytes(batch: usize, layers: usize) -> f64 {
     per_layer * layers as f64 + (VOCAB * HIDDEN * BF16) as f64
 }
 
-fn prefill_seconds(engine: &mut Engine<CudaBackend>, len: usize) -> f64 {
+/// Seconds to prefill a `len`-token prompt and pick its first token, exporting its KV to
+/// the host or not.
+fn prefill_seconds(engine: &mut Engine<CudaBackend>, len: usize, export: bool) -> f64 {
     let prompt: Vec<u32> = (0..len as u32).map(|t| 3 + (t * 7) % 5000).collect();
     engine.score(&prompt[..16]).expect("warm-up");
     let id = SeqId(9_999_999);
     let started = Instant::now();
-    engine
-        .add_prefill_request(id, prompt, SamplingParams::greedy())
-        .expect("prefill");
+    let params = SamplingParams::greedy();
+    if export {
+        engine.add_prefill_request(id, prompt, params)
+    } else {
+        engine.add_request(id, prompt, params, StopCriteria::max_new_tokens(1))
+    }
+    .expect("prefill");
     while engine.has_work() {
         engine.step().expect("step");
     }

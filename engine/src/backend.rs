@@ -1,6 +1,7 @@
 //! The narrow kernel interface the model is written against, and the choice of device.
 
 use std::ops::Range;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::block_pool::BlockId;
@@ -218,14 +219,17 @@ pub struct KvRows {
     pub v: Vec<f32>,
 }
 
-/// cos and sin of every row's rotation angles, computed once per forward pass and shared by
-/// the queries and keys of every layer.
-#[derive(Debug, Clone, PartialEq)]
+/// Every row's rotation angles (`position · inv_freq[i]`), shared by the queries and keys of
+/// every layer of a forward pass. A host backend takes their cos and sin
+/// ([`RopeTable::cos_sin`], computed once, on first use); a device backend may take the
+/// positions and frequencies and compute them where the activations are.
+#[derive(Debug, Clone)]
 pub struct RopeTable {
     pub head_dim: usize,
-    /// `[rows, head_dim / 2]`.
-    pub cos: Vec<f32>,
-    pub sin: Vec<f32>,
+    pub positions: Vec<u32>,
+    /// `head_dim / 2` frequencies.
+    pub inv_freq: Vec<f32>,
+    cos_sin: OnceLock<(Vec<f32>, Vec<f32>)>,
 }
 
 impl RopeTable {
@@ -233,18 +237,32 @@ impl RopeTable {
     /// rotary embedding.
     pub fn new(positions: &[u32], head_dim: usize, theta: f32) -> Self {
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
+        let inv_freq = (0..half)
             .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
             .collect();
-        let (sin, cos) = positions
-            .iter()
-            .flat_map(|&p| inv_freq.iter().map(move |f| (p as f32 * f).sin_cos()))
-            .unzip();
-        Self { head_dim, cos, sin }
+        Self {
+            head_dim,
+            positions: positions.to_vec(),
+            inv_freq,
+            cos_sin: OnceLock::new(),
+        }
+    }
+
+    /// cos and sin of every angle, each `[rows, head_dim / 2]`.
+    pub fn cos_sin(&self) -> (&[f32], &[f32]) {
+        let (cos, sin) = self.cos_sin.get_or_init(|| {
+            let (sin, cos) = self
+                .positions
+                .iter()
+                .flat_map(|&p| self.inv_freq.iter().map(move |f| (p as f32 * f).sin_cos()))
+                .unzip();
+            (cos, sin)
+        });
+        (cos, sin)
     }
 
     pub fn rows(&self) -> usize {
-        self.cos.len() / (self.head_dim / 2).max(1)
+        self.positions.len()
     }
 }
 

@@ -351,7 +351,8 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         b.to_host(&b.rms_norm(&x, &head_norm, 1e-6).expect("norm"))
             .expect("host"),
     ));
-    let positions: Vec<u32> = (0..rows as u32).map(|i| i * 7 % 40).collect();
+    // Small positions and long-context ones (large angles).
+    let positions: Vec<u32> = (0..rows as u32).map(|i| i * 7919 % 32768).collect();
     let mut r = tensor(b, rows, hidden, v.take(rows * hidden, 1.0));
     b.rope(&mut r, &RopeTable::new(&positions, 16, 10_000.0))
         .expect("rope");
@@ -366,11 +367,16 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     b.add_assign(&mut acc, &x).expect("add");
     b.scale_rows(&mut acc, &v.take(rows, 2.0)).expect("scale");
     out.push(("add_scale".into(), b.to_host(&acc).expect("host")));
-    // Greedy picks over 300 logits a row, one row with a tie (the lower id wins).
-    let mut logits = v.take(5 * 300, 3.0);
-    logits[2 * 300 + 7] = 4.0;
-    logits[2 * 300 + 200] = 4.0;
-    let picks = b.greedy(&tensor(b, 5, 300, logits), 300).expect("greedy");
+    // Greedy picks over 9000 logits a row (parts of 4096 on the GPU), one row with a tie
+    // across parts (the lower id wins), one with a part of -inf only.
+    let vocab = 9000;
+    let mut logits = v.take(5 * vocab, 3.0);
+    logits[2 * vocab + 7] = 4.0;
+    logits[2 * vocab + 8500] = 4.0;
+    logits[3 * vocab..3 * vocab + 4096].fill(f32::NEG_INFINITY);
+    let picks = b
+        .greedy(&tensor(b, 5, vocab, logits), vocab)
+        .expect("greedy");
     out.push((
         "greedy".into(),
         picks.iter().flat_map(|&(t, lp)| [t as f32, lp]).collect(),

@@ -293,14 +293,10 @@ impl Backend for CpuBackend {
             ));
         }
         let cols = x.cols;
+        let (cos, sin) = table.cos_sin();
         x.data
             .par_chunks_mut(cols)
-            .zip(
-                table
-                    .cos
-                    .par_chunks(half.max(1))
-                    .zip(table.sin.par_chunks(half.max(1))),
-            )
+            .zip(cos.par_chunks(half.max(1)).zip(sin.par_chunks(half.max(1))))
             .for_each(|(row, (cos, sin))| {
                 for head in row.chunks_exact_mut(dim) {
                     for i in 0..half {

@@ -44,7 +44,7 @@ pub use peer::CudaPeerKv;
 pub const KERNELS_SOURCE: &str = include_str!("cuda/kernels.cu");
 
 /// Every kernel `kernels.cu` defines.
-pub const KERNEL_NAMES: [&str; 28] = [
+pub const KERNEL_NAMES: [&str; 29] = [
     "embed",
     "rms_norm",
     "add_assign",
@@ -63,7 +63,8 @@ pub const KERNEL_NAMES: [&str; 28] = [
     "attention_prefill",
     "attention_prefill_mma",
     "attention_decode_mma",
-    "greedy",
+    "greedy_partial",
+    "greedy_combine",
     "moe_route",
     "moe_offsets",
     "moe_place",
@@ -77,6 +78,9 @@ pub const KERNEL_NAMES: [&str; 28] = [
 
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
+/// Logits one block of `greedy_partial` takes: a row's vocabulary is spread over many blocks
+/// (a single block per row waited on its loads for ~0.3 ms at a 152k vocabulary).
+const GREEDY_PART_LEN: usize = 4096;
 /// Threads per block of the element-wise kernels.
 const ELEMENT_THREADS: u32 = 256;
 /// Split attention runs one warp per (query row, head, split).
@@ -95,6 +99,9 @@ const PREFILL_THREADS: u32 = 128;
 const FLASH_MAX_HEAD_DIM: usize = 128;
 const FLASH_Q_TILE: usize = 64;
 const FLASH_THREADS: u32 = 128;
+/// Its two stages of keys and values (`FLASH_SHARED_BYTES`): more than a block gets without
+/// opting in.
+const FLASH_SHARED_BYTES: usize = 2 * 2 * DECODE_KEYS * (FLASH_MAX_HEAD_DIM + 8) * 2;
 /// `attention_decode_mma`: keys a warp takes (`FLASH_K_TILE`), and the most query heads a KV
 /// head may serve (the 16 rows of one mma tile).
 const DECODE_KEYS: usize = 64;
@@ -227,9 +234,37 @@ pub struct CudaBackend {
     device_name: String,
     /// Tells whether another process's KV stores are on this same GPU.
     device_uuid: [u8; 16],
+    reused_i32: ReusedUploads<i32>,
+    reused_f32: ReusedUploads<f32>,
+    reused_u64: ReusedUploads<u64>,
     /// While profiling: calls and seconds per operation, each timed between two stream
     /// synchronizations (so profiling slows the run down).
     profile: Mutex<Option<BTreeMap<&'static str, (u64, f64)>>>,
+}
+
+/// The last upload made for each purpose, used again while the host values are the same:
+/// every layer of a forward pass uploads the same rope table, cache slots and attention
+/// metadata, and every step the same expert table per layer. Small synchronous copies, ten a
+/// layer, were a large share of a small batch's step. Kernels only read these buffers.
+struct ReusedUploads<T> {
+    last: Mutex<HashMap<UploadKey, Uploaded<T>>>,
+}
+
+/// Values on the host and the device copy made of them.
+struct Uploaded<T> {
+    host: Vec<T>,
+    device: Arc<CudaSlice<T>>,
+}
+
+/// A purpose and a discriminator (0, or what tells apart the layers of one purpose).
+type UploadKey = (&'static str, u64);
+
+impl<T> Default for ReusedUploads<T> {
+    fn default() -> Self {
+        Self {
+            last: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 /// Times one operation for the profile when dropped.
@@ -362,6 +397,12 @@ impl CudaBackend {
                 .map_err(|e| device_error(&format!("kernel {name}"), e))?;
             functions.insert(name, function);
         }
+        functions["attention_prefill_mma"]
+            .set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                FLASH_SHARED_BYTES as i32,
+            )
+            .map_err(|e| device_error("opting attention_prefill_mma in to its shared memory", e))?;
         let blas = CudaBlas::new(Arc::clone(&stream)).map_err(|e| device_error("cublas", e))?;
         Ok(Self {
             stream,
@@ -369,6 +410,9 @@ impl CudaBackend {
             kernels: Kernels { functions },
             device_name,
             device_uuid,
+            reused_i32: ReusedUploads::default(),
+            reused_f32: ReusedUploads::default(),
+            reused_u64: ReusedUploads::default(),
             profile: Mutex::new(None),
         })
     }
@@ -476,6 +520,30 @@ impl CudaBackend {
         self.stream
             .clone_htod(host)
             .map_err(|e| device_error("copying to the device", e))
+    }
+
+    /// `host` on the device, uploaded again only when it differs from the last values
+    /// uploaded for `key` (see [`ReusedUploads`]).
+    fn upload_reused<T: cudarc::driver::DeviceRepr + Clone + PartialEq>(
+        &self,
+        cache: &ReusedUploads<T>,
+        key: UploadKey,
+        host: &[T],
+    ) -> Result<Arc<CudaSlice<T>>> {
+        let mut last = cache.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(uploaded) = last.get(&key)
+            && uploaded.host[..] == *host
+        {
+            return Ok(Arc::clone(&uploaded.device));
+        }
+        let device = Arc::new(self.upload(host)?);
+        // Replacing an entry frees its buffer in stream order, after the kernels reading it.
+        let uploaded = Uploaded {
+            host: host.to_vec(),
+            device: Arc::clone(&device),
+        };
+        last.insert(key, uploaded);
+        Ok(device)
     }
 
     /// Memory a kernel will fully write before anything reads it (at least one element).
@@ -623,8 +691,8 @@ impl CudaBackend {
         &self,
         store: &CudaKvStore,
         slots: &[usize],
-        op: &str,
-    ) -> Result<CudaSlice<i32>> {
+        op: &'static str,
+    ) -> Result<Arc<CudaSlice<i32>>> {
         let capacity = store.spec.num_blocks * store.spec.block_size;
         if let Some(bad) = slots.iter().find(|&&s| s >= capacity) {
             return Err(shape_error(
@@ -632,7 +700,7 @@ impl CudaBackend {
                 format!("slot {bad} is outside the cache of {capacity}"),
             ));
         }
-        self.upload(&slots_i32(slots))
+        self.upload_reused(&self.reused_i32, (op, 0), &slots_i32(slots))
     }
 
     fn load_rows(
@@ -893,18 +961,28 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return Ok(());
         }
-        let cos = self.upload(&table.cos)?;
-        let sin = self.upload(&table.sin)?;
+        if head_dim > MAX_HEAD_DIM {
+            return Err(shape_error(
+                "rope",
+                format!("head_dim {head_dim} is over {MAX_HEAD_DIM}"),
+            ));
+        }
+        // The angles' cos and sin are computed on the device: only positions travel.
+        let positions: Vec<i32> = table.positions.iter().map(|&p| p as i32).collect();
+        let positions = self.upload_reused(&self.reused_i32, ("rope.positions", 0), &positions)?;
+        let inv_freq =
+            self.upload_reused(&self.reused_f32, ("rope.inv_freq", 0), &table.inv_freq)?;
         let heads = (x.cols / head_dim) as i32;
         let head_dim = head_dim as i32;
         let mut launch = self.stream.launch_builder(self.function("rope"));
         launch
             .arg(&mut x.data)
-            .arg(&cos)
-            .arg(&sin)
+            .arg(positions.as_ref())
+            .arg(inv_freq.as_ref())
             .arg(&heads)
             .arg(&head_dim);
-        // SAFETY: one block per row; cos and sin hold rows · head_dim / 2 values.
+        // SAFETY: one block per row; positions holds one value a row, inv_freq head_dim / 2,
+        // at most MAX_HEAD_DIM / 2 (the kernel's shared tables).
         launched(unsafe { launch.launch(per_row(x.rows)) }, "rope")
     }
 
@@ -1016,7 +1094,8 @@ impl Backend for CudaBackend {
         if q.rows == 0 {
             return Ok(out);
         }
-        let tables = self.upload(&tables)?;
+        let reused = |name, host: &[i32]| self.upload_reused(&self.reused_i32, (name, 0), host);
+        let tables = reused("attention.tables", &tables)?;
         let (heads, kv_heads, head_dim, block_size) = (
             batch.num_heads as i32,
             batch.num_kv_heads as i32,
@@ -1044,8 +1123,8 @@ impl Backend for CudaBackend {
             let mut partial_out = self.uninit::<f32>(parts * batch.head_dim)?;
             let mut partial_max = self.uninit::<f32>(parts)?;
             let mut partial_sum = self.uninit::<f32>(parts)?;
-            let positions = self.upload(&positions)?;
-            let offsets = self.upload(&offsets)?;
+            let positions = reused("attention.positions", &positions)?;
+            let offsets = reused("attention.offsets", &offsets)?;
             let mut launch = self.stream.launch_builder(self.function(kernel));
             launch
                 .arg(&q.data)
@@ -1054,9 +1133,9 @@ impl Backend for CudaBackend {
                 .arg(&mut partial_out)
                 .arg(&mut partial_max)
                 .arg(&mut partial_sum)
-                .arg(&positions)
-                .arg(&offsets)
-                .arg(&tables)
+                .arg(positions.as_ref())
+                .arg(offsets.as_ref())
+                .arg(tables.as_ref())
                 .arg(&heads)
                 .arg(&kv_heads)
                 .arg(&head_dim)
@@ -1081,7 +1160,7 @@ impl Backend for CudaBackend {
                 .arg(&partial_max)
                 .arg(&partial_sum)
                 .arg(&mut out.data)
-                .arg(&positions)
+                .arg(positions.as_ref())
                 .arg(&heads)
                 .arg(&head_dim)
                 .arg(&splits_i);
@@ -1096,15 +1175,21 @@ impl Backend for CudaBackend {
         }
         if !tiles.rows.is_empty() {
             let count = tiles.rows.len();
-            let rows = self.upload(&tiles.rows)?;
-            let counts = self.upload(&tiles.counts)?;
-            let tile_positions = self.upload(&tiles.positions)?;
-            let tile_offsets = self.upload(&tiles.table_offsets)?;
-            let (kernel, threads, q_scale) = if tensor_cores {
+            let rows = reused("attention.tile_rows", &tiles.rows)?;
+            let counts = reused("attention.tile_counts", &tiles.counts)?;
+            let tile_positions = reused("attention.tile_positions", &tiles.positions)?;
+            let tile_offsets = reused("attention.tile_offsets", &tiles.table_offsets)?;
+            let (kernel, threads, q_scale, shared) = if tensor_cores {
                 let log2_e = std::f32::consts::LOG2_E;
-                ("attention_prefill_mma", FLASH_THREADS, scale * log2_e)
+                let q_scale = scale * log2_e;
+                (
+                    "attention_prefill_mma",
+                    FLASH_THREADS,
+                    q_scale,
+                    FLASH_SHARED_BYTES,
+                )
             } else {
-                ("attention_prefill", PREFILL_THREADS, scale)
+                ("attention_prefill", PREFILL_THREADS, scale, 0)
             };
             let mut launch = self.stream.launch_builder(self.function(kernel));
             launch
@@ -1112,11 +1197,11 @@ impl Backend for CudaBackend {
                 .arg(&store.k)
                 .arg(&store.v)
                 .arg(&mut out.data)
-                .arg(&rows)
-                .arg(&counts)
-                .arg(&tile_positions)
-                .arg(&tile_offsets)
-                .arg(&tables)
+                .arg(rows.as_ref())
+                .arg(counts.as_ref())
+                .arg(tile_positions.as_ref())
+                .arg(tile_offsets.as_ref())
+                .arg(tables.as_ref())
                 .arg(&heads)
                 .arg(&kv_heads)
                 .arg(&head_dim)
@@ -1125,7 +1210,7 @@ impl Backend for CudaBackend {
             let config = LaunchConfig {
                 grid_dim: (count as u32, batch.num_heads as u32, 1),
                 block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: shared as u32,
             };
             // SAFETY: one block per (tile, head); each tile's rows lie inside q and out and
             // its positions inside its block table (checked above).
@@ -1178,22 +1263,52 @@ impl Backend for CudaBackend {
         if logits.rows == 0 {
             return Ok(Vec::new());
         }
-        let mut tokens = self.uninit::<u32>(logits.rows)?;
-        let mut logprobs = self.uninit::<f32>(logits.rows)?;
-        let vocab_i = vocab as i32;
-        let mut launch = self.stream.launch_builder(self.function("greedy"));
+        let rows = logits.rows;
+        let parts = vocab.div_ceil(GREEDY_PART_LEN);
+        let mut part_best = self.uninit::<f32>(rows * parts)?;
+        let mut part_index = self.uninit::<i32>(rows * parts)?;
+        let mut part_sum = self.uninit::<f32>(rows * parts)?;
+        let (vocab_i, part_len) = (vocab as i32, GREEDY_PART_LEN as i32);
+        let mut launch = self.stream.launch_builder(self.function("greedy_partial"));
         launch
             .arg(&logits.data)
-            .arg(&mut tokens)
-            .arg(&mut logprobs)
-            .arg(&vocab_i);
-        // SAFETY: one block of ROW_THREADS (= the kernel's 256 shared slots) per row of vocab
-        // logits; tokens and logprobs hold one entry per row.
-        launched(unsafe { launch.launch(per_row(logits.rows)) }, "greedy")?;
-        let copy = |e| device_error("copying to the host", e);
-        let tokens = self.stream.clone_dtoh(&tokens).map_err(copy)?;
-        let logprobs = self.stream.clone_dtoh(&logprobs).map_err(copy)?;
-        Ok(tokens.into_iter().zip(logprobs).take(logits.rows).collect())
+            .arg(&mut part_best)
+            .arg(&mut part_index)
+            .arg(&mut part_sum)
+            .arg(&vocab_i)
+            .arg(&part_len);
+        let config = LaunchConfig {
+            grid_dim: (rows as u32, parts as u32, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: one block of ROW_THREADS (= the kernel's 256 shared slots) per (row, part)
+        // of vocab logits, writing that part's entry of rows · parts.
+        launched(unsafe { launch.launch(config) }, "greedy_partial")?;
+        let mut picks = self.uninit::<u32>(2 * rows)?;
+        let (rows_i, parts_i) = (rows as i32, parts as i32);
+        let mut launch = self.stream.launch_builder(self.function("greedy_combine"));
+        launch
+            .arg(&part_best)
+            .arg(&part_index)
+            .arg(&part_sum)
+            .arg(&mut picks)
+            .arg(&rows_i)
+            .arg(&parts_i);
+        // SAFETY: one thread per row reading its parts, writing its two entries of picks.
+        launched(
+            unsafe { launch.launch(blocks(rows, ELEMENT_THREADS)) },
+            "greedy_combine",
+        )?;
+        let picks = self
+            .stream
+            .clone_dtoh(&picks)
+            .map_err(|e| device_error("copying to the host", e))?;
+        Ok(picks
+            .chunks_exact(2)
+            .take(rows)
+            .map(|p| (p[0], f32::from_bits(p[1])))
+            .collect())
     }
 
     fn scatter_add_rows(&self, acc: &mut CudaTensor, x: &CudaTensor, rows: &[usize]) -> Result<()> {

@@ -12,13 +12,11 @@ __device__ __forceinline__ float bf16_to_f32(bf16_t h) {
 }
 
 // Round to nearest even, as torch does.
+// Round to nearest even, as torch converts; one instruction (sm_80+, like the bf16 mma).
 __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0u) {
-        return (bf16_t)((u >> 16) | 0x40u);  // keep NaN a NaN
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16_t)(u >> 16);
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(h) : "f"(f));
+    return h;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -95,20 +93,28 @@ extern "C" __global__ void swiglu(const float* gate_up, float* out, int inter) {
 }
 
 // Rotate-half RoPE on every head of row blockIdx.x; cos and sin are [rows, head_dim / 2].
-extern "C" __global__ void rope(float* x, const float* cos_table, const float* sin_table,
+// Rotate-half RoPE of every head of row blockIdx.x at positions[row]: the row's cos and sin
+// (float32 angle position · inv_freq[j], as transformers computes it) go to shared memory
+// once, then every head uses them. head_dim at most 256.
+extern "C" __global__ void rope(float* x, const int* positions, const float* inv_freq,
                                 int heads, int head_dim) {
+    __shared__ float cos_row[128];
+    __shared__ float sin_row[128];
     int half = head_dim / 2;
+    float position = (float)positions[blockIdx.x];
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        sincosf(position * inv_freq[j], &sin_row[j], &cos_row[j]);
+    }
+    __syncthreads();
     float* row = x + (size_t)blockIdx.x * heads * head_dim;
-    const float* c = cos_table + (size_t)blockIdx.x * half;
-    const float* s = sin_table + (size_t)blockIdx.x * half;
     for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
         int head = i / half;
-        int j = i % half;
+        int j = i - head * half;
         float* h = row + head * head_dim;
         float x1 = h[j];
         float x2 = h[j + half];
-        h[j] = x1 * c[j] - x2 * s[j];
-        h[j + half] = x2 * c[j] + x1 * s[j];
+        h[j] = x1 * cos_row[j] - x2 * sin_row[j];
+        h[j + half] = x2 * cos_row[j] + x1 * sin_row[j];
     }
 }
 
@@ -429,14 +435,22 @@ attention_prefill(const float* q, const bf16_t* k_cache, const bf16_t* v_cache, 
 
 // Greedy pick per row of `vocab` logits: the largest (ties to the lowest id) and its logprob
 // (value minus the row's log-sum-exp). One block of 256 threads per row.
-extern "C" __global__ void greedy(const float* logits, unsigned int* tokens, float* logprobs,
-                                  int vocab) {
+// Greedy picks in two steps so a row's vocabulary is read by many blocks, not one
+// latency-bound block: greedy_partial takes part blockIdx.y of row blockIdx.x (gridDim.y
+// parts of `part_len` logits) and writes its best logit, that logit's lowest index and the
+// sum of exp(logit - best) over the part; greedy_combine merges a row's parts into its token
+// and logprob, written to out[2r] and (as bits) out[2r + 1] for one copy back.
+extern "C" __global__ void greedy_partial(const float* logits, float* part_best,
+                                          int* part_index, float* part_sum, int vocab,
+                                          int part_len) {
     __shared__ float best_value[256];
     __shared__ int best_index[256];
     const float* row = logits + (size_t)blockIdx.x * vocab;
+    int begin = blockIdx.y * part_len;
+    int end = min(vocab, begin + part_len);
     float value = NEG_INF;
     int index = 0x7fffffff;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
         if (row[i] > value) {
             value = row[i];
             index = i;
@@ -456,15 +470,41 @@ extern "C" __global__ void greedy(const float* logits, unsigned int* tokens, flo
         }
         __syncthreads();
     }
-    float max = best_value[0];
-    int token = best_index[0];
+    float best = best_value[0];
     float sum = 0.0f;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) sum += expf(row[i] - max);
+    // A part of -inf logits adds nothing (and must not add exp(-inf + inf) = NaN).
+    if (best != NEG_INF) {
+        for (int i = begin + threadIdx.x; i < end; i += blockDim.x) sum += expf(row[i] - best);
+    }
     sum = block_sum(sum);
     if (threadIdx.x == 0) {
-        tokens[blockIdx.x] = (unsigned int)token;
-        logprobs[blockIdx.x] = -logf(sum);
+        int at = blockIdx.x * gridDim.y + blockIdx.y;
+        part_best[at] = best;
+        part_index[at] = best_index[0];
+        part_sum[at] = sum;
     }
+}
+
+// One thread per row over its `parts` partial results; ties go to the lowest id.
+extern "C" __global__ void greedy_combine(const float* part_best, const int* part_index,
+                                          const float* part_sum, unsigned int* out, int rows,
+                                          int parts) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    float best = NEG_INF;
+    int index = 0x7fffffff;
+    for (int p = r * parts; p < (r + 1) * parts; ++p) {
+        if (part_best[p] > best || (part_best[p] == best && part_index[p] < index)) {
+            best = part_best[p];
+            index = part_index[p];
+        }
+    }
+    float sum = 0.0f;
+    for (int p = r * parts; p < (r + 1) * parts; ++p) {
+        if (part_sum[p] > 0.0f) sum += part_sum[p] * expf(part_best[p] - best);
+    }
+    out[2 * r] = (unsigned int)index;
+    out[2 * r + 1] = __float_as_uint(-logf(sum));
 }
 
 // MoE, routed on the device. Routing slots (pairs) p = token · top_k + j are counted per
@@ -951,20 +991,26 @@ extern "C" __global__ void moe_combine(const float* y, const int* slot_position,
 
 // Prefill attention on the tensor cores (flash-attention 2 form): one block of 4 warps per
 // (tile of up to FLASH_Q_TILE query rows of one sequence, head), each warp 16 rows. Keys and
-// values come from the paged cache FLASH_K_TILE at a time through cp.async (values load
-// while scores compute). Scores S = Q·Kᵀ stay in mma accumulators; the online softmax runs
+// values come from the paged cache FLASH_K_TILE at a time through cp.async into two stages
+// of dynamic shared memory (FLASH_SHARED_BYTES): the next tile loads while this one computes,
+// and values load while scores compute. Scores S = Q·Kᵀ stay in mma accumulators; the online softmax runs
 // on them in registers (a row's values sit in one quad of lanes), and the probabilities,
 // rounded to bf16, are reused in place as the A operand of O += P·V, V read transposed by
 // ldmatrix. Queries arrive pre-scaled by log2(e)/sqrt(head_dim), so exp2 gives the softmax.
-// head_dim a multiple of 16, at most FLASH_MAX_HEAD_DIM.
+// head_dim a multiple of 16, at most FLASH_MAX_HEAD_DIM. Registers are capped so three blocks
+// (12 warps) share an SM, which shared memory also allows.
 #define FLASH_Q_TILE 64
 #define FLASH_K_TILE 64
 #define FLASH_MAX_HEAD_DIM 128
 #define FLASH_LD (FLASH_MAX_HEAD_DIM + 8)
 #define FLASH_THREADS 128
+#define FLASH_SHARED_BYTES (2 * 2 * FLASH_K_TILE * FLASH_LD * 2)
 
+// Two floats as a bf16 pair, `lo` in the low half: one conversion instruction.
 __device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
-    return (unsigned int)f32_to_bf16(lo) | ((unsigned int)f32_to_bf16(hi) << 16);
+    unsigned int packed;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(hi), "f"(lo));
+    return packed;
 }
 
 // The B fragment (k16 × n8) of rows [row, row + 16) and columns [col, col + 8) of a
@@ -984,36 +1030,47 @@ typedef bf16_t KvTile[FLASH_LD];
 
 // Queues copies of the keys and values at positions [first, first + FLASH_K_TILE) of one KV
 // head into ks and vs, positions past `last` as zeros: two commit groups, keys then values.
-// Threads `thread` of `threads` share the copies.
+// Threads `thread` of `threads` share the copies: each keeps one 16-byte column and walks
+// rows, stepping its cache block and offset instead of dividing per copy (integer work was
+// the busiest pipe of the prefill kernel).
 __device__ __forceinline__ void load_kv_tiles(KvTile* ks, KvTile* vs, const bf16_t* k_cache,
                                               const bf16_t* v_cache, const int* table,
                                               int block_size, int kv_width, int kv_head,
                                               int head_dim, int first, int last, int thread,
                                               int threads) {
     int chunks = head_dim / 8;
+    int row_step = threads / chunks;
+    int j0 = thread / chunks;
+    int c = (thread % chunks) * 8;
     for (int pass = 0; pass < 2; pass++) {
-        const bf16_t* cache = pass == 0 ? k_cache : v_cache;
-        for (int i = thread; i < FLASH_K_TILE * chunks; i += threads) {
-            int j = i / chunks, c = (i % chunks) * 8;
-            int pos = first + j;
-            bool ok = pos <= last;
-            size_t at = ok ? ((size_t)table[pos / block_size] * block_size + pos % block_size) *
-                                     kv_width +
-                                 kv_head * head_dim + c
-                           : 0;
-            copy16_async(pass == 0 ? &ks[j][c] : &vs[j][c], cache + at, ok);
+        const bf16_t* cache = (pass == 0 ? k_cache : v_cache) + kv_head * head_dim + c;
+        KvTile* tile = pass == 0 ? ks : vs;
+        if (j0 < row_step) {
+            int block = (first + j0) / block_size;
+            int offset = (first + j0) - block * block_size;
+            for (int j = j0; j < FLASH_K_TILE; j += row_step) {
+                bool ok = first + j <= last;
+                size_t at = ok ? ((size_t)table[block] * block_size + offset) * kv_width : 0;
+                copy16_async(&tile[j][c], cache + at, ok);
+                offset += row_step;
+                while (offset >= block_size) {
+                    offset -= block_size;
+                    block++;
+                }
+            }
         }
         copies_commit();
     }
 }
 
 // s = Q · Kᵀ for one 16-row query fragment (qf, head_dim / 16 steps) and the tile's keys
-// (positions from `first`), -inf for keys past the lane's rows' `limit`s; `tile_max` gets each
-// of the lane's two rows' largest score.
+// (positions from `first`), -inf for keys past the lane's rows' `limit`s when `masked` (a
+// tile wholly in every row's past needs no mask); `tile_max` gets each of the lane's two
+// rows' largest score.
 __device__ __forceinline__ void tile_scores(float (*s)[4], float* tile_max,
                                             const unsigned int (*qf)[4], const KvTile* ks,
-                                            int steps, int first, const int* limit, int g,
-                                            int t) {
+                                            int steps, int first, const int* limit, bool masked,
+                                            int g, int t) {
     tile_max[0] = tile_max[1] = NEG_INF;
 #pragma unroll
     for (int n = 0; n < FLASH_K_TILE / 8; n++) {
@@ -1030,7 +1087,7 @@ __device__ __forceinline__ void tile_scores(float (*s)[4], float* tile_max,
         }
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            if (first + n * 8 + t * 2 + (e & 1) > limit[e >> 1]) s[n][e] = NEG_INF;
+            if (masked && first + n * 8 + t * 2 + (e & 1) > limit[e >> 1]) s[n][e] = NEG_INF;
             tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
         }
     }
@@ -1077,14 +1134,16 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 3)
     attention_prefill_mma(const float* q, const bf16_t* k_cache, const bf16_t* v_cache,
                           float* out, const int* tile_rows, const int* tile_counts,
                           const int* tile_positions, const int* tile_table_offsets,
                           const int* block_tables, int num_heads, int num_kv_heads, int head_dim,
                           int block_size, float q_scale) {
-    __shared__ __align__(16) KvTile ks[FLASH_K_TILE];
-    __shared__ __align__(16) KvTile vs[FLASH_K_TILE];
+    extern __shared__ __align__(16) unsigned char flash_shared[];
+    // Stage i: keys at stages[2i], values at stages[2i + 1].
+    KvTile(*stages)[FLASH_K_TILE] = (KvTile(*)[FLASH_K_TILE])flash_shared;
+    KvTile* ks = stages[0];
     int head = blockIdx.y;
     QueryTile qt = query_tile(tile_rows, tile_counts, tile_positions, tile_table_offsets,
                               block_tables, num_heads, num_kv_heads, head_dim);
@@ -1127,14 +1186,29 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
     int position[2] = {first_position + row, first_position + row + 8};
     int last_position = first_position + count - 1;
 
-    for (int key_start = 0; key_start <= last_position; key_start += FLASH_K_TILE) {
-        __syncthreads();  // everyone is done with the last tile (or the query) in shared memory
-        load_kv_tiles(ks, vs, k_cache, v_cache, table, block_size, kv_width, kv_head, head_dim,
-                      key_start, last_position, threadIdx.x, FLASH_THREADS);
-        copies_wait<1>();  // keys are in; values may still be coming
+    int tiles = last_position / FLASH_K_TILE + 1;
+    __syncthreads();  // every warp has its query fragments: stage 0 may be overwritten
+    load_kv_tiles(stages[0], stages[1], k_cache, v_cache, table, block_size, kv_width, kv_head,
+                  head_dim, 0, last_position, threadIdx.x, FLASH_THREADS);
+    for (int tile = 0; tile < tiles; tile++) {
+        int key_start = tile * FLASH_K_TILE;
+        const KvTile* ks = stages[2 * (tile & 1)];
+        const KvTile* vs = stages[2 * (tile & 1) + 1];
+        if (tile + 1 < tiles) {
+            int next = 2 * ((tile + 1) & 1);
+            load_kv_tiles(stages[next], stages[next + 1], k_cache, v_cache, table, block_size,
+                          kv_width, kv_head, head_dim, key_start + FLASH_K_TILE, last_position,
+                          threadIdx.x, FLASH_THREADS);
+        } else {
+            // Empty groups keep the counts below the same on the last tile.
+            copies_commit();
+            copies_commit();
+        }
+        copies_wait<3>();  // this tile's keys are in; its values and the next tile may not be
         __syncthreads();
         float s[FLASH_K_TILE / 8][4], tile_max[2];
-        tile_scores(s, tile_max, qf, ks, steps, key_start, position, g, t);
+        bool masked = key_start + FLASH_K_TILE - 1 > first_position;
+        tile_scores(s, tile_max, qf, ks, steps, key_start, position, masked, g, t);
         float correction[2];
 #pragma unroll
         for (int r = 0; r < 2; r++) {
@@ -1150,9 +1224,10 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
 #pragma unroll
             for (int e = 0; e < 4; e++) o[n][e] *= correction[e >> 1];
         }
-        copies_wait<0>();
+        copies_wait<2>();  // this tile's values
         __syncthreads();
         accumulate_values(o, s, vs, chunks, lane);
+        __syncthreads();  // every warp is done with this stage before the next tile refills it
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) row_sum[r] = quad_sum(row_sum[r]);
@@ -1244,7 +1319,7 @@ extern "C" __global__ void __launch_bounds__(32)
     __syncwarp();
     float s[FLASH_K_TILE / 8][4], row_max[2];
     int limit[2] = {last, last};
-    tile_scores(s, row_max, qf, ks, steps, first, limit, g, t);
+    tile_scores(s, row_max, qf, ks, steps, first, limit, last < first + FLASH_K_TILE - 1, g, t);
     float row_sum[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int r = 0; r < 2; r++) row_max[r] = quad_max(row_max[r]);

@@ -228,7 +228,9 @@ impl CudaBackend {
                     .map(|e| e.down.data.device_ptr(&self.stream).0),
             )
             .collect();
-        let pointers = self.upload(&pointers)?;
+        // Each layer's experts have their own table, told apart by its first pointer.
+        let pointers =
+            self.upload_reused(&self.reused_u64, ("moe.experts", pointers[0]), &pointers)?;
         let (gate_up, down) = (
             pointers.slice(..experts.len()),
             pointers.slice(experts.len()..),

@@ -166,7 +166,7 @@ impl CudaBackend {
             .arg(&store.v)
             .arg(&peer.k)
             .arg(&peer.v)
-            .arg(&from)
+            .arg(from.as_ref())
             .arg(&to)
             .arg(&w);
         // SAFETY: one block per row; source slots were checked against this store and
