@@ -405,8 +405,7 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         b.to_host(&b.moe_experts(&x, &routing, &experts).expect("moe"))
             .expect("host"),
     ));
-    // 40 tokens (80 routing slots): past the grouped matrix-vector path, through per-expert
-    // GEMMs.
+    // 40 tokens (80 routing slots): the grouped GEMMs, like the 18 rows above.
     let many = 40;
     let x_many = tensor(b, many, hidden, v.take(many * hidden, 1.0));
     let routing_many = top2_of_4(many);
@@ -419,9 +418,9 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         .expect("host"),
     ));
 
-    // Routed where the logits are: 8 experts of width 128, top-2, over 10 tokens (20 slots:
-    // matrix-vector path) and 300 (600 slots: grouped GEMMs, several row tiles an expert, two
-    // column tiles, eight k steps). Inputs are multiples of 1/8 and router weights of ±1/8, so
+    // Routed where the logits are: 8 experts of width 128, top-2, over 4 tokens (8 slots:
+    // matrix-vector path), 10 (20 slots: grouped GEMMs, one row tile an expert) and 300 (600
+    // slots: several row tiles an expert, two column tiles, eight k steps). Inputs are multiples of 1/8 and router weights of ±1/8, so
     // every logit is exact in f32 and both backends rank the experts alike.
     let (hidden_r, inter_r, num_experts) = (256, 128, 8);
     let rule = RouteRule {
@@ -444,7 +443,7 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         })
         .collect();
     let counters = b.expert_counters(num_experts).expect("counters");
-    for tokens in [10, 300] {
+    for tokens in [4, 10, 300] {
         let data = (0..tokens * hidden_r)
             .map(|i| ((i * 13 + i / 7) % 17) as f32 / 8.0 - 1.0)
             .collect();
@@ -457,7 +456,7 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     let load = b.read_expert_counters(&counters).expect("counters");
     assert_eq!(
         load.iter().sum::<u64>(),
-        620,
+        628,
         "{} counts every slot",
         b.name()
     );

@@ -15,8 +15,9 @@ use crate::weights::ExpertWeights;
 
 /// Routing slots (tokens × top-k) up to which the experts run as grouped matrix-vector
 /// products rather than grouped GEMMs. Measured on an H100 (Qwen3-30B-A3B shape, CUDA_NOTES
-/// v6): 64 slots (batch 8) take 4.8 ms a step this way against 7.4 ms with a GEMM per expert.
-const MOE_GEMV_MAX_PAIRS: usize = 64;
+/// v10): at 64 slots (batch 8) the grouped GEMMs take 2.77 ms a step against 3.53 ms this way;
+/// at 8 slots (batch 1) the two are within run-to-run spread.
+const MOE_GEMV_MAX_PAIRS: usize = 8;
 /// Output rows one block of `moe_gate_up` / `moe_down` computes: 8 warps × 4 rows.
 const MOE_ROWS_PER_BLOCK: usize = 32;
 /// Most routing slots one block of the matrix-vector kernels takes (`MOE_MAX_GROUP`).
