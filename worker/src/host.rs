@@ -83,6 +83,8 @@ impl<C: RoleCommand> RoleSlot<C> {
 pub(crate) struct EngineSettings {
     pub(crate) queue_depth: usize,
     pub(crate) kv_transfer_timeout: Duration,
+    /// The decode role shares its KV cache: prefill workers may write reserved blocks.
+    pub(crate) kv_shared: bool,
 }
 
 /// The worker: its description, its role's engine thread, health and registration.
@@ -157,6 +159,7 @@ impl<B: Backend> Host<B> {
         let EngineSettings {
             queue_depth,
             kv_transfer_timeout,
+            kv_shared,
         } = self.settings;
         if role == Role::Prefill {
             let (commands, commands_rx) = mpsc::channel(queue_depth);
@@ -168,6 +171,7 @@ impl<B: Backend> Host<B> {
                 engine,
                 commands_rx,
                 kv_transfer_timeout,
+                kv_shared,
                 Arc::clone(&self.kv_events),
             )?;
             self.decode.set(Some(commands));

@@ -237,6 +237,7 @@ async fn serve_model<B: Backend>(
     let settings = EngineSettings {
         queue_depth: args.queue_depth,
         kv_transfer_timeout: args.kv_transfer_timeout(),
+        kv_shared: shared_kv.is_some(),
     };
     let host = Arc::new(Host::new(description, advertised, settings, health.clone()));
     host.start(role, engine).map_err(ServeError::Thread)?;

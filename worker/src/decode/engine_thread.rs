@@ -17,6 +17,10 @@ use tokio::sync::{mpsc, oneshot};
 /// How often reservations waiting for KV are checked for timeouts and vanished clients when
 /// nothing else wakes the thread.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+/// How long the blocks of a reservation that ended without its KV stay out of use when a
+/// prefill worker on this GPU may be writing them in place: its call was cancelled, and it
+/// stops before its next engine step, far sooner than this.
+const IN_PLACE_GRACE: Duration = Duration::from_secs(10);
 
 /// One sequence to run.
 #[derive(Debug)]
@@ -99,7 +103,12 @@ pub(crate) struct EngineThread<B: Backend> {
     engine: EngineGroup<B>,
     commands: mpsc::Receiver<Command<B>>,
     transfer_timeout: Duration,
+    /// This worker shares its cache, so reserved blocks may be written in place.
+    kv_shared: bool,
     requests: HashMap<SeqId, Tracked>,
+    /// Reservations that ended without their KV, freed once the time comes (see
+    /// [`IN_PLACE_GRACE`]).
+    quarantined: Vec<(Instant, SeqId)>,
     generated_tokens_total: u64,
     retire: Option<oneshot::Sender<EngineGroup<B>>>,
 }
@@ -109,13 +118,16 @@ impl<B: Backend> EngineThread<B> {
         engine: EngineGroup<B>,
         commands: mpsc::Receiver<Command<B>>,
         transfer_timeout: Duration,
+        kv_shared: bool,
         kv_events: std::sync::Arc<crate::kv_events::KvEventHub>,
     ) -> std::io::Result<()> {
         let thread = Self {
             engine,
             commands,
             transfer_timeout,
+            kv_shared,
             requests: HashMap::new(),
+            quarantined: Vec::new(),
             generated_tokens_total: 0,
             retire: None,
         };
@@ -221,10 +233,22 @@ impl<B: Backend> EngineThread<B> {
 
     /// Ends a request with `error`, freeing its blocks.
     fn fail(&mut self, id: SeqId, error: WorkerError) {
-        self.engine.abort(id);
-        if let Some(tracked) = self.requests.remove(&id) {
+        let tracked = self.requests.remove(&id);
+        self.release(id, tracked.as_ref());
+        if let Some(tracked) = tracked {
             tracing::warn!(seq = id.0, %error, "decode request failed");
             let _ = tracked.events.try_send(DecodeEvent::Failed(error));
+        }
+    }
+
+    /// Frees an ended request's blocks, or, when a prefill worker on this GPU may still be
+    /// writing them in place, sets them aside until it surely has stopped: reused sooner, they
+    /// could be overwritten under another sequence.
+    fn release(&mut self, id: SeqId, tracked: Option<&Tracked>) {
+        if self.kv_shared && tracked.is_some_and(|t| t.awaiting_kv.is_some()) {
+            self.quarantined.push((Instant::now() + IN_PLACE_GRACE, id));
+        } else {
+            self.engine.abort(id);
         }
     }
 
@@ -264,7 +288,7 @@ impl<B: Backend> crate::engine_loop::EngineThread for EngineThread<B> {
     }
 
     fn sweep_every(&self) -> Option<Duration> {
-        (!self.requests.is_empty()).then_some(SWEEP_INTERVAL)
+        (!self.requests.is_empty() || !self.quarantined.is_empty()).then_some(SWEEP_INTERVAL)
     }
 
     fn take_retire(&mut self) -> Option<oneshot::Sender<EngineGroup<B>>> {
@@ -273,6 +297,10 @@ impl<B: Backend> crate::engine_loop::EngineThread for EngineThread<B> {
 
     fn into_engine(mut self) -> EngineGroup<B> {
         self.fail_all(|| WorkerError::NotInRole { role: "decode" });
+        // The role switch drained the prefill legs first; nothing writes these any more.
+        for (_, id) in std::mem::take(&mut self.quarantined) {
+            self.engine.abort(id);
+        }
         self.engine
     }
 
@@ -342,8 +370,15 @@ impl<B: Backend> crate::engine_loop::EngineThread for EngineThread<B> {
         }
         for id in gone {
             tracing::debug!(seq = id.0, "client went away; freeing its blocks");
+            let tracked = self.requests.remove(&id);
+            self.release(id, tracked.as_ref());
+        }
+        let (due, waiting) = std::mem::take(&mut self.quarantined)
+            .into_iter()
+            .partition(|&(at, _)| now >= at);
+        self.quarantined = waiting;
+        for (_, id) in due {
             self.engine.abort(id);
-            self.requests.remove(&id);
         }
         for id in late {
             let transfer = TransferId(id.0);
@@ -369,5 +404,75 @@ impl<B: Backend> crate::engine_loop::EngineThread for EngineThread<B> {
                 self.fail_all(|| WorkerError::EngineStopped);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use tandem_engine::{CpuBackend, Engine, EngineConfig, Model};
+
+    use super::*;
+    use crate::engine_loop::EngineThread as _;
+
+    fn thread(kv_shared: bool) -> EngineThread<CpuBackend> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-moe-f32");
+        let model = Model::load(&dir, CpuBackend, &mut |_| {}).expect("fixture loads");
+        let engine = Engine::new(model, None, EngineConfig::default()).expect("engine");
+        let (_commands, commands_rx) = mpsc::channel(4);
+        EngineThread {
+            engine: EngineGroup::single(engine),
+            commands: commands_rx,
+            transfer_timeout: Duration::from_secs(30),
+            kv_shared,
+            requests: HashMap::new(),
+            quarantined: Vec::new(),
+            generated_tokens_total: 0,
+            retire: None,
+        }
+    }
+
+    /// Reserves blocks for a remote prefill, then fails its transfer.
+    fn reserve_and_fail(thread: &mut EngineThread<CpuBackend>) -> mpsc::Receiver<DecodeEvent> {
+        let (events, events_rx) = mpsc::channel(8);
+        let request = StartRequest {
+            prompt: vec![5; 40],
+            params: SamplingParams::greedy(),
+            stop: StopCriteria::max_new_tokens(4),
+            remote_prefill: true,
+        };
+        thread.start(SeqId(1), request, events).expect("reserved");
+        assert!(thread.engine.used_blocks() > 0);
+        thread.handle(Command::FailTransfer {
+            transfer: TransferId(1),
+            reason: "test".into(),
+        });
+        events_rx
+    }
+
+    #[test]
+    fn blocks_a_peer_may_still_write_stay_out_of_use_for_the_grace() {
+        let mut thread = thread(true);
+        let mut events = reserve_and_fail(&mut thread);
+        assert!(matches!(events.try_recv(), Ok(DecodeEvent::Failed(_))));
+        thread.sweep();
+        assert!(
+            thread.engine.used_blocks() > 0,
+            "freed before the grace ended"
+        );
+        assert_eq!(thread.sweep_every(), Some(SWEEP_INTERVAL));
+        thread.quarantined[0].0 = Instant::now();
+        thread.sweep();
+        assert_eq!(thread.engine.used_blocks(), 0);
+        assert_eq!(thread.sweep_every(), None);
+    }
+
+    #[test]
+    fn without_a_shared_cache_blocks_are_freed_at_once() {
+        let mut thread = thread(false);
+        let mut events = reserve_and_fail(&mut thread);
+        assert!(matches!(events.try_recv(), Ok(DecodeEvent::Failed(_))));
+        assert_eq!(thread.engine.used_blocks(), 0);
     }
 }
