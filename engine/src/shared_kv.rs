@@ -96,20 +96,26 @@ pub(crate) struct PeerTarget<B: Backend> {
 
 /// Caches a prefill engine has opened, the most recently used last. Opening maps memory, so
 /// each description is opened once and the least recently used closes past `OPEN_PEERS`
-/// (a decode worker that restarted shares new handles).
+/// (a decode worker that restarted shares new handles). A description that could not be
+/// opened (another container without a shared IPC namespace, say) is not tried again.
 pub(crate) struct PeerCache<B: Backend> {
     open: Vec<(Vec<u8>, Arc<OpenedPeer<B>>)>,
+    refused: Vec<Vec<u8>>,
 }
 
 impl<B: Backend> Default for PeerCache<B> {
     fn default() -> Self {
-        Self { open: Vec::new() }
+        Self {
+            open: Vec::new(),
+            refused: Vec::new(),
+        }
     }
 }
 
 impl<B: Backend> PeerCache<B> {
     /// The target for a prompt of `tokens` positions in `blocks` of the cache `shared`
-    /// describes. `Unsupported` when that cache is not on this backend's device.
+    /// describes. `Unsupported` when that cache is not on this backend's device or cannot be
+    /// opened from this process.
     pub(crate) fn target(
         &mut self,
         backend: &B,
@@ -144,6 +150,11 @@ impl<B: Backend> PeerCache<B> {
             self.open.push(entry);
             return Ok(peer);
         }
+        if self.refused.iter().any(|key| key == shared) {
+            return Err(EngineError::Unsupported(
+                "this kv cache could not be opened before".into(),
+            ));
+        }
         let description = SharedKv::decode(shared)?;
         if backend.shareable_device() != Some(description.device) {
             return Err(EngineError::Unsupported(format!(
@@ -161,7 +172,15 @@ impl<B: Backend> PeerCache<B> {
             .layers
             .iter()
             .map(|handle| backend.open_peer_kv(handle))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>>>();
+        // On this device but not reachable from this process: the host path still works.
+        let layers = layers.map_err(|e| {
+            if self.refused.len() >= OPEN_PEERS {
+                self.refused.remove(0);
+            }
+            self.refused.push(shared.to_vec());
+            EngineError::Unsupported(format!("opening the kv cache shared on this device: {e}"))
+        })?;
         let peer = Arc::new(OpenedPeer {
             block_size: description.block_size,
             layers,
