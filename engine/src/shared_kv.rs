@@ -96,11 +96,13 @@ pub(crate) struct PeerTarget<B: Backend> {
 
 /// Caches a prefill engine has opened, the most recently used last. Opening maps memory, so
 /// each description is opened once and the least recently used closes past `OPEN_PEERS`
-/// (a decode worker that restarted shares new handles). A description that could not be
-/// opened (another container without a shared IPC namespace, say) is not tried again.
+/// (a decode worker that restarted shares new handles). A description that cannot be opened
+/// here (another device, or another container without a shared IPC namespace) is not decoded
+/// or tried again: every request to that decode worker carries it.
 pub(crate) struct PeerCache<B: Backend> {
     open: Vec<(Vec<u8>, Arc<OpenedPeer<B>>)>,
-    refused: Vec<Vec<u8>>,
+    /// Descriptions that cannot be opened here, and why.
+    refused: Vec<(Vec<u8>, String)>,
 }
 
 impl<B: Backend> Default for PeerCache<B> {
@@ -150,37 +152,39 @@ impl<B: Backend> PeerCache<B> {
             self.open.push(entry);
             return Ok(peer);
         }
-        if self.refused.iter().any(|key| key == shared) {
-            return Err(EngineError::Unsupported(
-                "this kv cache could not be opened before".into(),
-            ));
+        if let Some((_, why)) = self.refused.iter().find(|(key, _)| key == shared) {
+            return Err(EngineError::Unsupported(why.clone()));
         }
         let description = SharedKv::decode(shared)?;
-        if backend.shareable_device() != Some(description.device) {
-            return Err(EngineError::Unsupported(format!(
+        let opened = if backend.shareable_device() != Some(description.device) {
+            Err(format!(
                 "the kv cache is on another device than this {} backend's",
                 backend.name()
-            )));
-        }
-        if description.layers.len() != num_layers {
+            ))
+        } else if description.layers.len() != num_layers {
             return Err(EngineError::InvalidRequest(format!(
                 "shared kv cache has {} layers, the model {num_layers}",
                 description.layers.len()
             )));
-        }
-        let layers = description
-            .layers
-            .iter()
-            .map(|handle| backend.open_peer_kv(handle))
-            .collect::<Result<Vec<_>>>();
-        // On this device but not reachable from this process: the host path still works.
-        let layers = layers.map_err(|e| {
-            if self.refused.len() >= OPEN_PEERS {
-                self.refused.remove(0);
+        } else {
+            // On this device but not reachable from this process: the host path still works.
+            description
+                .layers
+                .iter()
+                .map(|handle| backend.open_peer_kv(handle))
+                .collect::<Result<Vec<_>>>()
+                .map_err(|e| format!("opening the kv cache shared on this device: {e}"))
+        };
+        let layers = match opened {
+            Ok(layers) => layers,
+            Err(why) => {
+                if self.refused.len() >= OPEN_PEERS {
+                    self.refused.remove(0);
+                }
+                self.refused.push((shared.to_vec(), why.clone()));
+                return Err(EngineError::Unsupported(why));
             }
-            self.refused.push(shared.to_vec());
-            EngineError::Unsupported(format!("opening the kv cache shared on this device: {e}"))
-        })?;
+        };
         let peer = Arc::new(OpenedPeer {
             block_size: description.block_size,
             layers,
@@ -229,13 +233,17 @@ mod tests {
 
     #[test]
     fn a_backend_without_shared_memory_refuses_to_open_a_peer() {
-        let err = PeerCache::<CpuBackend>::default()
-            .target(&CpuBackend, &sample().encode(), &[0], 1, 3)
-            .err()
-            .expect("the cpu backend opens nothing");
-        assert!(
-            matches!(err, EngineError::Unsupported(ref m) if m.contains("another device")),
-            "{err}"
-        );
+        let mut peers = PeerCache::<CpuBackend>::default();
+        for attempt in 0..2 {
+            let err = peers
+                .target(&CpuBackend, &sample().encode(), &[0], 1, 3)
+                .err()
+                .expect("the cpu backend opens nothing");
+            assert!(
+                matches!(err, EngineError::Unsupported(ref m) if m.contains("another device")),
+                "attempt {attempt}: {err}"
+            );
+        }
+        assert_eq!(peers.refused.len(), 1, "remembered once");
     }
 }
