@@ -467,17 +467,29 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
 
     // Attention over the paged cache, blocks scattered: a 9-row prefill, decode rows at
     // positions 13 and 150 (three splits of the grouped decode kernel), chunked prefills of 8
-    // rows at 20 and of 5 rows at 45, and a 40-row prefill (several key tiles).
+    // rows at 20, of 5 rows at 45 and of 70 rows at 100 (query tiles across key tiles), a
+    // 40-row prefill (several key tiles of the CUDA-core kernel) and a 200-row one (four
+    // query and key tiles of the tensor-core kernel, so key slots are found ahead).
     let (heads, kv_heads, block_size) = (4, 2, 4);
+    let num_blocks = 200;
     let spec = KvSpec {
-        num_blocks: 80,
+        num_blocks,
         block_size,
         num_kv_heads: kv_heads,
         head_dim,
     };
     let mut store = b.kv_store(&spec).expect("store");
-    let layout: [(usize, usize); 6] = [(9, 0), (1, 13), (8, 20), (40, 0), (5, 45), (1, 150)];
-    let mut free: Vec<u32> = (0..80).map(|i| (i * 37) % 80).collect();
+    let layout: [(usize, usize); 8] = [
+        (9, 0),
+        (1, 13),
+        (8, 20),
+        (40, 0),
+        (5, 45),
+        (1, 150),
+        (200, 0),
+        (70, 100),
+    ];
+    let mut free: Vec<u32> = (0..num_blocks as u32).map(|i| (i * 37) % 200).collect();
     let tables: Vec<Vec<BlockId>> = layout
         .iter()
         .map(|&(n, first)| {

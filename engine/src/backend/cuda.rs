@@ -44,7 +44,7 @@ pub use peer::CudaPeerKv;
 pub const KERNELS_SOURCE: &str = include_str!("cuda/kernels.cu");
 
 /// Every kernel `kernels.cu` defines.
-pub const KERNEL_NAMES: [&str; 29] = [
+pub const KERNEL_NAMES: [&str; 31] = [
     "embed",
     "rms_norm",
     "add_assign",
@@ -62,7 +62,9 @@ pub const KERNEL_NAMES: [&str; 29] = [
     "attention_combine",
     "attention_prefill",
     "attention_prefill_mma",
+    "attention_prefill_mma_hd128",
     "attention_decode_mma",
+    "attention_decode_mma_hd128",
     "greedy_partial",
     "greedy_combine",
     "moe_route",
@@ -106,6 +108,19 @@ const FLASH_SHARED_BYTES: usize = 2 * 2 * DECODE_KEYS * (FLASH_MAX_HEAD_DIM + 8)
 /// head may serve (the 16 rows of one mma tile).
 const DECODE_KEYS: usize = 64;
 const DECODE_MAX_GROUP: usize = 16;
+/// The head_dim the tensor-core attention kernels also come built for (`_hd128`): their
+/// loops then unroll without a test per step.
+const FIXED_HEAD_DIM: usize = 128;
+
+/// The tensor-core attention kernel `generic` (`attention_prefill_mma` or
+/// `attention_decode_mma`) or its build for `head_dim`.
+fn attention_kernel(generic: &'static str, head_dim: usize) -> &'static str {
+    match (generic, head_dim) {
+        ("attention_prefill_mma", FIXED_HEAD_DIM) => "attention_prefill_mma_hd128",
+        ("attention_decode_mma", FIXED_HEAD_DIM) => "attention_decode_mma_hd128",
+        _ => generic,
+    }
+}
 
 /// Query tiles of a prefill attention kernel: each up to `size` consecutive rows of one
 /// sequence.
@@ -135,6 +150,21 @@ impl PrefillTiles {
             self.positions
                 .push((first_position + start - rows.start) as i32);
             self.table_offsets.push(table_offset);
+        }
+    }
+
+    /// Orders the tiles by how many keys they read, most first: a tile's work grows with its
+    /// last position, and the longest ones should not start in the last wave.
+    fn longest_first(&mut self) {
+        let mut order: Vec<usize> = (0..self.rows.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(self.positions[i] + self.counts[i]));
+        for column in [
+            &mut self.rows,
+            &mut self.counts,
+            &mut self.positions,
+            &mut self.table_offsets,
+        ] {
+            *column = order.iter().map(|&i| column[i]).collect();
         }
     }
 }
@@ -397,12 +427,14 @@ impl CudaBackend {
                 .map_err(|e| device_error(&format!("kernel {name}"), e))?;
             functions.insert(name, function);
         }
-        functions["attention_prefill_mma"]
-            .set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                FLASH_SHARED_BYTES as i32,
-            )
-            .map_err(|e| device_error("opting attention_prefill_mma in to its shared memory", e))?;
+        for name in ["attention_prefill_mma", "attention_prefill_mma_hd128"] {
+            functions[name]
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    FLASH_SHARED_BYTES as i32,
+                )
+                .map_err(|e| device_error(&format!("opting {name} in to its shared memory"), e))?;
+        }
         let blas = CudaBlas::new(Arc::clone(&stream)).map_err(|e| device_error("cublas", e))?;
         Ok(Self {
             stream,
@@ -1113,7 +1145,8 @@ impl Backend for CudaBackend {
             let (kernel, split_keys, grid_heads, split_scale) = if grouped {
                 let log2_e = std::f32::consts::LOG2_E;
                 let kv = batch.num_kv_heads as u32;
-                ("attention_decode_mma", DECODE_KEYS, kv, scale * log2_e)
+                let kernel = attention_kernel("attention_decode_mma", batch.head_dim);
+                (kernel, DECODE_KEYS, kv, scale * log2_e)
             } else {
                 let h = batch.num_heads as u32;
                 ("attention_split", SPLIT_KEYS, h, scale)
@@ -1174,6 +1207,7 @@ impl Backend for CudaBackend {
             launched(unsafe { launch.launch(config) }, "attention_combine")?;
         }
         if !tiles.rows.is_empty() {
+            tiles.longest_first();
             let count = tiles.rows.len();
             let rows = reused("attention.tile_rows", &tiles.rows)?;
             let counts = reused("attention.tile_counts", &tiles.counts)?;
@@ -1183,7 +1217,7 @@ impl Backend for CudaBackend {
                 let log2_e = std::f32::consts::LOG2_E;
                 let q_scale = scale * log2_e;
                 (
-                    "attention_prefill_mma",
+                    attention_kernel("attention_prefill_mma", batch.head_dim),
                     FLASH_THREADS,
                     q_scale,
                     FLASH_SHARED_BYTES,
@@ -1207,12 +1241,14 @@ impl Backend for CudaBackend {
                 .arg(&head_dim)
                 .arg(&block_size)
                 .arg(&q_scale);
+            // Heads vary fastest, so the longest tiles of every head start first and the
+            // short ones fill the last wave.
             let config = LaunchConfig {
-                grid_dim: (count as u32, batch.num_heads as u32, 1),
+                grid_dim: (batch.num_heads as u32, count as u32, 1),
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: shared as u32,
             };
-            // SAFETY: one block per (tile, head); each tile's rows lie inside q and out and
+            // SAFETY: one block per (head, tile); each tile's rows lie inside q and out and
             // its positions inside its block table (checked above).
             launched(unsafe { launch.launch(config) }, kernel)?;
         }

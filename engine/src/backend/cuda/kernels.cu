@@ -11,7 +11,6 @@ __device__ __forceinline__ float bf16_to_f32(bf16_t h) {
     return __uint_as_float(((unsigned int)h) << 16);
 }
 
-// Round to nearest even, as torch does.
 // Round to nearest even, as torch converts; one instruction (sm_80+, like the bf16 mma).
 __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
     unsigned short h;
@@ -92,7 +91,6 @@ extern "C" __global__ void swiglu(const float* gate_up, float* out, int inter) {
     }
 }
 
-// Rotate-half RoPE on every head of row blockIdx.x; cos and sin are [rows, head_dim / 2].
 // Rotate-half RoPE of every head of row blockIdx.x at positions[row]: the row's cos and sin
 // (float32 angle position · inv_freq[j], as transformers computes it) go to shared memory
 // once, then every head uses them. head_dim at most 256.
@@ -300,7 +298,7 @@ extern "C" __global__ void attention_combine(const float* partial_out, const flo
     out[(size_t)row * num_heads * head_dim + head * head_dim + d] = value / total;
 }
 
-// A prefill kernel's tile of query rows (blockIdx.x) for one head (blockIdx.y): its first
+// A prefill kernel's tile of query rows (blockIdx.y) for one head (blockIdx.x): its first
 // row, row count, first position, its sequence's block table, the head's KV head and the
 // widths of a KV and a query row.
 struct QueryTile {
@@ -313,9 +311,9 @@ __device__ __forceinline__ QueryTile query_tile(const int* tile_rows, const int*
                                                 const int* tile_table_offsets,
                                                 const int* block_tables, int num_heads,
                                                 int num_kv_heads, int head_dim) {
-    int tile = blockIdx.x;
+    int tile = blockIdx.y;
     QueryTile qt;
-    qt.kv_head = blockIdx.y / (num_heads / num_kv_heads);
+    qt.kv_head = blockIdx.x / (num_heads / num_kv_heads);
     qt.kv_width = num_kv_heads * head_dim;
     qt.q_width = num_heads * head_dim;
     qt.first_row = tile_rows[tile];
@@ -344,7 +342,7 @@ attention_prefill(const float* q, const bf16_t* k_cache, const bf16_t* v_cache, 
     __shared__ float q_tile[Q_TILE][PREFILL_MAX_HEAD_DIM];
     __shared__ float k_tile[K_TILE][PREFILL_MAX_HEAD_DIM + 1];
     __shared__ float v_tile[K_TILE][PREFILL_MAX_HEAD_DIM];
-    int head = blockIdx.y;
+    int head = blockIdx.x;
     QueryTile qt = query_tile(tile_rows, tile_counts, tile_positions, tile_table_offsets,
                               block_tables, num_heads, num_kv_heads, head_dim);
     int first_row = qt.first_row, count = qt.count, first_position = qt.first_position;
@@ -782,10 +780,15 @@ __device__ __forceinline__ unsigned int shared_address(const void* p) {
     return (unsigned int)a;
 }
 
-// 16 bytes from global to shared memory, asynchronously; zeros when !valid (src unread).
+// 16 bytes from global to shared memory (a shared-window address), asynchronously; zeros
+// when !valid (src unread).
+__device__ __forceinline__ void copy16_async_to(unsigned int dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+
 __device__ __forceinline__ void copy16_async(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)),
-                 "l"(src), "r"(valid ? 16 : 0));
+    copy16_async_to(shared_address(dst), src, valid);
 }
 
 __device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -990,15 +993,20 @@ extern "C" __global__ void moe_combine(const float* y, const int* slot_position,
 }
 
 // Prefill attention on the tensor cores (flash-attention 2 form): one block of 4 warps per
-// (tile of up to FLASH_Q_TILE query rows of one sequence, head), each warp 16 rows. Keys and
+// (head, tile of up to FLASH_Q_TILE query rows of one sequence), each warp 16 rows. Keys and
 // values come from the paged cache FLASH_K_TILE at a time through cp.async into two stages
 // of dynamic shared memory (FLASH_SHARED_BYTES): the next tile loads while this one computes,
-// and values load while scores compute. Scores S = Q·Kᵀ stay in mma accumulators; the online softmax runs
-// on them in registers (a row's values sit in one quad of lanes), and the probabilities,
-// rounded to bf16, are reused in place as the A operand of O += P·V, V read transposed by
-// ldmatrix. Queries arrive pre-scaled by log2(e)/sqrt(head_dim), so exp2 gives the softmax.
-// head_dim a multiple of 16, at most FLASH_MAX_HEAD_DIM. Registers are capped so three blocks
-// (12 warps) share an SM, which shared memory also allows.
+// and values load while scores compute. Scores S = Q·Kᵀ stay in mma accumulators; the online
+// softmax runs on them in registers (a row's values sit in one quad of lanes), and the
+// probabilities, rounded to bf16, are reused in place as the A operand of O += P·V. Key and
+// value fragments come through ldmatrix (values transposed). Queries arrive pre-scaled by
+// log2(e)/sqrt(head_dim), so exp2 gives the softmax. head_dim a multiple of 16, at most
+// FLASH_MAX_HEAD_DIM. Registers are capped so three blocks (12 warps) share an SM, which
+// shared memory also allows.
+//
+// The attention kernels come built for head_dim 128 (`_hd128`, the MoE families') besides
+// any head_dim (template argument 0): with the size known the loops unroll without a test per
+// step, which took most of the generic kernel's instructions.
 #define FLASH_Q_TILE 64
 #define FLASH_K_TILE 64
 #define FLASH_MAX_HEAD_DIM 128
@@ -1013,12 +1021,32 @@ __device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
     return packed;
 }
 
-// The B fragment (k16 × n8) of rows [row, row + 16) and columns [col, col + 8) of a
-// row-major shared [k][n] tile, transposed on the way in.
-__device__ __forceinline__ void load_b_transposed(unsigned int* b, const bf16_t* tile_row) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(b[0]), "=r"(b[1])
-                 : "r"(shared_address(tile_row)));
+// 2^x in one instruction (the scores are finite or -inf, whose power is 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Fragments of 8 × 8 bf16 matrices from shared memory: lane l gives the address of row l % 8
+// of matrix l / 8, and gets row l / 4, columns 2 (l % 4) and the next of each matrix.
+__device__ __forceinline__ void load_matrices_x2(unsigned int* r, const bf16_t* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(shared_address(row)));
+}
+
+__device__ __forceinline__ void load_matrices_x4(unsigned int* r, const bf16_t* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row)));
+}
+
+// The same, each matrix transposed on the way in.
+__device__ __forceinline__ void load_matrices_x4_transposed(unsigned int* r, const bf16_t* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row)));
 }
 
 __device__ __forceinline__ float quad_max(float v) {
@@ -1028,34 +1056,45 @@ __device__ __forceinline__ float quad_max(float v) {
 
 typedef bf16_t KvTile[FLASH_LD];
 
-// Queues copies of the keys and values at positions [first, first + FLASH_K_TILE) of one KV
-// head into ks and vs, positions past `last` as zeros: two commit groups, keys then values.
-// Threads `thread` of `threads` share the copies: each keeps one 16-byte column and walks
-// rows, stepping its cache block and offset instead of dividing per copy (integer work was
-// the busiest pipe of the prefill kernel).
+// The cache slots of positions [first, first + FLASH_K_TILE) of a sequence (its block table
+// `table`) into `slots`, one division a row shared by every copy of it. Positions past `last`
+// take last's slot: finite values the scores mask (a probability of 0 times a stale value
+// that happened to be NaN would not be 0).
+__device__ __forceinline__ void find_slots(int* slots, const int* table, int block_size,
+                                           int first, int last, int thread, int threads) {
+    for (int j = thread; j < FLASH_K_TILE; j += threads) {
+        int position = min(first + j, last);
+        int block = position / block_size;
+        slots[j] = table[block] * block_size + position - block * block_size;
+    }
+}
+
+// Queues copies of one KV head's keys and values at the cache slots `slots` (from
+// find_slots) into ks and vs: two commit groups, keys then values. THREADS
+// threads share the copies, each keeping one 16-byte column.
+template <int THREADS, int HD>
 __device__ __forceinline__ void load_kv_tiles(KvTile* ks, KvTile* vs, const bf16_t* k_cache,
-                                              const bf16_t* v_cache, const int* table,
-                                              int block_size, int kv_width, int kv_head,
-                                              int head_dim, int first, int last, int thread,
-                                              int threads) {
-    int chunks = head_dim / 8;
-    int row_step = threads / chunks;
+                                              const bf16_t* v_cache, const int* slots,
+                                              int kv_width, int kv_head, int head_dim,
+                                              int thread) {
+    const int hd = HD ? HD : head_dim;
+    const int chunks = hd / 8;
+    const int row_step = THREADS / chunks;
+    const int rows = (FLASH_K_TILE + row_step - 1) / row_step;
+    const bool whole = rows * row_step == FLASH_K_TILE;
     int j0 = thread / chunks;
-    int c = (thread % chunks) * 8;
+    int c = (thread - j0 * chunks) * 8;
     for (int pass = 0; pass < 2; pass++) {
-        const bf16_t* cache = (pass == 0 ? k_cache : v_cache) + kv_head * head_dim + c;
+        const bf16_t* cache = (pass == 0 ? k_cache : v_cache) + kv_head * hd + c;
         KvTile* tile = pass == 0 ? ks : vs;
         if (j0 < row_step) {
-            int block = (first + j0) / block_size;
-            int offset = (first + j0) - block * block_size;
-            for (int j = j0; j < FLASH_K_TILE; j += row_step) {
-                bool ok = first + j <= last;
-                size_t at = ok ? ((size_t)table[block] * block_size + offset) * kv_width : 0;
-                copy16_async(&tile[j][c], cache + at, ok);
-                offset += row_step;
-                while (offset >= block_size) {
-                    offset -= block_size;
-                    block++;
+            unsigned int dst = shared_address(&tile[j0][c]);
+#pragma unroll
+            for (int i = 0; i < rows; i++) {
+                int j = j0 + i * row_step;
+                if (whole || j < FLASH_K_TILE) {
+                    copy16_async_to(dst + i * row_step * (int)sizeof(KvTile),
+                                    cache + (size_t)slots[j] * kv_width, true);
                 }
             }
         }
@@ -1067,24 +1106,40 @@ __device__ __forceinline__ void load_kv_tiles(KvTile* ks, KvTile* vs, const bf16
 // (positions from `first`), -inf for keys past the lane's rows' `limit`s when `masked` (a
 // tile wholly in every row's past needs no mask); `tile_max` gets each of the lane's two
 // rows' largest score.
+template <int HD>
 __device__ __forceinline__ void tile_scores(float (*s)[4], float* tile_max,
                                             const unsigned int (*qf)[4], const KvTile* ks,
-                                            int steps, int first, const int* limit, bool masked,
-                                            int g, int t) {
-    tile_max[0] = tile_max[1] = NEG_INF;
+                                            int head_dim, int first, const int* limit,
+                                            bool masked, int lane) {
+    const int steps = (HD ? HD : head_dim) / 16;
+    int t = lane & 3;
+    // Matrix m of an x4 load: key rows n · 8 …, columns 8 m … of a pair of k steps.
+    const bf16_t* key_row = &ks[lane & 7][(lane >> 3) * 8];
 #pragma unroll
     for (int n = 0; n < FLASH_K_TILE / 8; n++) {
 #pragma unroll
         for (int e = 0; e < 4; e++) s[n][e] = 0.0f;
+    }
+    // k steps outermost: the eight key groups' accumulations are independent, so their mmas
+    // overlap instead of waiting on each other.
 #pragma unroll
-        for (int st = 0; st < FLASH_MAX_HEAD_DIM / 16; st++) {
-            if (st < steps) {
-                unsigned int b[2];
-                b[0] = shared_word(&ks[n * 8 + g][st * 16 + t * 2]);
-                b[1] = shared_word(&ks[n * 8 + g][st * 16 + t * 2 + 8]);
+    for (int st = 0; st < FLASH_MAX_HEAD_DIM / 16; st += 2) {
+#pragma unroll
+        for (int n = 0; n < FLASH_K_TILE / 8; n++) {
+            unsigned int b[4];
+            if (st + 1 < steps) {
+                load_matrices_x4(b, key_row + n * 8 * FLASH_LD + st * 16);
+                mma_bf16(s[n], qf[st], b);
+                mma_bf16(s[n], qf[st + 1], b + 2);
+            } else if (st < steps) {
+                load_matrices_x2(b, key_row + n * 8 * FLASH_LD + st * 16);
                 mma_bf16(s[n], qf[st], b);
             }
         }
+    }
+    tile_max[0] = tile_max[1] = NEG_INF;
+#pragma unroll
+    for (int n = 0; n < FLASH_K_TILE / 8; n++) {
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             if (masked && first + n * 8 + t * 2 + (e & 1) > limit[e >> 1]) s[n][e] = NEG_INF;
@@ -1100,7 +1155,7 @@ __device__ __forceinline__ void exponentiate(float (*s)[4], const float* row_max
     for (int n = 0; n < FLASH_K_TILE / 8; n++) {
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            float p = exp2f(s[n][e] - row_max[e >> 1]);
+            float p = fast_exp2(s[n][e] - row_max[e >> 1]);
             s[n][e] = p;
             row_sum[e >> 1] += p;
         }
@@ -1108,9 +1163,14 @@ __device__ __forceinline__ void exponentiate(float (*s)[4], const float* row_max
 }
 
 // o += P · V, the probabilities rounded to bf16 as the A operand straight from the score
-// accumulators (an m16n8 accumulator pair has the layout of an m16k16 A fragment).
+// accumulators (an m16n8 accumulator pair has the layout of an m16k16 A fragment). head_dim
+// is a multiple of 16, so value columns go in pairs of n8 fragments.
+template <int HD>
 __device__ __forceinline__ void accumulate_values(float (*o)[4], const float (*p)[4],
-                                                  const KvTile* vs, int chunks, int lane) {
+                                                  const KvTile* vs, int head_dim, int lane) {
+    const int chunks = (HD ? HD : head_dim) / 8;
+    // Matrix m of an x4 load: value rows 8 (m % 2) …, columns 8 (m / 2) … of a pair.
+    const bf16_t* value_row = &vs[lane & 15][(lane >> 4) * 8];
 #pragma unroll
     for (int kk = 0; kk < FLASH_K_TILE / 16; kk++) {
         unsigned int a[4] = {pack_bf16(p[2 * kk][0], p[2 * kk][1]),
@@ -1118,11 +1178,12 @@ __device__ __forceinline__ void accumulate_values(float (*o)[4], const float (*p
                              pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]),
                              pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3])};
 #pragma unroll
-        for (int n = 0; n < FLASH_MAX_HEAD_DIM / 8; n++) {
+        for (int n = 0; n < FLASH_MAX_HEAD_DIM / 8; n += 2) {
             if (n < chunks) {
-                unsigned int b[2];
-                load_b_transposed(b, &vs[kk * 16 + (lane & 15)][n * 8]);
+                unsigned int b[4];
+                load_matrices_x4_transposed(b, value_row + kk * 16 * FLASH_LD + n * 8);
                 mma_bf16(o[n], a, b);
+                mma_bf16(o[n + 1], a, b + 2);
             }
         }
     }
@@ -1134,31 +1195,34 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 3)
-    attention_prefill_mma(const float* q, const bf16_t* k_cache, const bf16_t* v_cache,
-                          float* out, const int* tile_rows, const int* tile_counts,
-                          const int* tile_positions, const int* tile_table_offsets,
-                          const int* block_tables, int num_heads, int num_kv_heads, int head_dim,
-                          int block_size, float q_scale) {
+template <int HD>
+__device__ __forceinline__ void prefill_attention(
+    const float* q, const bf16_t* k_cache, const bf16_t* v_cache, float* out,
+    const int* tile_rows, const int* tile_counts, const int* tile_positions,
+    const int* tile_table_offsets, const int* block_tables, int num_heads, int num_kv_heads,
+    int head_dim, int block_size, float q_scale) {
     extern __shared__ __align__(16) unsigned char flash_shared[];
+    // Cache slots of the keys of stage i's tile.
+    __shared__ int stage_slots[2][FLASH_K_TILE];
     // Stage i: keys at stages[2i], values at stages[2i + 1].
     KvTile(*stages)[FLASH_K_TILE] = (KvTile(*)[FLASH_K_TILE])flash_shared;
     KvTile* ks = stages[0];
-    int head = blockIdx.y;
+    const int hd = HD ? HD : head_dim;
+    int head = blockIdx.x;
     QueryTile qt = query_tile(tile_rows, tile_counts, tile_positions, tile_table_offsets,
-                              block_tables, num_heads, num_kv_heads, head_dim);
+                              block_tables, num_heads, num_kv_heads, hd);
     int first_row = qt.first_row, count = qt.count, first_position = qt.first_position;
     int kv_head = qt.kv_head, kv_width = qt.kv_width, q_width = qt.q_width;
     const int* table = qt.table;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int g = lane >> 2, t = lane & 3;
-    int steps = head_dim / 16;
-    int chunks = head_dim / 8;
+    const int steps = hd / 16;
+    const int chunks = hd / 8;
 
     // The scaled query tile goes through ks as bf16; each warp keeps its rows' A fragments.
-    for (int i = threadIdx.x; i < FLASH_Q_TILE * head_dim; i += FLASH_THREADS) {
-        int r = i / head_dim, d = i % head_dim;
-        float v = r < count ? q[(size_t)(first_row + r) * q_width + head * head_dim + d] * q_scale
+    for (int i = threadIdx.x; i < FLASH_Q_TILE * hd; i += FLASH_THREADS) {
+        int r = i / hd, d = i % hd;
+        float v = r < count ? q[(size_t)(first_row + r) * q_width + head * hd + d] * q_scale
                             : 0.0f;
         ks[r][d] = f32_to_bf16(v);
     }
@@ -1187,18 +1251,24 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 3)
     int last_position = first_position + count - 1;
 
     int tiles = last_position / FLASH_K_TILE + 1;
+    // Slots for the first two tiles; each later tile's are found two tiles ahead, between
+    // the barriers that order them after the last copies reading that stage's slots.
+    for (int stage = 0; stage < 2; stage++) {
+        find_slots(stage_slots[stage], table, block_size, stage * FLASH_K_TILE, last_position,
+                   threadIdx.x, FLASH_THREADS);
+    }
     __syncthreads();  // every warp has its query fragments: stage 0 may be overwritten
-    load_kv_tiles(stages[0], stages[1], k_cache, v_cache, table, block_size, kv_width, kv_head,
-                  head_dim, 0, last_position, threadIdx.x, FLASH_THREADS);
+    load_kv_tiles<FLASH_THREADS, HD>(stages[0], stages[1], k_cache, v_cache, stage_slots[0],
+                                     kv_width, kv_head, hd, threadIdx.x);
     for (int tile = 0; tile < tiles; tile++) {
         int key_start = tile * FLASH_K_TILE;
         const KvTile* ks = stages[2 * (tile & 1)];
         const KvTile* vs = stages[2 * (tile & 1) + 1];
         if (tile + 1 < tiles) {
-            int next = 2 * ((tile + 1) & 1);
-            load_kv_tiles(stages[next], stages[next + 1], k_cache, v_cache, table, block_size,
-                          kv_width, kv_head, head_dim, key_start + FLASH_K_TILE, last_position,
-                          threadIdx.x, FLASH_THREADS);
+            int next = (tile + 1) & 1;
+            load_kv_tiles<FLASH_THREADS, HD>(stages[2 * next], stages[2 * next + 1], k_cache,
+                                             v_cache, stage_slots[next], kv_width, kv_head, hd,
+                                             threadIdx.x);
         } else {
             // Empty groups keep the counts below the same on the last tile.
             copies_commit();
@@ -1206,15 +1276,19 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 3)
         }
         copies_wait<3>();  // this tile's keys are in; its values and the next tile may not be
         __syncthreads();
+        if (tile + 2 < tiles) {
+            find_slots(stage_slots[tile & 1], table, block_size, key_start + 2 * FLASH_K_TILE,
+                       last_position, threadIdx.x, FLASH_THREADS);
+        }
         float s[FLASH_K_TILE / 8][4], tile_max[2];
         bool masked = key_start + FLASH_K_TILE - 1 > first_position;
-        tile_scores(s, tile_max, qf, ks, steps, key_start, position, masked, g, t);
+        tile_scores<HD>(s, tile_max, qf, ks, hd, key_start, position, masked, lane);
         float correction[2];
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             // Key 0 is in every row's past, so after the first tile the max is finite.
             float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
-            correction[r] = exp2f(row_max[r] - new_max);
+            correction[r] = fast_exp2(row_max[r] - new_max);
             row_max[r] = new_max;
             row_sum[r] *= correction[r];
         }
@@ -1226,39 +1300,53 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 3)
         }
         copies_wait<2>();  // this tile's values
         __syncthreads();
-        accumulate_values(o, s, vs, chunks, lane);
+        accumulate_values<HD>(o, s, vs, hd, lane);
         __syncthreads();  // every warp is done with this stage before the next tile refills it
     }
 #pragma unroll
-    for (int r = 0; r < 2; r++) row_sum[r] = quad_sum(row_sum[r]);
-#pragma unroll
     for (int r = 0; r < 2; r++) {
         int local = row + 8 * r;
+        float inverse = 1.0f / quad_sum(row_sum[r]);
         if (local >= count) continue;
-        float* dst = out + (size_t)(first_row + local) * q_width + head * head_dim;
+        float* dst = out + (size_t)(first_row + local) * q_width + head * hd;
 #pragma unroll
         for (int n = 0; n < FLASH_MAX_HEAD_DIM / 8; n++) {
             if (n < chunks) {
                 *(float2*)(dst + n * 8 + t * 2) =
-                    make_float2(o[n][2 * r] / row_sum[r], o[n][2 * r + 1] / row_sum[r]);
+                    make_float2(o[n][2 * r] * inverse, o[n][2 * r + 1] * inverse);
             }
         }
     }
 }
+
+#define PREFILL_MMA_KERNEL(name, hd)                                                          \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 3)                            \
+        name(const float* q, const bf16_t* k_cache, const bf16_t* v_cache, float* out,        \
+             const int* tile_rows, const int* tile_counts, const int* tile_positions,         \
+             const int* tile_table_offsets, const int* block_tables, int num_heads,           \
+             int num_kv_heads, int head_dim, int block_size, float q_scale) {                 \
+        prefill_attention<hd>(q, k_cache, v_cache, out, tile_rows, tile_counts,              \
+                              tile_positions, tile_table_offsets, block_tables, num_heads,    \
+                              num_kv_heads, head_dim, block_size, q_scale);                   \
+    }
+PREFILL_MMA_KERNEL(attention_prefill_mma, 0)
+PREFILL_MMA_KERNEL(attention_prefill_mma_hd128, 128)
 
 // Decode attention on the tensor cores for grouped-query heads: one warp per (query row, KV
 // head, split of FLASH_K_TILE keys) reads that split's keys and values once for every query
 // head sharing the KV head (at most 16: the rows of one m16 tile), instead of once per
 // query head. Writes the same unnormalized partials as attention_split (max in natural-log
 // units) for attention_combine. Queries arrive pre-scaled by log2(e)/sqrt(head_dim).
-extern "C" __global__ void __launch_bounds__(32)
-    attention_decode_mma(const float* q, const bf16_t* k_cache, const bf16_t* v_cache,
-                         float* partial_out, float* partial_max, float* partial_sum,
-                         const int* positions, const int* table_offsets,
-                         const int* block_tables, int num_heads, int num_kv_heads, int head_dim,
-                         int block_size, float q_scale) {
+template <int HD>
+__device__ __forceinline__ void decode_attention(
+    const float* q, const bf16_t* k_cache, const bf16_t* v_cache, float* partial_out,
+    float* partial_max, float* partial_sum, const int* positions, const int* table_offsets,
+    const int* block_tables, int num_heads, int num_kv_heads, int head_dim, int block_size,
+    float q_scale) {
     __shared__ __align__(16) KvTile ks[FLASH_K_TILE];
     __shared__ __align__(16) KvTile vs[FLASH_K_TILE];
+    __shared__ int slots[FLASH_K_TILE];
+    const int hd = HD ? HD : head_dim;
     int row = blockIdx.x;
     int kv_head = blockIdx.y;
     int split = blockIdx.z;
@@ -1267,9 +1355,9 @@ extern "C" __global__ void __launch_bounds__(32)
     int position = positions[row];
     if (position < 0) return;
     int group = num_heads / num_kv_heads;
-    int kv_width = num_kv_heads * head_dim;
-    int steps = head_dim / 16;
-    int chunks = head_dim / 8;
+    int kv_width = num_kv_heads * hd;
+    const int steps = hd / 16;
+    const int chunks = hd / 8;
     int first = split * FLASH_K_TILE;
     // This lane's two query heads (rows g and g + 8 of the tile) and where their partials go.
     size_t part[2];
@@ -1292,11 +1380,12 @@ extern "C" __global__ void __launch_bounds__(32)
     }
     const int* table = block_tables + table_offsets[row];
     int last = min(first + FLASH_K_TILE - 1, position);
-    load_kv_tiles(ks, vs, k_cache, v_cache, table, block_size, kv_width, kv_head, head_dim, first,
-                  last, lane, 32);
+    find_slots(slots, table, block_size, first, last, lane, 32);
+    __syncwarp();
+    load_kv_tiles<32, HD>(ks, vs, k_cache, v_cache, slots, kv_width, kv_head, hd, lane);
     // A fragments of the group's queries straight from global memory (rows past the group
     // are zero).
-    const float* qrow = q + (size_t)row * num_heads * head_dim + (size_t)kv_head * group * head_dim;
+    const float* qrow = q + (size_t)row * num_heads * hd + (size_t)kv_head * group * hd;
     unsigned int qf[FLASH_MAX_HEAD_DIM / 16][4];
 #pragma unroll
     for (int s = 0; s < FLASH_MAX_HEAD_DIM / 16; s++) {
@@ -1308,7 +1397,7 @@ extern "C" __global__ void __launch_bounds__(32)
                     int h = g + 8 * r;
                     float2 v = make_float2(0.0f, 0.0f);
                     if (h < group) {
-                        v = *(const float2*)(qrow + (size_t)h * head_dim + s * 16 + half * 8 + t * 2);
+                        v = *(const float2*)(qrow + (size_t)h * hd + s * 16 + half * 8 + t * 2);
                     }
                     qf[s][half * 2 + r] = pack_bf16(v.x * q_scale, v.y * q_scale);
                 }
@@ -1319,7 +1408,7 @@ extern "C" __global__ void __launch_bounds__(32)
     __syncwarp();
     float s[FLASH_K_TILE / 8][4], row_max[2];
     int limit[2] = {last, last};
-    tile_scores(s, row_max, qf, ks, steps, first, limit, last < first + FLASH_K_TILE - 1, g, t);
+    tile_scores<HD>(s, row_max, qf, ks, hd, first, limit, last < first + FLASH_K_TILE - 1, lane);
     float row_sum[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int r = 0; r < 2; r++) row_max[r] = quad_max(row_max[r]);
@@ -1332,14 +1421,14 @@ extern "C" __global__ void __launch_bounds__(32)
 #pragma unroll
         for (int e = 0; e < 4; e++) o[n][e] = 0.0f;
     }
-    accumulate_values(o, s, vs, chunks, lane);
+    accumulate_values<HD>(o, s, vs, hd, lane);
 #pragma unroll
     for (int r = 0; r < 2; r++) row_sum[r] = quad_sum(row_sum[r]);
     const float ln2 = 0.6931471805599453f;
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         if (g + 8 * r >= group) continue;
-        float* dst = partial_out + part[r] * head_dim;
+        float* dst = partial_out + part[r] * hd;
 #pragma unroll
         for (int n = 0; n < FLASH_MAX_HEAD_DIM / 8; n++) {
             if (n < chunks) {
@@ -1352,3 +1441,16 @@ extern "C" __global__ void __launch_bounds__(32)
         }
     }
 }
+
+#define DECODE_MMA_KERNEL(name, hd)                                                           \
+    extern "C" __global__ void __launch_bounds__(32)                                          \
+        name(const float* q, const bf16_t* k_cache, const bf16_t* v_cache,                    \
+             float* partial_out, float* partial_max, float* partial_sum, const int* positions, \
+             const int* table_offsets, const int* block_tables, int num_heads,                \
+             int num_kv_heads, int head_dim, int block_size, float q_scale) {                 \
+        decode_attention<hd>(q, k_cache, v_cache, partial_out, partial_max, partial_sum,     \
+                             positions, table_offsets, block_tables, num_heads, num_kv_heads, \
+                             head_dim, block_size, q_scale);                                  \
+    }
+DECODE_MMA_KERNEL(attention_decode_mma, 0)
+DECODE_MMA_KERNEL(attention_decode_mma_hd128, 128)
