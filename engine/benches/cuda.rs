@@ -142,7 +142,7 @@ fn main() {
     }
 
     // Where the time goes: every operation timed between synchronizations (slower overall).
-    for batch in [1, 64] {
+    for batch in [1, 8, 64] {
         engine.model().backend().start_profile();
         decode_step_seconds(&mut engine, batch, layers);
         println!(

@@ -47,6 +47,7 @@ pub const KERNELS_SOURCE: &str = include_str!("cuda/kernels.cu");
 pub const KERNEL_NAMES: [&str; 31] = [
     "embed",
     "rms_norm",
+    "rms_norm_short",
     "add_assign",
     "add_bias",
     "scale_rows",
@@ -74,7 +75,6 @@ pub const KERNEL_NAMES: [&str; 31] = [
     "moe_down",
     "moe_gemm_gate_up",
     "moe_gemm_down",
-    "moe_permute",
     "moe_combine",
 ];
 
@@ -87,6 +87,8 @@ const GREEDY_PART_LEN: usize = 4096;
 const ELEMENT_THREADS: u32 = 256;
 /// Split attention runs one warp per (query row, head, split).
 const WARP: u32 = 32;
+/// Runs of at most this many values (a head's q or k) are normalized a warp each.
+const RMS_NORM_SHORT_RUN: usize = 256;
 /// The split attention kernel holds at most 8 values of a head per lane.
 const MAX_HEAD_DIM: usize = 256;
 /// Keys per split of `attention_split` (`SPLIT_KEYS` in kernels.cu).
@@ -427,11 +429,16 @@ impl CudaBackend {
                 .map_err(|e| device_error(&format!("kernel {name}"), e))?;
             functions.insert(name, function);
         }
-        for name in ["attention_prefill_mma", "attention_prefill_mma_hd128"] {
+        for (name, bytes) in [
+            ("attention_prefill_mma", FLASH_SHARED_BYTES),
+            ("attention_prefill_mma_hd128", FLASH_SHARED_BYTES),
+            ("moe_gemm_gate_up", moe::GEMM_SHARED_BYTES),
+            ("moe_gemm_down", moe::GEMM_SHARED_BYTES),
+        ] {
             functions[name]
                 .set_attribute(
                     cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    FLASH_SHARED_BYTES as i32,
+                    bytes as i32,
                 )
                 .map_err(|e| device_error(&format!("opting {name} in to its shared memory"), e))?;
         }
@@ -614,16 +621,7 @@ impl CudaBackend {
         if m == 0 {
             return Ok(y);
         }
-        let mut x16 = self.uninit::<u16>(m * k)?;
-        let count = (m * k) as i32;
-        let mut launch = self.stream.launch_builder(self.function("to_bf16"));
-        launch.arg(&x.data).arg(&mut x16).arg(&count);
-        // SAFETY: to_bf16 reads `count` floats of x and writes as many words of x16, both
-        // that long.
-        launched(
-            unsafe { launch.launch(blocks(m * k, ELEMENT_THREADS)) },
-            "to_bf16",
-        )?;
+        let x16 = self.bf16_copy(x)?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         {
             let (a, _a_guard) = w.data.device_ptr(&self.stream);
@@ -659,6 +657,25 @@ impl CudaBackend {
             .map_err(|e| device_error("cublas gemm", e))?;
         }
         Ok(y)
+    }
+
+    /// `x`'s values rounded to bf16 (as 16-bit words), the tensor cores' input.
+    fn bf16_copy(&self, x: &CudaTensor) -> Result<CudaSlice<u16>> {
+        let n = x.rows * x.cols;
+        let mut x16 = self.uninit::<u16>(n)?;
+        if n == 0 {
+            return Ok(x16);
+        }
+        let count = n as i32;
+        let mut launch = self.stream.launch_builder(self.function("to_bf16"));
+        launch.arg(&x.data).arg(&mut x16).arg(&count);
+        // SAFETY: to_bf16 reads `count` floats of x and writes as many words of x16, both
+        // that long.
+        launched(
+            unsafe { launch.launch(blocks(n, ELEMENT_THREADS)) },
+            "to_bf16",
+        )?;
+        Ok(x16)
     }
 
     /// `out[rows[i], :] += weights[i] · y[i, :]`.
@@ -887,15 +904,25 @@ impl Backend for CudaBackend {
             return Ok(out);
         }
         let len_i = len as i32;
-        let mut launch = self.stream.launch_builder(self.function("rms_norm"));
+        let short = len <= RMS_NORM_SHORT_RUN;
+        let kernel = if short { "rms_norm_short" } else { "rms_norm" };
+        let mut launch = self.stream.launch_builder(self.function(kernel));
         launch
             .arg(&x.data)
             .arg(&weight.data)
             .arg(&mut out.data)
             .arg(&len_i)
             .arg(&eps);
-        // SAFETY: one block per run of len values; x and out hold runs · len values.
-        launched(unsafe { launch.launch(per_row(runs)) }, "rms_norm")?;
+        let runs_i = runs as i32;
+        let config = if short {
+            launch.arg(&runs_i);
+            blocks(runs * WARP as usize, ROW_THREADS)
+        } else {
+            per_row(runs)
+        };
+        // SAFETY: one block (or warp, for short runs, those past `runs` returning) per run of
+        // len values; x and out hold runs · len values.
+        launched(unsafe { launch.launch(config) }, kernel)?;
         Ok(out)
     }
 

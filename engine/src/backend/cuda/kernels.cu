@@ -62,6 +62,21 @@ extern "C" __global__ void rms_norm(const float* x, const float* weight, float* 
     for (int i = threadIdx.x; i < len; i += blockDim.x) dst[i] = src[i] * inv * weight[i];
 }
 
+// The same for short runs (a head's q or k): a warp per run, so a block does not sit mostly
+// idle behind its barriers; `runs` in all.
+extern "C" __global__ void rms_norm_short(const float* x, const float* weight, float* out,
+                                          int len, float eps, int runs) {
+    int run = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (run >= runs) return;
+    int lane = threadIdx.x & 31;
+    const float* src = x + (size_t)run * len;
+    float* dst = out + (size_t)run * len;
+    float sq = 0.0f;
+    for (int i = lane; i < len; i += 32) sq += src[i] * src[i];
+    float inv = rsqrtf(warp_sum(sq) / (float)len + eps);
+    for (int i = lane; i < len; i += 32) dst[i] = src[i] * inv * weight[i];
+}
+
 extern "C" __global__ void add_assign(float* acc, const float* x, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) acc[i] += x[i];
@@ -761,18 +776,22 @@ extern "C" __global__ void moe_down(const float* act, const unsigned long long* 
 // Many pairs (prefill, large decode batches): one grouped GEMM per projection on the tensor
 // cores. Each block computes a GEMM_BM × GEMM_BN tile of rows of one expert (a tile of
 // moe_tile) times that expert's weight rows, over k in GEMM_BK steps staged through shared
-// memory by cp.async, GEMM_STAGES deep. 8 warps as 2 × 4, each 32 × 32 of the tile as
-// 2 × 4 mma.m16n8k16 (bf16 in, f32 accumulate). Inputs are bf16 rows of k values, k a
-// multiple of 8 (16-byte copies; a partial last step reads zeros).
-#define GEMM_BM 64
+// memory by cp.async, GEMM_STAGES deep (dynamic shared memory, GEMM_SHARED_BYTES). 8 warps
+// as 2 × 4, each 64 × 32 of the tile as 4 × 4 mma.m16n8k16 (bf16 in, f32 accumulate) on
+// fragments loaded by ldmatrix: ~4 instructions an mma where 32 × 32 warp tiles of 32-bit
+// shared loads and 32-wide k steps took ~9. Inputs are bf16 rows of k values, k a multiple
+// of 8 (16-byte copies; a partial last step reads zeros).
+#define GEMM_BM 128
 #define GEMM_BN 128
-#define GEMM_BK 32
+#define GEMM_BK 64
 #define GEMM_STAGES 3
-// Shared row of GEMM_BK bf16 plus 8 of padding: fragment loads of 8 rows × 4 words then
-// fall in 32 different banks.
+// Shared row of GEMM_BK bf16 plus 8 of padding: ldmatrix's 8 row addresses then fall in
+// different banks.
 #define GEMM_LD (GEMM_BK + 8)
 #define GEMM_THREADS 256
 #define GEMM_SHARED_BYTES (GEMM_STAGES * (GEMM_BM + GEMM_BN) * GEMM_LD * 2)
+// Rows of each tile a thread copies a stage: one 16-byte chunk of each.
+#define GEMM_COPIES (GEMM_BM * GEMM_BK / 8 / GEMM_THREADS)
 
 __device__ __forceinline__ unsigned int shared_address(const void* p) {
     unsigned long long a;
@@ -811,15 +830,37 @@ __device__ __forceinline__ unsigned int shared_word(const bf16_t* p) {
     return *(const unsigned int*)p;
 }
 
+// Fragments of 8 × 8 bf16 matrices from shared memory: lane l gives the address of row l % 8
+// of matrix l / 8, and gets row l / 4, columns 2 (l % 4) and the next of each matrix.
+__device__ __forceinline__ void load_matrices_x2(unsigned int* r, const bf16_t* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(shared_address(row)));
+}
+
+__device__ __forceinline__ void load_matrices_x4(unsigned int* r, const bf16_t* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row)));
+}
+
+// The same, each matrix transposed on the way in.
+__device__ __forceinline__ void load_matrices_x4_transposed(unsigned int* r, const bf16_t* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row)));
+}
+
 // SWIGLU: the expert's matrix holds `n` gate rows then `n` up rows, and block column j
 // computes gate and up rows j · 64 … j · 64 + 63 together, writing silu(gate) · up as bf16
 // to `act` ([rows, n]). Otherwise it computes rows j · 128 … of an [n, k] matrix into f32 `c`.
 template <bool SWIGLU>
-__device__ __forceinline__ void grouped_gemm(const bf16_t* a, const unsigned long long* matrices,
+__device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows, int a_row_divisor,
+                                             const unsigned long long* matrices,
                                              const int* offsets, const int* tile_start,
                                              int num_experts, int n, int k, float* c,
                                              bf16_t* act) {
-    __shared__ __align__(16) unsigned char shared[GEMM_SHARED_BYTES];
+    extern __shared__ __align__(16) unsigned char gemm_shared[];
     int expert, m0, rows;
     if (!moe_tile(offsets, tile_start, num_experts, GEMM_BM, blockIdx.x, &expert, &m0, &rows)) {
         return;
@@ -827,10 +868,11 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const unsigned lon
     const bf16_t* w = (const bf16_t*)matrices[expert];
     typedef bf16_t ATile[GEMM_BM][GEMM_LD];
     typedef bf16_t BTile[GEMM_BN][GEMM_LD];
-    ATile* as = (ATile*)shared;
-    BTile* bs = (BTile*)(shared + GEMM_STAGES * sizeof(ATile));
+    ATile* as = (ATile*)gemm_shared;
+    BTile* bs = (BTile*)(gemm_shared + GEMM_STAGES * sizeof(ATile));
     int tid = threadIdx.x;
     int warp = tid >> 5, lane = tid & 31;
+    // 8 warps as 2 (rows) × 4 (columns), each a 64 × 32 tile of the block's 128 × 128.
     int warp_m = warp >> 2, warp_n = warp & 3;
     int g = lane >> 2, t = lane & 3;
     // The weight row behind row r of the block's B tile, or -1 past the matrix.
@@ -843,28 +885,47 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const unsigned lon
         int row = blockIdx.y * GEMM_BN + r;
         return row < n ? row : -1;
     };
-    int chunk = (tid & 3) * 8;
-    int a_row = tid >> 2;
-    int b_rows[2] = {weight_row(tid >> 2), weight_row((tid >> 2) + 64)};
-    auto load = [&](int stage, int k0) {
-        int kk = k0 + chunk;
-        bool in_k = kk < k;
-        bool ok = in_k && a_row < rows;
-        copy16_async(&as[stage][a_row][chunk], ok ? a + (size_t)(m0 + a_row) * k + kk : a, ok);
+    // Thread tid copies chunk `chunk` of rows first_row + i · row_step of both tiles; its
+    // sources (null past the rows or the matrix) and destinations are worked out once. Row p
+    // of the expert's rows is row a_rows[p] / a_row_divisor of `a` when a_rows is given (a
+    // token's row gathered for each of its slots), else row p.
+    const int row_step = GEMM_THREADS / (GEMM_BK / 8);
+    int chunk = (tid % (GEMM_BK / 8)) * 8;
+    int first_row = tid / (GEMM_BK / 8);
+    const bf16_t* a_src[GEMM_COPIES];
+    const bf16_t* b_src[GEMM_COPIES];
 #pragma unroll
-        for (int i = 0; i < 2; i++) {
-            bool okb = in_k && b_rows[i] >= 0;
-            copy16_async(&bs[stage][(tid >> 2) + 64 * i][chunk],
-                         okb ? w + (size_t)b_rows[i] * k + kk : w, okb);
+    for (int i = 0; i < GEMM_COPIES; i++) {
+        int r = first_row + i * row_step;
+        int wr = weight_row(r);
+        int a_row = a_rows ? a_rows[m0 + r] / a_row_divisor : m0 + r;
+        a_src[i] = r < rows ? a + (size_t)a_row * k + chunk : nullptr;
+        b_src[i] = wr >= 0 ? w + (size_t)wr * k + chunk : nullptr;
+    }
+    unsigned int a_dst = shared_address(&as[0][first_row][chunk]);
+    unsigned int b_dst = shared_address(&bs[0][first_row][chunk]);
+    auto load = [&](int stage, int k0) {
+        bool in_k = k0 + chunk < k;
+#pragma unroll
+        for (int i = 0; i < GEMM_COPIES; i++) {
+            unsigned int at = stage * sizeof(ATile) + i * row_step * GEMM_LD * 2;
+            bool ok = in_k && a_src[i] != nullptr;
+            copy16_async_to(a_dst + at, ok ? a_src[i] + k0 : a, ok);
+            bool okb = in_k && b_src[i] != nullptr;
+            copy16_async_to(b_dst + at, okb ? b_src[i] + k0 : w, okb);
         }
     };
-    float acc[2][4][4];
+    float acc[4][4][4];
 #pragma unroll
-    for (int mi = 0; mi < 2; mi++)
+    for (int mi = 0; mi < 4; mi++)
 #pragma unroll
         for (int ni = 0; ni < 4; ni++)
 #pragma unroll
             for (int q = 0; q < 4; q++) acc[mi][ni][q] = 0.0f;
+    // ldmatrix row addresses. A, a 16 × 16 fragment: row lane % 16, columns 8 (lane / 16) ….
+    // B, two n8 fragments: row lane % 8 + 8 (lane / 16), columns 8 ((lane / 8) % 2) ….
+    int a_row = warp_m * 64 + (lane & 15), a_col = (lane >> 4) * 8;
+    int b_row = warp_n * 32 + (lane & 7) + ((lane >> 4) << 3), b_col = ((lane >> 3) & 1) * 8;
     int steps = (k + GEMM_BK - 1) / GEMM_BK;
 #pragma unroll
     for (int s = 0; s < GEMM_STAGES - 1; s++) {
@@ -880,34 +941,32 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const unsigned lon
         int stage = step % GEMM_STAGES;
 #pragma unroll
         for (int ks = 0; ks < GEMM_BK; ks += 16) {
-            unsigned int af[2][4], bf[4][2];
-            int col = ks + t * 2;
+            unsigned int af[4][4], bf[4][2];
 #pragma unroll
-            for (int mi = 0; mi < 2; mi++) {
-                int r = warp_m * 32 + mi * 16 + g;
-                af[mi][0] = shared_word(&as[stage][r][col]);
-                af[mi][1] = shared_word(&as[stage][r + 8][col]);
-                af[mi][2] = shared_word(&as[stage][r][col + 8]);
-                af[mi][3] = shared_word(&as[stage][r + 8][col + 8]);
+            for (int mi = 0; mi < 4; mi++) {
+                load_matrices_x4(af[mi], &as[stage][a_row + mi * 16][a_col + ks]);
             }
 #pragma unroll
-            for (int ni = 0; ni < 4; ni++) {
-                int r = warp_n * 32 + ni * 8 + g;
-                bf[ni][0] = shared_word(&bs[stage][r][col]);
-                bf[ni][1] = shared_word(&bs[stage][r][col + 8]);
+            for (int pair = 0; pair < 2; pair++) {
+                unsigned int r[4];
+                load_matrices_x4(r, &bs[stage][b_row + pair * 16][b_col + ks]);
+                bf[2 * pair][0] = r[0];
+                bf[2 * pair][1] = r[1];
+                bf[2 * pair + 1][0] = r[2];
+                bf[2 * pair + 1][1] = r[3];
             }
 #pragma unroll
-            for (int mi = 0; mi < 2; mi++)
+            for (int mi = 0; mi < 4; mi++)
 #pragma unroll
                 for (int ni = 0; ni < 4; ni++) mma_bf16(acc[mi][ni], af[mi], bf[ni]);
         }
     }
     if (!SWIGLU) {
 #pragma unroll
-        for (int mi = 0; mi < 2; mi++) {
+        for (int mi = 0; mi < 4; mi++) {
 #pragma unroll
             for (int ni = 0; ni < 4; ni++) {
-                int r = warp_m * 32 + mi * 16 + g;
+                int r = warp_m * 64 + mi * 16 + g;
                 int col = blockIdx.y * GEMM_BN + warp_n * 32 + ni * 8 + t * 2;
                 if (col >= n) continue;
                 if (r < rows) {
@@ -926,17 +985,15 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const unsigned lon
     copies_wait<0>();
     __syncthreads();
     typedef float CTile[GEMM_BN + 4];
-    CTile* cs = (CTile*)shared;
+    CTile* cs = (CTile*)gemm_shared;
 #pragma unroll
-    for (int mi = 0; mi < 2; mi++) {
+    for (int mi = 0; mi < 4; mi++) {
 #pragma unroll
         for (int ni = 0; ni < 4; ni++) {
-            int r = warp_m * 32 + mi * 16 + g;
+            int r = warp_m * 64 + mi * 16 + g;
             int col = warp_n * 32 + ni * 8 + t * 2;
-            cs[r][col] = acc[mi][ni][0];
-            cs[r][col + 1] = acc[mi][ni][1];
-            cs[r + 8][col] = acc[mi][ni][2];
-            cs[r + 8][col + 1] = acc[mi][ni][3];
+            *(float2*)&cs[r][col] = make_float2(acc[mi][ni][0], acc[mi][ni][1]);
+            *(float2*)&cs[r + 8][col] = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
         }
     }
     __syncthreads();
@@ -952,29 +1009,24 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const unsigned lon
     }
 }
 
-// act[position] = silu(x_sorted · gateᵀ) · (x_sorted · upᵀ) as bf16; grid (tiles upper bound,
-// ceil(inter / 64)).
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
-    moe_gemm_gate_up(const bf16_t* x_sorted, const unsigned long long* gate_up,
-                     const int* offsets, const int* tile_start, int num_experts, int inter,
-                     int hidden, bf16_t* act) {
-    grouped_gemm<true>(x_sorted, gate_up, offsets, tile_start, num_experts, inter, hidden,
-                       nullptr, act);
+// act[position] = silu(x[token] · gateᵀ) · (x[token] · upᵀ) as bf16, the token of the slot
+// at each position (sorted_slot / top_k) gathered from x ([tokens, hidden] bf16); grid
+// (tiles upper bound, ceil(inter / 64)).
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
+    moe_gemm_gate_up(const bf16_t* x, const int* sorted_slot, int top_k,
+                     const unsigned long long* gate_up, const int* offsets,
+                     const int* tile_start, int num_experts, int inter, int hidden,
+                     bf16_t* act) {
+    grouped_gemm<true>(x, sorted_slot, top_k, gate_up, offsets, tile_start, num_experts, inter,
+                       hidden, nullptr, act);
 }
 
 // y[position] = act[position] · downᵀ in f32; grid (tiles upper bound, ceil(hidden / 128)).
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
     moe_gemm_down(const bf16_t* act, const unsigned long long* down, const int* offsets,
                   const int* tile_start, int num_experts, int hidden, int inter, float* y) {
-    grouped_gemm<false>(act, down, offsets, tile_start, num_experts, hidden, inter, y, nullptr);
-}
-
-// x_sorted[position] = x[token of the slot at position] as bf16; one block per position.
-extern "C" __global__ void moe_permute(const float* x, const int* sorted_slot, bf16_t* x_sorted,
-                                       int hidden, int top_k) {
-    const float* src = x + (size_t)(sorted_slot[blockIdx.x] / top_k) * hidden;
-    bf16_t* dst = x_sorted + (size_t)blockIdx.x * hidden;
-    for (int h = threadIdx.x; h < hidden; h += blockDim.x) dst[h] = f32_to_bf16(src[h]);
+    grouped_gemm<false>(act, nullptr, 1, down, offsets, tile_start, num_experts, hidden, inter,
+                        y, nullptr);
 }
 
 // out[t] = sum over j < top_k of weights[t · top_k + j] · y[slot_position[t · top_k + j]], in
@@ -1026,27 +1078,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
-}
-
-// Fragments of 8 × 8 bf16 matrices from shared memory: lane l gives the address of row l % 8
-// of matrix l / 8, and gets row l / 4, columns 2 (l % 4) and the next of each matrix.
-__device__ __forceinline__ void load_matrices_x2(unsigned int* r, const bf16_t* row) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1])
-                 : "r"(shared_address(row)));
-}
-
-__device__ __forceinline__ void load_matrices_x4(unsigned int* r, const bf16_t* row) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(shared_address(row)));
-}
-
-// The same, each matrix transposed on the way in.
-__device__ __forceinline__ void load_matrices_x4_transposed(unsigned int* r, const bf16_t* row) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(shared_address(row)));
 }
 
 __device__ __forceinline__ float quad_max(float v) {

@@ -24,10 +24,13 @@ const MOE_ROWS_PER_BLOCK: usize = 32;
 const MOE_MAX_GROUP: usize = 4;
 /// Shared memory a block may stage its group's inputs in without opting in to more.
 const MOE_STAGED_BYTES: usize = 48 * 1024;
-/// `GEMM_BM`, `GEMM_BN` and `GEMM_THREADS` of the grouped GEMM kernels.
-const GEMM_BM: usize = 64;
+/// `GEMM_BM`, `GEMM_BN`, `GEMM_THREADS` and `GEMM_SHARED_BYTES` (three stages of 128 × 64
+/// bf16 A and B tiles, padded: more than a block gets without opting in) of the grouped GEMM
+/// kernels.
+const GEMM_BM: usize = 128;
 const GEMM_BN: usize = 128;
 const GEMM_THREADS: u32 = 256;
+pub(super) const GEMM_SHARED_BYTES: usize = 3 * (GEMM_BM + GEMM_BN) * (64 + 8) * 2;
 /// Experts `moe_route` scores (`ROUTE_MAX_PER_LANE` × 32) and picks at most (a lane each).
 const ROUTE_MAX_EXPERTS: usize = 512;
 const ROUTE_MAX_TOP_K: usize = 32;
@@ -106,6 +109,7 @@ impl CudaBackend {
         {
             return moe_routed_on_host(self, x, router, rule, experts, counters);
         }
+        let route_timer = self.timed("moe.route");
         let logits = self.gemm(x, router)?;
         let pairs = x.rows * k;
         let mut routing = DeviceRouting {
@@ -140,6 +144,7 @@ impl CudaBackend {
             unsafe { launch.launch(blocks(x.rows * 32, warps_per_block * 32)) },
             "moe_route",
         )?;
+        drop(route_timer);
         self.run_experts(x, &routing, experts)
     }
 
@@ -288,28 +293,22 @@ impl CudaBackend {
             // pairs · hidden values.
             launched(unsafe { launch.launch(grid(hidden, inter)) }, "moe_down")?;
         } else {
-            let mut x_sorted = self.uninit::<u16>(pairs * hidden)?;
-            let mut launch = self.stream.launch_builder(self.function("moe_permute"));
-            launch
-                .arg(&x.data)
-                .arg(&place.sorted_slot)
-                .arg(&mut x_sorted)
-                .arg(&hidden_i)
-                .arg(&top_k);
-            // SAFETY: one block per position, reading row slot / top_k < x.rows of x and
-            // writing that position's row of x_sorted ([pairs, hidden]).
-            launched(unsafe { launch.launch(per_row(pairs)) }, "moe_permute")?;
+            // The tokens in bf16, gathered by the gate/up GEMM for each of their slots.
+            let x16 = self.bf16_copy(x)?;
+            let gate_up_timer = self.timed("moe.gemm_gate_up");
             let mut act = self.uninit::<u16>(pairs * inter)?;
             let gemm = |columns: usize| LaunchConfig {
                 grid_dim: (place.max_tiles as u32, columns as u32, 1),
                 block_dim: (GEMM_THREADS, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: GEMM_SHARED_BYTES as u32,
             };
             let mut launch = self
                 .stream
                 .launch_builder(self.function("moe_gemm_gate_up"));
             launch
-                .arg(&x_sorted)
+                .arg(&x16)
+                .arg(&place.sorted_slot)
+                .arg(&top_k)
                 .arg(&gate_up)
                 .arg(&place.offsets)
                 .arg(&place.tile_start)
@@ -318,13 +317,16 @@ impl CudaBackend {
                 .arg(&hidden_i)
                 .arg(&mut act);
             // SAFETY: each block takes one tile of GEMM_BM positions of one expert (blocks
-            // past the last return), reads those rows of x_sorted and rows of that expert's
+            // past the last return), reads the rows of x16 ([x.rows, hidden]) of those
+            // positions' slots (sorted_slot holds slots below x.rows · top_k) and rows of that expert's
             // [2·inter, hidden] matrix (hidden a multiple of 8, reads past it zero-filled) and
             // writes act ([pairs, inter]) inside its rows and columns.
             launched(
                 unsafe { launch.launch(gemm(inter.div_ceil(GEMM_BN / 2))) },
                 "moe_gemm_gate_up",
             )?;
+            drop(gate_up_timer);
+            let _down_timer = self.timed("moe.gemm_down");
             let mut launch = self.stream.launch_builder(self.function("moe_gemm_down"));
             launch
                 .arg(&act)
@@ -342,6 +344,7 @@ impl CudaBackend {
                 "moe_gemm_down",
             )?;
         }
+        let _combine_timer = self.timed("moe.combine");
         let mut out = self.output(x.rows, hidden)?;
         let mut launch = self.stream.launch_builder(self.function("moe_combine"));
         launch
@@ -364,6 +367,7 @@ impl CudaBackend {
         num_experts: usize,
         tile_rows: usize,
     ) -> Result<Placement> {
+        let _timer = self.timed("moe.place");
         let pairs = routing.expert_ids.len();
         let mut place = Placement {
             // At most one partial tile per expert beyond the full ones.
