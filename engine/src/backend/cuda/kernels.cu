@@ -774,13 +774,15 @@ extern "C" __global__ void moe_down(const float* act, const unsigned long long* 
 }
 
 // Many pairs (prefill, large decode batches): one grouped GEMM per projection on the tensor
-// cores. Each block computes a GEMM_BM × GEMM_BN tile of rows of one expert (a tile of
-// moe_tile) times that expert's weight rows, over k in GEMM_BK steps staged through shared
-// memory by cp.async, GEMM_STAGES deep (dynamic shared memory, GEMM_SHARED_BYTES). 8 warps
-// as 2 × 4, each 64 × 32 of the tile as 4 × 4 mma.m16n8k16 (bf16 in, f32 accumulate) on
-// fragments loaded by ldmatrix: ~4 instructions an mma where 32 × 32 warp tiles of 32-bit
-// shared loads and 32-wide k steps took ~9. Inputs are bf16 rows of k values, k a multiple
-// of 8 (16-byte copies; a partial last step reads zeros).
+// cores. Each block computes a GEMM_BM × GEMM_BN tile of rows of one expert (tile
+// blockIdx.y of moe_tile) times that expert's weight rows (column block blockIdx.x), over k
+// in GEMM_BK steps staged through shared memory by cp.async, GEMM_STAGES deep (dynamic
+// shared memory, GEMM_SHARED_BYTES). Column blocks vary fastest, so those of one row tile
+// run together and share its rows in L2 (with row tiles fastest, every column block read
+// all the rows again from memory). Warps as GEMM_WARPS_M × GEMM_WARPS_N, each
+// GEMM_MI × GEMM_NI mma.m16n8k16 (bf16 in, f32 accumulate) on fragments loaded by
+// ldmatrix. Inputs are bf16 rows of k values, k a multiple of 8 (16-byte copies; a partial
+// last step reads zeros).
 #define GEMM_BM 128
 #define GEMM_BN 128
 #define GEMM_BK 64
@@ -788,7 +790,13 @@ extern "C" __global__ void moe_down(const float* act, const unsigned long long* 
 // Shared row of GEMM_BK bf16 plus 8 of padding: ldmatrix's 8 row addresses then fall in
 // different banks.
 #define GEMM_LD (GEMM_BK + 8)
-#define GEMM_THREADS 256
+// Warps as GEMM_WARPS_M × GEMM_WARPS_N, each a (GEMM_BM / GEMM_WARPS_M) ×
+// (GEMM_BN / GEMM_WARPS_N) tile of the block's (2 × 2 warps of 64 × 64 measured the same).
+#define GEMM_WARPS_M 2
+#define GEMM_WARPS_N 4
+#define GEMM_THREADS (32 * GEMM_WARPS_M * GEMM_WARPS_N)
+#define GEMM_MI (GEMM_BM / GEMM_WARPS_M / 16)
+#define GEMM_NI (GEMM_BN / GEMM_WARPS_N / 8)
 #define GEMM_SHARED_BYTES (GEMM_STAGES * (GEMM_BM + GEMM_BN) * GEMM_LD * 2)
 // Rows of each tile a thread copies a stage: one 16-byte chunk of each.
 #define GEMM_COPIES (GEMM_BM * GEMM_BK / 8 / GEMM_THREADS)
@@ -862,7 +870,7 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows,
                                              bf16_t* act) {
     extern __shared__ __align__(16) unsigned char gemm_shared[];
     int expert, m0, rows;
-    if (!moe_tile(offsets, tile_start, num_experts, GEMM_BM, blockIdx.x, &expert, &m0, &rows)) {
+    if (!moe_tile(offsets, tile_start, num_experts, GEMM_BM, blockIdx.y, &expert, &m0, &rows)) {
         return;
     }
     const bf16_t* w = (const bf16_t*)matrices[expert];
@@ -872,36 +880,35 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows,
     BTile* bs = (BTile*)(gemm_shared + GEMM_STAGES * sizeof(ATile));
     int tid = threadIdx.x;
     int warp = tid >> 5, lane = tid & 31;
-    // 8 warps as 2 (rows) × 4 (columns), each a 64 × 32 tile of the block's 128 × 128.
-    int warp_m = warp >> 2, warp_n = warp & 3;
+    int warp_m = warp / GEMM_WARPS_N, warp_n = warp % GEMM_WARPS_N;
     int g = lane >> 2, t = lane & 3;
-    // The weight row behind row r of the block's B tile, or -1 past the matrix.
-    auto weight_row = [&](int r) -> int {
-        if (SWIGLU) {
-            int col = blockIdx.y * (GEMM_BN / 2) + (r % (GEMM_BN / 2));
-            if (col >= n) return -1;
-            return r < GEMM_BN / 2 ? col : n + col;
+    // Where row r of the A and B tiles comes from (null past the rows or the matrix), worked
+    // out once: row p of the expert's rows is row a_rows[p] / a_row_divisor of `a` when
+    // a_rows is given (a token's row gathered for each of its slots), else row p.
+    __shared__ const bf16_t* row_src[GEMM_BM + GEMM_BN];
+    for (int r = tid; r < GEMM_BM + GEMM_BN; r += GEMM_THREADS) {
+        const bf16_t* src = nullptr;
+        if (r < GEMM_BM) {
+            if (r < rows) src = a + (size_t)(a_rows ? a_rows[m0 + r] / a_row_divisor : m0 + r) * k;
+        } else {
+            int b_row = r - GEMM_BM, row;
+            if (SWIGLU) {
+                // Gate rows, then the same columns' up rows.
+                int col = blockIdx.x * (GEMM_BN / 2) + b_row % (GEMM_BN / 2);
+                row = col >= n ? -1 : (b_row < GEMM_BN / 2 ? col : n + col);
+            } else {
+                row = blockIdx.x * GEMM_BN + b_row;
+                if (row >= n) row = -1;
+            }
+            if (row >= 0) src = w + (size_t)row * k;
         }
-        int row = blockIdx.y * GEMM_BN + r;
-        return row < n ? row : -1;
-    };
-    // Thread tid copies chunk `chunk` of rows first_row + i · row_step of both tiles; its
-    // sources (null past the rows or the matrix) and destinations are worked out once. Row p
-    // of the expert's rows is row a_rows[p] / a_row_divisor of `a` when a_rows is given (a
-    // token's row gathered for each of its slots), else row p.
+        row_src[r] = src;
+    }
+    __syncthreads();
+    // Thread tid copies chunk `chunk` of rows first_row + i · row_step of both tiles.
     const int row_step = GEMM_THREADS / (GEMM_BK / 8);
     int chunk = (tid % (GEMM_BK / 8)) * 8;
     int first_row = tid / (GEMM_BK / 8);
-    const bf16_t* a_src[GEMM_COPIES];
-    const bf16_t* b_src[GEMM_COPIES];
-#pragma unroll
-    for (int i = 0; i < GEMM_COPIES; i++) {
-        int r = first_row + i * row_step;
-        int wr = weight_row(r);
-        int a_row = a_rows ? a_rows[m0 + r] / a_row_divisor : m0 + r;
-        a_src[i] = r < rows ? a + (size_t)a_row * k + chunk : nullptr;
-        b_src[i] = wr >= 0 ? w + (size_t)wr * k + chunk : nullptr;
-    }
     unsigned int a_dst = shared_address(&as[0][first_row][chunk]);
     unsigned int b_dst = shared_address(&bs[0][first_row][chunk]);
     auto load = [&](int stage, int k0) {
@@ -909,23 +916,25 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows,
 #pragma unroll
         for (int i = 0; i < GEMM_COPIES; i++) {
             unsigned int at = stage * sizeof(ATile) + i * row_step * GEMM_LD * 2;
-            bool ok = in_k && a_src[i] != nullptr;
-            copy16_async_to(a_dst + at, ok ? a_src[i] + k0 : a, ok);
-            bool okb = in_k && b_src[i] != nullptr;
-            copy16_async_to(b_dst + at, okb ? b_src[i] + k0 : w, okb);
+            const bf16_t* src = row_src[first_row + i * row_step];
+            copy16_async_to(a_dst + at, in_k && src ? src + k0 + chunk : a, in_k && src);
+            src = row_src[GEMM_BM + first_row + i * row_step];
+            copy16_async_to(b_dst + at, in_k && src ? src + k0 + chunk : w, in_k && src);
         }
     };
-    float acc[4][4][4];
+    float acc[GEMM_MI][GEMM_NI][4];
 #pragma unroll
-    for (int mi = 0; mi < 4; mi++)
+    for (int mi = 0; mi < GEMM_MI; mi++)
 #pragma unroll
-        for (int ni = 0; ni < 4; ni++)
+        for (int ni = 0; ni < GEMM_NI; ni++)
 #pragma unroll
             for (int q = 0; q < 4; q++) acc[mi][ni][q] = 0.0f;
     // ldmatrix row addresses. A, a 16 × 16 fragment: row lane % 16, columns 8 (lane / 16) ….
     // B, two n8 fragments: row lane % 8 + 8 (lane / 16), columns 8 ((lane / 8) % 2) ….
-    int a_row = warp_m * 64 + (lane & 15), a_col = (lane >> 4) * 8;
-    int b_row = warp_n * 32 + (lane & 7) + ((lane >> 4) << 3), b_col = ((lane >> 3) & 1) * 8;
+    const int warp_rows = GEMM_MI * 16, warp_cols = GEMM_NI * 8;
+    int a_row = warp_m * warp_rows + (lane & 15), a_col = (lane >> 4) * 8;
+    int b_row = warp_n * warp_cols + (lane & 7) + ((lane >> 4) << 3);
+    int b_col = ((lane >> 3) & 1) * 8;
     int steps = (k + GEMM_BK - 1) / GEMM_BK;
 #pragma unroll
     for (int s = 0; s < GEMM_STAGES - 1; s++) {
@@ -941,13 +950,13 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows,
         int stage = step % GEMM_STAGES;
 #pragma unroll
         for (int ks = 0; ks < GEMM_BK; ks += 16) {
-            unsigned int af[4][4], bf[4][2];
+            unsigned int af[GEMM_MI][4], bf[GEMM_NI][2];
 #pragma unroll
-            for (int mi = 0; mi < 4; mi++) {
+            for (int mi = 0; mi < GEMM_MI; mi++) {
                 load_matrices_x4(af[mi], &as[stage][a_row + mi * 16][a_col + ks]);
             }
 #pragma unroll
-            for (int pair = 0; pair < 2; pair++) {
+            for (int pair = 0; pair < GEMM_NI / 2; pair++) {
                 unsigned int r[4];
                 load_matrices_x4(r, &bs[stage][b_row + pair * 16][b_col + ks]);
                 bf[2 * pair][0] = r[0];
@@ -956,18 +965,18 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows,
                 bf[2 * pair + 1][1] = r[3];
             }
 #pragma unroll
-            for (int mi = 0; mi < 4; mi++)
+            for (int mi = 0; mi < GEMM_MI; mi++)
 #pragma unroll
-                for (int ni = 0; ni < 4; ni++) mma_bf16(acc[mi][ni], af[mi], bf[ni]);
+                for (int ni = 0; ni < GEMM_NI; ni++) mma_bf16(acc[mi][ni], af[mi], bf[ni]);
         }
     }
     if (!SWIGLU) {
 #pragma unroll
-        for (int mi = 0; mi < 4; mi++) {
+        for (int mi = 0; mi < GEMM_MI; mi++) {
 #pragma unroll
-            for (int ni = 0; ni < 4; ni++) {
-                int r = warp_m * 64 + mi * 16 + g;
-                int col = blockIdx.y * GEMM_BN + warp_n * 32 + ni * 8 + t * 2;
+            for (int ni = 0; ni < GEMM_NI; ni++) {
+                int r = warp_m * warp_rows + mi * 16 + g;
+                int col = blockIdx.x * GEMM_BN + warp_n * warp_cols + ni * 8 + t * 2;
                 if (col >= n) continue;
                 if (r < rows) {
                     *(float2*)(c + (size_t)(m0 + r) * n + col) =
@@ -987,11 +996,11 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows,
     typedef float CTile[GEMM_BN + 4];
     CTile* cs = (CTile*)gemm_shared;
 #pragma unroll
-    for (int mi = 0; mi < 4; mi++) {
+    for (int mi = 0; mi < GEMM_MI; mi++) {
 #pragma unroll
-        for (int ni = 0; ni < 4; ni++) {
-            int r = warp_m * 64 + mi * 16 + g;
-            int col = warp_n * 32 + ni * 8 + t * 2;
+        for (int ni = 0; ni < GEMM_NI; ni++) {
+            int r = warp_m * warp_rows + mi * 16 + g;
+            int col = warp_n * warp_cols + ni * 8 + t * 2;
             *(float2*)&cs[r][col] = make_float2(acc[mi][ni][0], acc[mi][ni][1]);
             *(float2*)&cs[r + 8][col] = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
         }
@@ -1000,7 +1009,7 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows,
     for (int i = tid; i < GEMM_BM * (GEMM_BN / 2); i += GEMM_THREADS) {
         int r = i / (GEMM_BN / 2);
         int local = i % (GEMM_BN / 2);
-        int col = blockIdx.y * (GEMM_BN / 2) + local;
+        int col = blockIdx.x * (GEMM_BN / 2) + local;
         if (r < rows && col < n) {
             float gate = cs[r][local];
             float up = cs[r][GEMM_BN / 2 + local];
@@ -1011,7 +1020,7 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows,
 
 // act[position] = silu(x[token] · gateᵀ) · (x[token] · upᵀ) as bf16, the token of the slot
 // at each position (sorted_slot / top_k) gathered from x ([tokens, hidden] bf16); grid
-// (tiles upper bound, ceil(inter / 64)).
+// (ceil(inter / 64), tiles upper bound).
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
     moe_gemm_gate_up(const bf16_t* x, const int* sorted_slot, int top_k,
                      const unsigned long long* gate_up, const int* offsets,
@@ -1021,7 +1030,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
                        hidden, nullptr, act);
 }
 
-// y[position] = act[position] · downᵀ in f32; grid (tiles upper bound, ceil(hidden / 128)).
+// y[position] = act[position] · downᵀ in f32; grid (ceil(hidden / 128), tiles upper bound).
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
     moe_gemm_down(const bf16_t* act, const unsigned long long* down, const int* offsets,
                   const int* tile_start, int num_experts, int hidden, int inter, float* y) {
@@ -1047,14 +1056,14 @@ extern "C" __global__ void moe_combine(const float* y, const int* slot_position,
 // Prefill attention on the tensor cores (flash-attention 2 form): one block of 4 warps per
 // (head, tile of up to FLASH_Q_TILE query rows of one sequence), each warp 16 rows. Keys and
 // values come from the paged cache FLASH_K_TILE at a time through cp.async into two stages
-// of dynamic shared memory (FLASH_SHARED_BYTES): the next tile loads while this one computes,
-// and values load while scores compute. Scores S = Q·Kᵀ stay in mma accumulators; the online
-// softmax runs on them in registers (a row's values sit in one quad of lanes), and the
-// probabilities, rounded to bf16, are reused in place as the A operand of O += P·V. Key and
-// value fragments come through ldmatrix (values transposed). Queries arrive pre-scaled by
-// log2(e)/sqrt(head_dim), so exp2 gives the softmax. head_dim a multiple of 16, at most
-// FLASH_MAX_HEAD_DIM. Registers are capped so three blocks (12 warps) share an SM, which
-// shared memory also allows.
+// of dynamic shared memory (FLASH_SHARED_BYTES): the next tile loads while this one
+// computes. Scores S = Q·Kᵀ stay in mma accumulators; the online softmax runs on them in
+// registers (a row's values sit in one quad of lanes), and the probabilities, rounded to
+// bf16, are reused in place as the A operand of O += P·V. Key and value fragments come
+// through ldmatrix (values transposed). Queries arrive pre-scaled by log2(e)/sqrt(head_dim),
+// so exp2 gives the softmax. head_dim a multiple of 16, at most FLASH_MAX_HEAD_DIM.
+// Registers are capped so three blocks (12 warps) share an SM, which shared memory also
+// allows.
 //
 // The attention kernels come built for head_dim 128 (`_hd128`, the MoE families') besides
 // any head_dim (template argument 0): with the size known the loops unroll without a test per
@@ -1305,7 +1314,9 @@ __device__ __forceinline__ void prefill_attention(
             copies_commit();
             copies_commit();
         }
-        copies_wait<3>();  // this tile's keys are in; its values and the next tile may not be
+        // This tile's keys and values are in (they were queued a tile ago); the next
+        // tile's may not be.
+        copies_wait<2>();
         __syncthreads();
         if (tile + 2 < tiles) {
             find_slots(stage_slots[tile & 1], table, block_size, key_start + 2 * FLASH_K_TILE,
@@ -1329,8 +1340,6 @@ __device__ __forceinline__ void prefill_attention(
 #pragma unroll
             for (int e = 0; e < 4; e++) o[n][e] *= correction[e >> 1];
         }
-        copies_wait<2>();  // this tile's values
-        __syncthreads();
         accumulate_values<HD>(o, s, vs, hd, lane);
         __syncthreads();  // every warp is done with this stage before the next tile refills it
     }

@@ -298,7 +298,7 @@ impl CudaBackend {
             let gate_up_timer = self.timed("moe.gemm_gate_up");
             let mut act = self.uninit::<u16>(pairs * inter)?;
             let gemm = |columns: usize| LaunchConfig {
-                grid_dim: (place.max_tiles as u32, columns as u32, 1),
+                grid_dim: (columns as u32, place.max_tiles as u32, 1),
                 block_dim: (GEMM_THREADS, 1, 1),
                 shared_mem_bytes: GEMM_SHARED_BYTES as u32,
             };
