@@ -158,19 +158,28 @@ fn worst_relative_error(cpu: &[f32], gpu: &[f32], vocab: usize) -> f32 {
 
 #[test]
 fn every_kernel_compiles_with_nvrtc() {
-    match compile_kernels("sm_90") {
-        Ok(ptx) => {
-            for name in KERNEL_NAMES {
-                assert!(
-                    ptx.contains(&format!(".entry {name}(")),
-                    "kernel {name} missing from the PTX"
+    // sm_90a adds Hopper's warpgroup instructions to the MoE GEMMs.
+    for arch in ["sm_90", "sm_90a"] {
+        match compile_kernels(arch) {
+            Ok(ptx) => {
+                for name in KERNEL_NAMES {
+                    assert!(
+                        ptx.contains(&format!(".entry {name}(")),
+                        "kernel {name} missing from the {arch} PTX"
+                    );
+                }
+                assert_eq!(
+                    ptx.contains("wgmma.mma_async"),
+                    arch == "sm_90a",
+                    "warpgroup instructions in the {arch} PTX"
                 );
             }
+            Err(e) if std::env::var_os("TANDEM_REQUIRE_NVRTC").is_none() => {
+                eprintln!("skipping every_kernel_compiles_with_nvrtc: {e}");
+                return;
+            }
+            Err(e) => panic!("kernels did not compile for {arch}: {e}"),
         }
-        Err(e) if std::env::var_os("TANDEM_REQUIRE_NVRTC").is_none() => {
-            eprintln!("skipping every_kernel_compiles_with_nvrtc: {e}");
-        }
-        Err(e) => panic!("kernels did not compile: {e}"),
     }
 }
 

@@ -44,7 +44,7 @@ pub use peer::CudaPeerKv;
 pub const KERNELS_SOURCE: &str = include_str!("cuda/kernels.cu");
 
 /// Every kernel `kernels.cu` defines.
-pub const KERNEL_NAMES: [&str; 31] = [
+pub const KERNEL_NAMES: [&str; 33] = [
     "embed",
     "rms_norm",
     "rms_norm_short",
@@ -75,6 +75,8 @@ pub const KERNEL_NAMES: [&str; 31] = [
     "moe_down",
     "moe_gemm_gate_up",
     "moe_gemm_down",
+    "moe_wgmma_gate_up",
+    "moe_wgmma_down",
     "moe_combine",
 ];
 
@@ -212,7 +214,18 @@ pub fn probe() -> std::result::Result<(), String> {
     }
 }
 
-/// Compiles the kernels for `arch` (`sm_90`, …) to PTX. Needs libnvrtc, not a GPU.
+/// The architecture the kernels are compiled for on a device of this compute capability:
+/// Hopper's own (`sm_90a`), whose warpgroup instructions other devices lack, else the
+/// family's.
+fn kernel_arch(major: i32, minor: i32) -> String {
+    if (major, minor) == (9, 0) {
+        "sm_90a".into()
+    } else {
+        format!("sm_{major}{minor}")
+    }
+}
+
+/// Compiles the kernels for `arch` (`sm_90`, `sm_90a`, …) to PTX. Needs libnvrtc, not a GPU.
 pub fn compile_kernels(arch: &'static str) -> Result<String> {
     // SAFETY: only tries to dlopen libnvrtc.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
@@ -266,6 +279,8 @@ pub struct CudaBackend {
     device_name: String,
     /// Tells whether another process's KV stores are on this same GPU.
     device_uuid: [u8; 16],
+    /// The kernels were built for sm_90a: the MoE GEMMs run on warpgroup instructions.
+    hopper: bool,
     reused_i32: ReusedUploads<i32>,
     reused_f32: ReusedUploads<f32>,
     reused_u64: ReusedUploads<u64>,
@@ -420,7 +435,7 @@ impl CudaBackend {
             .map(|b| b as u8);
         let stream = ctx.default_stream();
         let module = ctx
-            .load_module(cached_ptx(&format!("sm_{major}{minor}"))?)
+            .load_module(cached_ptx(&kernel_arch(major, minor))?)
             .map_err(|e| device_error("loading the kernels", e))?;
         let mut functions = HashMap::new();
         for name in KERNEL_NAMES {
@@ -434,6 +449,8 @@ impl CudaBackend {
             ("attention_prefill_mma_hd128", FLASH_SHARED_BYTES),
             ("moe_gemm_gate_up", moe::GEMM_SHARED_BYTES),
             ("moe_gemm_down", moe::GEMM_SHARED_BYTES),
+            ("moe_wgmma_gate_up", moe::WGMMA_SHARED_BYTES),
+            ("moe_wgmma_down", moe::WGMMA_SHARED_BYTES),
         ] {
             functions[name]
                 .set_attribute(
@@ -449,6 +466,7 @@ impl CudaBackend {
             kernels: Kernels { functions },
             device_name,
             device_uuid,
+            hopper: (major, minor) == (9, 0),
             reused_i32: ReusedUploads::default(),
             reused_f32: ReusedUploads::default(),
             reused_u64: ReusedUploads::default(),

@@ -838,6 +838,13 @@ __device__ __forceinline__ unsigned int shared_word(const bf16_t* p) {
     return *(const unsigned int*)p;
 }
 
+// Two floats as a bf16 pair, `lo` in the low half: one conversion instruction.
+__device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
+    unsigned int packed;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(hi), "f"(lo));
+    return packed;
+}
+
 // Fragments of 8 × 8 bf16 matrices from shared memory: lane l gives the address of row l % 8
 // of matrix l / 8, and gets row l / 4, columns 2 (l % 4) and the next of each matrix.
 __device__ __forceinline__ void load_matrices_x2(unsigned int* r, const bf16_t* row) {
@@ -862,6 +869,35 @@ __device__ __forceinline__ void load_matrices_x4_transposed(unsigned int* r, con
 // SWIGLU: the expert's matrix holds `n` gate rows then `n` up rows, and block column j
 // computes gate and up rows j · 64 … j · 64 + 63 together, writing silu(gate) · up as bf16
 // to `act` ([rows, n]). Otherwise it computes rows j · 128 … of an [n, k] matrix into f32 `c`.
+// Where row r of a grouped GEMM's A (r < GEMM_BM) and B tiles comes from, null past the
+// expert's rows or the matrix: row p of the expert's rows is row a_rows[p] / a_row_divisor
+// of `a` when a_rows is given (a token's row gathered for each of its slots), else row
+// m0 + p; B rows are weight rows of column block blockIdx.x (for SWIGLU, gate rows then the
+// same columns' up rows). `threads` threads share the work; the caller synchronizes.
+template <bool SWIGLU>
+__device__ __forceinline__ void gemm_row_sources(const bf16_t** row_src, const bf16_t* a,
+                                                 const int* a_rows, int a_row_divisor,
+                                                 const bf16_t* w, int rows, int m0, int n,
+                                                 int k, int thread, int threads) {
+    for (int r = thread; r < GEMM_BM + GEMM_BN; r += threads) {
+        const bf16_t* src = nullptr;
+        if (r < GEMM_BM) {
+            if (r < rows) src = a + (size_t)(a_rows ? a_rows[m0 + r] / a_row_divisor : m0 + r) * k;
+        } else {
+            int b_row = r - GEMM_BM, row;
+            if (SWIGLU) {
+                int col = blockIdx.x * (GEMM_BN / 2) + b_row % (GEMM_BN / 2);
+                row = col >= n ? -1 : (b_row < GEMM_BN / 2 ? col : n + col);
+            } else {
+                row = blockIdx.x * GEMM_BN + b_row;
+                if (row >= n) row = -1;
+            }
+            if (row >= 0) src = w + (size_t)row * k;
+        }
+        row_src[r] = src;
+    }
+}
+
 template <bool SWIGLU>
 __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows, int a_row_divisor,
                                              const unsigned long long* matrices,
@@ -882,28 +918,9 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows,
     int warp = tid >> 5, lane = tid & 31;
     int warp_m = warp / GEMM_WARPS_N, warp_n = warp % GEMM_WARPS_N;
     int g = lane >> 2, t = lane & 3;
-    // Where row r of the A and B tiles comes from (null past the rows or the matrix), worked
-    // out once: row p of the expert's rows is row a_rows[p] / a_row_divisor of `a` when
-    // a_rows is given (a token's row gathered for each of its slots), else row p.
     __shared__ const bf16_t* row_src[GEMM_BM + GEMM_BN];
-    for (int r = tid; r < GEMM_BM + GEMM_BN; r += GEMM_THREADS) {
-        const bf16_t* src = nullptr;
-        if (r < GEMM_BM) {
-            if (r < rows) src = a + (size_t)(a_rows ? a_rows[m0 + r] / a_row_divisor : m0 + r) * k;
-        } else {
-            int b_row = r - GEMM_BM, row;
-            if (SWIGLU) {
-                // Gate rows, then the same columns' up rows.
-                int col = blockIdx.x * (GEMM_BN / 2) + b_row % (GEMM_BN / 2);
-                row = col >= n ? -1 : (b_row < GEMM_BN / 2 ? col : n + col);
-            } else {
-                row = blockIdx.x * GEMM_BN + b_row;
-                if (row >= n) row = -1;
-            }
-            if (row >= 0) src = w + (size_t)row * k;
-        }
-        row_src[r] = src;
-    }
+    gemm_row_sources<SWIGLU>(row_src, a, a_rows, a_row_divisor, w, rows, m0, n, k, tid,
+                             GEMM_THREADS);
     __syncthreads();
     // Thread tid copies chunk `chunk` of rows first_row + i · row_step of both tiles.
     const int row_step = GEMM_THREADS / (GEMM_BK / 8);
@@ -1038,6 +1055,184 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
                         y, nullptr);
 }
 
+// The same GEMMs on Hopper's warpgroup tensor-core instructions (sm_90a: wgmma reads both
+// operands from shared memory, where mma.sync kernels spend most of their instructions
+// loading fragments). Two warpgroups per 128 × 128 tile, each 64 rows × 128 columns as
+// wgmma m64n128k16; tiles stored 128-byte swizzled (16-byte chunk c of row r at chunk
+// c ^ (r % 8)), the layout the matrix descriptors name. For SWIGLU a thread holds a gate
+// column and its up column (n8 blocks j and j + 8), so the activation needs no shared memory.
+#define WGMMA_STAGES 3
+#define WGMMA_STAGE_BYTES ((GEMM_BM + GEMM_BN) * GEMM_BK * 2)
+// Stages plus slack to align them to the 1024-byte swizzle pattern.
+#define WGMMA_SHARED_BYTES (WGMMA_STAGES * WGMMA_STAGE_BYTES + 1024)
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ unsigned long long wgmma_descriptor(unsigned int address) {
+    return (unsigned long long)((address & 0x3FFFF) >> 4) | ((unsigned long long)(1024 >> 4) << 32) |
+           (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_m64n128k16(float* d, unsigned long long a,
+                                                 unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, "
+        "%8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, "
+        "%24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, "
+        "%40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, "
+        "%56, %57, %58, %59, %60, %61, %62, %63 "
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
+          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+          "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),
+          "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+          "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a), "l"(b), "r"(1)
+        : "memory");
+}
+#endif
+
+template <bool SWIGLU>
+__device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a_rows,
+                                                   int a_row_divisor,
+                                                   const unsigned long long* matrices,
+                                                   const int* offsets, const int* tile_start,
+                                                   int num_experts, int n, int k, float* c,
+                                                   bf16_t* act) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(16) unsigned char gemm_shared[];
+    __shared__ const bf16_t* row_src[GEMM_BM + GEMM_BN];
+    int expert, m0, rows;
+    if (!moe_tile(offsets, tile_start, num_experts, GEMM_BM, blockIdx.y, &expert, &m0, &rows)) {
+        return;
+    }
+    const bf16_t* w = (const bf16_t*)matrices[expert];
+    int tid = threadIdx.x;
+    gemm_row_sources<SWIGLU>(row_src, a, a_rows, a_row_divisor, w, rows, m0, n, k, tid,
+                             GEMM_THREADS);
+    __syncthreads();
+    // Stage s: A rows at base + s · WGMMA_STAGE_BYTES, B rows GEMM_BM · 128 bytes after.
+    unsigned int base = (shared_address(gemm_shared) + 1023) & ~1023u;
+    const int row_step = GEMM_THREADS / (GEMM_BK / 8);
+    int chunk = tid % (GEMM_BK / 8);
+    int first_row = tid / (GEMM_BK / 8);
+    // row_step is a multiple of 8, so every row this thread copies swizzles its chunk alike.
+    unsigned int dst = base + first_row * 128 + ((chunk ^ (first_row & 7)) << 4);
+    auto load = [&](int stage, int k0) {
+        bool in_k = k0 + chunk * 8 < k;
+#pragma unroll
+        for (int i = 0; i < GEMM_BM / row_step; i++) {
+            unsigned int at = dst + stage * WGMMA_STAGE_BYTES + i * row_step * 128;
+            const bf16_t* src = row_src[first_row + i * row_step];
+            bool ok = in_k && src;
+            copy16_async_to(at, ok ? src + k0 + chunk * 8 : a, ok);
+            src = row_src[GEMM_BM + first_row + i * row_step];
+            ok = in_k && src;
+            copy16_async_to(at + GEMM_BM * 128, ok ? src + k0 + chunk * 8 : w, ok);
+        }
+    };
+    float d[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) d[i] = 0.0f;
+    int warpgroup = tid >> 7;
+    int steps = (k + GEMM_BK - 1) / GEMM_BK;
+#pragma unroll
+    for (int s = 0; s < WGMMA_STAGES - 1; s++) {
+        if (s < steps) load(s, s * GEMM_BK);
+        copies_commit();
+    }
+    for (int step = 0; step < steps; step++) {
+        copies_wait<WGMMA_STAGES - 2>();
+        // The copies were generic-proxy writes; wgmma reads through the async proxy.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        // Every warpgroup finished the last step's wgmmas (waited below), so the stage
+        // they read may be refilled.
+        int next = step + WGMMA_STAGES - 1;
+        if (next < steps) load(next % WGMMA_STAGES, next * GEMM_BK);
+        copies_commit();
+        unsigned int stage = base + (step % WGMMA_STAGES) * WGMMA_STAGE_BYTES;
+        unsigned int a_tile = stage + warpgroup * 64 * 128;
+        unsigned int b_tile = stage + GEMM_BM * 128;
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int ks = 0; ks < GEMM_BK / 16; ks++) {
+            // 16 k values are 32 bytes along the swizzled row.
+            wgmma_m64n128k16(d, wgmma_descriptor(a_tile + ks * 32),
+                             wgmma_descriptor(b_tile + ks * 32));
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    }
+    // d[4j + e]: row 16 (warp % 4) + g (+ 8 for e >= 2) of the warpgroup's 64, column
+    // 8j + 2t (+ 1 for odd e).
+    int lane = tid & 31, g = lane >> 2, t = lane & 3;
+    int row = warpgroup * 64 + ((tid >> 5) & 3) * 16 + g;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        int r = row + 8 * half;
+        if (r >= rows) continue;
+        if (SWIGLU) {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                int col = blockIdx.x * (GEMM_BN / 2) + 8 * j + 2 * t;
+                if (col >= n) continue;
+                float out[2];
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float gate = d[4 * j + 2 * half + e];
+                    float up = d[4 * (j + 8) + 2 * half + e];
+                    out[e] = gate / (1.0f + expf(-gate)) * up;
+                }
+                *(unsigned int*)(act + (size_t)(m0 + r) * n + col) = pack_bf16(out[0], out[1]);
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                int col = blockIdx.x * GEMM_BN + 8 * j + 2 * t;
+                if (col >= n) continue;
+                *(float2*)(c + (size_t)(m0 + r) * n + col) =
+                    make_float2(d[4 * j + 2 * half], d[4 * j + 2 * half + 1]);
+            }
+        }
+    }
+#else
+    __trap();  // launched only on devices the kernels were built for as sm_90a
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
+    moe_wgmma_gate_up(const bf16_t* x, const int* sorted_slot, int top_k,
+                      const unsigned long long* gate_up, const int* offsets,
+                      const int* tile_start, int num_experts, int inter, int hidden,
+                      bf16_t* act) {
+    grouped_gemm_wgmma<true>(x, sorted_slot, top_k, gate_up, offsets, tile_start, num_experts,
+                             inter, hidden, nullptr, act);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
+    moe_wgmma_down(const bf16_t* act, const unsigned long long* down, const int* offsets,
+                   const int* tile_start, int num_experts, int hidden, int inter, float* y) {
+    grouped_gemm_wgmma<false>(act, nullptr, 1, down, offsets, tile_start, num_experts, hidden,
+                              inter, y, nullptr);
+}
+
 // out[t] = sum over j < top_k of weights[t · top_k + j] · y[slot_position[t · top_k + j]], in
 // slot order; one block per token.
 extern "C" __global__ void moe_combine(const float* y, const int* slot_position,
@@ -1074,13 +1269,6 @@ extern "C" __global__ void moe_combine(const float* y, const int* slot_position,
 #define FLASH_LD (FLASH_MAX_HEAD_DIM + 8)
 #define FLASH_THREADS 128
 #define FLASH_SHARED_BYTES (2 * 2 * FLASH_K_TILE * FLASH_LD * 2)
-
-// Two floats as a bf16 pair, `lo` in the low half: one conversion instruction.
-__device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
-    unsigned int packed;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(hi), "f"(lo));
-    return packed;
-}
 
 // 2^x in one instruction (the scores are finite or -inf, whose power is 0).
 __device__ __forceinline__ float fast_exp2(float x) {

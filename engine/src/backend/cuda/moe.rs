@@ -31,6 +31,9 @@ const GEMM_BM: usize = 128;
 const GEMM_BN: usize = 128;
 const GEMM_THREADS: u32 = 256;
 pub(super) const GEMM_SHARED_BYTES: usize = 3 * (GEMM_BM + GEMM_BN) * (64 + 8) * 2;
+/// `WGMMA_SHARED_BYTES` of the warpgroup (sm_90a) GEMMs: three unpadded stages and 1 KB to
+/// align them to the swizzle pattern.
+pub(super) const WGMMA_SHARED_BYTES: usize = 3 * (GEMM_BM + GEMM_BN) * 64 * 2 + 1024;
 /// Experts `moe_route` scores (`ROUTE_MAX_PER_LANE` × 32) and picks at most (a lane each).
 const ROUTE_MAX_EXPERTS: usize = 512;
 const ROUTE_MAX_TOP_K: usize = 32;
@@ -297,14 +300,18 @@ impl CudaBackend {
             let x16 = self.bf16_copy(x)?;
             let gate_up_timer = self.timed("moe.gemm_gate_up");
             let mut act = self.uninit::<u16>(pairs * inter)?;
+            // Hopper runs the warpgroup-instruction builds of the same GEMMs.
+            let (gate_up_kernel, down_kernel, shared) = if self.hopper {
+                ("moe_wgmma_gate_up", "moe_wgmma_down", WGMMA_SHARED_BYTES)
+            } else {
+                ("moe_gemm_gate_up", "moe_gemm_down", GEMM_SHARED_BYTES)
+            };
             let gemm = |columns: usize| LaunchConfig {
                 grid_dim: (columns as u32, place.max_tiles as u32, 1),
                 block_dim: (GEMM_THREADS, 1, 1),
-                shared_mem_bytes: GEMM_SHARED_BYTES as u32,
+                shared_mem_bytes: shared as u32,
             };
-            let mut launch = self
-                .stream
-                .launch_builder(self.function("moe_gemm_gate_up"));
+            let mut launch = self.stream.launch_builder(self.function(gate_up_kernel));
             launch
                 .arg(&x16)
                 .arg(&place.sorted_slot)
@@ -323,11 +330,11 @@ impl CudaBackend {
             // writes act ([pairs, inter]) inside its rows and columns.
             launched(
                 unsafe { launch.launch(gemm(inter.div_ceil(GEMM_BN / 2))) },
-                "moe_gemm_gate_up",
+                gate_up_kernel,
             )?;
             drop(gate_up_timer);
             let _down_timer = self.timed("moe.gemm_down");
-            let mut launch = self.stream.launch_builder(self.function("moe_gemm_down"));
+            let mut launch = self.stream.launch_builder(self.function(down_kernel));
             launch
                 .arg(&act)
                 .arg(&down)
@@ -341,7 +348,7 @@ impl CudaBackend {
             // hidden]).
             launched(
                 unsafe { launch.launch(gemm(hidden.div_ceil(GEMM_BN))) },
-                "moe_gemm_down",
+                down_kernel,
             )?;
         }
         let _combine_timer = self.timed("moe.combine");
