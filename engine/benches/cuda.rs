@@ -65,6 +65,27 @@ fn main() {
         copy / 1e9,
         gemm / 1e12
     );
+    // The projections of an 8k prefill, each against the square GEMM's rate.
+    let tokens = PREFILL_LENGTHS[1];
+    println!("\nprojection GEMMs at {tokens} tokens (conversion to bf16 included)");
+    println!("| projection | k | n | TFLOP/s | of GEMM rate |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for (name, k, n) in [
+        ("q", HIDDEN, HEADS * HEAD_DIM),
+        ("k, v", HIDDEN, KV_HEADS * HEAD_DIM),
+        ("o", HEADS * HEAD_DIM, HIDDEN),
+        ("router", HIDDEN, EXPERTS),
+    ] {
+        let rate = backend
+            .gemm_shape_rate(tokens, k, n, 10)
+            .expect("gemm rate");
+        println!(
+            "| {name} | {k} | {n} | {:.0} | {:.0}% |",
+            rate / 1e12,
+            100.0 * rate / gemm
+        );
+    }
+    println!();
     let backend_name = backend.device_name().to_owned();
     let checkpoint_config = config(layers);
     let started = Instant::now();

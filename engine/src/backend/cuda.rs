@@ -44,7 +44,7 @@ pub use peer::CudaPeerKv;
 pub const KERNELS_SOURCE: &str = include_str!("cuda/kernels.cu");
 
 /// Every kernel `kernels.cu` defines.
-pub const KERNEL_NAMES: [&str; 33] = [
+pub const KERNEL_NAMES: [&str; 34] = [
     "embed",
     "rms_norm",
     "rms_norm_short",
@@ -64,6 +64,7 @@ pub const KERNEL_NAMES: [&str; 33] = [
     "attention_prefill",
     "attention_prefill_mma",
     "attention_prefill_mma_hd128",
+    "attention_prefill_wgmma_hd128",
     "attention_decode_mma",
     "attention_decode_mma_hd128",
     "greedy_partial",
@@ -106,7 +107,7 @@ const FLASH_MAX_HEAD_DIM: usize = 128;
 const FLASH_Q_TILE: usize = 64;
 const FLASH_THREADS: u32 = 128;
 /// Its two stages of keys and values (`FLASH_SHARED_BYTES`): more than a block gets without
-/// opting in.
+/// opting in. The warpgroup build's unpadded swizzled keys and 1 KB of alignment fit too.
 const FLASH_SHARED_BYTES: usize = 2 * 2 * DECODE_KEYS * (FLASH_MAX_HEAD_DIM + 8) * 2;
 /// `attention_decode_mma`: keys a warp takes (`FLASH_K_TILE`), and the most query heads a KV
 /// head may serve (the 16 rows of one mma tile).
@@ -117,11 +118,13 @@ const DECODE_MAX_GROUP: usize = 16;
 const FIXED_HEAD_DIM: usize = 128;
 
 /// The tensor-core attention kernel `generic` (`attention_prefill_mma` or
-/// `attention_decode_mma`) or its build for `head_dim`.
-fn attention_kernel(generic: &'static str, head_dim: usize) -> &'static str {
-    match (generic, head_dim) {
-        ("attention_prefill_mma", FIXED_HEAD_DIM) => "attention_prefill_mma_hd128",
-        ("attention_decode_mma", FIXED_HEAD_DIM) => "attention_decode_mma_hd128",
+/// `attention_decode_mma`) or its build for `head_dim` (on Hopper, `hopper`, prefill scores
+/// by warpgroup instructions).
+fn attention_kernel(generic: &'static str, head_dim: usize, hopper: bool) -> &'static str {
+    match (generic, head_dim, hopper) {
+        ("attention_prefill_mma", FIXED_HEAD_DIM, true) => "attention_prefill_wgmma_hd128",
+        ("attention_prefill_mma", FIXED_HEAD_DIM, false) => "attention_prefill_mma_hd128",
+        ("attention_decode_mma", FIXED_HEAD_DIM, _) => "attention_decode_mma_hd128",
         _ => generic,
     }
 }
@@ -447,6 +450,7 @@ impl CudaBackend {
         for (name, bytes) in [
             ("attention_prefill_mma", FLASH_SHARED_BYTES),
             ("attention_prefill_mma_hd128", FLASH_SHARED_BYTES),
+            ("attention_prefill_wgmma_hd128", FLASH_SHARED_BYTES),
             ("moe_gemm_gate_up", moe::GEMM_SHARED_BYTES),
             ("moe_gemm_down", moe::GEMM_SHARED_BYTES),
             ("moe_wgmma_gate_up", moe::WGMMA_SHARED_BYTES),
@@ -545,11 +549,17 @@ impl CudaBackend {
     /// FLOP/s of this backend's GEMM (bf16 in, f32 accumulate) on an n×n×n product: the rate
     /// prefill is measured against.
     pub fn gemm_rate(&self, n: usize, repeats: usize) -> Result<f64> {
-        let x = self.tensor(n, n)?;
+        self.gemm_shape_rate(n, n, n, repeats)
+    }
+
+    /// The same for `x` of `m` × `k` times a weight of `n` × `k`: FLOP/s of the projection
+    /// path (conversion to bf16 included) at one layer's shape.
+    pub fn gemm_shape_rate(&self, m: usize, k: usize, n: usize, repeats: usize) -> Result<f64> {
+        let x = self.tensor(m, k)?;
         let w = CudaMatrix {
             out_dim: n,
-            in_dim: n,
-            data: self.zeros(n * n)?,
+            in_dim: k,
+            data: self.zeros(n * k)?,
         };
         self.gemm(&x, &w)?;
         self.synchronize()?;
@@ -558,7 +568,7 @@ impl CudaBackend {
             self.gemm(&x, &w)?;
         }
         self.synchronize()?;
-        Ok((2 * n * n * n * repeats) as f64 / started.elapsed().as_secs_f64())
+        Ok((2 * m * n * k * repeats) as f64 / started.elapsed().as_secs_f64())
     }
 
     fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -1190,7 +1200,7 @@ impl Backend for CudaBackend {
             let (kernel, split_keys, grid_heads, split_scale) = if grouped {
                 let log2_e = std::f32::consts::LOG2_E;
                 let kv = batch.num_kv_heads as u32;
-                let kernel = attention_kernel("attention_decode_mma", batch.head_dim);
+                let kernel = attention_kernel("attention_decode_mma", batch.head_dim, self.hopper);
                 (kernel, DECODE_KEYS, kv, scale * log2_e)
             } else {
                 let h = batch.num_heads as u32;
@@ -1262,7 +1272,7 @@ impl Backend for CudaBackend {
                 let log2_e = std::f32::consts::LOG2_E;
                 let q_scale = scale * log2_e;
                 (
-                    attention_kernel("attention_prefill_mma", batch.head_dim),
+                    attention_kernel("attention_prefill_mma", batch.head_dim, self.hopper),
                     FLASH_THREADS,
                     q_scale,
                     FLASH_SHARED_BYTES,

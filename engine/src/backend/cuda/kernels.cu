@@ -1300,7 +1300,7 @@ __device__ __forceinline__ void find_slots(int* slots, const int* table, int blo
 // Queues copies of one KV head's keys and values at the cache slots `slots` (from
 // find_slots) into ks and vs: two commit groups, keys then values. THREADS
 // threads share the copies, each keeping one 16-byte column.
-template <int THREADS, int HD>
+template <int THREADS, int HD, bool SWIZZLED_K = false>
 __device__ __forceinline__ void load_kv_tiles(KvTile* ks, KvTile* vs, const bf16_t* k_cache,
                                               const bf16_t* v_cache, const int* slots,
                                               int kv_width, int kv_head, int head_dim,
@@ -1316,17 +1316,40 @@ __device__ __forceinline__ void load_kv_tiles(KvTile* ks, KvTile* vs, const bf16
         const bf16_t* cache = (pass == 0 ? k_cache : v_cache) + kv_head * hd + c;
         KvTile* tile = pass == 0 ? ks : vs;
         if (j0 < row_step) {
-            unsigned int dst = shared_address(&tile[j0][c]);
+            // Swizzled keys (see prefill_attention's WGMMA): row_step is a multiple of 8
+            // there, so every row this thread copies swizzles its chunk alike.
+            bool swizzled = SWIZZLED_K && pass == 0;
+            int chunk = c / 8;
+            unsigned int dst =
+                swizzled ? shared_address(tile) + (chunk >> 3) * (FLASH_K_TILE * 128) + j0 * 128 +
+                               (((chunk & 7) ^ (j0 & 7)) << 4)
+                         : shared_address(&tile[j0][c]);
+            int row_bytes = swizzled ? 128 : (int)sizeof(KvTile);
 #pragma unroll
             for (int i = 0; i < rows; i++) {
                 int j = j0 + i * row_step;
                 if (whole || j < FLASH_K_TILE) {
-                    copy16_async_to(dst + i * row_step * (int)sizeof(KvTile),
+                    copy16_async_to(dst + i * row_step * row_bytes,
                                     cache + (size_t)slots[j] * kv_width, true);
                 }
             }
         }
         copies_commit();
+    }
+}
+
+// -inf for scores of keys (positions from `first`) past the lane's rows' `limit`s when
+// `masked`; `tile_max` gets each of the lane's two rows' largest score.
+__device__ __forceinline__ void mask_scores(float (*s)[4], float* tile_max, int first,
+                                            const int* limit, bool masked, int t) {
+    tile_max[0] = tile_max[1] = NEG_INF;
+#pragma unroll
+    for (int n = 0; n < FLASH_K_TILE / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            if (masked && first + n * 8 + t * 2 + (e & 1) > limit[e >> 1]) s[n][e] = NEG_INF;
+            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
+        }
     }
 }
 
@@ -1365,15 +1388,7 @@ __device__ __forceinline__ void tile_scores(float (*s)[4], float* tile_max,
             }
         }
     }
-    tile_max[0] = tile_max[1] = NEG_INF;
-#pragma unroll
-    for (int n = 0; n < FLASH_K_TILE / 8; n++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            if (masked && first + n * 8 + t * 2 + (e & 1) > limit[e >> 1]) s[n][e] = NEG_INF;
-            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
-        }
-    }
+    mask_scores(s, tile_max, first, limit, masked, t);
 }
 
 // Scores to softmax numerators in place, exp2(s - row max), added to the lane's row sums.
@@ -1423,7 +1438,37 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-template <int HD>
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// d[64 × 64] += a[64 × 16] · b: a from registers (each warp's 16 rows as an mma.m16n8k16 A
+// fragment), b a shared-memory descriptor.
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float* d, const unsigned int* a,
+                                                   unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, "
+        "%8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, "
+        "%24, %25, %26, %27, %28, %29, %30, %31 "
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
+          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1)
+        : "memory");
+}
+#endif
+
+// WGMMA (head_dim 128, sm_90a only): scores by warpgroup instructions, queries from
+// registers and keys from shared memory stored 128-byte swizzled in two 64-column halves
+// (the layout the GEMMs use), so a tile's scores cost 8 instructions where 64 mmas and their
+// 32 fragment loads stood; values still go through mma.
+template <int HD, bool WGMMA>
 __device__ __forceinline__ void prefill_attention(
     const float* q, const bf16_t* k_cache, const bf16_t* v_cache, float* out,
     const int* tile_rows, const int* tile_counts, const int* tile_positions,
@@ -1432,9 +1477,21 @@ __device__ __forceinline__ void prefill_attention(
     extern __shared__ __align__(16) unsigned char flash_shared[];
     // Cache slots of the keys of stage i's tile.
     __shared__ int stage_slots[2][FLASH_K_TILE];
-    // Stage i: keys at stages[2i], values at stages[2i + 1].
-    KvTile(*stages)[FLASH_K_TILE] = (KvTile(*)[FLASH_K_TILE])flash_shared;
-    KvTile* ks = stages[0];
+    // Stage i: keys at key_tiles[i], values at value_tiles[i]. Swizzled keys take 128 bytes
+    // a row and 1024-byte alignment.
+    const int key_bytes = WGMMA ? FLASH_K_TILE * 256 : (int)sizeof(KvTile) * FLASH_K_TILE;
+    const int stage_bytes = key_bytes + (int)sizeof(KvTile) * FLASH_K_TILE;
+    unsigned char* stage_base =
+        flash_shared + (WGMMA ? (1024 - (shared_address(flash_shared) & 1023)) & 1023 : 0);
+    KvTile* key_tiles[2];
+    KvTile* value_tiles[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        key_tiles[i] = (KvTile*)(stage_base + i * stage_bytes);
+        value_tiles[i] = (KvTile*)(stage_base + i * stage_bytes + key_bytes);
+    }
+    // The query tile is staged where the first values go.
+    KvTile* ks = value_tiles[0];
     const int hd = HD ? HD : head_dim;
     int head = blockIdx.x;
     QueryTile qt = query_tile(tile_rows, tile_counts, tile_positions, tile_table_offsets,
@@ -1486,17 +1543,18 @@ __device__ __forceinline__ void prefill_attention(
                    threadIdx.x, FLASH_THREADS);
     }
     __syncthreads();  // every warp has its query fragments: stage 0 may be overwritten
-    load_kv_tiles<FLASH_THREADS, HD>(stages[0], stages[1], k_cache, v_cache, stage_slots[0],
-                                     kv_width, kv_head, hd, threadIdx.x);
+    load_kv_tiles<FLASH_THREADS, HD, WGMMA>(key_tiles[0], value_tiles[0], k_cache, v_cache,
+                                            stage_slots[0], kv_width, kv_head, hd,
+                                            threadIdx.x);
     for (int tile = 0; tile < tiles; tile++) {
         int key_start = tile * FLASH_K_TILE;
-        const KvTile* ks = stages[2 * (tile & 1)];
-        const KvTile* vs = stages[2 * (tile & 1) + 1];
+        const KvTile* ks = key_tiles[tile & 1];
+        const KvTile* vs = value_tiles[tile & 1];
         if (tile + 1 < tiles) {
             int next = (tile + 1) & 1;
-            load_kv_tiles<FLASH_THREADS, HD>(stages[2 * next], stages[2 * next + 1], k_cache,
-                                             v_cache, stage_slots[next], kv_width, kv_head, hd,
-                                             threadIdx.x);
+            load_kv_tiles<FLASH_THREADS, HD, WGMMA>(key_tiles[next], value_tiles[next], k_cache,
+                                                    v_cache, stage_slots[next], kv_width,
+                                                    kv_head, hd, threadIdx.x);
         } else {
             // Empty groups keep the counts below the same on the last tile.
             copies_commit();
@@ -1505,6 +1563,8 @@ __device__ __forceinline__ void prefill_attention(
         // This tile's keys and values are in (they were queued a tile ago); the next
         // tile's may not be.
         copies_wait<2>();
+        // The copies were generic-proxy writes; wgmma reads through the async proxy.
+        if (WGMMA) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
         if (tile + 2 < tiles) {
             find_slots(stage_slots[tile & 1], table, block_size, key_start + 2 * FLASH_K_TILE,
@@ -1512,7 +1572,31 @@ __device__ __forceinline__ void prefill_attention(
         }
         float s[FLASH_K_TILE / 8][4], tile_max[2];
         bool masked = key_start + FLASH_K_TILE - 1 > first_position;
-        tile_scores<HD>(s, tile_max, qf, ks, hd, key_start, position, masked, lane);
+        if (WGMMA) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#pragma unroll
+            for (int n = 0; n < FLASH_K_TILE / 8; n++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[n][e] = 0.0f;
+            }
+            unsigned int keys = shared_address(ks);
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+            for (int st = 0; st < 8; st++) {
+                // k step st: half st / 4 of the head, 32 bytes a step along its rows.
+                wgmma_m64n64k16_rs(&s[0][0], qf[st],
+                                   wgmma_descriptor(keys + (st >> 2) * FLASH_K_TILE * 128 +
+                                                    (st & 3) * 32));
+            }
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            mask_scores(s, tile_max, key_start, position, masked, t);
+#else
+            __trap();  // launched only on devices the kernels were built for as sm_90a
+#endif
+        } else {
+            tile_scores<HD>(s, tile_max, qf, ks, hd, key_start, position, masked, lane);
+        }
         float correction[2];
 #pragma unroll
         for (int r = 0; r < 2; r++) {
@@ -1547,18 +1631,19 @@ __device__ __forceinline__ void prefill_attention(
     }
 }
 
-#define PREFILL_MMA_KERNEL(name, hd)                                                          \
+#define PREFILL_MMA_KERNEL(name, hd, wgmma)                                                   \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 3)                            \
         name(const float* q, const bf16_t* k_cache, const bf16_t* v_cache, float* out,        \
              const int* tile_rows, const int* tile_counts, const int* tile_positions,         \
              const int* tile_table_offsets, const int* block_tables, int num_heads,           \
              int num_kv_heads, int head_dim, int block_size, float q_scale) {                 \
-        prefill_attention<hd>(q, k_cache, v_cache, out, tile_rows, tile_counts,              \
-                              tile_positions, tile_table_offsets, block_tables, num_heads,    \
-                              num_kv_heads, head_dim, block_size, q_scale);                   \
+        prefill_attention<hd, wgmma>(q, k_cache, v_cache, out, tile_rows, tile_counts,       \
+                                     tile_positions, tile_table_offsets, block_tables,        \
+                                     num_heads, num_kv_heads, head_dim, block_size, q_scale); \
     }
-PREFILL_MMA_KERNEL(attention_prefill_mma, 0)
-PREFILL_MMA_KERNEL(attention_prefill_mma_hd128, 128)
+PREFILL_MMA_KERNEL(attention_prefill_mma, 0, false)
+PREFILL_MMA_KERNEL(attention_prefill_mma_hd128, 128, false)
+PREFILL_MMA_KERNEL(attention_prefill_wgmma_hd128, 128, true)
 
 // Decode attention on the tensor cores for grouped-query heads: one warp per (query row, KV
 // head, split of FLASH_K_TILE keys) reads that split's keys and values once for every query
