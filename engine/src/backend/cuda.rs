@@ -107,8 +107,15 @@ const FLASH_MAX_HEAD_DIM: usize = 128;
 const FLASH_Q_TILE: usize = 64;
 const FLASH_THREADS: u32 = 128;
 /// Its two stages of keys and values (`FLASH_SHARED_BYTES`): more than a block gets without
-/// opting in. The warpgroup build's unpadded swizzled keys and 1 KB of alignment fit too.
+/// opting in.
 const FLASH_SHARED_BYTES: usize = 2 * 2 * DECODE_KEYS * (FLASH_MAX_HEAD_DIM + 8) * 2;
+/// `attention_prefill_wgmma_hd128` (sm_90a): `FLASH_WGMMA_Q_TILE` rows a block, 8 warps; 1 KB
+/// of alignment, the swizzled query tile, then two stages of swizzled keys and padded values.
+const FLASH_WGMMA_Q_TILE: usize = 128;
+const FLASH_WGMMA_THREADS: u32 = 256;
+const FLASH_WGMMA_SHARED_BYTES: usize = 1024
+    + FLASH_WGMMA_Q_TILE * FIXED_HEAD_DIM * 2
+    + 2 * DECODE_KEYS * (FIXED_HEAD_DIM + (FLASH_MAX_HEAD_DIM + 8)) * 2;
 /// `attention_decode_mma`: keys a warp takes (`FLASH_K_TILE`), and the most query heads a KV
 /// head may serve (the 16 rows of one mma tile).
 const DECODE_KEYS: usize = 64;
@@ -117,15 +124,54 @@ const DECODE_MAX_GROUP: usize = 16;
 /// loops then unroll without a test per step.
 const FIXED_HEAD_DIM: usize = 128;
 
-/// The tensor-core attention kernel `generic` (`attention_prefill_mma` or
-/// `attention_decode_mma`) or its build for `head_dim` (on Hopper, `hopper`, prefill scores
-/// by warpgroup instructions).
-fn attention_kernel(generic: &'static str, head_dim: usize, hopper: bool) -> &'static str {
-    match (generic, head_dim, hopper) {
-        ("attention_prefill_mma", FIXED_HEAD_DIM, true) => "attention_prefill_wgmma_hd128",
-        ("attention_prefill_mma", FIXED_HEAD_DIM, false) => "attention_prefill_mma_hd128",
-        ("attention_decode_mma", FIXED_HEAD_DIM, _) => "attention_decode_mma_hd128",
-        _ => generic,
+/// A tiled prefill attention kernel and its launch shape.
+struct PrefillKernel {
+    name: &'static str,
+    /// Query rows a block takes.
+    q_tile: usize,
+    threads: u32,
+    shared_bytes: usize,
+    /// Queries arrive scaled by log2(e) too (the kernel takes exp2).
+    log2_scaled: bool,
+}
+
+/// The prefill attention kernel for `head_dim`: on the tensor cores for multiples of 16 up
+/// to 128 (built for 128 itself, and on Hopper, `hopper`, with warpgroup-instruction scores
+/// over 128-row tiles), else the CUDA-core one.
+fn prefill_kernel(head_dim: usize, hopper: bool) -> PrefillKernel {
+    let mma = |name| PrefillKernel {
+        name,
+        q_tile: FLASH_Q_TILE,
+        threads: FLASH_THREADS,
+        shared_bytes: FLASH_SHARED_BYTES,
+        log2_scaled: true,
+    };
+    match head_dim {
+        FIXED_HEAD_DIM if hopper => PrefillKernel {
+            name: "attention_prefill_wgmma_hd128",
+            q_tile: FLASH_WGMMA_Q_TILE,
+            threads: FLASH_WGMMA_THREADS,
+            shared_bytes: FLASH_WGMMA_SHARED_BYTES,
+            log2_scaled: true,
+        },
+        FIXED_HEAD_DIM => mma("attention_prefill_mma_hd128"),
+        d if d.is_multiple_of(16) && d <= FLASH_MAX_HEAD_DIM => mma("attention_prefill_mma"),
+        _ => PrefillKernel {
+            name: "attention_prefill",
+            q_tile: PREFILL_Q_TILE,
+            threads: PREFILL_THREADS,
+            shared_bytes: 0,
+            log2_scaled: false,
+        },
+    }
+}
+
+/// The grouped-query decode kernel for `head_dim`.
+fn decode_kernel(head_dim: usize) -> &'static str {
+    if head_dim == FIXED_HEAD_DIM {
+        "attention_decode_mma_hd128"
+    } else {
+        "attention_decode_mma"
     }
 }
 
@@ -450,7 +496,7 @@ impl CudaBackend {
         for (name, bytes) in [
             ("attention_prefill_mma", FLASH_SHARED_BYTES),
             ("attention_prefill_mma_hd128", FLASH_SHARED_BYTES),
-            ("attention_prefill_wgmma_hd128", FLASH_SHARED_BYTES),
+            ("attention_prefill_wgmma_hd128", FLASH_WGMMA_SHARED_BYTES),
             ("moe_gemm_gate_up", moe::GEMM_SHARED_BYTES),
             ("moe_gemm_down", moe::GEMM_SHARED_BYTES),
             ("moe_wgmma_gate_up", moe::WGMMA_SHARED_BYTES),
@@ -1145,11 +1191,8 @@ impl Backend for CudaBackend {
         let tiled = batch.head_dim <= PREFILL_MAX_HEAD_DIM;
         let mut positions = vec![-1i32; q.rows];
         let mut offsets = vec![0i32; q.rows];
-        let mut tiles = PrefillTiles::new(if tensor_cores {
-            FLASH_Q_TILE
-        } else {
-            PREFILL_Q_TILE
-        });
+        let prefill = prefill_kernel(batch.head_dim, self.hopper);
+        let mut tiles = PrefillTiles::new(prefill.q_tile);
         let mut tables: Vec<i32> = Vec::new();
         for seq in batch.seqs {
             let offset = tables.len() as i32;
@@ -1200,7 +1243,7 @@ impl Backend for CudaBackend {
             let (kernel, split_keys, grid_heads, split_scale) = if grouped {
                 let log2_e = std::f32::consts::LOG2_E;
                 let kv = batch.num_kv_heads as u32;
-                let kernel = attention_kernel("attention_decode_mma", batch.head_dim, self.hopper);
+                let kernel = decode_kernel(batch.head_dim);
                 (kernel, DECODE_KEYS, kv, scale * log2_e)
             } else {
                 let h = batch.num_heads as u32;
@@ -1268,17 +1311,11 @@ impl Backend for CudaBackend {
             let counts = reused("attention.tile_counts", &tiles.counts)?;
             let tile_positions = reused("attention.tile_positions", &tiles.positions)?;
             let tile_offsets = reused("attention.tile_offsets", &tiles.table_offsets)?;
-            let (kernel, threads, q_scale, shared) = if tensor_cores {
-                let log2_e = std::f32::consts::LOG2_E;
-                let q_scale = scale * log2_e;
-                (
-                    attention_kernel("attention_prefill_mma", batch.head_dim, self.hopper),
-                    FLASH_THREADS,
-                    q_scale,
-                    FLASH_SHARED_BYTES,
-                )
+            let (kernel, threads, shared) = (prefill.name, prefill.threads, prefill.shared_bytes);
+            let q_scale = if prefill.log2_scaled {
+                scale * std::f32::consts::LOG2_E
             } else {
-                ("attention_prefill", PREFILL_THREADS, scale, 0)
+                scale
             };
             let mut launch = self.stream.launch_builder(self.function(kernel));
             launch

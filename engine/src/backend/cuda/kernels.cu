@@ -1095,6 +1095,18 @@ __device__ __forceinline__ void wgmma_m64n128k16(float* d, unsigned long long a,
         : "l"(a), "l"(b), "r"(1)
         : "memory");
 }
+
+// d[64 × 64] += a · b, both shared-memory descriptors.
+__device__ __forceinline__ void wgmma_m64n64k16(float* d, unsigned long long a,
+                                                unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WGMMA_REGS32
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : WGMMA_OUT32(d, 0)
+        : "l"(a), "l"(b), "r"(1)
+        : "memory");
+}
 #endif
 
 template <bool SWIGLU>
@@ -1427,25 +1439,14 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// d[64 × 64] += a[64 × 16] · b: a from registers (each warp's 16 rows as an mma.m16n8k16 A
-// fragment), b a shared-memory descriptor.
-__device__ __forceinline__ void wgmma_m64n64k16_rs(float* d, const unsigned int* a,
-                                                   unsigned long long b) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WGMMA_REGS32
-        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-        : WGMMA_OUT32(d, 0)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1)
-        : "memory");
-}
-#endif
+// WGMMA (head_dim 128, sm_90a only): 8 warps and 128 query rows a block, so each key and
+// value tile read from L2 serves twice the rows; scores by warpgroup instructions (each
+// warpgroup 64 rows), queries and keys from shared memory stored 128-byte swizzled in two
+// 64-column halves (the layout the GEMMs use); values still go through mma. One block an SM:
+// capped at 128 registers for two, the loop spilled and ran ~15% slower.
+#define FLASH_WGMMA_Q_TILE 128
+#define FLASH_WGMMA_THREADS 256
 
-// WGMMA (head_dim 128, sm_90a only): scores by warpgroup instructions, queries from
-// registers and keys from shared memory stored 128-byte swizzled in two 64-column halves
-// (the layout the GEMMs use), so a tile's scores cost 8 instructions where 64 mmas and their
-// 32 fragment loads stood; values still go through mma.
 template <int HD, bool WGMMA>
 __device__ __forceinline__ void prefill_attention(
     const float* q, const bf16_t* k_cache, const bf16_t* v_cache, float* out,
@@ -1453,14 +1454,18 @@ __device__ __forceinline__ void prefill_attention(
     const int* tile_table_offsets, const int* block_tables, int num_heads, int num_kv_heads,
     int head_dim, int block_size, float q_scale) {
     extern __shared__ __align__(16) unsigned char flash_shared[];
+    const int threads = WGMMA ? FLASH_WGMMA_THREADS : FLASH_THREADS;
+    const int q_tile = WGMMA ? FLASH_WGMMA_Q_TILE : FLASH_Q_TILE;
     // Cache slots of the keys of stage i's tile.
     __shared__ int stage_slots[2][FLASH_K_TILE];
-    // Stage i: keys at key_tiles[i], values at value_tiles[i]. Swizzled keys take 128 bytes
-    // a row and 1024-byte alignment.
+    // WGMMA: the swizzled query tile first (1024-byte aligned, 128 bytes a row per half).
+    // Stage i: keys at key_tiles[i], values at value_tiles[i]; swizzled keys take 128 bytes
+    // a row per half.
     const int key_bytes = WGMMA ? FLASH_K_TILE * 256 : (int)sizeof(KvTile) * FLASH_K_TILE;
     const int stage_bytes = key_bytes + (int)sizeof(KvTile) * FLASH_K_TILE;
-    unsigned char* stage_base =
+    unsigned char* query_base =
         flash_shared + (WGMMA ? (1024 - (shared_address(flash_shared) & 1023)) & 1023 : 0);
+    unsigned char* stage_base = query_base + (WGMMA ? FLASH_WGMMA_Q_TILE * 256 : 0);
     KvTile* key_tiles[2];
     KvTile* value_tiles[2];
 #pragma unroll
@@ -1482,19 +1487,42 @@ __device__ __forceinline__ void prefill_attention(
     const int steps = hd / 16;
     const int chunks = hd / 8;
 
-    // The scaled query tile goes through ks as bf16; each warp keeps its rows' A fragments.
-    for (int i = threadIdx.x; i < FLASH_Q_TILE * hd; i += FLASH_THREADS) {
-        int r = i / hd, d = i % hd;
-        float v = r < count ? q[(size_t)(first_row + r) * q_width + head * hd + d] * q_scale
-                            : 0.0f;
-        ks[r][d] = f32_to_bf16(v);
-    }
-    __syncthreads();
     int row = warp * 16 + g;  // this lane's rows: row and row + 8
     unsigned int qf[FLASH_MAX_HEAD_DIM / 16][4];
+    if (WGMMA) {
+        // The scaled query tile as bf16 into its swizzled place, 8 values a copy.
+        for (int i = threadIdx.x; i < FLASH_WGMMA_Q_TILE * 16; i += threads) {
+            int r = i >> 4, chunk = i & 15;
+            uint4 packed = make_uint4(0, 0, 0, 0);
+            if (r < count) {
+                const float4* src =
+                    (const float4*)(q + (size_t)(first_row + r) * q_width + head * hd + chunk * 8);
+                float4 lo = src[0], hi = src[1];
+                packed = make_uint4(pack_bf16(lo.x * q_scale, lo.y * q_scale),
+                                    pack_bf16(lo.z * q_scale, lo.w * q_scale),
+                                    pack_bf16(hi.x * q_scale, hi.y * q_scale),
+                                    pack_bf16(hi.z * q_scale, hi.w * q_scale));
+            }
+            *(uint4*)(query_base + (chunk >> 3) * (FLASH_WGMMA_Q_TILE * 128) + r * 128 +
+                      (((chunk & 7) ^ (r & 7)) << 4)) = packed;
+        }
+        // Generic-proxy writes the warpgroup instructions will read.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+    } else {
+        // The scaled query tile goes through ks as bf16; each warp keeps its rows' A
+        // fragments.
+        for (int i = threadIdx.x; i < FLASH_Q_TILE * hd; i += FLASH_THREADS) {
+            int r = i / hd, d = i % hd;
+            float v = r < count ? q[(size_t)(first_row + r) * q_width + head * hd + d] * q_scale
+                                : 0.0f;
+            ks[r][d] = f32_to_bf16(v);
+        }
+        __syncthreads();
+    }
 #pragma unroll
     for (int s = 0; s < FLASH_MAX_HEAD_DIM / 16; s++) {
-        if (s < steps) {
+        if (!WGMMA && s < steps) {
             int c = s * 16 + t * 2;
             qf[s][0] = shared_word(&ks[row][c]);
             qf[s][1] = shared_word(&ks[row + 8][c]);
@@ -1518,21 +1546,21 @@ __device__ __forceinline__ void prefill_attention(
     // the barriers that order them after the last copies reading that stage's slots.
     for (int stage = 0; stage < 2; stage++) {
         find_slots(stage_slots[stage], table, block_size, stage * FLASH_K_TILE, last_position,
-                   threadIdx.x, FLASH_THREADS);
+                   threadIdx.x, threads);
     }
     __syncthreads();  // every warp has its query fragments: stage 0 may be overwritten
-    load_kv_tiles<FLASH_THREADS, HD, WGMMA>(key_tiles[0], value_tiles[0], k_cache, v_cache,
-                                            stage_slots[0], kv_width, kv_head, hd,
-                                            threadIdx.x);
+    load_kv_tiles<WGMMA ? FLASH_WGMMA_THREADS : FLASH_THREADS, HD, WGMMA>(
+        key_tiles[0], value_tiles[0], k_cache, v_cache, stage_slots[0], kv_width, kv_head, hd,
+        threadIdx.x);
     for (int tile = 0; tile < tiles; tile++) {
         int key_start = tile * FLASH_K_TILE;
         const KvTile* ks = key_tiles[tile & 1];
         const KvTile* vs = value_tiles[tile & 1];
         if (tile + 1 < tiles) {
             int next = (tile + 1) & 1;
-            load_kv_tiles<FLASH_THREADS, HD, WGMMA>(key_tiles[next], value_tiles[next], k_cache,
-                                                    v_cache, stage_slots[next], kv_width,
-                                                    kv_head, hd, threadIdx.x);
+            load_kv_tiles<WGMMA ? FLASH_WGMMA_THREADS : FLASH_THREADS, HD, WGMMA>(
+                key_tiles[next], value_tiles[next], k_cache, v_cache, stage_slots[next],
+                kv_width, kv_head, hd, threadIdx.x);
         } else {
             // Empty groups keep the counts below the same on the last tile.
             copies_commit();
@@ -1546,7 +1574,7 @@ __device__ __forceinline__ void prefill_attention(
         __syncthreads();
         if (tile + 2 < tiles) {
             find_slots(stage_slots[tile & 1], table, block_size, key_start + 2 * FLASH_K_TILE,
-                       last_position, threadIdx.x, FLASH_THREADS);
+                       last_position, threadIdx.x, threads);
         }
         float s[FLASH_K_TILE / 8][4], tile_max[2];
         bool masked = key_start + FLASH_K_TILE - 1 > first_position;
@@ -1558,13 +1586,17 @@ __device__ __forceinline__ void prefill_attention(
                 for (int e = 0; e < 4; e++) s[n][e] = 0.0f;
             }
             unsigned int keys = shared_address(ks);
+            // This warpgroup's 64 query rows.
+            unsigned int queries = shared_address(query_base) + (warp >> 2) * 64 * 128;
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
             for (int st = 0; st < 8; st++) {
                 // k step st: half st / 4 of the head, 32 bytes a step along its rows.
-                wgmma_m64n64k16_rs(&s[0][0], qf[st],
-                                   wgmma_descriptor(keys + (st >> 2) * FLASH_K_TILE * 128 +
-                                                    (st & 3) * 32));
+                int at = (st & 3) * 32;
+                wgmma_m64n64k16(
+                    &s[0][0],
+                    wgmma_descriptor(queries + (st >> 2) * FLASH_WGMMA_Q_TILE * 128 + at),
+                    wgmma_descriptor(keys + (st >> 2) * FLASH_K_TILE * 128 + at));
             }
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
@@ -1609,8 +1641,8 @@ __device__ __forceinline__ void prefill_attention(
     }
 }
 
-#define PREFILL_MMA_KERNEL(name, hd, wgmma)                                                   \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 3)                            \
+#define PREFILL_MMA_KERNEL(name, hd, wgmma, threads, blocks)                                   \
+    extern "C" __global__ void __launch_bounds__(threads, blocks)                             \
         name(const float* q, const bf16_t* k_cache, const bf16_t* v_cache, float* out,        \
              const int* tile_rows, const int* tile_counts, const int* tile_positions,         \
              const int* tile_table_offsets, const int* block_tables, int num_heads,           \
@@ -1619,9 +1651,9 @@ __device__ __forceinline__ void prefill_attention(
                                      tile_positions, tile_table_offsets, block_tables,        \
                                      num_heads, num_kv_heads, head_dim, block_size, q_scale); \
     }
-PREFILL_MMA_KERNEL(attention_prefill_mma, 0, false)
-PREFILL_MMA_KERNEL(attention_prefill_mma_hd128, 128, false)
-PREFILL_MMA_KERNEL(attention_prefill_wgmma_hd128, 128, true)
+PREFILL_MMA_KERNEL(attention_prefill_mma, 0, false, FLASH_THREADS, 3)
+PREFILL_MMA_KERNEL(attention_prefill_mma_hd128, 128, false, FLASH_THREADS, 3)
+PREFILL_MMA_KERNEL(attention_prefill_wgmma_hd128, 128, true, FLASH_WGMMA_THREADS, 1)
 
 // Decode attention on the tensor cores for grouped-query heads: one warp per (query row, KV
 // head, split of FLASH_K_TILE keys) reads that split's keys and values once for every query
