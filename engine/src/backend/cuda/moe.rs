@@ -34,6 +34,8 @@ pub(super) const GEMM_SHARED_BYTES: usize = 3 * (GEMM_BM + GEMM_BN) * (64 + 8) *
 /// `WGMMA_SHARED_BYTES` of the warpgroup (sm_90a) GEMMs: three unpadded stages and 1 KB to
 /// align them to the swizzle pattern.
 pub(super) const WGMMA_SHARED_BYTES: usize = 3 * (GEMM_BM + GEMM_BN) * 64 * 2 + 1024;
+/// The most blocks a launch's second grid dimension takes (the GEMMs' row tiles).
+const MAX_GRID_Y: usize = 65_535;
 /// Experts `moe_route` scores (`ROUTE_MAX_PER_LANE` × 32) and picks at most (a lane each).
 const ROUTE_MAX_EXPERTS: usize = 512;
 const ROUTE_MAX_TOP_K: usize = 32;
@@ -296,6 +298,12 @@ impl CudaBackend {
             // pairs · hidden values.
             launched(unsafe { launch.launch(grid(hidden, inter)) }, "moe_down")?;
         } else {
+            if place.max_tiles > MAX_GRID_Y {
+                return Err(EngineError::Unsupported(format!(
+                    "{pairs} routing slots need up to {} GEMM tiles, over the {MAX_GRID_Y} a launch takes; lower max_batch_tokens",
+                    place.max_tiles
+                )));
+            }
             // The tokens in bf16, gathered by the gate/up GEMM for each of their slots.
             let x16 = self.bf16_copy(x)?;
             let gate_up_timer = self.timed("moe.gemm_gate_up");
@@ -325,9 +333,9 @@ impl CudaBackend {
                 .arg(&mut act);
             // SAFETY: each block takes one tile of GEMM_BM positions of one expert (blocks
             // past the last return), reads the rows of x16 ([x.rows, hidden]) of those
-            // positions' slots (sorted_slot holds slots below x.rows · top_k) and rows of that expert's
-            // [2·inter, hidden] matrix (hidden a multiple of 8, reads past it zero-filled) and
-            // writes act ([pairs, inter]) inside its rows and columns.
+            // positions' slots (sorted_slot holds slots below x.rows · top_k) and rows of
+            // that expert's [2·inter, hidden] matrix (hidden a multiple of 8, reads past it
+            // zero-filled) and writes act ([pairs, inter]) inside its rows and columns.
             launched(
                 unsafe { launch.launch(gemm(inter.div_ceil(GEMM_BN / 2))) },
                 gate_up_kernel,
