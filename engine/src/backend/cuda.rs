@@ -263,11 +263,14 @@ pub fn probe() -> std::result::Result<(), String> {
     }
 }
 
+/// The compute capability whose kernels compile as `sm_90a`.
+const HOPPER: (i32, i32) = (9, 0);
+
 /// The architecture the kernels are compiled for on a device of this compute capability:
 /// Hopper's own (`sm_90a`), whose warpgroup instructions other devices lack, else the
 /// family's.
 fn kernel_arch(major: i32, minor: i32) -> String {
-    if (major, minor) == (9, 0) {
+    if (major, minor) == HOPPER {
         "sm_90a".into()
     } else {
         format!("sm_{major}{minor}")
@@ -328,7 +331,8 @@ pub struct CudaBackend {
     device_name: String,
     /// Tells whether another process's KV stores are on this same GPU.
     device_uuid: [u8; 16],
-    /// The kernels were built for sm_90a: the MoE GEMMs run on warpgroup instructions.
+    /// The kernels were built for sm_90a: the MoE GEMMs and prefill attention's scores run on
+    /// warpgroup instructions.
     hopper: bool,
     reused_i32: ReusedUploads<i32>,
     reused_f32: ReusedUploads<f32>,
@@ -516,7 +520,7 @@ impl CudaBackend {
             kernels: Kernels { functions },
             device_name,
             device_uuid,
-            hopper: (major, minor) == (9, 0),
+            hopper: (major, minor) == HOPPER,
             reused_i32: ReusedUploads::default(),
             reused_f32: ReusedUploads::default(),
             reused_u64: ReusedUploads::default(),
@@ -689,13 +693,24 @@ impl CudaBackend {
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ` with bf16 inputs and f32 accumulation.
     fn gemm(&self, x: &CudaTensor, w: &CudaMatrix) -> Result<CudaTensor> {
-        let (m, k, n) = (x.rows, x.cols, w.out_dim);
+        let x16 = self.bf16_copy(x)?;
+        self.gemm_bf16(&x16, x.rows, x.cols, w)
+    }
+
+    /// The same for `x16`, `m` rows of `k` values already in bf16.
+    fn gemm_bf16(
+        &self,
+        x16: &CudaSlice<u16>,
+        m: usize,
+        k: usize,
+        w: &CudaMatrix,
+    ) -> Result<CudaTensor> {
+        let n = w.out_dim;
         let _timer = self.timed("gemm");
         let mut y = self.output(m, n)?;
         if m == 0 {
             return Ok(y);
         }
-        let x16 = self.bf16_copy(x)?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         {
             let (a, _a_guard) = w.data.device_ptr(&self.stream);

@@ -898,6 +898,26 @@ __device__ __forceinline__ void gemm_row_sources(const bf16_t** row_src, const b
     }
 }
 
+// Queues one stage's copies of a grouped GEMM's tiles: values [k0 + column, k0 + column + 8)
+// of rows first_row + i · row_step (i < GEMM_COPIES) of the A and B tiles (sources from
+// gemm_row_sources; zeros past the rows, the matrix or k) to a_dst and b_dst plus
+// i · row_step · row_bytes. A zero-filled copy names `a` or `w`, unread.
+__device__ __forceinline__ void queue_gemm_copies(const bf16_t* const* row_src, const bf16_t* a,
+                                                  const bf16_t* w, unsigned int a_dst,
+                                                  unsigned int b_dst, int row_bytes,
+                                                  int first_row, int row_step, int column,
+                                                  int k0, int k) {
+    bool in_k = k0 + column < k;
+#pragma unroll
+    for (int i = 0; i < GEMM_COPIES; i++) {
+        unsigned int at = i * row_step * row_bytes;
+        const bf16_t* src = row_src[first_row + i * row_step];
+        copy16_async_to(a_dst + at, in_k && src ? src + k0 + column : a, in_k && src);
+        src = row_src[GEMM_BM + first_row + i * row_step];
+        copy16_async_to(b_dst + at, in_k && src ? src + k0 + column : w, in_k && src);
+    }
+}
+
 template <bool SWIGLU>
 __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows, int a_row_divisor,
                                              const unsigned long long* matrices,
@@ -929,15 +949,9 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows,
     unsigned int a_dst = shared_address(&as[0][first_row][chunk]);
     unsigned int b_dst = shared_address(&bs[0][first_row][chunk]);
     auto load = [&](int stage, int k0) {
-        bool in_k = k0 + chunk < k;
-#pragma unroll
-        for (int i = 0; i < GEMM_COPIES; i++) {
-            unsigned int at = stage * sizeof(ATile) + i * row_step * GEMM_LD * 2;
-            const bf16_t* src = row_src[first_row + i * row_step];
-            copy16_async_to(a_dst + at, in_k && src ? src + k0 + chunk : a, in_k && src);
-            src = row_src[GEMM_BM + first_row + i * row_step];
-            copy16_async_to(b_dst + at, in_k && src ? src + k0 + chunk : w, in_k && src);
-        }
+        queue_gemm_copies(row_src, a, w, a_dst + stage * sizeof(ATile),
+                          b_dst + stage * sizeof(BTile), GEMM_LD * 2, first_row, row_step, chunk,
+                          k0, k);
     };
     float acc[GEMM_MI][GEMM_NI][4];
 #pragma unroll
@@ -1061,10 +1075,9 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
 // wgmma m64n128k16; tiles stored 128-byte swizzled (16-byte chunk c of row r at chunk
 // c ^ (r % 8)), the layout the matrix descriptors name. For SWIGLU a thread holds a gate
 // column and its up column (n8 blocks j and j + 8), so the activation needs no shared memory.
-#define WGMMA_STAGES 3
 #define WGMMA_STAGE_BYTES ((GEMM_BM + GEMM_BN) * GEMM_BK * 2)
 // Stages plus slack to align them to the 1024-byte swizzle pattern.
-#define WGMMA_SHARED_BYTES (WGMMA_STAGES * WGMMA_STAGE_BYTES + 1024)
+#define WGMMA_SHARED_BYTES (GEMM_STAGES * WGMMA_STAGE_BYTES + 1024)
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
@@ -1136,17 +1149,9 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a
     // row_step is a multiple of 8, so every row this thread copies swizzles its chunk alike.
     unsigned int dst = base + first_row * 128 + ((chunk ^ (first_row & 7)) << 4);
     auto load = [&](int stage, int k0) {
-        bool in_k = k0 + chunk * 8 < k;
-#pragma unroll
-        for (int i = 0; i < GEMM_BM / row_step; i++) {
-            unsigned int at = dst + stage * WGMMA_STAGE_BYTES + i * row_step * 128;
-            const bf16_t* src = row_src[first_row + i * row_step];
-            bool ok = in_k && src;
-            copy16_async_to(at, ok ? src + k0 + chunk * 8 : a, ok);
-            src = row_src[GEMM_BM + first_row + i * row_step];
-            ok = in_k && src;
-            copy16_async_to(at + GEMM_BM * 128, ok ? src + k0 + chunk * 8 : w, ok);
-        }
+        unsigned int at = dst + stage * WGMMA_STAGE_BYTES;
+        queue_gemm_copies(row_src, a, w, at, at + GEMM_BM * 128, 128, first_row, row_step,
+                          chunk * 8, k0, k);
     };
     float d[64];
 #pragma unroll
@@ -1154,21 +1159,21 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a
     int warpgroup = tid >> 7;
     int steps = (k + GEMM_BK - 1) / GEMM_BK;
 #pragma unroll
-    for (int s = 0; s < WGMMA_STAGES - 1; s++) {
+    for (int s = 0; s < GEMM_STAGES - 1; s++) {
         if (s < steps) load(s, s * GEMM_BK);
         copies_commit();
     }
     for (int step = 0; step < steps; step++) {
-        copies_wait<WGMMA_STAGES - 2>();
+        copies_wait<GEMM_STAGES - 2>();
         // The copies were generic-proxy writes; wgmma reads through the async proxy.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
         // Every warpgroup finished the last step's wgmmas (waited below), so the stage
         // they read may be refilled.
-        int next = step + WGMMA_STAGES - 1;
-        if (next < steps) load(next % WGMMA_STAGES, next * GEMM_BK);
+        int next = step + GEMM_STAGES - 1;
+        if (next < steps) load(next % GEMM_STAGES, next * GEMM_BK);
         copies_commit();
-        unsigned int stage = base + (step % WGMMA_STAGES) * WGMMA_STAGE_BYTES;
+        unsigned int stage = base + (step % GEMM_STAGES) * WGMMA_STAGE_BYTES;
         unsigned int a_tile = stage + warpgroup * 64 * 128;
         unsigned int b_tile = stage + GEMM_BM * 128;
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -1459,22 +1464,21 @@ __device__ __forceinline__ void prefill_attention(
     // Cache slots of the keys of stage i's tile.
     __shared__ int stage_slots[2][FLASH_K_TILE];
     // WGMMA: the swizzled query tile first (1024-byte aligned, 128 bytes a row per half).
-    // Stage i: keys at key_tiles[i], values at value_tiles[i]; swizzled keys take 128 bytes
+    // Stage i: keys at key_tile(i), values at value_tile(i); swizzled keys take 128 bytes
     // a row per half.
     const int key_bytes = WGMMA ? FLASH_K_TILE * 256 : (int)sizeof(KvTile) * FLASH_K_TILE;
     const int stage_bytes = key_bytes + (int)sizeof(KvTile) * FLASH_K_TILE;
     unsigned char* query_base =
         flash_shared + (WGMMA ? (1024 - (shared_address(flash_shared) & 1023)) & 1023 : 0);
     unsigned char* stage_base = query_base + (WGMMA ? FLASH_WGMMA_Q_TILE * 256 : 0);
-    KvTile* key_tiles[2];
-    KvTile* value_tiles[2];
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        key_tiles[i] = (KvTile*)(stage_base + i * stage_bytes);
-        value_tiles[i] = (KvTile*)(stage_base + i * stage_bytes + key_bytes);
-    }
+    // Computed, not held in an array: indexed by tile & 1, an array would live in local
+    // memory.
+    auto key_tile = [&](int stage) { return (KvTile*)(stage_base + stage * stage_bytes); };
+    auto value_tile = [&](int stage) {
+        return (KvTile*)(stage_base + stage * stage_bytes + key_bytes);
+    };
     // The query tile is staged where the first values go.
-    KvTile* ks = value_tiles[0];
+    KvTile* ks = value_tile(0);
     const int hd = HD ? HD : head_dim;
     int head = blockIdx.x;
     QueryTile qt = query_tile(tile_rows, tile_counts, tile_positions, tile_table_offsets,
@@ -1550,16 +1554,16 @@ __device__ __forceinline__ void prefill_attention(
     }
     __syncthreads();  // every warp has its query fragments: stage 0 may be overwritten
     load_kv_tiles<WGMMA ? FLASH_WGMMA_THREADS : FLASH_THREADS, HD, WGMMA>(
-        key_tiles[0], value_tiles[0], k_cache, v_cache, stage_slots[0], kv_width, kv_head, hd,
+        key_tile(0), value_tile(0), k_cache, v_cache, stage_slots[0], kv_width, kv_head, hd,
         threadIdx.x);
     for (int tile = 0; tile < tiles; tile++) {
         int key_start = tile * FLASH_K_TILE;
-        const KvTile* ks = key_tiles[tile & 1];
-        const KvTile* vs = value_tiles[tile & 1];
+        const KvTile* ks = key_tile(tile & 1);
+        const KvTile* vs = value_tile(tile & 1);
         if (tile + 1 < tiles) {
             int next = (tile + 1) & 1;
             load_kv_tiles<WGMMA ? FLASH_WGMMA_THREADS : FLASH_THREADS, HD, WGMMA>(
-                key_tiles[next], value_tiles[next], k_cache, v_cache, stage_slots[next],
+                key_tile(next), value_tile(next), k_cache, v_cache, stage_slots[next],
                 kv_width, kv_head, hd, threadIdx.x);
         } else {
             // Empty groups keep the counts below the same on the last tile.

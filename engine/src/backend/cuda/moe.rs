@@ -115,7 +115,9 @@ impl CudaBackend {
             return moe_routed_on_host(self, x, router, rule, experts, counters);
         }
         let route_timer = self.timed("moe.route");
-        let logits = self.gemm(x, router)?;
+        // The tokens in bf16 once, for the router and the experts' GEMMs.
+        let x16 = self.bf16_copy(x)?;
+        let logits = self.gemm_bf16(&x16, x.rows, x.cols, router)?;
         let pairs = x.rows * k;
         let mut routing = DeviceRouting {
             top_k: k,
@@ -150,7 +152,7 @@ impl CudaBackend {
             "moe_route",
         )?;
         drop(route_timer);
-        self.run_experts(x, &routing, experts)
+        self.run_experts(x, Some(x16), &routing, experts)
     }
 
     /// The experts of host routing (expert parallelism, or rules the device does not take).
@@ -189,13 +191,15 @@ impl CudaBackend {
             weights: self.upload(&routing.weights)?,
             counts: self.upload(&counts)?,
         };
-        self.run_experts(x, &routing, experts)
+        self.run_experts(x, None, &routing, experts)
     }
 
-    /// Every token's experts, weighted and summed; the routing stays on the device.
+    /// Every token's experts, weighted and summed; the routing stays on the device. `x16`:
+    /// the tokens in bf16 when the caller has them already.
     fn run_experts(
         &self,
         x: &CudaTensor,
+        x16: Option<CudaSlice<u16>>,
         routing: &DeviceRouting,
         experts: &[ExpertWeights<Self>],
     ) -> Result<CudaTensor> {
@@ -305,7 +309,10 @@ impl CudaBackend {
                 )));
             }
             // The tokens in bf16, gathered by the gate/up GEMM for each of their slots.
-            let x16 = self.bf16_copy(x)?;
+            let x16 = match x16 {
+                Some(x16) => x16,
+                None => self.bf16_copy(x)?,
+            };
             let gate_up_timer = self.timed("moe.gemm_gate_up");
             let mut act = self.uninit::<u16>(pairs * inter)?;
             // Hopper runs the warpgroup-instruction builds of the same GEMMs.
