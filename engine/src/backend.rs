@@ -52,6 +52,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
         w: &Self::Matrix,
         bias: Option<&Self::Vector>,
     ) -> Result<Self::Tensor>;
+    /// [`Self::linear`] of one input by a layer's q, k and v weights (with their biases); a
+    /// backend may share work on the input between them.
+    fn linear_qkv(
+        &self,
+        x: &Self::Tensor,
+        projections: [(&Self::Matrix, Option<&Self::Vector>); 3],
+    ) -> Result<[Self::Tensor; 3]> {
+        let [q, k, v] = projections.map(|(w, bias)| self.linear(x, w, bias));
+        Ok([q?, k?, v?])
+    }
     fn add_assign(&self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()>;
     /// Multiplies row i by `scales[i]`.
     fn scale_rows(&self, x: &mut Self::Tensor, scales: &[f32]) -> Result<()>;

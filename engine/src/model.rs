@@ -293,9 +293,8 @@ impl<B: Backend> Model<B> {
         let mut h = b.embed(&self.weights.embed, &batch.tokens)?;
         for (index, (layer, store)) in self.weights.layers.iter().zip(&mut kv.layers).enumerate() {
             let x = b.rms_norm(&h, &layer.input_norm, c.rms_norm_eps)?;
-            let mut q = b.linear(&x, &layer.q.weight, layer.q.bias.as_ref())?;
-            let mut k = b.linear(&x, &layer.k.weight, layer.k.bias.as_ref())?;
-            let v = b.linear(&x, &layer.v.weight, layer.v.bias.as_ref())?;
+            let projections = [&layer.q, &layer.k, &layer.v].map(|p| (&p.weight, p.bias.as_ref()));
+            let [mut q, mut k, v] = b.linear_qkv(&x, projections)?;
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 q = b.rms_norm(&q, qn, c.rms_norm_eps)?;
                 k = b.rms_norm(&k, kn, c.rms_norm_eps)?;

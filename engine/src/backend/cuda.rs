@@ -110,12 +110,11 @@ const FLASH_THREADS: u32 = 128;
 /// opting in.
 const FLASH_SHARED_BYTES: usize = 2 * 2 * DECODE_KEYS * (FLASH_MAX_HEAD_DIM + 8) * 2;
 /// `attention_prefill_wgmma_hd128` (sm_90a): `FLASH_WGMMA_Q_TILE` rows a block, 8 warps; 1 KB
-/// of alignment, the swizzled query tile, then two stages of swizzled keys and padded values.
+/// of alignment, the swizzled query tile, then two stages of swizzled keys and values.
 const FLASH_WGMMA_Q_TILE: usize = 128;
 const FLASH_WGMMA_THREADS: u32 = 256;
-const FLASH_WGMMA_SHARED_BYTES: usize = 1024
-    + FLASH_WGMMA_Q_TILE * FIXED_HEAD_DIM * 2
-    + 2 * DECODE_KEYS * (FIXED_HEAD_DIM + (FLASH_MAX_HEAD_DIM + 8)) * 2;
+const FLASH_WGMMA_SHARED_BYTES: usize =
+    1024 + FLASH_WGMMA_Q_TILE * FIXED_HEAD_DIM * 2 + 2 * 2 * DECODE_KEYS * FIXED_HEAD_DIM * 2;
 /// `attention_decode_mma`: keys a warp takes (`FLASH_K_TILE`), and the most query heads a KV
 /// head may serve (the 16 rows of one mma tile).
 const DECODE_KEYS: usize = 64;
@@ -748,6 +747,25 @@ impl CudaBackend {
         Ok(y)
     }
 
+    /// `x16 · wᵀ + bias` for `rows` rows of `x16` (bf16, `w.in_dim` values a row).
+    fn linear_bf16(
+        &self,
+        x16: &CudaSlice<u16>,
+        rows: usize,
+        w: &CudaMatrix,
+        bias: Option<&CudaVector>,
+    ) -> Result<CudaTensor> {
+        let mut y = self.gemm_bf16(x16, rows, w.in_dim, w)?;
+        if let Some(bias) = bias.filter(|_| y.rows > 0) {
+            let cols = y.cols as i32;
+            let mut launch = self.stream.launch_builder(self.function("add_bias"));
+            launch.arg(&mut y.data).arg(&bias.data).arg(&cols);
+            // SAFETY: one block per row of y; the bias holds y.cols values.
+            launched(unsafe { launch.launch(per_row(y.rows)) }, "add_bias")?;
+        }
+        Ok(y)
+    }
+
     /// `x`'s values rounded to bf16 (as 16-bit words), the tensor cores' input.
     fn bf16_copy(&self, x: &CudaTensor) -> Result<CudaSlice<u16>> {
         let n = x.rows * x.cols;
@@ -1028,15 +1046,26 @@ impl Backend for CudaBackend {
                 format!("x has {} columns, the weight takes {}", x.cols, w.in_dim),
             ));
         }
-        let mut y = self.gemm(x, w)?;
-        if let Some(bias) = bias.filter(|_| y.rows > 0) {
-            let cols = y.cols as i32;
-            let mut launch = self.stream.launch_builder(self.function("add_bias"));
-            launch.arg(&mut y.data).arg(&bias.data).arg(&cols);
-            // SAFETY: one block per row of y; the bias holds y.cols values.
-            launched(unsafe { launch.launch(per_row(y.rows)) }, "add_bias")?;
+        let x16 = self.bf16_copy(x)?;
+        self.linear_bf16(&x16, x.rows, w, bias)
+    }
+
+    fn linear_qkv(
+        &self,
+        x: &CudaTensor,
+        projections: [(&CudaMatrix, Option<&CudaVector>); 3],
+    ) -> Result<[CudaTensor; 3]> {
+        let _timer = self.timed("linear");
+        if let Some((w, _)) = projections.iter().find(|(w, _)| w.in_dim != x.cols) {
+            return Err(shape_error(
+                "linear_qkv",
+                format!("x has {} columns, a weight takes {}", x.cols, w.in_dim),
+            ));
         }
-        Ok(y)
+        // One conversion of x for the three.
+        let x16 = self.bf16_copy(x)?;
+        let [q, k, v] = projections.map(|(w, bias)| self.linear_bf16(&x16, x.rows, w, bias));
+        Ok([q?, k?, v?])
     }
 
     fn add_assign(&self, acc: &mut CudaTensor, x: &CudaTensor) -> Result<()> {

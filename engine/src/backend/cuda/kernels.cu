@@ -51,15 +51,34 @@ extern "C" __global__ void embed(const bf16_t* table, const unsigned int* ids, f
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = bf16_to_f32(src[c]);
 }
 
-// RMSNorm over each run of `len` values (a row or one head); one block per run.
+__device__ __forceinline__ bool aligned16(const void* p) { return ((size_t)p & 15) == 0; }
+
+// RMSNorm over each run of `len` values (a row or one head); one block per run, four values
+// a load where the run and pointers allow.
 extern "C" __global__ void rms_norm(const float* x, const float* weight, float* out, int len,
                                     float eps) {
     const float* src = x + (size_t)blockIdx.x * len;
     float* dst = out + (size_t)blockIdx.x * len;
+    bool vector = (len & 3) == 0 && aligned16(src) && aligned16(dst) && aligned16(weight);
+    int first = vector ? threadIdx.x * 4 : len;
+    int step = blockDim.x * 4;
     float sq = 0.0f;
-    for (int i = threadIdx.x; i < len; i += blockDim.x) sq += src[i] * src[i];
+    for (int i = first; i < len; i += step) {
+        float4 v = *(const float4*)(src + i);
+        sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    if (!vector) {
+        for (int i = threadIdx.x; i < len; i += blockDim.x) sq += src[i] * src[i];
+    }
     float inv = rsqrtf(block_sum(sq) / (float)len + eps);
-    for (int i = threadIdx.x; i < len; i += blockDim.x) dst[i] = src[i] * inv * weight[i];
+    for (int i = first; i < len; i += step) {
+        float4 v = *(const float4*)(src + i), w = *(const float4*)(weight + i);
+        *(float4*)(dst + i) = make_float4(v.x * inv * w.x, v.y * inv * w.y, v.z * inv * w.z,
+                                          v.w * inv * w.w);
+    }
+    if (!vector) {
+        for (int i = threadIdx.x; i < len; i += blockDim.x) dst[i] = src[i] * inv * weight[i];
+    }
 }
 
 // The same for short runs (a head's q or k): a warp per run, so a block does not sit mostly
@@ -735,7 +754,7 @@ extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long*
 // y[position, h] = down row h · act[position]; grid (pairs, ceil(hidden / (warps ·
 // MOE_ROWS_PER_WARP))); dynamic shared memory holds the group's act rows.
 extern "C" __global__ void moe_down(const float* act, const unsigned long long* down,
-                                    const int* offsets, const int* tile_start, float* y,
+                                    const int* offsets, const int* tile_start, bf16_t* y,
                                     int num_experts, int group_size, int hidden, int inter) {
     extern __shared__ float staged[];
     int expert, first, count;
@@ -767,7 +786,7 @@ extern "C" __global__ void moe_down(const float* act, const unsigned long long* 
         for (int j = 0; j < MOE_MAX_GROUP; j++) {
             if (j < count) {
                 float d = warp_sum(ds[j]);
-                if (lane == 0) y[(size_t)(first + j) * hidden + h] = d;
+                if (lane == 0) y[(size_t)(first + j) * hidden + h] = f32_to_bf16(d);
             }
         }
     }
@@ -922,7 +941,7 @@ template <bool SWIGLU>
 __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows, int a_row_divisor,
                                              const unsigned long long* matrices,
                                              const int* offsets, const int* tile_start,
-                                             int num_experts, int n, int k, float* c,
+                                             int num_experts, int n, int k, bf16_t* c,
                                              bf16_t* act) {
     extern __shared__ __align__(16) unsigned char gemm_shared[];
     int expert, m0, rows;
@@ -1010,12 +1029,12 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows,
                 int col = blockIdx.x * GEMM_BN + warp_n * warp_cols + ni * 8 + t * 2;
                 if (col >= n) continue;
                 if (r < rows) {
-                    *(float2*)(c + (size_t)(m0 + r) * n + col) =
-                        make_float2(acc[mi][ni][0], acc[mi][ni][1]);
+                    *(unsigned int*)(c + (size_t)(m0 + r) * n + col) =
+                        pack_bf16(acc[mi][ni][0], acc[mi][ni][1]);
                 }
                 if (r + 8 < rows) {
-                    *(float2*)(c + (size_t)(m0 + r + 8) * n + col) =
-                        make_float2(acc[mi][ni][2], acc[mi][ni][3]);
+                    *(unsigned int*)(c + (size_t)(m0 + r + 8) * n + col) =
+                        pack_bf16(acc[mi][ni][2], acc[mi][ni][3]);
                 }
             }
         }
@@ -1061,10 +1080,11 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
                        hidden, nullptr, act);
 }
 
-// y[position] = act[position] · downᵀ in f32; grid (ceil(hidden / 128), tiles upper bound).
+// y[position] = act[position] · downᵀ as bf16 (half the bytes moe_combine reads);
+// grid (ceil(hidden / 128), tiles upper bound).
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
     moe_gemm_down(const bf16_t* act, const unsigned long long* down, const int* offsets,
-                  const int* tile_start, int num_experts, int hidden, int inter, float* y) {
+                  const int* tile_start, int num_experts, int hidden, int inter, bf16_t* y) {
     grouped_gemm<false>(act, nullptr, 1, down, offsets, tile_start, num_experts, hidden, inter,
                         y, nullptr);
 }
@@ -1080,10 +1100,15 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
 #define WGMMA_SHARED_BYTES (GEMM_STAGES * WGMMA_STAGE_BYTES + 1024)
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
-__device__ __forceinline__ unsigned long long wgmma_descriptor(unsigned int address) {
-    return (unsigned long long)((address & 0x3FFFF) >> 4) | ((unsigned long long)(1024 >> 4) << 32) |
-           (1ull << 62);
+// Shared-memory matrix descriptor, 128-byte swizzle: 8-row groups (rows of 128 bytes)
+// 1024 bytes apart. K-major operands have k along the rows; MN-major ones (the transposed
+// form) have 64 m or n values along a row, k down the rows, and the next 64 m or n values
+// `mn_block_bytes` further.
+__device__ __forceinline__ unsigned long long wgmma_descriptor(unsigned int address,
+                                                               unsigned int mn_block_bytes = 0) {
+    return (unsigned long long)((address & 0x3FFFF) >> 4) |
+           ((unsigned long long)(mn_block_bytes >> 4) << 16) |
+           ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
 }
 
 // wgmma operand lists: accumulator registers %0 … (eight a macro) and their constraints.
@@ -1095,17 +1120,29 @@ __device__ __forceinline__ unsigned long long wgmma_descriptor(unsigned int addr
     "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
         "+f"(d[i + 6]), "+f"(d[i + 7])
 #define WGMMA_OUT32(d, i) WGMMA_OUT8(d, i), WGMMA_OUT8(d, i + 8), WGMMA_OUT8(d, i + 16), WGMMA_OUT8(d, i + 24)
+// The start of an m64n128k16 instruction (its 64 accumulators); `scale_d` names the operand
+// that says whether d is added to.
+#define WGMMA_M64N128K16(scale_d)                                                             \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, " scale_d ", 0;\n"                                     \
+    "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" WGMMA_REGS32 ", "               \
+    WGMMA_REGS8(32, 33, 34, 35, 36, 37, 38, 39) ", " WGMMA_REGS8(40, 41, 42, 43, 44, 45, 46, 47) ", " \
+    WGMMA_REGS8(48, 49, 50, 51, 52, 53, 54, 55) ", " WGMMA_REGS8(56, 57, 58, 59, 60, 61, 62, 63) "}, "
 
 __device__ __forceinline__ void wgmma_m64n128k16(float* d, unsigned long long a,
                                                  unsigned long long b) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" WGMMA_REGS32 ", "
-        WGMMA_REGS8(32, 33, 34, 35, 36, 37, 38, 39) ", " WGMMA_REGS8(40, 41, 42, 43, 44, 45, 46, 47) ", "
-        WGMMA_REGS8(48, 49, 50, 51, 52, 53, 54, 55) ", " WGMMA_REGS8(56, 57, 58, 59, 60, 61, 62, 63)
-        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+    asm volatile(WGMMA_M64N128K16("%66") "%64, %65, p, 1, 1, 0, 0;\n}\n"
         : WGMMA_OUT32(d, 0), WGMMA_OUT32(d, 32)
         : "l"(a), "l"(b), "r"(1)
+        : "memory");
+}
+
+// d[64 × 128] += a · b with a in registers (an mma m16k16 A fragment a warp, the warp's
+// 16 rows of the 64) and b an MN-major (transposed) descriptor.
+__device__ __forceinline__ void wgmma_m64n128k16_registers(float* d, const unsigned int* a,
+                                                           unsigned long long b) {
+    asm volatile(WGMMA_M64N128K16("%69") "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : WGMMA_OUT32(d, 0), WGMMA_OUT32(d, 32)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1)
         : "memory");
 }
 
@@ -1127,7 +1164,7 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a
                                                    int a_row_divisor,
                                                    const unsigned long long* matrices,
                                                    const int* offsets, const int* tile_start,
-                                                   int num_experts, int n, int k, float* c,
+                                                   int num_experts, int n, int k, bf16_t* c,
                                                    bf16_t* act) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(16) unsigned char gemm_shared[];
@@ -1213,8 +1250,8 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a
             for (int j = 0; j < 16; j++) {
                 int col = blockIdx.x * GEMM_BN + 8 * j + 2 * t;
                 if (col >= n) continue;
-                *(float2*)(c + (size_t)(m0 + r) * n + col) =
-                    make_float2(d[4 * j + 2 * half], d[4 * j + 2 * half + 1]);
+                *(unsigned int*)(c + (size_t)(m0 + r) * n + col) =
+                    pack_bf16(d[4 * j + 2 * half], d[4 * j + 2 * half + 1]);
             }
         }
     }
@@ -1234,21 +1271,41 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
     moe_wgmma_down(const bf16_t* act, const unsigned long long* down, const int* offsets,
-                   const int* tile_start, int num_experts, int hidden, int inter, float* y) {
+                   const int* tile_start, int num_experts, int hidden, int inter, bf16_t* y) {
     grouped_gemm_wgmma<false>(act, nullptr, 1, down, offsets, tile_start, num_experts, hidden,
                               inter, y, nullptr);
 }
 
 // out[t] = sum over j < top_k of weights[t · top_k + j] · y[slot_position[t · top_k + j]], in
-// slot order; one block per token.
-extern "C" __global__ void moe_combine(const float* y, const int* slot_position,
+// slot order; one block per token, 8 columns a thread at a time (16-byte loads of y) when
+// hidden is a multiple of 8 (two-byte loads ran at ~30% of the copy rate).
+extern "C" __global__ void moe_combine(const bf16_t* y, const int* slot_position,
                                        const float* weights, float* out, int hidden, int top_k) {
     size_t first = (size_t)blockIdx.x * top_k;
     float* dst = out + (size_t)blockIdx.x * hidden;
+    if ((hidden & 7) == 0) {
+        for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8) {
+            float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            for (int j = 0; j < top_k; j++) {
+                float w = weights[first + j];
+                uint4 packed = *(const uint4*)(y + (size_t)slot_position[first + j] * hidden + c);
+                const unsigned int words[4] = {packed.x, packed.y, packed.z, packed.w};
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    bf16_t h = (bf16_t)(words[e >> 1] >> (16 * (e & 1)));
+                    sum[e] += w * bf16_to_f32(h);
+                }
+            }
+            *(float4*)(dst + c) = make_float4(sum[0], sum[1], sum[2], sum[3]);
+            *(float4*)(dst + c + 4) = make_float4(sum[4], sum[5], sum[6], sum[7]);
+        }
+        return;
+    }
     for (int h = threadIdx.x; h < hidden; h += blockDim.x) {
         float sum = 0.0f;
         for (int j = 0; j < top_k; j++) {
-            sum += weights[first + j] * y[(size_t)slot_position[first + j] * hidden + h];
+            sum += weights[first + j] *
+                   bf16_to_f32(y[(size_t)slot_position[first + j] * hidden + h]);
         }
         dst[h] = sum;
     }
@@ -1305,8 +1362,9 @@ __device__ __forceinline__ void find_slots(int* slots, const int* table, int blo
 
 // Queues copies of one KV head's keys and values at the cache slots `slots` (from
 // find_slots) into ks and vs: two commit groups, keys then values. THREADS
-// threads share the copies, each keeping one 16-byte column.
-template <int THREADS, int HD, bool SWIZZLED_K = false>
+// threads share the copies, each keeping one 16-byte column. SWIZZLED stores both as the
+// warpgroup instructions read them (see prefill_attention's WGMMA), else padded rows.
+template <int THREADS, int HD, bool SWIZZLED = false>
 __device__ __forceinline__ void load_kv_tiles(KvTile* ks, KvTile* vs, const bf16_t* k_cache,
                                               const bf16_t* v_cache, const int* slots,
                                               int kv_width, int kv_head, int head_dim,
@@ -1322,15 +1380,14 @@ __device__ __forceinline__ void load_kv_tiles(KvTile* ks, KvTile* vs, const bf16
         const bf16_t* cache = (pass == 0 ? k_cache : v_cache) + kv_head * hd + c;
         KvTile* tile = pass == 0 ? ks : vs;
         if (j0 < row_step) {
-            // Swizzled keys (see prefill_attention's WGMMA): row_step is a multiple of 8
-            // there, so every row this thread copies swizzles its chunk alike.
-            bool swizzled = SWIZZLED_K && pass == 0;
+            // Swizzled, row_step is a multiple of 8, so every row this thread copies
+            // swizzles its chunk alike.
             int chunk = c / 8;
             unsigned int dst =
-                swizzled ? shared_address(tile) + (chunk >> 3) * (FLASH_K_TILE * 128) + j0 * 128 +
+                SWIZZLED ? shared_address(tile) + (chunk >> 3) * (FLASH_K_TILE * 128) + j0 * 128 +
                                (((chunk & 7) ^ (j0 & 7)) << 4)
                          : shared_address(&tile[j0][c]);
-            int row_bytes = swizzled ? 128 : (int)sizeof(KvTile);
+            int row_bytes = SWIZZLED ? 128 : (int)sizeof(KvTile);
 #pragma unroll
             for (int i = 0; i < rows; i++) {
                 int j = j0 + i * row_step;
@@ -1411,9 +1468,19 @@ __device__ __forceinline__ void exponentiate(float (*s)[4], const float* row_max
     }
 }
 
-// o += P · V, the probabilities rounded to bf16 as the A operand straight from the score
-// accumulators (an m16n8 accumulator pair has the layout of an m16k16 A fragment). head_dim
-// is a multiple of 16, so value columns go in pairs of n8 fragments.
+// The probabilities of keys 16 kk … 16 kk + 15 rounded to bf16 as an A fragment, straight
+// from the score accumulators (an m16n8 accumulator pair has the layout of an m16k16 A
+// fragment).
+__device__ __forceinline__ void probability_fragment(unsigned int* a, const float (*p)[4],
+                                                     int kk) {
+    a[0] = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
+    a[1] = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
+    a[2] = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+    a[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+}
+
+// o += P · V with P's fragments from probability_fragment. head_dim is a multiple of 16, so
+// value columns go in pairs of n8 fragments.
 template <int HD>
 __device__ __forceinline__ void accumulate_values(float (*o)[4], const float (*p)[4],
                                                   const KvTile* vs, int head_dim, int lane) {
@@ -1422,10 +1489,8 @@ __device__ __forceinline__ void accumulate_values(float (*o)[4], const float (*p
     const bf16_t* value_row = &vs[lane & 15][(lane >> 4) * 8];
 #pragma unroll
     for (int kk = 0; kk < FLASH_K_TILE / 16; kk++) {
-        unsigned int a[4] = {pack_bf16(p[2 * kk][0], p[2 * kk][1]),
-                             pack_bf16(p[2 * kk][2], p[2 * kk][3]),
-                             pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                             pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+        unsigned int a[4];
+        probability_fragment(a, p, kk);
 #pragma unroll
         for (int n = 0; n < FLASH_MAX_HEAD_DIM / 8; n += 2) {
             if (n < chunks) {
@@ -1445,10 +1510,12 @@ __device__ __forceinline__ float quad_sum(float v) {
 }
 
 // WGMMA (head_dim 128, sm_90a only): 8 warps and 128 query rows a block, so each key and
-// value tile read from L2 serves twice the rows; scores by warpgroup instructions (each
-// warpgroup 64 rows), queries and keys from shared memory stored 128-byte swizzled in two
-// 64-column halves (the layout the GEMMs use); values still go through mma. One block an SM:
-// capped at 128 registers for two, the loop spilled and ran ~15% slower.
+// value tile read from L2 serves twice the rows; warpgroup instructions (each warpgroup 64
+// rows) take the scores from queries and keys in shared memory and P · V from the
+// probabilities in registers and the values in shared memory, read transposed. Queries,
+// keys and values are stored 128-byte swizzled in two 64-column halves (the layout the GEMMs
+// use). Two blocks an SM (128 registers, no spills), so one block's softmax runs while the
+// other's warpgroup instructions do (a quarter less time than one block of 145 registers).
 #define FLASH_WGMMA_Q_TILE 128
 #define FLASH_WGMMA_THREADS 256
 
@@ -1464,18 +1531,17 @@ __device__ __forceinline__ void prefill_attention(
     // Cache slots of the keys of stage i's tile.
     __shared__ int stage_slots[2][FLASH_K_TILE];
     // WGMMA: the swizzled query tile first (1024-byte aligned, 128 bytes a row per half).
-    // Stage i: keys at key_tile(i), values at value_tile(i); swizzled keys take 128 bytes
-    // a row per half.
-    const int key_bytes = WGMMA ? FLASH_K_TILE * 256 : (int)sizeof(KvTile) * FLASH_K_TILE;
-    const int stage_bytes = key_bytes + (int)sizeof(KvTile) * FLASH_K_TILE;
+    // Stage i: keys at key_tile(i), values at value_tile(i); swizzled, a tile takes 128
+    // bytes a row per half.
+    const int tile_bytes = WGMMA ? FLASH_K_TILE * 256 : (int)sizeof(KvTile) * FLASH_K_TILE;
     unsigned char* query_base =
         flash_shared + (WGMMA ? (1024 - (shared_address(flash_shared) & 1023)) & 1023 : 0);
     unsigned char* stage_base = query_base + (WGMMA ? FLASH_WGMMA_Q_TILE * 256 : 0);
     // Computed, not held in an array: indexed by tile & 1, an array would live in local
     // memory.
-    auto key_tile = [&](int stage) { return (KvTile*)(stage_base + stage * stage_bytes); };
+    auto key_tile = [&](int stage) { return (KvTile*)(stage_base + 2 * stage * tile_bytes); };
     auto value_tile = [&](int stage) {
-        return (KvTile*)(stage_base + stage * stage_bytes + key_bytes);
+        return (KvTile*)(stage_base + (2 * stage + 1) * tile_bytes);
     };
     // The query tile is staged where the first values go.
     KvTile* ks = value_tile(0);
@@ -1626,7 +1692,27 @@ __device__ __forceinline__ void prefill_attention(
 #pragma unroll
             for (int e = 0; e < 4; e++) o[n][e] *= correction[e >> 1];
         }
-        accumulate_values<HD>(o, s, vs, hd, lane);
+        if (WGMMA) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+            unsigned int p[FLASH_K_TILE / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < FLASH_K_TILE / 16; kk++) probability_fragment(p[kk], s, kk);
+            unsigned int values = shared_address(vs);
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+            for (int kk = 0; kk < FLASH_K_TILE / 16; kk++) {
+                // k step kk: keys 16 kk …, 16 rows of 128 bytes down both halves.
+                wgmma_m64n128k16_registers(
+                    &o[0][0], p[kk],
+                    wgmma_descriptor(values + kk * 16 * 128, FLASH_K_TILE * 128));
+            }
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            // Done before the barrier lets the next tile's copies overwrite the values.
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+        } else {
+            accumulate_values<HD>(o, s, vs, hd, lane);
+        }
         __syncthreads();  // every warp is done with this stage before the next tile refills it
     }
 #pragma unroll
@@ -1657,7 +1743,7 @@ __device__ __forceinline__ void prefill_attention(
     }
 PREFILL_MMA_KERNEL(attention_prefill_mma, 0, false, FLASH_THREADS, 3)
 PREFILL_MMA_KERNEL(attention_prefill_mma_hd128, 128, false, FLASH_THREADS, 3)
-PREFILL_MMA_KERNEL(attention_prefill_wgmma_hd128, 128, true, FLASH_WGMMA_THREADS, 1)
+PREFILL_MMA_KERNEL(attention_prefill_wgmma_hd128, 128, true, FLASH_WGMMA_THREADS, 2)
 
 // Decode attention on the tensor cores for grouped-query heads: one warp per (query row, KV
 // head, split of FLASH_K_TILE keys) reads that split's keys and values once for every query

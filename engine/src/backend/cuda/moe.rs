@@ -250,7 +250,8 @@ impl CudaBackend {
             pointers.slice(..experts.len()),
             pointers.slice(experts.len()..),
         );
-        let mut y = self.uninit::<f32>(pairs * hidden)?;
+        // Expert outputs as bf16: the combine reads each once.
+        let mut y = self.uninit::<u16>(pairs * hidden)?;
         let (hidden_i, inter_i, experts_i, top_k) = (
             hidden as i32,
             inter as i32,
