@@ -90,6 +90,8 @@ const GREEDY_PART_LEN: usize = 4096;
 const ELEMENT_THREADS: u32 = 256;
 /// Split attention runs one warp per (query row, head, split).
 const WARP: u32 = 32;
+/// Dynamic shared memory a block gets without opting in.
+const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 /// Runs of at most this many values (a head's q or k) are normalized a warp each.
 const RMS_NORM_SHORT_RUN: usize = 256;
 /// The split attention kernel holds at most 8 values of a head per lane.
@@ -1294,6 +1296,15 @@ impl Backend for CudaBackend {
                 ("attention_split", SPLIT_KEYS, h, scale)
             };
             let splits = (last as usize + 1).div_ceil(split_keys);
+            // attention_combine holds a weight per split in shared memory.
+            let combine_shared = splits * std::mem::size_of::<f32>();
+            if combine_shared > DEFAULT_SHARED_BYTES {
+                return Err(EngineError::Unsupported(format!(
+                    "decode attention over {} positions needs {splits} splits of {split_keys} keys, over the {} attention_combine takes",
+                    last + 1,
+                    DEFAULT_SHARED_BYTES / std::mem::size_of::<f32>()
+                )));
+            }
             let parts = q.rows * batch.num_heads * splits;
             let mut partial_out = self.uninit::<f32>(parts * batch.head_dim)?;
             let mut partial_max = self.uninit::<f32>(parts)?;
@@ -1341,8 +1352,8 @@ impl Backend for CudaBackend {
                 .arg(&splits_i);
             let config = LaunchConfig {
                 grid_dim: (q.rows as u32, batch.num_heads as u32, 1),
-                block_dim: (batch.head_dim as u32, 1, 1),
-                shared_mem_bytes: 0,
+                block_dim: (batch.head_dim.next_multiple_of(WARP as usize) as u32, 1, 1),
+                shared_mem_bytes: combine_shared as u32,
             };
             // SAFETY: one block per (row, head) reading the partials the split kernel wrote
             // for rows it handled, writing that head of that row.
