@@ -348,6 +348,17 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     let bias = b.vector(v.take(48, 0.5)).expect("bias");
     let y = b.linear(&x, &w, Some(&bias)).expect("linear");
     out.push(("linear".into(), b.to_host(&y).expect("host")));
+    // A decode step's few rows take the matrix-vector kernel on the GPU; q, k and v share
+    // one input.
+    let few = tensor(b, 3, hidden, v.take(3 * hidden, 1.0));
+    let wide = matrix(b, &mut v, 200, hidden);
+    for (name, input) in [("linear_qkv_few_rows", &few), ("linear_qkv", &x)] {
+        let outputs = b
+            .linear_qkv(input, [(&w, Some(&bias)), (&wide, None), (&w, None)])
+            .expect("linear_qkv");
+        let values = outputs.iter().flat_map(|y| b.to_host(y).expect("host"));
+        out.push((name.into(), values.collect()));
+    }
     let norm = b.vector(v.take(hidden, 1.0)).expect("norm");
     let head_norm = b.vector(v.take(16, 1.0)).expect("norm");
     out.push((
@@ -366,6 +377,11 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     b.rope(&mut r, &RopeTable::new(&positions, 16, 10_000.0))
         .expect("rope");
     out.push(("rope".into(), b.to_host(&r).expect("host")));
+    // More heads than one block of the GPU kernel rotates (20 heads of 8).
+    let mut r = tensor(b, rows, 160, v.take(rows * 160, 1.0));
+    b.rope(&mut r, &RopeTable::new(&positions, 8, 10_000.0))
+        .expect("rope");
+    out.push(("rope_many_heads".into(), b.to_host(&r).expect("host")));
     let gate_up = tensor(b, rows, 48, v.take(rows * 48, 2.0));
     out.push((
         "swiglu".into(),

@@ -44,7 +44,7 @@ pub use peer::CudaPeerKv;
 pub const KERNELS_SOURCE: &str = include_str!("cuda/kernels.cu");
 
 /// Every kernel `kernels.cu` defines.
-pub const KERNEL_NAMES: [&str; 34] = [
+pub const KERNEL_NAMES: [&str; 35] = [
     "embed",
     "rms_norm",
     "rms_norm_short",
@@ -79,6 +79,7 @@ pub const KERNEL_NAMES: [&str; 34] = [
     "moe_wgmma_gate_up",
     "moe_wgmma_down",
     "moe_combine",
+    "gemv_rows",
 ];
 
 /// Threads per block of the row-wise kernels.
@@ -90,6 +91,11 @@ const GREEDY_PART_LEN: usize = 4096;
 const ELEMENT_THREADS: u32 = 256;
 /// Split attention runs one warp per (query row, head, split).
 const WARP: u32 = 32;
+/// Heads one block of `rope` rotates (its kernel's `ROPE_HEADS_PER_BLOCK`): a decode step's
+/// one row spreads over several blocks.
+const ROPE_HEADS_PER_BLOCK: u32 = 8;
+/// Rows of x up to which projections run as matrix-vector products (`gemv_rows`).
+const GEMV_MAX_ROWS: usize = 4;
 /// Dynamic shared memory a block gets without opting in.
 const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 /// Runs of at most this many values (a head's q or k) are normalized a warp each.
@@ -436,6 +442,24 @@ fn shape_error(op: &str, detail: String) -> EngineError {
     EngineError::InvalidRequest(format!("{op}: {detail}"))
 }
 
+/// A projection's input as the kernels read it (see `CudaBackend::projection_input`).
+enum ProjectionInput<'a> {
+    /// Few rows, read as f32 by `gemv_rows`.
+    Rows(&'a CudaTensor),
+    /// `rows` rows converted to bf16 for the GEMMs.
+    Bf16 { x16: CudaSlice<u16>, rows: usize },
+}
+
+impl ProjectionInput<'_> {
+    /// The bf16 copy, where one was made.
+    fn into_bf16(self) -> Option<CudaSlice<u16>> {
+        match self {
+            Self::Bf16 { x16, .. } => Some(x16),
+            Self::Rows(_) => None,
+        }
+    }
+}
+
 fn blocks(n: usize, per_block: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: ((n as u32).div_ceil(per_block), 1, 1),
@@ -749,15 +773,57 @@ impl CudaBackend {
         Ok(y)
     }
 
-    /// `x16 · wᵀ + bias` for `rows` rows of `x16` (bf16, `w.in_dim` values a row).
-    fn linear_bf16(
+    /// How projections of `x` read it: a decode step's few rows straight from f32 by
+    /// `gemv_rows`, more through one bf16 copy for the GEMMs.
+    fn projection_input<'a>(&self, x: &'a CudaTensor) -> Result<ProjectionInput<'a>> {
+        if x.rows <= GEMV_MAX_ROWS && x.cols.is_multiple_of(8) {
+            Ok(ProjectionInput::Rows(x))
+        } else {
+            Ok(ProjectionInput::Bf16 {
+                x16: self.bf16_copy(x)?,
+                rows: x.rows,
+            })
+        }
+    }
+
+    /// `x · wᵀ` in f32 for a prepared input (`w.in_dim` values a row).
+    fn project(&self, input: &ProjectionInput<'_>, w: &CudaMatrix) -> Result<CudaTensor> {
+        let x = match input {
+            ProjectionInput::Bf16 { x16, rows } => return self.gemm_bf16(x16, *rows, w.in_dim, w),
+            ProjectionInput::Rows(x) => x,
+        };
+        let _timer = self.timed("gemv");
+        let mut y = self.output(x.rows, w.out_dim)?;
+        if x.rows == 0 || w.out_dim == 0 {
+            return Ok(y);
+        }
+        let (rows, n, k) = (x.rows as i32, w.out_dim as i32, w.in_dim as i32);
+        let mut launch = self.stream.launch_builder(self.function("gemv_rows"));
+        launch
+            .arg(&x.data)
+            .arg(&w.data)
+            .arg(&mut y.data)
+            .arg(&rows)
+            .arg(&n)
+            .arg(&k);
+        // SAFETY: a warp per weight row j < n (w holds n · k bf16 values, k a multiple of 8),
+        // reading the rows <= GEMV_MAX_ROWS of x (rows · k floats, allocation-aligned) and
+        // writing column j of y (rows · n).
+        launched(
+            unsafe { launch.launch(blocks(w.out_dim * WARP as usize, ROW_THREADS)) },
+            "gemv_rows",
+        )?;
+        Ok(y)
+    }
+
+    /// `x · wᵀ + bias` for a prepared input.
+    fn linear_input(
         &self,
-        x16: &CudaSlice<u16>,
-        rows: usize,
+        input: &ProjectionInput<'_>,
         w: &CudaMatrix,
         bias: Option<&CudaVector>,
     ) -> Result<CudaTensor> {
-        let mut y = self.gemm_bf16(x16, rows, w.in_dim, w)?;
+        let mut y = self.project(input, w)?;
         if let Some(bias) = bias.filter(|_| y.rows > 0) {
             let cols = y.cols as i32;
             let mut launch = self.stream.launch_builder(self.function("add_bias"));
@@ -1048,8 +1114,8 @@ impl Backend for CudaBackend {
                 format!("x has {} columns, the weight takes {}", x.cols, w.in_dim),
             ));
         }
-        let x16 = self.bf16_copy(x)?;
-        self.linear_bf16(&x16, x.rows, w, bias)
+        let input = self.projection_input(x)?;
+        self.linear_input(&input, w, bias)
     }
 
     fn linear_qkv(
@@ -1064,9 +1130,9 @@ impl Backend for CudaBackend {
                 format!("x has {} columns, a weight takes {}", x.cols, w.in_dim),
             ));
         }
-        // One conversion of x for the three.
-        let x16 = self.bf16_copy(x)?;
-        let [q, k, v] = projections.map(|(w, bias)| self.linear_bf16(&x16, x.rows, w, bias));
+        // At most one conversion of x for the three.
+        let input = self.projection_input(x)?;
+        let [q, k, v] = projections.map(|(w, bias)| self.linear_input(&input, w, bias));
         Ok([q?, k?, v?])
     }
 
@@ -1160,9 +1226,18 @@ impl Backend for CudaBackend {
             .arg(inv_freq.as_ref())
             .arg(&heads)
             .arg(&head_dim);
-        // SAFETY: one block per row; positions holds one value a row, inv_freq head_dim / 2,
-        // at most MAX_HEAD_DIM / 2 (the kernel's shared tables).
-        launched(unsafe { launch.launch(per_row(x.rows)) }, "rope")
+        let config = LaunchConfig {
+            grid_dim: (
+                x.rows as u32,
+                (heads as u32).div_ceil(ROPE_HEADS_PER_BLOCK),
+                1,
+            ),
+            ..per_row(x.rows)
+        };
+        // SAFETY: one block per (row, group of ROPE_HEADS_PER_BLOCK heads); positions holds
+        // one value a row, inv_freq head_dim / 2, at most MAX_HEAD_DIM / 2 (the kernel's
+        // shared tables).
+        launched(unsafe { launch.launch(config) }, "rope")
     }
 
     fn write_kv(

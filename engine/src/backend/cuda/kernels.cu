@@ -138,9 +138,11 @@ extern "C" __global__ void swiglu(const float* gate_up, float* out, int inter) {
     }
 }
 
-// Rotate-half RoPE of every head of row blockIdx.x at positions[row]: the row's cos and sin
-// (float32 angle position · inv_freq[j], as transformers computes it) go to shared memory
-// once, then every head uses them. head_dim at most 256.
+// Rotate-half RoPE of heads ROPE_HEADS_PER_BLOCK · blockIdx.y … of row blockIdx.x at
+// positions[row]: the row's cos and sin (float32 angle position · inv_freq[j], as
+// transformers computes it) go to shared memory once, then those heads use them (one block
+// for a decode row's 32 heads took ~7 µs). head_dim at most 256.
+#define ROPE_HEADS_PER_BLOCK 8
 extern "C" __global__ void rope(float* x, const int* positions, const float* inv_freq,
                                 int heads, int head_dim) {
     __shared__ float cos_row[128];
@@ -151,8 +153,10 @@ extern "C" __global__ void rope(float* x, const int* positions, const float* inv
         sincosf(position * inv_freq[j], &sin_row[j], &cos_row[j]);
     }
     __syncthreads();
-    float* row = x + (size_t)blockIdx.x * heads * head_dim;
-    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+    int first_head = blockIdx.y * ROPE_HEADS_PER_BLOCK;
+    int block_heads = min(heads - first_head, ROPE_HEADS_PER_BLOCK);
+    float* row = x + ((size_t)blockIdx.x * heads + first_head) * head_dim;
+    for (int i = threadIdx.x; i < block_heads * half; i += blockDim.x) {
         int head = i / half;
         int j = i - head * half;
         float* h = row + head * head_dim;
@@ -350,6 +354,7 @@ extern "C" __global__ void attention_combine(const float* partial_out, const flo
     total = block_sum(total);  // its barriers also publish split_weight
     if (d >= head_dim) return;
     float value = 0.0f;
+#pragma unroll 8
     for (int s = 0; s < splits; s++) {
         float w = split_weight[s];
         if (w != 0.0f) value += w * partial_out[(first + s) * head_dim + d];
@@ -719,13 +724,57 @@ __device__ __forceinline__ bool moe_tile(const int* offsets, const int* tile_sta
 #define MOE_ROWS_PER_WARP 4
 // Chunks a lane loads before using any: one load at a time left the warp waiting on each
 // (the kernels read weights at ~half the copy rate).
-#define MOE_LOADS_IN_FLIGHT 4
+#define LOADS_IN_FLIGHT 4
 
 __device__ __forceinline__ float dot8(uint4 w, const float* x) {
     return x[0] * __uint_as_float(w.x << 16) + x[1] * __uint_as_float(w.x & 0xffff0000u)
          + x[2] * __uint_as_float(w.y << 16) + x[3] * __uint_as_float(w.y & 0xffff0000u)
          + x[4] * __uint_as_float(w.z << 16) + x[5] * __uint_as_float(w.z & 0xffff0000u)
          + x[6] * __uint_as_float(w.w << 16) + x[7] * __uint_as_float(w.w & 0xffff0000u);
+}
+
+// The same product with 8 f32 values of x in global memory (16-byte aligned).
+__device__ __forceinline__ float dot8_global(uint4 w, const float* x) {
+    float4 lo = *(const float4*)x, hi = *(const float4*)(x + 4);
+    const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    return dot8(w, v);
+}
+
+// y[r, j] = x[r] · w[j] for the few rows of a decode step (rows <= GEMV_MAX_ROWS), x f32
+// (no bf16 copy to make) and w [n, k] bf16, k a multiple of 8: a warp per weight row j,
+// read once for every row of x. cuBLAS took 7-10 µs for each of a decode layer's 2-17 MB
+// projections, a third of the copy rate.
+#define GEMV_MAX_ROWS 4
+extern "C" __global__ void gemv_rows(const float* x, const bf16_t* w, float* y, int rows, int n,
+                                     int k) {
+    int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (j >= n) return;
+    int lane = threadIdx.x & 31;
+    int chunks = k / 8;
+    const uint4* row = (const uint4*)(w + (size_t)j * k);
+    float acc[GEMV_MAX_ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int c0 = lane; c0 < chunks; c0 += 32 * LOADS_IN_FLIGHT) {
+        uint4 a[LOADS_IN_FLIGHT];
+#pragma unroll
+        for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
+            if (c0 + 32 * u < chunks) a[u] = row[c0 + 32 * u];
+        }
+#pragma unroll
+        for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
+            int c = c0 + 32 * u;
+#pragma unroll
+            for (int r = 0; r < GEMV_MAX_ROWS; r++) {
+                if (c < chunks && r < rows) acc[r] += dot8_global(a[u], x + (size_t)r * k + c * 8);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; r++) {
+        if (r < rows) {
+            float v = warp_sum(acc[r]);
+            if (lane == 0) y[(size_t)r * n + j] = v;
+        }
+    }
 }
 
 // act[position, i] = silu(gate row i · x[t]) · (up row i · x[t]); grid (pairs,
@@ -756,10 +805,10 @@ extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long*
         const uint4* up = (const uint4*)(w + (size_t)(inter + i) * hidden);
         float gs[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
         float us[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int c0 = lane; c0 < hidden / 8; c0 += 32 * MOE_LOADS_IN_FLIGHT) {
-            uint4 a[MOE_LOADS_IN_FLIGHT], b[MOE_LOADS_IN_FLIGHT];
+        for (int c0 = lane; c0 < hidden / 8; c0 += 32 * LOADS_IN_FLIGHT) {
+            uint4 a[LOADS_IN_FLIGHT], b[LOADS_IN_FLIGHT];
 #pragma unroll
-            for (int u = 0; u < MOE_LOADS_IN_FLIGHT; u++) {
+            for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
                 int c = c0 + 32 * u;
                 if (c < hidden / 8) {
                     a[u] = gate[c];
@@ -767,7 +816,7 @@ extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long*
                 }
             }
 #pragma unroll
-            for (int u = 0; u < MOE_LOADS_IN_FLIGHT; u++) {
+            for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
                 int c = c0 + 32 * u;
 #pragma unroll
                 for (int j = 0; j < MOE_MAX_GROUP; j++) {
@@ -814,14 +863,14 @@ extern "C" __global__ void moe_down(const float* act, const unsigned long long* 
         if (h >= hidden) break;
         const uint4* row = (const uint4*)(w + (size_t)h * inter);
         float ds[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int c0 = lane; c0 < inter / 8; c0 += 32 * MOE_LOADS_IN_FLIGHT) {
-            uint4 a[MOE_LOADS_IN_FLIGHT];
+        for (int c0 = lane; c0 < inter / 8; c0 += 32 * LOADS_IN_FLIGHT) {
+            uint4 a[LOADS_IN_FLIGHT];
 #pragma unroll
-            for (int u = 0; u < MOE_LOADS_IN_FLIGHT; u++) {
+            for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
                 if (c0 + 32 * u < inter / 8) a[u] = row[c0 + 32 * u];
             }
 #pragma unroll
-            for (int u = 0; u < MOE_LOADS_IN_FLIGHT; u++) {
+            for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
                 int c = c0 + 32 * u;
 #pragma unroll
                 for (int j = 0; j < MOE_MAX_GROUP; j++) {

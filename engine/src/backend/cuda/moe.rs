@@ -115,9 +115,9 @@ impl CudaBackend {
             return moe_routed_on_host(self, x, router, rule, experts, counters);
         }
         let route_timer = self.timed("moe.route");
-        // The tokens in bf16 once, for the router and the experts' GEMMs.
-        let x16 = self.bf16_copy(x)?;
-        let logits = self.gemm_bf16(&x16, x.rows, x.cols, router)?;
+        // The tokens in bf16 at most once, for the router and the experts' GEMMs.
+        let input = self.projection_input(x)?;
+        let logits = self.project(&input, router)?;
         let pairs = x.rows * k;
         let mut routing = DeviceRouting {
             top_k: k,
@@ -152,7 +152,7 @@ impl CudaBackend {
             "moe_route",
         )?;
         drop(route_timer);
-        self.run_experts(x, Some(x16), &routing, experts)
+        self.run_experts(x, input.into_bf16(), &routing, experts)
     }
 
     /// The experts of host routing (expert parallelism, or rules the device does not take).
