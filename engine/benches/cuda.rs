@@ -6,6 +6,9 @@
 //!   + KV bytes read) / device-to-device copy bandwidth (bytes read and written per second);
 //! - prefill tokens/s versus FLOPs / this backend's bf16 GEMM rate on an 8192³ product.
 //!
+//! Times are medians (of `TIMED_STEPS` decode steps, of `PREFILL_SAMPLES` prefills): single
+//! steps hit hiccups of a few ms that moved a mean of 8 steps by up to 0.5 ms between runs.
+//!
 //! `cargo bench -p tandem-engine --bench cuda` (`TANDEM_BENCH_LAYERS`, default 8;
 //! `TANDEM_BENCH_DIR` for the checkpoint, default under the temp dir). Prints why it skips
 //! where no GPU is found.
@@ -32,7 +35,8 @@ const CONTEXT: usize = 2048;
 const BATCHES: [usize; 5] = [1, 8, 32, 64, 128];
 const PREFILL_LENGTHS: [usize; 2] = [2048, 8192];
 const BLOCK_SIZE: usize = 16;
-const TIMED_STEPS: usize = 8;
+const TIMED_STEPS: usize = 32;
+const PREFILL_SAMPLES: usize = 3;
 const BF16: usize = 2;
 
 fn main() {
@@ -117,7 +121,7 @@ fn main() {
         "prefill": [],
     });
     println!("decode at {CONTEXT} context");
-    println!("| batch | step ms | floor ms | of floor | tokens/s |");
+    println!("| batch | step ms (median) | floor ms | of floor | tokens/s |");
     println!("| ---: | ---: | ---: | ---: | ---: |");
     for batch in BATCHES {
         let step = decode_step_seconds(&mut engine, batch, layers);
@@ -140,11 +144,20 @@ fn main() {
     // A prompt and its first token; then the same prompt with its KV exported to the host
     // layer by layer, as a prefill worker does for a decode worker it shares no GPU with.
     println!("\nprefill");
-    println!("| prompt | seconds | tokens/s | TFLOP/s | of GEMM rate | with host export s |");
+    println!(
+        "| prompt | seconds (median) | tokens/s | TFLOP/s | of GEMM rate | with host export s |"
+    );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
     for len in PREFILL_LENGTHS {
-        let seconds = prefill_seconds(&mut engine, len, false);
-        let exporting = prefill_seconds(&mut engine, len, true);
+        let mut sample = |export| {
+            median(
+                (0..PREFILL_SAMPLES)
+                    .map(|_| prefill_seconds(&mut engine, len, export))
+                    .collect(),
+            )
+        };
+        let seconds = sample(false);
+        let exporting = sample(true);
         measured["prefill"]
             .as_array_mut()
             .expect("array")
@@ -210,7 +223,7 @@ fn config(layers: usize) -> serde_json::Value {
     })
 }
 
-/// Mean time of one decode step of `batch` sequences holding CONTEXT tokens each, their
+/// Median time of one decode step of `batch` sequences holding CONTEXT tokens each, their
 /// prompt KV imported (its values do not change the work).
 fn decode_step_seconds(engine: &mut Engine<CudaBackend>, batch: usize, layers: usize) -> f64 {
     let width = KV_HEADS * HEAD_DIM;
@@ -239,11 +252,14 @@ fn decode_step_seconds(engine: &mut Engine<CudaBackend>, batch: usize, layers: u
     }
     // Warm up, then time.
     engine.step().expect("step");
-    let started = Instant::now();
-    for _ in 0..TIMED_STEPS {
-        engine.step().expect("step");
-    }
-    let seconds = started.elapsed().as_secs_f64() / TIMED_STEPS as f64;
+    let steps = (0..TIMED_STEPS)
+        .map(|_| {
+            let started = Instant::now();
+            engine.step().expect("step");
+            started.elapsed().as_secs_f64()
+        })
+        .collect();
+    let seconds = median(steps);
     for id in ids {
         engine.abort(id);
     }
@@ -261,6 +277,12 @@ fn decode_floor_bytes(batch: usize, layers: usize) -> f64 {
     let kv = batch * CONTEXT * 2 * KV_HEADS * HEAD_DIM * BF16;
     let per_layer = touched * expert + (attention + router + kv) as f64;
     per_layer * layers as f64 + (VOCAB * HIDDEN * BF16) as f64
+}
+
+/// The middle value (the upper one of an even count).
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
 }
 
 /// Seconds to prefill a `len`-token prompt and pick its first token, exporting its KV to
