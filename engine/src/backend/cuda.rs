@@ -446,11 +446,23 @@ fn shape_error(op: &str, detail: String) -> EngineError {
 enum ProjectionInput<'a> {
     /// Few rows, read as f32 by `gemv_rows`.
     Rows(&'a CudaTensor),
-    /// `rows` rows converted to bf16 for the GEMMs.
-    Bf16 { x16: CudaSlice<u16>, rows: usize },
+    /// `rows` rows of `cols` values converted to bf16 for the GEMMs.
+    Bf16 {
+        x16: CudaSlice<u16>,
+        rows: usize,
+        cols: usize,
+    },
 }
 
 impl ProjectionInput<'_> {
+    /// Values a row.
+    fn cols(&self) -> usize {
+        match self {
+            Self::Rows(x) => x.cols,
+            Self::Bf16 { cols, .. } => *cols,
+        }
+    }
+
     /// The bf16 copy, where one was made.
     fn into_bf16(self) -> Option<CudaSlice<u16>> {
         match self {
@@ -782,14 +794,27 @@ impl CudaBackend {
             Ok(ProjectionInput::Bf16 {
                 x16: self.bf16_copy(x)?,
                 rows: x.rows,
+                cols: x.cols,
             })
         }
     }
 
-    /// `x · wᵀ` in f32 for a prepared input (`w.in_dim` values a row).
+    /// `x · wᵀ` in f32 for a prepared input.
     fn project(&self, input: &ProjectionInput<'_>, w: &CudaMatrix) -> Result<CudaTensor> {
+        if input.cols() != w.in_dim {
+            return Err(shape_error(
+                "projection",
+                format!(
+                    "x has {} columns, the weight takes {}",
+                    input.cols(),
+                    w.in_dim
+                ),
+            ));
+        }
         let x = match input {
-            ProjectionInput::Bf16 { x16, rows } => return self.gemm_bf16(x16, *rows, w.in_dim, w),
+            ProjectionInput::Bf16 { x16, rows, cols } => {
+                return self.gemm_bf16(x16, *rows, *cols, w);
+            }
             ProjectionInput::Rows(x) => x,
         };
         let _timer = self.timed("gemv");
