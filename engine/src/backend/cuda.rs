@@ -97,7 +97,7 @@ const ROPE_HEADS_PER_BLOCK: u32 = 8;
 /// Rows of x up to which projections run as matrix-vector products (`gemv_rows`).
 const GEMV_MAX_ROWS: usize = 4;
 /// Dynamic shared memory a block gets without opting in.
-const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
+pub(super) const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 /// Runs of at most this many values (a head's q or k) are normalized a warp each.
 const RMS_NORM_SHORT_RUN: usize = 256;
 /// The split attention kernel holds at most 8 values of a head per lane.
@@ -799,11 +799,11 @@ impl CudaBackend {
         }
     }
 
-    /// `x · wᵀ` in f32 for a prepared input.
+    /// `x · wᵀ` in f32 for a prepared input; every projection's width check.
     fn project(&self, input: &ProjectionInput<'_>, w: &CudaMatrix) -> Result<CudaTensor> {
         if input.cols() != w.in_dim {
             return Err(shape_error(
-                "projection",
+                "linear",
                 format!(
                     "x has {} columns, the weight takes {}",
                     input.cols(),
@@ -1133,12 +1133,6 @@ impl Backend for CudaBackend {
         bias: Option<&CudaVector>,
     ) -> Result<CudaTensor> {
         let _timer = self.timed("linear");
-        if x.cols != w.in_dim {
-            return Err(shape_error(
-                "linear",
-                format!("x has {} columns, the weight takes {}", x.cols, w.in_dim),
-            ));
-        }
         let input = self.projection_input(x)?;
         self.linear_input(&input, w, bias)
     }
@@ -1149,12 +1143,6 @@ impl Backend for CudaBackend {
         projections: [(&CudaMatrix, Option<&CudaVector>); 3],
     ) -> Result<[CudaTensor; 3]> {
         let _timer = self.timed("linear");
-        if let Some((w, _)) = projections.iter().find(|(w, _)| w.in_dim != x.cols) {
-            return Err(shape_error(
-                "linear_qkv",
-                format!("x has {} columns, a weight takes {}", x.cols, w.in_dim),
-            ));
-        }
         // At most one conversion of x for the three.
         let input = self.projection_input(x)?;
         let [q, k, v] = projections.map(|(w, bias)| self.linear_input(&input, w, bias));

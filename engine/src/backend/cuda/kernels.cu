@@ -726,6 +726,15 @@ __device__ __forceinline__ bool moe_tile(const int* offsets, const int* tile_sta
 // (the kernels read weights at ~half the copy rate).
 #define LOADS_IN_FLIGHT 4
 
+// Chunks c0, c0 + 32, … (LOADS_IN_FLIGHT of them, those below `chunks`) of a bf16 row as
+// 16-byte words, all issued before any is used.
+__device__ __forceinline__ void load_row_chunks(uint4* a, const uint4* row, int c0, int chunks) {
+#pragma unroll
+    for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
+        if (c0 + 32 * u < chunks) a[u] = row[c0 + 32 * u];
+    }
+}
+
 __device__ __forceinline__ float dot8(uint4 w, const float* x) {
     return x[0] * __uint_as_float(w.x << 16) + x[1] * __uint_as_float(w.x & 0xffff0000u)
          + x[2] * __uint_as_float(w.y << 16) + x[3] * __uint_as_float(w.y & 0xffff0000u)
@@ -755,10 +764,7 @@ extern "C" __global__ void gemv_rows(const float* x, const bf16_t* w, float* y, 
     float acc[GEMV_MAX_ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int c0 = lane; c0 < chunks; c0 += 32 * LOADS_IN_FLIGHT) {
         uint4 a[LOADS_IN_FLIGHT];
-#pragma unroll
-        for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
-            if (c0 + 32 * u < chunks) a[u] = row[c0 + 32 * u];
-        }
+        load_row_chunks(a, row, c0, chunks);
 #pragma unroll
         for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
             int c = c0 + 32 * u;
@@ -807,14 +813,8 @@ extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long*
         float us[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int c0 = lane; c0 < hidden / 8; c0 += 32 * LOADS_IN_FLIGHT) {
             uint4 a[LOADS_IN_FLIGHT], b[LOADS_IN_FLIGHT];
-#pragma unroll
-            for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
-                int c = c0 + 32 * u;
-                if (c < hidden / 8) {
-                    a[u] = gate[c];
-                    b[u] = up[c];
-                }
-            }
+            load_row_chunks(a, gate, c0, hidden / 8);
+            load_row_chunks(b, up, c0, hidden / 8);
 #pragma unroll
             for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
                 int c = c0 + 32 * u;
@@ -865,10 +865,7 @@ extern "C" __global__ void moe_down(const float* act, const unsigned long long* 
         float ds[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int c0 = lane; c0 < inter / 8; c0 += 32 * LOADS_IN_FLIGHT) {
             uint4 a[LOADS_IN_FLIGHT];
-#pragma unroll
-            for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
-                if (c0 + 32 * u < inter / 8) a[u] = row[c0 + 32 * u];
-            }
+            load_row_chunks(a, row, c0, inter / 8);
 #pragma unroll
             for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
                 int c = c0 + 32 * u;
@@ -1599,6 +1596,30 @@ __device__ __forceinline__ void accumulate_values(float (*o)[4], const float (*p
     }
 }
 
+// o += P · V on warpgroup instructions (sm_90a, head_dim 128): P's fragments as the register
+// A operand, the values (`values`, a swizzled tile as load_kv_tiles stores it) read
+// transposed. Waits for its instructions: the caller's next barrier lets the next tile's
+// copies overwrite the values.
+__device__ __forceinline__ void accumulate_values_wgmma(float (*o)[4], const float (*s)[4],
+                                                        unsigned int values) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    unsigned int p[FLASH_K_TILE / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < FLASH_K_TILE / 16; kk++) probability_fragment(p[kk], s, kk);
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int kk = 0; kk < FLASH_K_TILE / 16; kk++) {
+        // k step kk: keys 16 kk …, 16 rows of 128 bytes down both halves.
+        wgmma_m64n128k16_registers(&o[0][0], p[kk],
+                                   wgmma_descriptor(values + kk * 16 * 128, FLASH_K_TILE * 128));
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#else
+    __trap();  // launched only on devices the kernels were built for as sm_90a
+#endif
+}
+
 // A row's sum over the four lanes holding its columns.
 __device__ __forceinline__ float quad_sum(float v) {
     v += __shfl_xor_sync(0xffffffffu, v, 1);
@@ -1789,23 +1810,7 @@ __device__ __forceinline__ void prefill_attention(
             for (int e = 0; e < 4; e++) o[n][e] *= correction[e >> 1];
         }
         if (WGMMA) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-            unsigned int p[FLASH_K_TILE / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < FLASH_K_TILE / 16; kk++) probability_fragment(p[kk], s, kk);
-            unsigned int values = shared_address(vs);
-            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-            for (int kk = 0; kk < FLASH_K_TILE / 16; kk++) {
-                // k step kk: keys 16 kk …, 16 rows of 128 bytes down both halves.
-                wgmma_m64n128k16_registers(
-                    &o[0][0], p[kk],
-                    wgmma_descriptor(values + kk * 16 * 128, FLASH_K_TILE * 128));
-            }
-            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            // Done before the barrier lets the next tile's copies overwrite the values.
-            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#endif
+            accumulate_values_wgmma(o, s, shared_address(vs));
         } else {
             accumulate_values<HD>(o, s, vs, hd, lane);
         }

@@ -6,8 +6,8 @@
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::{
-    CudaBackend, CudaMatrix, CudaTensor, ROW_THREADS, blocks, device_error, launched, per_row,
-    shape_error,
+    CudaBackend, CudaMatrix, CudaTensor, DEFAULT_SHARED_BYTES, ROW_THREADS, blocks, device_error,
+    launched, per_row, shape_error,
 };
 use crate::backend::{HostCounters, RouteRule, Routing, moe_routed_on_host};
 use crate::error::{EngineError, Result};
@@ -22,8 +22,6 @@ const MOE_GEMV_MAX_PAIRS: usize = 8;
 const MOE_ROWS_PER_BLOCK: usize = 32;
 /// Most routing slots one block of the matrix-vector kernels takes (`MOE_MAX_GROUP`).
 const MOE_MAX_GROUP: usize = 4;
-/// Shared memory a block may stage its group's inputs in without opting in to more.
-const MOE_STAGED_BYTES: usize = 48 * 1024;
 /// `GEMM_BM`, `GEMM_BN`, `GEMM_THREADS` and `GEMM_SHARED_BYTES` (three stages of 128 × 64
 /// bf16 A and B tiles, padded: more than a block gets without opting in) of the grouped GEMM
 /// kernels.
@@ -225,9 +223,9 @@ impl CudaBackend {
         if pairs == 0 {
             return self.tensor(x.rows, hidden);
         }
-        let gemv = pairs <= MOE_GEMV_MAX_PAIRS && hidden.max(inter) * 4 <= MOE_STAGED_BYTES;
+        let gemv = pairs <= MOE_GEMV_MAX_PAIRS && hidden.max(inter) * 4 <= DEFAULT_SHARED_BYTES;
         // A matrix-vector group: as many slots as the widest staged input allows.
-        let group_size = (MOE_STAGED_BYTES / (4 * hidden.max(inter))).clamp(1, MOE_MAX_GROUP);
+        let group_size = (DEFAULT_SHARED_BYTES / (4 * hidden.max(inter))).clamp(1, MOE_MAX_GROUP);
         let place = self.place(
             routing,
             experts.len(),
