@@ -63,6 +63,18 @@ pub trait Backend: Send + Sync + Sized + 'static {
         Ok([q?, k?, v?])
     }
     fn add_assign(&self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()>;
+    /// `h += delta`, then RMSNorm of `h`: a residual add and the norm after it, which a
+    /// backend may do in one pass.
+    fn add_rms_norm(
+        &self,
+        h: &mut Self::Tensor,
+        delta: &Self::Tensor,
+        weight: &Self::Vector,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        self.add_assign(h, delta)?;
+        self.rms_norm(h, weight, eps)
+    }
     /// Multiplies row i by `scales[i]`.
     fn scale_rows(&self, x: &mut Self::Tensor, scales: &[f32]) -> Result<()>;
     /// `silu(gate) * up` for a `[rows, 2·I]` tensor holding gate then up.
@@ -77,6 +89,18 @@ pub trait Backend: Send + Sync + Sized + 'static {
         v: &Self::Tensor,
         slots: &[usize],
     ) -> Result<()>;
+    /// A layer's projected `[q, k, v]` made ready for attention: q and k normed per head
+    /// (where `heads` has norms) and rotated, k and v written to cache `slots`; returns q.
+    /// A backend may do it all in one pass.
+    fn attention_inputs(
+        &self,
+        qkv: [Self::Tensor; 3],
+        heads: &HeadTransforms<'_, Self::Vector>,
+        store: &mut Self::KvStore,
+        slots: &[usize],
+    ) -> Result<Self::Tensor> {
+        attention_inputs_stepwise(self, qkv, heads, store, slots)
+    }
     /// Copies the K and V rows in `slots` to the host, to send them to another worker.
     fn read_kv(&self, store: &Self::KvStore, slots: &[usize]) -> Result<KvRows>;
     /// Writes host K and V rows (received from another worker) into `slots`.
@@ -175,6 +199,24 @@ pub trait Backend: Send + Sync + Sized + 'static {
 }
 
 /// [`Backend::moe_routed`] with the router's logits brought to the host and routed there.
+/// [`Backend::attention_inputs`] as separate norm, rotary and cache-write calls.
+pub(crate) fn attention_inputs_stepwise<B: Backend>(
+    b: &B,
+    [mut q, mut k, v]: [B::Tensor; 3],
+    heads: &HeadTransforms<'_, B::Vector>,
+    store: &mut B::KvStore,
+    slots: &[usize],
+) -> Result<B::Tensor> {
+    if let Some((q_norm, k_norm)) = heads.norms {
+        q = b.rms_norm(&q, q_norm, heads.eps)?;
+        k = b.rms_norm(&k, k_norm, heads.eps)?;
+    }
+    b.rope(&mut q, heads.rope)?;
+    b.rope(&mut k, heads.rope)?;
+    b.write_kv(store, &k, &v, slots)?;
+    Ok(q)
+}
+
 pub(crate) fn moe_routed_on_host<B: Backend>(
     b: &B,
     x: &B::Tensor,
@@ -288,6 +330,14 @@ pub struct AttentionSeq<'a> {
 
 /// Everything attention needs besides the tensors.
 #[derive(Debug, Clone)]
+/// What happens to each head of a layer's q and k before attention: RMSNorm by
+/// `(q_norm, k_norm)` where the family has them (Qwen3), then the rotary embedding.
+pub struct HeadTransforms<'a, V> {
+    pub norms: Option<(&'a V, &'a V)>,
+    pub eps: f32,
+    pub rope: &'a RopeTable,
+}
+
 pub struct AttentionBatch<'a> {
     pub seqs: &'a [AttentionSeq<'a>],
     pub num_heads: usize,

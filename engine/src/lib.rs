@@ -33,8 +33,8 @@ pub mod cuda {
     };
 }
 pub use backend::{
-    AttentionBatch, AttentionSeq, Backend, Device, DeviceChoice, HostCounters, KvRows, KvSpec,
-    RopeTable, RouteRule, Routing,
+    AttentionBatch, AttentionSeq, Backend, Device, DeviceChoice, HeadTransforms, HostCounters,
+    KvRows, KvSpec, RopeTable, RouteRule, Routing,
 };
 pub use block_pool::{BlockId, BlockPool};
 pub use checkpoint::{HostTensor, LoadProgress};

@@ -4,7 +4,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::backend::{
-    AttentionBatch, AttentionSeq, Backend, KvRows, KvSpec, RopeTable, RouteRule, Routing,
+    AttentionBatch, AttentionSeq, Backend, HeadTransforms, KvRows, KvSpec, RopeTable, RouteRule,
+    Routing,
 };
 use crate::checkpoint::{Checkpoint, LoadProgress};
 use crate::config::ModelConfig;
@@ -291,17 +292,21 @@ impl<B: Backend> Model<B> {
         };
 
         let mut h = b.embed(&self.weights.embed, &batch.tokens)?;
+        // The last layer's MLP output, added to h by the next norm.
+        let mut mlp_out: Option<B::Tensor> = None;
         for (index, (layer, store)) in self.weights.layers.iter().zip(&mut kv.layers).enumerate() {
-            let x = b.rms_norm(&h, &layer.input_norm, c.rms_norm_eps)?;
+            let x = match mlp_out.take() {
+                Some(mlp) => b.add_rms_norm(&mut h, &mlp, &layer.input_norm, c.rms_norm_eps)?,
+                None => b.rms_norm(&h, &layer.input_norm, c.rms_norm_eps)?,
+            };
             let projections = [&layer.q, &layer.k, &layer.v].map(|p| (&p.weight, p.bias.as_ref()));
-            let [mut q, mut k, v] = b.linear_qkv(&x, projections)?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = b.rms_norm(&q, qn, c.rms_norm_eps)?;
-                k = b.rms_norm(&k, kn, c.rms_norm_eps)?;
-            }
-            b.rope(&mut q, &rope)?;
-            b.rope(&mut k, &rope)?;
-            b.write_kv(store, &k, &v, &slots)?;
+            let qkv = b.linear_qkv(&x, projections)?;
+            let heads = HeadTransforms {
+                norms: layer.q_norm.as_ref().zip(layer.k_norm.as_ref()),
+                eps: c.rms_norm_eps,
+                rope: &rope,
+            };
+            let q = b.attention_inputs(qkv, &heads, store, &slots)?;
             for (i, export) in batch.exports.iter().enumerate() {
                 let rows = self.read_whole_heads(store, export)?;
                 on_export(index, i, &rows)?;
@@ -313,21 +318,30 @@ impl<B: Backend> Model<B> {
             let attn = b.attention(&q, store, &attention)?;
             let mut o = b.linear(&attn, &layer.o.weight, layer.o.bias.as_ref())?;
             self.reduce_tensor_parallel(&mut o)?;
-            b.add_assign(&mut h, &o)?;
-
-            let x = b.rms_norm(&h, &layer.post_attention_norm, c.rms_norm_eps)?;
+            let x = b.add_rms_norm(&mut h, &o, &layer.post_attention_norm, c.rms_norm_eps)?;
             let mut mlp = match &layer.mlp {
                 Mlp::Dense(mlp) => self.swiglu_mlp(&x, mlp)?,
                 Mlp::Sparse(sparse) => self.sparse_mlp(index, &x, sparse)?,
             };
             self.reduce_tensor_parallel(&mut mlp)?;
-            b.add_assign(&mut h, &mlp)?;
+            mlp_out = Some(mlp);
         }
         if batch.logit_rows.is_empty() {
             return Ok(None);
         }
-        let last = b.select_rows(&h, &batch.logit_rows)?;
-        let last = b.rms_norm(&last, &self.weights.final_norm, c.rms_norm_eps)?;
+        let final_norm = &self.weights.final_norm;
+        let every_row = batch.logit_rows.iter().copied().eq(0..batch.tokens.len());
+        let last = match mlp_out {
+            // A decode step wants every row: the last add and the final norm in one call.
+            Some(mlp) if every_row => b.add_rms_norm(&mut h, &mlp, final_norm, c.rms_norm_eps)?,
+            mlp => {
+                if let Some(mlp) = mlp {
+                    b.add_assign(&mut h, &mlp)?;
+                }
+                let last = b.select_rows(&h, &batch.logit_rows)?;
+                b.rms_norm(&last, final_norm, c.rms_norm_eps)?
+            }
+        };
         let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
         b.linear(&last, head, None).map(Some)
     }

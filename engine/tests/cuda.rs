@@ -20,9 +20,9 @@ use std::path::{Path, PathBuf};
 use tandem_engine::cuda::{CudaBackend, KERNEL_NAMES, NcclCollective, compile_kernels};
 use tandem_engine::{
     AttentionBatch, AttentionSeq, Backend, BlockId, Collective, CpuBackend, Engine, EngineConfig,
-    EngineGroup, ExpertPlacement, ExpertWeights, HostTensor, KvSpec, Model, Parallelism, RopeTable,
-    RouteRule, Routing, SamplingParams, SeqId, Sharding, StopCriteria, load_ranks,
-    load_tensor_parallel,
+    EngineGroup, ExpertPlacement, ExpertWeights, HeadTransforms, HostTensor, KvSpec, Model,
+    Parallelism, RopeTable, RouteRule, Routing, SamplingParams, SeqId, Sharding, StopCriteria,
+    load_ranks, load_tensor_parallel,
 };
 
 const RELATIVE_TOLERANCE: f32 = 2e-2;
@@ -382,6 +382,53 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     b.rope(&mut r, &RopeTable::new(&positions, 8, 10_000.0))
         .expect("rope");
     out.push(("rope_many_heads".into(), b.to_host(&r).expect("host")));
+    // A layer's attention inputs in one call (one kernel on the GPU where head_dim is a
+    // multiple of 64), with per-head norms and without; K and V read back from the cache.
+    let (in_heads, in_kv_heads) = (4, 2);
+    let in_spec = KvSpec {
+        num_blocks: 4,
+        block_size: 4,
+        num_kv_heads: in_kv_heads,
+        head_dim,
+    };
+    let q_norm = b.vector(v.take(head_dim, 1.0)).expect("norm");
+    let k_norm = b.vector(v.take(head_dim, 1.0)).expect("norm");
+    let in_rope = RopeTable::new(&[5, 900, 31_000], head_dim, 1_000_000.0);
+    let in_slots = [3, 14, 9];
+    for (name, norms) in [
+        ("attention_inputs_normed", Some((&q_norm, &k_norm))),
+        ("attention_inputs", None),
+    ] {
+        let mut in_store = b.kv_store(&in_spec).expect("store");
+        let qkv = [in_heads, in_kv_heads, in_kv_heads]
+            .map(|h| tensor(b, 3, h * head_dim, v.take(3 * h * head_dim, 1.0)));
+        let heads = HeadTransforms {
+            norms,
+            eps: 1e-6,
+            rope: &in_rope,
+        };
+        let q = b
+            .attention_inputs(qkv, &heads, &mut in_store, &in_slots)
+            .expect("attention_inputs");
+        let kv = b.read_kv(&in_store, &in_slots).expect("read_kv");
+        out.push((
+            name.into(),
+            [b.to_host(&q).expect("host"), kv.k, kv.v].concat(),
+        ));
+    }
+    // The residual add and the norm after it, for a decode step's row and for many.
+    for (name, n) in [("add_rms_norm_one_row", 1), ("add_rms_norm", rows)] {
+        let mut h = tensor(b, n, hidden, v.take(n * hidden, 1.0));
+        let delta = tensor(b, n, hidden, v.take(n * hidden, 1.0));
+        let normed = b
+            .add_rms_norm(&mut h, &delta, &norm, 1e-6)
+            .expect("add_rms_norm");
+        let values = [
+            b.to_host(&h).expect("host"),
+            b.to_host(&normed).expect("host"),
+        ];
+        out.push((name.into(), values.concat()));
+    }
     let gate_up = tensor(b, rows, 48, v.take(rows * 48, 2.0));
     out.push((
         "swiglu".into(),
@@ -445,8 +492,9 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
 
     // Routed where the logits are: 8 experts of width 128, top-2, over 4 tokens (8 slots:
     // matrix-vector path), 10 (20 slots: grouped GEMMs, one row tile an expert) and 300 (600
-    // slots: several row tiles an expert, two column tiles, eight k steps). Inputs are multiples of 1/8 and router weights of ±1/8, so
-    // every logit is exact in f32 and both backends rank the experts alike.
+    // slots: several row tiles an expert, two column tiles, eight k steps). Inputs are
+    // multiples of 1/8 and router weights of ±1/8, so every logit is exact in f32 and both
+    // backends rank the experts alike.
     let (hidden_r, inter_r, num_experts) = (256, 128, 8);
     let rule = RouteRule {
         num_experts,

@@ -24,7 +24,8 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::backend::{
-    AttentionBatch, Backend, KvRows, KvSpec, RopeTable, RouteRule, Routing, check_scatter_rows,
+    AttentionBatch, Backend, HeadTransforms, KvRows, KvSpec, RopeTable, RouteRule, Routing,
+    attention_inputs_stepwise, check_scatter_rows,
 };
 use crate::checkpoint::HostTensor;
 use crate::error::{EngineError, Result};
@@ -44,7 +45,7 @@ pub use peer::CudaPeerKv;
 pub const KERNELS_SOURCE: &str = include_str!("cuda/kernels.cu");
 
 /// Every kernel `kernels.cu` defines.
-pub const KERNEL_NAMES: [&str; 35] = [
+pub const KERNEL_NAMES: [&str; 37] = [
     "embed",
     "rms_norm",
     "rms_norm_short",
@@ -80,6 +81,8 @@ pub const KERNEL_NAMES: [&str; 35] = [
     "moe_wgmma_down",
     "moe_combine",
     "gemv_rows",
+    "add_rms_norm",
+    "attention_inputs",
 ];
 
 /// Threads per block of the row-wise kernels.
@@ -96,8 +99,10 @@ const WARP: u32 = 32;
 const ROPE_HEADS_PER_BLOCK: u32 = 8;
 /// Rows of x up to which projections run as matrix-vector products (`gemv_rows`).
 const GEMV_MAX_ROWS: usize = 4;
+/// Weights one `gemv_rows` launch multiplies x by.
+const GEMV_MAX_WEIGHTS: usize = 3;
 /// Dynamic shared memory a block gets without opting in.
-pub(super) const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
+const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 /// Runs of at most this many values (a head's q or k) are normalized a warp each.
 const RMS_NORM_SHORT_RUN: usize = 256;
 /// The split attention kernel holds at most 8 values of a head per lane.
@@ -472,6 +477,20 @@ impl ProjectionInput<'_> {
     }
 }
 
+/// A rotary table on the device: a position a row and head_dim / 2 frequencies.
+struct RopeInputs {
+    positions: Arc<CudaSlice<i32>>,
+    inv_freq: Arc<CudaSlice<f32>>,
+}
+
+/// The array of results, or the first error.
+fn collect_array<T, const N: usize>(items: [Result<T>; N]) -> Result<[T; N]> {
+    let items = items.into_iter().collect::<Result<Vec<T>>>()?;
+    items
+        .try_into()
+        .map_err(|_| EngineError::Device("an array changed length".into()))
+}
+
 fn blocks(n: usize, per_block: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: ((n as u32).div_ceil(per_block), 1, 1),
@@ -799,9 +818,21 @@ impl CudaBackend {
         }
     }
 
-    /// `x · wᵀ` in f32 for a prepared input; every projection's width check.
+    /// `x · wᵀ` in f32 for a prepared input.
     fn project(&self, input: &ProjectionInput<'_>, w: &CudaMatrix) -> Result<CudaTensor> {
-        if input.cols() != w.in_dim {
+        let [y] = self.project_many(input, [w])?;
+        Ok(y)
+    }
+
+    /// `x · wᵀ` for each of up to three weights of one prepared input (few rows: one
+    /// launch for all); every projection's width check.
+    fn project_many<const N: usize>(
+        &self,
+        input: &ProjectionInput<'_>,
+        weights: [&CudaMatrix; N],
+    ) -> Result<[CudaTensor; N]> {
+        const { assert!(N <= GEMV_MAX_WEIGHTS) };
+        if let Some(w) = weights.iter().find(|w| w.in_dim != input.cols()) {
             return Err(shape_error(
                 "linear",
                 format!(
@@ -813,50 +844,58 @@ impl CudaBackend {
         }
         let x = match input {
             ProjectionInput::Bf16 { x16, rows, cols } => {
-                return self.gemm_bf16(x16, *rows, *cols, w);
+                let ys = weights.map(|w| self.gemm_bf16(x16, *rows, *cols, w));
+                return collect_array(ys);
             }
             ProjectionInput::Rows(x) => x,
         };
         let _timer = self.timed("gemv");
-        let mut y = self.output(x.rows, w.out_dim)?;
-        if x.rows == 0 || w.out_dim == 0 {
-            return Ok(y);
+        let mut ys = collect_array(weights.map(|w| self.output(x.rows, w.out_dim)))?;
+        let total: usize = weights.iter().map(|w| w.out_dim).sum();
+        if x.rows == 0 || total == 0 {
+            return Ok(ys);
         }
-        let (rows, n, k) = (x.rows as i32, w.out_dim as i32, w.in_dim as i32);
+        let (rows, k) = (x.rows as i32, input.cols() as i32);
+        let null = 0u64;
+        let outs: [i32; GEMV_MAX_WEIGHTS] =
+            std::array::from_fn(|m| weights.get(m).map_or(0, |w| w.out_dim as i32));
         let mut launch = self.stream.launch_builder(self.function("gemv_rows"));
-        launch
-            .arg(&x.data)
-            .arg(&w.data)
-            .arg(&mut y.data)
-            .arg(&rows)
-            .arg(&n)
-            .arg(&k);
-        // SAFETY: a warp per weight row j < n (w holds n · k bf16 values, k a multiple of 8),
-        // reading the rows <= GEMV_MAX_ROWS of x (rows · k floats, allocation-aligned) and
-        // writing column j of y (rows · n).
+        launch.arg(&x.data).arg(&rows).arg(&k);
+        let mut outputs = ys.iter_mut();
+        for (m, n) in outs.iter().enumerate() {
+            match (weights.get(m), outputs.next()) {
+                (Some(w), Some(y)) => launch.arg(&w.data).arg(&mut y.data),
+                _ => launch.arg(&null).arg(&null),
+            };
+            launch.arg(n);
+        }
+        // SAFETY: a warp per weight row j of each weight m (w_m holds n_m · k bf16 values, k
+        // a multiple of 8; absent weights have n_m = 0 and are never read), reading the rows
+        // <= GEMV_MAX_ROWS of x (rows · k floats, allocation-aligned) and writing column j of
+        // y_m (rows · n_m).
         launched(
-            unsafe { launch.launch(blocks(w.out_dim * WARP as usize, ROW_THREADS)) },
+            unsafe { launch.launch(blocks(total * WARP as usize, ROW_THREADS)) },
             "gemv_rows",
         )?;
-        Ok(y)
+        Ok(ys)
     }
 
-    /// `x · wᵀ + bias` for a prepared input.
-    fn linear_input(
-        &self,
-        input: &ProjectionInput<'_>,
-        w: &CudaMatrix,
-        bias: Option<&CudaVector>,
-    ) -> Result<CudaTensor> {
-        let mut y = self.project(input, w)?;
-        if let Some(bias) = bias.filter(|_| y.rows > 0) {
-            let cols = y.cols as i32;
-            let mut launch = self.stream.launch_builder(self.function("add_bias"));
-            launch.arg(&mut y.data).arg(&bias.data).arg(&cols);
-            // SAFETY: one block per row of y; the bias holds y.cols values.
-            launched(unsafe { launch.launch(per_row(y.rows)) }, "add_bias")?;
+    /// `y += bias` on every row.
+    fn add_bias(&self, y: &mut CudaTensor, bias: &CudaVector) -> Result<()> {
+        if y.rows == 0 {
+            return Ok(());
         }
-        Ok(y)
+        if bias.len != y.cols {
+            return Err(shape_error(
+                "linear",
+                format!("a bias of {} for {} columns", bias.len, y.cols),
+            ));
+        }
+        let cols = y.cols as i32;
+        let mut launch = self.stream.launch_builder(self.function("add_bias"));
+        launch.arg(&mut y.data).arg(&bias.data).arg(&cols);
+        // SAFETY: one block per row of y; the bias holds y.cols values.
+        launched(unsafe { launch.launch(per_row(y.rows)) }, "add_bias")
     }
 
     /// `x`'s values rounded to bf16 (as 16-bit words), the tensor cores' input.
@@ -934,6 +973,20 @@ impl CudaBackend {
         // SAFETY: one block per row; every slot was checked against the store's capacity
         // and src holds rows · width values.
         launched(unsafe { launch.launch(per_row(rows)) }, "store_rows")
+    }
+
+    /// The rotary table's positions and frequencies on the device (the angles' cos and sin
+    /// are computed there: only positions travel).
+    fn rope_inputs(&self, table: &RopeTable) -> Result<RopeInputs> {
+        let positions: Vec<i32> = table.positions.iter().map(|&p| p as i32).collect();
+        Ok(RopeInputs {
+            positions: self.upload_reused(&self.reused_i32, ("rope.positions", 0), &positions)?,
+            inv_freq: self.upload_reused(
+                &self.reused_f32,
+                ("rope.inv_freq", 0),
+                &table.inv_freq,
+            )?,
+        })
     }
 
     fn checked_slots(
@@ -1134,7 +1187,11 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         let _timer = self.timed("linear");
         let input = self.projection_input(x)?;
-        self.linear_input(&input, w, bias)
+        let [mut y] = self.project_many(&input, [w])?;
+        if let Some(bias) = bias {
+            self.add_bias(&mut y, bias)?;
+        }
+        Ok(y)
     }
 
     fn linear_qkv(
@@ -1143,10 +1200,15 @@ impl Backend for CudaBackend {
         projections: [(&CudaMatrix, Option<&CudaVector>); 3],
     ) -> Result<[CudaTensor; 3]> {
         let _timer = self.timed("linear");
-        // At most one conversion of x for the three.
+        // At most one conversion of x (or one matrix-vector launch) for the three.
         let input = self.projection_input(x)?;
-        let [q, k, v] = projections.map(|(w, bias)| self.linear_input(&input, w, bias));
-        Ok([q?, k?, v?])
+        let mut ys = self.project_many(&input, projections.map(|(w, _)| w))?;
+        for (y, (_, bias)) in ys.iter_mut().zip(projections) {
+            if let Some(bias) = bias {
+                self.add_bias(y, bias)?;
+            }
+        }
+        Ok(ys)
     }
 
     fn add_assign(&self, acc: &mut CudaTensor, x: &CudaTensor) -> Result<()> {
@@ -1166,6 +1228,35 @@ impl Backend for CudaBackend {
             unsafe { launch.launch(blocks(n, ELEMENT_THREADS)) },
             "add_assign",
         )
+    }
+
+    fn add_rms_norm(
+        &self,
+        h: &mut CudaTensor,
+        delta: &CudaTensor,
+        weight: &CudaVector,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        if weight.len != h.cols || (h.rows, h.cols) != (delta.rows, delta.cols) || h.rows == 0 {
+            // Per-head runs, or shapes the separate calls will name in their errors.
+            self.add_assign(h, delta)?;
+            return self.rms_norm(h, weight, eps);
+        }
+        let _timer = self.timed("add_rms_norm");
+        let mut out = self.output(h.rows, h.cols)?;
+        let len = h.cols as i32;
+        let mut launch = self.stream.launch_builder(self.function("add_rms_norm"));
+        launch
+            .arg(&mut h.data)
+            .arg(&delta.data)
+            .arg(&weight.data)
+            .arg(&mut out.data)
+            .arg(&len)
+            .arg(&eps);
+        // SAFETY: one block per row of len values; h, delta and out hold rows · len values,
+        // the weight len.
+        launched(unsafe { launch.launch(per_row(h.rows)) }, "add_rms_norm")?;
+        Ok(out)
     }
 
     fn scale_rows(&self, x: &mut CudaTensor, scales: &[f32]) -> Result<()> {
@@ -1225,18 +1316,14 @@ impl Backend for CudaBackend {
                 format!("head_dim {head_dim} is over {MAX_HEAD_DIM}"),
             ));
         }
-        // The angles' cos and sin are computed on the device: only positions travel.
-        let positions: Vec<i32> = table.positions.iter().map(|&p| p as i32).collect();
-        let positions = self.upload_reused(&self.reused_i32, ("rope.positions", 0), &positions)?;
-        let inv_freq =
-            self.upload_reused(&self.reused_f32, ("rope.inv_freq", 0), &table.inv_freq)?;
+        let rope = self.rope_inputs(table)?;
         let heads = (x.cols / head_dim) as i32;
         let head_dim = head_dim as i32;
         let mut launch = self.stream.launch_builder(self.function("rope"));
         launch
             .arg(&mut x.data)
-            .arg(positions.as_ref())
-            .arg(inv_freq.as_ref())
+            .arg(rope.positions.as_ref())
+            .arg(rope.inv_freq.as_ref())
             .arg(&heads)
             .arg(&head_dim);
         let config = LaunchConfig {
@@ -1271,6 +1358,72 @@ impl Backend for CudaBackend {
         let slots_dev = self.checked_slots(store, slots, "write_kv")?;
         self.store_rows(&mut store.k, &k.data, &slots_dev, slots.len(), width)?;
         self.store_rows(&mut store.v, &v.data, &slots_dev, slots.len(), width)
+    }
+
+    fn attention_inputs(
+        &self,
+        qkv: [CudaTensor; 3],
+        heads: &HeadTransforms<'_, CudaVector>,
+        store: &mut CudaKvStore,
+        slots: &[usize],
+    ) -> Result<CudaTensor> {
+        let [mut q, k, v] = qkv;
+        let head_dim = heads.rope.head_dim;
+        let width = store.width();
+        let fused = head_dim > 0
+            && head_dim.is_multiple_of(64)
+            && head_dim <= MAX_HEAD_DIM
+            && q.cols.is_multiple_of(head_dim)
+            && (k.cols, v.cols) == (width, width)
+            && width.is_multiple_of(head_dim)
+            && [k.rows, v.rows, slots.len(), heads.rope.rows()] == [q.rows; 4]
+            && heads
+                .norms
+                .is_none_or(|(qn, kn)| qn.len == head_dim && kn.len == head_dim);
+        if !fused || q.rows == 0 {
+            // Other shapes take the separate calls, whose errors name what is wrong.
+            return attention_inputs_stepwise(self, [q, k, v], heads, store, slots);
+        }
+        let _timer = self.timed("attention_inputs");
+        let slots_dev = self.checked_slots(store, slots, "write_kv")?;
+        let rope = self.rope_inputs(heads.rope)?;
+        let (q_heads, kv_heads) = (q.cols / head_dim, width / head_dim);
+        let (q_heads_i, kv_heads_i, head_dim_i) =
+            (q_heads as i32, kv_heads as i32, head_dim as i32);
+        let null = 0u64;
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("attention_inputs"));
+        launch.arg(&mut q.data).arg(&k.data).arg(&v.data);
+        match heads.norms {
+            Some((q_norm, k_norm)) => launch.arg(&q_norm.data).arg(&k_norm.data),
+            None => launch.arg(&null).arg(&null),
+        };
+        launch
+            .arg(&mut store.k)
+            .arg(&mut store.v)
+            .arg(slots_dev.as_ref())
+            .arg(rope.positions.as_ref())
+            .arg(rope.inv_freq.as_ref())
+            .arg(&q_heads_i)
+            .arg(&kv_heads_i)
+            .arg(&head_dim_i)
+            .arg(&heads.eps);
+        let warps = ROW_THREADS / WARP;
+        let config = LaunchConfig {
+            grid_dim: (
+                q.rows as u32,
+                ((q_heads + 2 * kv_heads) as u32).div_ceil(warps),
+                1,
+            ),
+            ..per_row(q.rows)
+        };
+        // SAFETY: a warp per (row, head) of q (rows · q_heads heads of head_dim, a multiple
+        // of 64 up to 256), k and v (rows · kv_heads each); the norms hold head_dim values,
+        // the rope tables a position a row and head_dim / 2 frequencies; slots (one a row)
+        // were checked inside the caches, whose rows hold kv_heads · head_dim values.
+        launched(unsafe { launch.launch(config) }, "attention_inputs")?;
+        Ok(q)
     }
 
     fn read_kv(&self, store: &CudaKvStore, slots: &[usize]) -> Result<KvRows> {

@@ -66,23 +66,32 @@ extern "C" __global__ void embed(const bf16_t* table, const unsigned int* ids, f
 
 __device__ __forceinline__ bool aligned16(const void* p) { return ((size_t)p & 15) == 0; }
 
-// RMSNorm over each run of `len` values (a row or one head); one block per run, four values
-// a load where the run and pointers allow.
-extern "C" __global__ void rms_norm(const float* x, const float* weight, float* out, int len,
-                                    float eps) {
-    const float* src = x + (size_t)blockIdx.x * len;
-    float* dst = out + (size_t)blockIdx.x * len;
-    bool vector = (len & 3) == 0 && aligned16(src) && aligned16(dst) && aligned16(weight);
+// RMSNorm of one block's run of `len` values, four a load where the run and pointers allow;
+// with ADD, src += delta first (the residual add before a norm), written back to src.
+template <bool ADD>
+__device__ __forceinline__ void rms_norm_run(float* src, const float* delta, const float* weight,
+                                             float* dst, int len, float eps) {
+    bool vector = (len & 3) == 0 && aligned16(src) && aligned16(dst) && aligned16(weight) &&
+                  (!ADD || aligned16(delta));
     int first = vector ? threadIdx.x * 4 : len;
     int step = blockDim.x * 4;
     float sq = 0.0f;
     for (int i = first; i < len; i += step) {
         float4 v = *(const float4*)(src + i);
+        if (ADD) {
+            float4 d = *(const float4*)(delta + i);
+            v = make_float4(v.x + d.x, v.y + d.y, v.z + d.z, v.w + d.w);
+            *(float4*)(src + i) = v;
+        }
         sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
     if (!vector) {
-        for (int i = threadIdx.x; i < len; i += blockDim.x) sq += src[i] * src[i];
+        for (int i = threadIdx.x; i < len; i += blockDim.x) {
+            if (ADD) src[i] += delta[i];
+            sq += src[i] * src[i];
+        }
     }
+    // Each thread reads back only the values it wrote above.
     float inv = rsqrtf(block_sum(sq) / (float)len + eps);
     for (int i = first; i < len; i += step) {
         float4 v = *(const float4*)(src + i), w = *(const float4*)(weight + i);
@@ -92,6 +101,21 @@ extern "C" __global__ void rms_norm(const float* x, const float* weight, float* 
     if (!vector) {
         for (int i = threadIdx.x; i < len; i += blockDim.x) dst[i] = src[i] * inv * weight[i];
     }
+}
+
+// RMSNorm over each run of `len` values (a row or one head); one block per run.
+extern "C" __global__ void rms_norm(const float* x, const float* weight, float* out, int len,
+                                    float eps) {
+    size_t at = (size_t)blockIdx.x * len;
+    rms_norm_run<false>((float*)x + at, nullptr, weight, out + at, len, eps);
+}
+
+// h += delta, then out = RMSNorm(h) · weight, a row a block: the residual add and the next
+// norm in one pass (two launches and a reread of h apart).
+extern "C" __global__ void add_rms_norm(float* h, const float* delta, const float* weight,
+                                        float* out, int len, float eps) {
+    size_t at = (size_t)blockIdx.x * len;
+    rms_norm_run<true>(h + at, delta + at, weight, out + at, len, eps);
 }
 
 // The same for short runs (a head's q or k): a warp per run, so a block does not sit mostly
@@ -165,6 +189,90 @@ extern "C" __global__ void rope(float* x, const int* positions, const float* inv
         h[j] = x1 * cos_row[j] - x2 * sin_row[j];
         h[j + half] = x2 * cos_row[j] + x1 * sin_row[j];
     }
+}
+
+// A layer's attention inputs for row blockIdx.x in one pass, a warp a head: q's heads
+// normed (by q_norm when given) and rotated in place; k's normed and rotated, and k and v
+// stored as bf16 at slot slots[row] of the caches. Lane l holds a head's values l + 32 i
+// (i < PER_LANE, head_dim = 32 · PER_LANE), so for head_dim a multiple of 64 (at most 256)
+// each rotate-half pair sits in one lane. The same arithmetic as rms_norm_short and rope,
+// in the same order.
+template <int PER_LANE>
+__device__ __forceinline__ void attention_input_head(
+    float* q, const float* k, const float* v, const float* q_norm, const float* k_norm,
+    bf16_t* k_cache, bf16_t* v_cache, const int* slots, const int* positions,
+    const float* inv_freq, int q_heads, int kv_heads, float eps, int head) {
+    constexpr int HD = 32 * PER_LANE, PAIRS = PER_LANE / 2;
+    int lane = threadIdx.x & 31, row = blockIdx.x;
+    int kv_width = kv_heads * HD;
+    const float* src;
+    float* dst_f32 = nullptr;
+    bf16_t* dst_bf16 = nullptr;
+    const float* norm = nullptr;
+    if (head < q_heads) {
+        src = dst_f32 = q + ((size_t)row * q_heads + head) * HD;
+        norm = q_norm;
+    } else if (head < q_heads + kv_heads) {
+        int h = head - q_heads;
+        src = k + (size_t)row * kv_width + h * HD;
+        dst_bf16 = k_cache + (size_t)slots[row] * kv_width + h * HD;
+        norm = k_norm;
+    } else {
+        int h = head - q_heads - kv_heads;
+        src = v + (size_t)row * kv_width + h * HD;
+        dst_bf16 = v_cache + (size_t)slots[row] * kv_width + h * HD;
+    }
+    float x[PER_LANE];
+    float sq = 0.0f;
+#pragma unroll
+    for (int i = 0; i < PER_LANE; i++) {
+        x[i] = src[lane + 32 * i];
+        sq += x[i] * x[i];
+    }
+    if (norm) {
+        float inv = rsqrtf(warp_sum(sq) / (float)HD + eps);
+#pragma unroll
+        for (int i = 0; i < PER_LANE; i++) x[i] = x[i] * inv * norm[lane + 32 * i];
+    }
+    if (head < q_heads + kv_heads) {
+        float position = (float)positions[row];
+#pragma unroll
+        for (int i = 0; i < PAIRS; i++) {
+            float sin_j, cos_j;
+            sincosf(position * inv_freq[lane + 32 * i], &sin_j, &cos_j);
+            float x1 = x[i], x2 = x[i + PAIRS];
+            x[i] = x1 * cos_j - x2 * sin_j;
+            x[i + PAIRS] = x2 * cos_j + x1 * sin_j;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < PER_LANE; i++) {
+        if (dst_f32) {
+            dst_f32[lane + 32 * i] = x[i];
+        } else {
+            dst_bf16[lane + 32 * i] = f32_to_bf16(x[i]);
+        }
+    }
+}
+
+extern "C" __global__ void attention_inputs(float* q, const float* k, const float* v,
+                                            const float* q_norm, const float* k_norm,
+                                            bf16_t* k_cache, bf16_t* v_cache, const int* slots,
+                                            const int* positions, const float* inv_freq,
+                                            int q_heads, int kv_heads, int head_dim, float eps) {
+    int head = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (head >= q_heads + 2 * kv_heads) return;
+#define ATTENTION_INPUT_HEAD(per_lane)                                                        \
+    attention_input_head<per_lane>(q, k, v, q_norm, k_norm, k_cache, v_cache, slots,         \
+                                   positions, inv_freq, q_heads, kv_heads, eps, head)
+    switch (head_dim) {
+        case 64: ATTENTION_INPUT_HEAD(2); break;
+        case 128: ATTENTION_INPUT_HEAD(4); break;
+        case 192: ATTENTION_INPUT_HEAD(6); break;
+        case 256: ATTENTION_INPUT_HEAD(8); break;
+        default: __trap();  // the host sends only these
+    }
+#undef ATTENTION_INPUT_HEAD
 }
 
 // store[slots[r], :] = bf16(src[r, :]); one block per row.
@@ -571,9 +679,8 @@ extern "C" __global__ void greedy_combine(const float* part_best, const int* par
 
 // MoE, routed on the device. Routing slots (pairs) p = token · top_k + j are counted per
 // expert, placed in expert order (`sorted_slot[position] = p`, `slot_position[p] = position`),
-// and cut into tiles of at most `tile_rows` positions of one expert; `tile_start[e]` is the
-// first tile of expert e (an exclusive scan), so a block finds its expert by binary search
-// and no count goes back to the host. Expert weights are reached through tables of device
+// and cut into tiles of at most `tile_rows` positions of one expert, listed by moe_offsets
+// so a block finds its tile in one load and no count goes back to the host. Expert weights are reached through tables of device
 // pointers. Every expert kernel writes rows by position; moe_combine sums each token's
 // weighted rows in slot order (deterministic whatever order placement took).
 
@@ -649,34 +756,53 @@ extern "C" __global__ void moe_route(const float* logits, int* expert_ids, float
     }
 }
 
-// Exclusive scans of the per-expert counts (`offsets`, num_experts + 1 entries) and of their
-// tiles of `tile_rows` (`tile_start`); `cursor` starts at each expert's offset. One block of
-// at least num_experts threads (at most 1024).
-extern "C" __global__ void moe_offsets(const int* counts, int* offsets, int* tile_start,
-                                       int* cursor, int num_experts, int tile_rows) {
+// Exclusive scan of the per-expert counts (`offsets`, num_experts + 1 entries), and the
+// table of tiles of `tile_rows` positions: tile t's expert and first position at tiles[2t]
+// and tiles[2t + 1], expert -1 for the tiles past the last (up to max_tiles), so a GEMM
+// block finds its tile in one load instead of a search over the experts. `cursor` starts at
+// each expert's offset. One block of at least num_experts threads (at most 1024). With
+// place_pairs > 0 the block also places that many slots (moe_place's work, a launch fewer
+// for a decode step's few).
+extern "C" __global__ void moe_offsets(const int* counts, int* offsets, int* tiles, int* cursor,
+                                       int num_experts, int tile_rows, int max_tiles,
+                                       const int* expert_ids, int* sorted_slot,
+                                       int* slot_position, int place_pairs) {
     __shared__ int rows[1024];
-    __shared__ int tiles[1024];
+    __shared__ int tile_end[1024];
     int e = threadIdx.x;
     int count = e < num_experts ? counts[e] : 0;
+    int my_tiles = (count + tile_rows - 1) / tile_rows;
     rows[e] = count;
-    tiles[e] = (count + tile_rows - 1) / tile_rows;
+    tile_end[e] = my_tiles;
     __syncthreads();
     for (int offset = 1; offset < blockDim.x; offset <<= 1) {
         int r = e >= offset ? rows[e - offset] : 0;
-        int t = e >= offset ? tiles[e - offset] : 0;
+        int t = e >= offset ? tile_end[e - offset] : 0;
         __syncthreads();
         rows[e] += r;
-        tiles[e] += t;
+        tile_end[e] += t;
         __syncthreads();
     }
+    int first = rows[e] - count;
     if (e < num_experts) {
         offsets[e + 1] = rows[e];
-        tile_start[e + 1] = tiles[e];
-        cursor[e] = rows[e] - count;
+        cursor[e] = first;
+        for (int i = 0, t = tile_end[e] - my_tiles; i < my_tiles; i++, t++) {
+            tiles[2 * t] = e;
+            tiles[2 * t + 1] = first + i * tile_rows;
+        }
     }
-    if (e == 0) {
-        offsets[0] = 0;
-        tile_start[0] = 0;
+    if (e == 0) offsets[0] = 0;
+    for (int t = tile_end[blockDim.x - 1] + e; t < max_tiles; t += blockDim.x) tiles[2 * t] = -1;
+    if (place_pairs == 0) return;
+    // The tile ends are read; their array becomes the cursors.
+    __syncthreads();
+    tile_end[e] = first;
+    __syncthreads();
+    for (int p = e; p < place_pairs; p += blockDim.x) {
+        int position = atomicAdd(&tile_end[expert_ids[p]], 1);
+        sorted_slot[position] = p;
+        slot_position[p] = position;
     }
 }
 
@@ -690,47 +816,35 @@ extern "C" __global__ void moe_place(const int* expert_ids, int* cursor, int* so
     slot_position[p] = position;
 }
 
-// The expert whose tiles hold tile t: the last e with tile_start[e] <= t (t below the total).
-__device__ __forceinline__ int tile_expert(const int* tile_start, int num_experts, int t) {
-    int lo = 0, hi = num_experts;
-    while (hi - lo > 1) {
-        int mid = (lo + hi) >> 1;
-        if (tile_start[mid] <= t) {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    return lo;
-}
-
-// Rows [first, first + count) of tile t, and its expert; false past the last tile.
-__device__ __forceinline__ bool moe_tile(const int* offsets, const int* tile_start,
-                                         int num_experts, int tile_rows, int t, int* expert,
-                                         int* first, int* count) {
-    if (t >= tile_start[num_experts]) return false;
-    int e = tile_expert(tile_start, num_experts, t);
+// Rows [first, first + count) of tile t (moe_offsets' table), and its expert; false past
+// the last tile.
+__device__ __forceinline__ bool moe_tile(const int* offsets, const int* tiles, int tile_rows,
+                                         int t, int* expert, int* first, int* count) {
+    int e = tiles[2 * t];
+    if (e < 0) return false;
     *expert = e;
-    *first = offsets[e] + (t - tile_start[e]) * tile_rows;
+    *first = tiles[2 * t + 1];
     *count = min(tile_rows, offsets[e + 1] - *first);
     return true;
 }
 
 // Few pairs (decode): each tile of at most MOE_MAX_GROUP positions is a group whose expert
 // MLP runs as matrix-vector products, reading each weight row once for the whole group.
-// A warp computes one output row at a time: lane l reads 16-byte chunks l, l + 32, … of the
-// bf16 row (widths must be multiples of 8); the group's inputs sit in shared memory.
+// A warp computes one output row: lane l reads 16-byte chunks l, l + 32, … of the bf16 row
+// (widths must be multiples of 8) and the group's input rows straight from global memory
+// (small, so cached), so weight loads start at once: staging the inputs in shared memory
+// held every block behind a copy and a barrier first.
 #define MOE_MAX_GROUP 4
-#define MOE_ROWS_PER_WARP 4
 // Chunks a lane loads before using any: one load at a time left the warp waiting on each
-// (the kernels read weights at ~half the copy rate).
-#define LOADS_IN_FLIGHT 4
+// (the kernels read weights at ~half the copy rate); 8 cover a 2048-wide row in one round.
+#define LOADS_IN_FLIGHT 8
 
-// Chunks c0, c0 + 32, … (LOADS_IN_FLIGHT of them, those below `chunks`) of a bf16 row as
-// 16-byte words, all issued before any is used.
+// Chunks c0, c0 + 32, … (LOADS of them, those below `chunks`) of a bf16 row as 16-byte
+// words, all issued before any is used.
+template <int LOADS = LOADS_IN_FLIGHT>
 __device__ __forceinline__ void load_row_chunks(uint4* a, const uint4* row, int c0, int chunks) {
 #pragma unroll
-    for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
+    for (int u = 0; u < LOADS; u++) {
         if (c0 + 32 * u < chunks) a[u] = row[c0 + 32 * u];
     }
 }
@@ -742,22 +856,45 @@ __device__ __forceinline__ float dot8(uint4 w, const float* x) {
          + x[6] * __uint_as_float(w.w << 16) + x[7] * __uint_as_float(w.w & 0xffff0000u);
 }
 
+// Eight f32 values at p (16-byte aligned).
+__device__ __forceinline__ void load8(float* v, const float* p) {
+    float4 lo = *(const float4*)p, hi = *(const float4*)(p + 4);
+    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
+    v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+}
+
 // The same product with 8 f32 values of x in global memory (16-byte aligned).
 __device__ __forceinline__ float dot8_global(uint4 w, const float* x) {
-    float4 lo = *(const float4*)x, hi = *(const float4*)(x + 4);
-    const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    float v[8];
+    load8(v, x);
     return dot8(w, v);
 }
 
-// y[r, j] = x[r] · w[j] for the few rows of a decode step (rows <= GEMV_MAX_ROWS), x f32
-// (no bf16 copy to make) and w [n, k] bf16, k a multiple of 8: a warp per weight row j,
-// read once for every row of x. cuBLAS took 7-10 µs for each of a decode layer's 2-17 MB
-// projections, a third of the copy rate.
+
+// y_m[r, j] = x[r] · w_m[j] for the few rows of a decode step (rows <= GEMV_MAX_ROWS) and up
+// to three projections of one x (a layer's q, k and v in one launch; n_m rows of w_m, 0 for
+// an absent one): x f32 (no bf16 copy to make), w_m [n_m, k] bf16, k a multiple of 8. A warp
+// per weight row, read once for every row of x. cuBLAS took 7-10 µs for each of a decode
+// layer's 2-17 MB projections, a third of the copy rate. Four 256-thread blocks an SM (64
+// registers, no spill; 74 allowed three): a layer's q, k and v rows fill the GPU in fewer
+// waves.
 #define GEMV_MAX_ROWS 4
-extern "C" __global__ void gemv_rows(const float* x, const bf16_t* w, float* y, int rows, int n,
-                                     int k) {
+extern "C" __global__ void __launch_bounds__(256, 4) gemv_rows(const float* x, int rows, int k, const bf16_t* w0, float* y0,
+                                     int n0, const bf16_t* w1, float* y1, int n1,
+                                     const bf16_t* w2, float* y2, int n2) {
     int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (j >= n) return;
+    const bf16_t* w = w0;
+    float* y = y0;
+    int n = n0;
+    if (j >= n0) {
+        j -= n0;
+        w = w1, y = y1, n = n1;
+        if (j >= n1) {
+            j -= n1;
+            w = w2, y = y2, n = n2;
+            if (j >= n2) return;
+        }
+    }
     int lane = threadIdx.x & 31;
     int chunks = k / 8;
     const uint4* row = (const uint4*)(w + (size_t)j * k);
@@ -783,103 +920,115 @@ extern "C" __global__ void gemv_rows(const float* x, const bf16_t* w, float* y, 
     }
 }
 
-// act[position, i] = silu(gate row i · x[t]) · (up row i · x[t]); grid (pairs,
-// ceil(inter / (warps · MOE_ROWS_PER_WARP))), blocks past the last group return; dynamic
-// shared memory holds the group's x rows (group_size · hidden floats).
+// Rows of `width` values of a group: position j's row (the last repeated past count, unread).
+__device__ __forceinline__ void group_rows(const float** rows, const float* base,
+                                           const int* row_of, int first, int count,
+                                           int divisor, int width) {
+#pragma unroll
+    for (int j = 0; j < MOE_MAX_GROUP; j++) {
+        int position = first + min(j, count - 1);
+        int row = row_of ? row_of[position] / divisor : position;
+        rows[j] = base + (size_t)row * width;
+    }
+}
+
+// act[position, i] = silu(gate row i · x[t]) · (up row i · x[t]) for the positions of group
+// blockIdx.x (t = sorted_slot[position] / top_k); a warp per row i, grid (groups, ceil(inter
+// / warps)); blocks past the last group return.
 extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long* gate_up,
-                                       const int* offsets, const int* tile_start,
-                                       const int* sorted_slot, float* act, int num_experts,
-                                       int group_size, int hidden, int inter, int top_k) {
-    extern __shared__ float staged[];
+                                       const int* offsets, const int* tiles,
+                                       const int* sorted_slot, float* act, int group_size,
+                                       int hidden, int inter, int top_k) {
     int expert, first, count;
-    if (!moe_tile(offsets, tile_start, num_experts, group_size, blockIdx.x, &expert, &first,
-                  &count)) {
-        return;
-    }
-    for (int j = 0; j < count; j++) {
-        const float* xt = x + (size_t)(sorted_slot[first + j] / top_k) * hidden;
-        for (int i = threadIdx.x; i < hidden; i += blockDim.x) staged[j * hidden + i] = xt[i];
-    }
-    __syncthreads();
+    if (!moe_tile(offsets, tiles, group_size, blockIdx.x, &expert, &first, &count)) return;
+    int i = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (i >= inter) return;
+    const float* xs[MOE_MAX_GROUP];
+    group_rows(xs, x, sorted_slot, first, count, top_k, hidden);
     const bf16_t* w = (const bf16_t*)gate_up[expert];
-    int lane = threadIdx.x & 31;
-    int row0 = (blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * MOE_ROWS_PER_WARP;
-    for (int r = 0; r < MOE_ROWS_PER_WARP; r++) {
-        int i = row0 + r;
-        if (i >= inter) break;
-        const uint4* gate = (const uint4*)(w + (size_t)i * hidden);
-        const uint4* up = (const uint4*)(w + (size_t)(inter + i) * hidden);
-        float gs[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
-        float us[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int c0 = lane; c0 < hidden / 8; c0 += 32 * LOADS_IN_FLIGHT) {
-            uint4 a[LOADS_IN_FLIGHT], b[LOADS_IN_FLIGHT];
-            load_row_chunks(a, gate, c0, hidden / 8);
-            load_row_chunks(b, up, c0, hidden / 8);
+    const uint4* gate = (const uint4*)(w + (size_t)i * hidden);
+    const uint4* up = (const uint4*)(w + (size_t)(inter + i) * hidden);
+    int lane = threadIdx.x & 31, chunks = hidden / 8;
+    float gs[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float us[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int c0 = lane; c0 < chunks; c0 += 32 * LOADS_IN_FLIGHT) {
+        uint4 a[LOADS_IN_FLIGHT], b[LOADS_IN_FLIGHT];
+        load_row_chunks(a, gate, c0, chunks);
+        load_row_chunks(b, up, c0, chunks);
 #pragma unroll
-            for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
-                int c = c0 + 32 * u;
+        for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
+            int c = c0 + 32 * u;
 #pragma unroll
-                for (int j = 0; j < MOE_MAX_GROUP; j++) {
-                    if (c < hidden / 8 && j < count) {
-                        const float* xc = staged + j * hidden + c * 8;
-                        gs[j] += dot8(a[u], xc);
-                        us[j] += dot8(b[u], xc);
-                    }
+            for (int j = 0; j < MOE_MAX_GROUP; j++) {
+                if (c < chunks && j < count) {
+                    float xv[8];
+                    load8(xv, xs[j] + c * 8);
+                    gs[j] += dot8(a[u], xv);
+                    us[j] += dot8(b[u], xv);
                 }
             }
         }
+    }
 #pragma unroll
-        for (int j = 0; j < MOE_MAX_GROUP; j++) {
-            if (j < count) {
-                float gv = warp_sum(gs[j]);
-                float uv = warp_sum(us[j]);
-                if (lane == 0) act[(size_t)(first + j) * inter + i] = gv / (1.0f + expf(-gv)) * uv;
-            }
+    for (int j = 0; j < MOE_MAX_GROUP; j++) {
+        if (j < count) {
+            float gv = warp_sum(gs[j]);
+            float uv = warp_sum(us[j]);
+            if (lane == 0) act[(size_t)(first + j) * inter + i] = gv / (1.0f + expf(-gv)) * uv;
         }
     }
 }
 
-// y[position, h] = down row h · act[position]; grid (pairs, ceil(hidden / (warps ·
-// MOE_ROWS_PER_WARP))); dynamic shared memory holds the group's act rows.
+// y[position, h] = down row h · act[position] for the positions of group blockIdx.x; a warp
+// per DOWN_ROWS_PER_WARP rows h, grid (groups, ceil(hidden / (warps · DOWN_ROWS_PER_WARP))).
+// Down rows are short (an expert's width: 768 values, 3 chunks a lane), so a warp loads
+// several rows' chunks at once; a row a warp spent most of its time finding its tile.
+#define DOWN_ROWS_PER_WARP 4
+#define DOWN_LOADS 4
 extern "C" __global__ void moe_down(const float* act, const unsigned long long* down,
-                                    const int* offsets, const int* tile_start, bf16_t* y,
-                                    int num_experts, int group_size, int hidden, int inter) {
-    extern __shared__ float staged[];
+                                    const int* offsets, const int* tiles, bf16_t* y,
+                                    int group_size, int hidden, int inter) {
     int expert, first, count;
-    if (!moe_tile(offsets, tile_start, num_experts, group_size, blockIdx.x, &expert, &first,
-                  &count)) {
-        return;
-    }
-    for (int j = 0; j < count; j++) {
-        const float* ap = act + (size_t)(first + j) * inter;
-        for (int i = threadIdx.x; i < inter; i += blockDim.x) staged[j * inter + i] = ap[i];
-    }
-    __syncthreads();
+    if (!moe_tile(offsets, tiles, group_size, blockIdx.x, &expert, &first, &count)) return;
+    int h0 = (blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * DOWN_ROWS_PER_WARP;
+    if (h0 >= hidden) return;
+    const float* as[MOE_MAX_GROUP];
+    group_rows(as, act, nullptr, first, count, 1, inter);
     const bf16_t* w = (const bf16_t*)down[expert];
-    int lane = threadIdx.x & 31;
-    int row0 = (blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * MOE_ROWS_PER_WARP;
-    for (int r = 0; r < MOE_ROWS_PER_WARP; r++) {
-        int h = row0 + r;
-        if (h >= hidden) break;
-        const uint4* row = (const uint4*)(w + (size_t)h * inter);
-        float ds[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int c0 = lane; c0 < inter / 8; c0 += 32 * LOADS_IN_FLIGHT) {
-            uint4 a[LOADS_IN_FLIGHT];
-            load_row_chunks(a, row, c0, inter / 8);
+    int lane = threadIdx.x & 31, chunks = inter / 8;
+    float ds[DOWN_ROWS_PER_WARP][MOE_MAX_GROUP] = {};
+    for (int c0 = lane; c0 < chunks; c0 += 32 * DOWN_LOADS) {
+        uint4 a[DOWN_ROWS_PER_WARP][DOWN_LOADS];
 #pragma unroll
-            for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
-                int c = c0 + 32 * u;
-#pragma unroll
-                for (int j = 0; j < MOE_MAX_GROUP; j++) {
-                    if (c < inter / 8 && j < count) ds[j] += dot8(a[u], staged + j * inter + c * 8);
-                }
+        for (int r = 0; r < DOWN_ROWS_PER_WARP; r++) {
+            if (h0 + r < hidden) {
+                load_row_chunks<DOWN_LOADS>(a[r], (const uint4*)(w + (size_t)(h0 + r) * inter), c0,
+                                            chunks);
             }
         }
 #pragma unroll
+        for (int u = 0; u < DOWN_LOADS; u++) {
+            int c = c0 + 32 * u;
+#pragma unroll
+            for (int j = 0; j < MOE_MAX_GROUP; j++) {
+                if (c < chunks && j < count) {
+                    float av[8];
+                    load8(av, as[j] + c * 8);
+#pragma unroll
+                    for (int r = 0; r < DOWN_ROWS_PER_WARP; r++) {
+                        if (h0 + r < hidden) ds[r][j] += dot8(a[r][u], av);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < DOWN_ROWS_PER_WARP; r++) {
+#pragma unroll
         for (int j = 0; j < MOE_MAX_GROUP; j++) {
-            if (j < count) {
-                float d = warp_sum(ds[j]);
-                if (lane == 0) y[(size_t)(first + j) * hidden + h] = f32_to_bf16(d);
+            if (h0 + r < hidden && j < count) {
+                float d = warp_sum(ds[r][j]);
+                if (lane == 0) y[(size_t)(first + j) * hidden + h0 + r] = f32_to_bf16(d);
             }
         }
     }
@@ -1033,12 +1182,11 @@ __device__ __forceinline__ void queue_gemm_copies(const bf16_t* const* row_src, 
 template <bool SWIGLU>
 __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows, int a_row_divisor,
                                              const unsigned long long* matrices,
-                                             const int* offsets, const int* tile_start,
-                                             int num_experts, int n, int k, bf16_t* c,
-                                             bf16_t* act) {
+                                             const int* offsets, const int* tiles, int n, int k,
+                                             bf16_t* c, bf16_t* act) {
     extern __shared__ __align__(16) unsigned char gemm_shared[];
     int expert, m0, rows;
-    if (!moe_tile(offsets, tile_start, num_experts, GEMM_BM, blockIdx.y, &expert, &m0, &rows)) {
+    if (!moe_tile(offsets, tiles, GEMM_BM, blockIdx.y, &expert, &m0, &rows)) {
         return;
     }
     const bf16_t* w = (const bf16_t*)matrices[expert];
@@ -1166,20 +1314,18 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows,
 // (ceil(inter / 64), tiles upper bound).
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
     moe_gemm_gate_up(const bf16_t* x, const int* sorted_slot, int top_k,
-                     const unsigned long long* gate_up, const int* offsets,
-                     const int* tile_start, int num_experts, int inter, int hidden,
-                     bf16_t* act) {
-    grouped_gemm<true>(x, sorted_slot, top_k, gate_up, offsets, tile_start, num_experts, inter,
-                       hidden, nullptr, act);
+                     const unsigned long long* gate_up, const int* offsets, const int* tiles,
+                     int inter, int hidden, bf16_t* act) {
+    grouped_gemm<true>(x, sorted_slot, top_k, gate_up, offsets, tiles, inter, hidden, nullptr,
+                       act);
 }
 
 // y[position] = act[position] · downᵀ as bf16 (half the bytes moe_combine reads);
 // grid (ceil(hidden / 128), tiles upper bound).
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
     moe_gemm_down(const bf16_t* act, const unsigned long long* down, const int* offsets,
-                  const int* tile_start, int num_experts, int hidden, int inter, bf16_t* y) {
-    grouped_gemm<false>(act, nullptr, 1, down, offsets, tile_start, num_experts, hidden, inter,
-                        y, nullptr);
+                  const int* tiles, int hidden, int inter, bf16_t* y) {
+    grouped_gemm<false>(act, nullptr, 1, down, offsets, tiles, hidden, inter, y, nullptr);
 }
 
 // The same GEMMs on Hopper's warpgroup tensor-core instructions (sm_90a: wgmma reads both
@@ -1256,14 +1402,13 @@ template <bool SWIGLU>
 __device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a_rows,
                                                    int a_row_divisor,
                                                    const unsigned long long* matrices,
-                                                   const int* offsets, const int* tile_start,
-                                                   int num_experts, int n, int k, bf16_t* c,
-                                                   bf16_t* act) {
+                                                   const int* offsets, const int* tiles, int n,
+                                                   int k, bf16_t* c, bf16_t* act) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(16) unsigned char gemm_shared[];
     __shared__ const bf16_t* row_src[GEMM_BM + GEMM_BN];
     int expert, m0, rows;
-    if (!moe_tile(offsets, tile_start, num_experts, GEMM_BM, blockIdx.y, &expert, &m0, &rows)) {
+    if (!moe_tile(offsets, tiles, GEMM_BM, blockIdx.y, &expert, &m0, &rows)) {
         return;
     }
     const bf16_t* w = (const bf16_t*)matrices[expert];
@@ -1355,18 +1500,16 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
     moe_wgmma_gate_up(const bf16_t* x, const int* sorted_slot, int top_k,
-                      const unsigned long long* gate_up, const int* offsets,
-                      const int* tile_start, int num_experts, int inter, int hidden,
-                      bf16_t* act) {
-    grouped_gemm_wgmma<true>(x, sorted_slot, top_k, gate_up, offsets, tile_start, num_experts,
-                             inter, hidden, nullptr, act);
+                      const unsigned long long* gate_up, const int* offsets, const int* tiles,
+                      int inter, int hidden, bf16_t* act) {
+    grouped_gemm_wgmma<true>(x, sorted_slot, top_k, gate_up, offsets, tiles, inter, hidden,
+                             nullptr, act);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
     moe_wgmma_down(const bf16_t* act, const unsigned long long* down, const int* offsets,
-                   const int* tile_start, int num_experts, int hidden, int inter, bf16_t* y) {
-    grouped_gemm_wgmma<false>(act, nullptr, 1, down, offsets, tile_start, num_experts, hidden,
-                              inter, y, nullptr);
+                   const int* tiles, int hidden, int inter, bf16_t* y) {
+    grouped_gemm_wgmma<false>(act, nullptr, 1, down, offsets, tiles, hidden, inter, y, nullptr);
 }
 
 // out[t] = sum over j < top_k of weights[t · top_k + j] · y[slot_position[t · top_k + j]], in

@@ -6,8 +6,8 @@
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::{
-    CudaBackend, CudaMatrix, CudaTensor, DEFAULT_SHARED_BYTES, ROW_THREADS, blocks, device_error,
-    launched, per_row, shape_error,
+    CudaBackend, CudaMatrix, CudaTensor, ROW_THREADS, blocks, device_error, launched, per_row,
+    shape_error,
 };
 use crate::backend::{HostCounters, RouteRule, Routing, moe_routed_on_host};
 use crate::error::{EngineError, Result};
@@ -18,8 +18,10 @@ use crate::weights::ExpertWeights;
 /// v10): at 64 slots (batch 8) the grouped GEMMs take 2.77 ms a step against 3.53 ms this way;
 /// at 8 slots (batch 1) the two are within run-to-run spread.
 const MOE_GEMV_MAX_PAIRS: usize = 8;
-/// Output rows one block of `moe_gate_up` / `moe_down` computes: 8 warps × 4 rows.
-const MOE_ROWS_PER_BLOCK: usize = 32;
+/// Warps a block of `moe_gate_up` / `moe_down` has: `moe_gate_up` computes a row a warp,
+/// `moe_down` `DOWN_ROWS_PER_WARP`.
+const MOE_WARPS_PER_BLOCK: usize = (ROW_THREADS / 32) as usize;
+const DOWN_ROWS_PER_WARP: usize = 4;
 /// Most routing slots one block of the matrix-vector kernels takes (`MOE_MAX_GROUP`).
 const MOE_MAX_GROUP: usize = 4;
 /// `GEMM_BM`, `GEMM_BN`, `GEMM_THREADS` and `GEMM_SHARED_BYTES` (three stages of 128 × 64
@@ -37,6 +39,9 @@ const MAX_GRID_Y: usize = 65_535;
 /// Experts `moe_route` scores (`ROUTE_MAX_PER_LANE` × 32) and picks at most (a lane each).
 const ROUTE_MAX_EXPERTS: usize = 512;
 const ROUTE_MAX_TOP_K: usize = 32;
+/// Routing slots up to which `moe_offsets`' one block also places them (a decode step's
+/// few: one launch fewer a layer), rather than a `moe_place` launch of a thread a slot.
+const PLACE_IN_OFFSETS_MAX_PAIRS: usize = 1024;
 /// Experts `moe_offsets` scans in its one block.
 const MAX_EXPERTS: usize = 1024;
 
@@ -56,13 +61,14 @@ struct DeviceRouting {
     counts: CudaSlice<i32>,
 }
 
-/// Where each slot went: `offsets` and `tile_start` (num_experts + 1 each) locate every
-/// expert's positions and tiles, `sorted_slot` names the slot at each position and
-/// `slot_position` the position of each slot.
+/// Where each slot went: `offsets` (num_experts + 1) locate every expert's positions,
+/// `tiles` (2 · max_tiles) gives each tile's expert and first position (expert -1 past the
+/// last tile), `sorted_slot` names the slot at each position and `slot_position` the
+/// position of each slot.
 struct Placement {
     max_tiles: usize,
     offsets: CudaSlice<i32>,
-    tile_start: CudaSlice<i32>,
+    tiles: CudaSlice<i32>,
     sorted_slot: CudaSlice<i32>,
     slot_position: CudaSlice<i32>,
 }
@@ -223,13 +229,11 @@ impl CudaBackend {
         if pairs == 0 {
             return self.tensor(x.rows, hidden);
         }
-        let gemv = pairs <= MOE_GEMV_MAX_PAIRS && hidden.max(inter) * 4 <= DEFAULT_SHARED_BYTES;
-        // A matrix-vector group: as many slots as the widest staged input allows.
-        let group_size = (DEFAULT_SHARED_BYTES / (4 * hidden.max(inter))).clamp(1, MOE_MAX_GROUP);
+        let gemv = pairs <= MOE_GEMV_MAX_PAIRS;
         let place = self.place(
             routing,
             experts.len(),
-            if gemv { group_size } else { GEMM_BM },
+            if gemv { MOE_MAX_GROUP } else { GEMM_BM },
         )?;
         // One upload: every gate_up pointer, then every down pointer.
         let pointers: Vec<u64> = experts
@@ -250,56 +254,52 @@ impl CudaBackend {
         );
         // Expert outputs as bf16: the combine reads each once.
         let mut y = self.uninit::<u16>(pairs * hidden)?;
-        let (hidden_i, inter_i, experts_i, top_k) = (
-            hidden as i32,
-            inter as i32,
-            experts.len() as i32,
-            routing.top_k as i32,
-        );
+        let (hidden_i, inter_i, top_k) = (hidden as i32, inter as i32, routing.top_k as i32);
         if gemv {
-            let group_i = group_size as i32;
+            let group_i = MOE_MAX_GROUP as i32;
             let mut act = self.uninit::<f32>(pairs * inter)?;
-            let grid = |rows: usize, staged: usize| LaunchConfig {
+            let grid = |rows: usize, rows_per_warp: usize| LaunchConfig {
                 grid_dim: (
                     place.max_tiles as u32,
-                    rows.div_ceil(MOE_ROWS_PER_BLOCK) as u32,
+                    rows.div_ceil(MOE_WARPS_PER_BLOCK * rows_per_warp) as u32,
                     1,
                 ),
                 block_dim: (ROW_THREADS, 1, 1),
-                shared_mem_bytes: (4 * staged * group_size) as u32,
+                shared_mem_bytes: 0,
             };
             let mut launch = self.stream.launch_builder(self.function("moe_gate_up"));
             launch
                 .arg(&x.data)
                 .arg(&gate_up)
                 .arg(&place.offsets)
-                .arg(&place.tile_start)
+                .arg(&place.tiles)
                 .arg(&place.sorted_slot)
                 .arg(&mut act)
-                .arg(&experts_i)
                 .arg(&group_i)
                 .arg(&hidden_i)
                 .arg(&inter_i)
                 .arg(&top_k);
             // SAFETY: the pointer table holds a live [2·inter, hidden] bf16 matrix per expert;
-            // blocks past the last group return; a group's at most group_size x rows fit the
-            // dynamic shared memory; positions index act ([pairs, inter]) and sorted_slot
-            // names slots below pairs = x.rows · top_k.
-            launched(unsafe { launch.launch(grid(inter, hidden)) }, "moe_gate_up")?;
+            // blocks past the last group return; positions index act ([pairs, inter]) and
+            // sorted_slot names slots below pairs = x.rows · top_k, rows of x ([x.rows,
+            // hidden], hidden a multiple of 8).
+            launched(unsafe { launch.launch(grid(inter, 1)) }, "moe_gate_up")?;
             let mut launch = self.stream.launch_builder(self.function("moe_down"));
             launch
                 .arg(&act)
                 .arg(&down)
                 .arg(&place.offsets)
-                .arg(&place.tile_start)
+                .arg(&place.tiles)
                 .arg(&mut y)
-                .arg(&experts_i)
                 .arg(&group_i)
                 .arg(&hidden_i)
                 .arg(&inter_i);
-            // SAFETY: as above, with [hidden, inter] down matrices, act rows staged and y of
+            // SAFETY: as above, with [hidden, inter] down matrices, act rows read and y of
             // pairs · hidden values.
-            launched(unsafe { launch.launch(grid(hidden, inter)) }, "moe_down")?;
+            launched(
+                unsafe { launch.launch(grid(hidden, DOWN_ROWS_PER_WARP)) },
+                "moe_down",
+            )?;
         } else {
             if place.max_tiles > MAX_GRID_Y {
                 return Err(EngineError::Unsupported(format!(
@@ -332,8 +332,7 @@ impl CudaBackend {
                 .arg(&top_k)
                 .arg(&gate_up)
                 .arg(&place.offsets)
-                .arg(&place.tile_start)
-                .arg(&experts_i)
+                .arg(&place.tiles)
                 .arg(&inter_i)
                 .arg(&hidden_i)
                 .arg(&mut act);
@@ -353,8 +352,7 @@ impl CudaBackend {
                 .arg(&act)
                 .arg(&down)
                 .arg(&place.offsets)
-                .arg(&place.tile_start)
-                .arg(&experts_i)
+                .arg(&place.tiles)
                 .arg(&hidden_i)
                 .arg(&inter_i)
                 .arg(&mut y);
@@ -390,27 +388,43 @@ impl CudaBackend {
     ) -> Result<Placement> {
         let _timer = self.timed("moe.place");
         let pairs = routing.expert_ids.len();
+        // At most one partial tile per expert beyond the full ones.
+        let max_tiles = pairs.div_ceil(tile_rows) + num_experts.min(pairs);
         let mut place = Placement {
-            // At most one partial tile per expert beyond the full ones.
-            max_tiles: pairs.div_ceil(tile_rows) + num_experts.min(pairs),
+            max_tiles,
             offsets: self.uninit(num_experts + 1)?,
-            tile_start: self.uninit(num_experts + 1)?,
+            tiles: self.uninit(2 * max_tiles)?,
             sorted_slot: self.uninit(pairs)?,
             slot_position: self.uninit(pairs)?,
         };
         let mut cursor = self.uninit::<i32>(num_experts)?;
-        let (experts_i, tile_i, pairs_i) = (num_experts as i32, tile_rows as i32, pairs as i32);
+        let (experts_i, tile_i, max_tiles_i, pairs_i) = (
+            num_experts as i32,
+            tile_rows as i32,
+            max_tiles as i32,
+            pairs as i32,
+        );
+        let place_in_offsets = pairs <= PLACE_IN_OFFSETS_MAX_PAIRS;
+        let offsets_places = if place_in_offsets { pairs_i } else { 0 };
         let mut launch = self.stream.launch_builder(self.function("moe_offsets"));
         launch
             .arg(&routing.counts)
             .arg(&mut place.offsets)
-            .arg(&mut place.tile_start)
+            .arg(&mut place.tiles)
             .arg(&mut cursor)
             .arg(&experts_i)
-            .arg(&tile_i);
+            .arg(&tile_i)
+            .arg(&max_tiles_i)
+            .arg(&routing.expert_ids)
+            .arg(&mut place.sorted_slot)
+            .arg(&mut place.slot_position)
+            .arg(&offsets_places);
         let threads = num_experts.next_multiple_of(32) as u32;
         // SAFETY: one block of at least num_experts (<= 1024) threads reading num_experts
-        // counts and writing num_experts + 1 offsets and tile starts and num_experts cursors.
+        // counts and writing num_experts + 1 offsets, num_experts cursors and the tiles'
+        // 2 · max_tiles entries (max_tiles bounds the tiles the counts make);
+        // placing, it reads the pairs' expert ids (below num_experts, routed on the device
+        // or checked on the host) and hands out each position below pairs once.
         launched(
             unsafe {
                 launch.launch(LaunchConfig {
@@ -421,6 +435,9 @@ impl CudaBackend {
             },
             "moe_offsets",
         )?;
+        if place_in_offsets {
+            return Ok(place);
+        }
         let mut launch = self.stream.launch_builder(self.function("moe_place"));
         launch
             .arg(&routing.expert_ids)
