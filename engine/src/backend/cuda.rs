@@ -45,7 +45,7 @@ pub use peer::CudaPeerKv;
 pub const KERNELS_SOURCE: &str = include_str!("cuda/kernels.cu");
 
 /// Every kernel `kernels.cu` defines.
-pub const KERNEL_NAMES: [&str; 37] = [
+pub const KERNEL_NAMES: [&str; 38] = [
     "embed",
     "rms_norm",
     "rms_norm_short",
@@ -72,6 +72,7 @@ pub const KERNEL_NAMES: [&str; 37] = [
     "greedy_combine",
     "moe_route",
     "moe_offsets",
+    "moe_route_place",
     "moe_place",
     "moe_gate_up",
     "moe_down",
@@ -101,8 +102,6 @@ const ROPE_HEADS_PER_BLOCK: u32 = 8;
 const GEMV_MAX_ROWS: usize = 4;
 /// Weights one `gemv_rows` launch multiplies x by.
 const GEMV_MAX_WEIGHTS: usize = 3;
-/// Dynamic shared memory a block gets without opting in.
-const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 /// Runs of at most this many values (a head's q or k) are normalized a warp each.
 const RMS_NORM_SHORT_RUN: usize = 256;
 /// The split attention kernel holds at most 8 values of a head per lane.
@@ -1537,15 +1536,6 @@ impl Backend for CudaBackend {
                 ("attention_split", SPLIT_KEYS, h, scale)
             };
             let splits = (last as usize + 1).div_ceil(split_keys);
-            // attention_combine holds a weight per split in shared memory.
-            let combine_shared = splits * std::mem::size_of::<f32>();
-            if combine_shared > DEFAULT_SHARED_BYTES {
-                return Err(EngineError::Unsupported(format!(
-                    "decode attention over {} positions needs {splits} splits of {split_keys} keys, over the {} attention_combine takes",
-                    last + 1,
-                    DEFAULT_SHARED_BYTES / std::mem::size_of::<f32>()
-                )));
-            }
             let parts = q.rows * batch.num_heads * splits;
             let mut partial_out = self.uninit::<f32>(parts * batch.head_dim)?;
             let mut partial_max = self.uninit::<f32>(parts)?;
@@ -1594,7 +1584,7 @@ impl Backend for CudaBackend {
             let config = LaunchConfig {
                 grid_dim: (q.rows as u32, batch.num_heads as u32, 1),
                 block_dim: (batch.head_dim.next_multiple_of(WARP as usize) as u32, 1, 1),
-                shared_mem_bytes: combine_shared as u32,
+                shared_mem_bytes: 0,
             };
             // SAFETY: one block per (row, head) reading the partials the split kernel wrote
             // for rows it handled, writing that head of that row.

@@ -32,29 +32,23 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum (or with MAX, the largest value) over a block of blockDim.x threads (a multiple of 32,
-// at most 1024).
-template <bool MAX>
-__device__ float block_reduce(float v) {
+// Sum over a block of blockDim.x threads (a multiple of 32, at most 1024).
+__device__ float block_sum(float v) {
     __shared__ float partial[32];
     int lane = threadIdx.x & 31;
     int warp = threadIdx.x >> 5;
-    v = MAX ? warp_max(v) : warp_sum(v);
+    v = warp_sum(v);
     if (lane == 0) partial[warp] = v;
     __syncthreads();
     int warps = blockDim.x >> 5;
-    float identity = MAX ? NEG_INF : 0.0f;
-    v = (threadIdx.x < warps) ? partial[threadIdx.x] : identity;
-    if (warp == 0) v = MAX ? warp_max(v) : warp_sum(v);
+    v = (threadIdx.x < warps) ? partial[threadIdx.x] : 0.0f;
+    if (warp == 0) v = warp_sum(v);
     if (threadIdx.x == 0) partial[0] = v;
     __syncthreads();
     v = partial[0];
     __syncthreads();
     return v;
 }
-
-__device__ float block_sum(float v) { return block_reduce<false>(v); }
-__device__ float block_max(float v) { return block_reduce<true>(v); }
 
 // out[r, :] = table[ids[r], :]; one block per row.
 extern "C" __global__ void embed(const bf16_t* table, const unsigned int* ids, float* out,
@@ -435,39 +429,45 @@ extern "C" __global__ void attention_split(const float* q, const bf16_t* k_cache
 }
 
 // Merges the splits of attention_split: one block per (row, head), head_dim threads rounded
-// up to a warp. The splits' weights are found in parallel into dynamic shared memory
-// (`splits` floats): one thread walking every split's max twice waited ~19 µs on its loads
-// at a 2k context.
+// up to a warp. Each warp finds the splits' largest max and weighted sum itself (lanes over
+// the splits, shuffles); then, 32 splits at a time, lane l weighs split l and the warp takes
+// each weight by shuffle as it sums its dimensions. No barrier, no shared memory, so no
+// limit on the splits.
 extern "C" __global__ void attention_combine(const float* partial_out, const float* partial_max,
                                              const float* partial_sum, float* out,
                                              const int* positions, int num_heads, int head_dim,
                                              int splits) {
-    extern __shared__ float split_weight[];
     int row = blockIdx.x;
     int head = blockIdx.y;
-    int d = threadIdx.x;
+    int d = threadIdx.x, lane = d & 31;
     if (positions[row] < 0) return;
     size_t first = ((size_t)row * num_heads + head) * splits;
+    const float* maxes = partial_max + first;
     float m = NEG_INF;
-    for (int s = d; s < splits; s += blockDim.x) m = fmaxf(m, partial_max[first + s]);
-    m = block_max(m);
+    for (int s = lane; s < splits; s += 32) m = fmaxf(m, maxes[s]);
+    m = warp_max(m);
+    // An empty split (max -inf) weighs 0; its values (never written) are read but not used.
     float total = 0.0f;
-    for (int s = d; s < splits; s += blockDim.x) {
-        float mx = partial_max[first + s];
-        // An empty split (max -inf) weighs 0 and its values are never read.
-        float w = mx == NEG_INF ? 0.0f : expf(mx - m);
-        split_weight[s] = w;
-        total += w * partial_sum[first + s];
+    for (int s = lane; s < splits; s += 32) {
+        if (maxes[s] != NEG_INF) total += expf(maxes[s] - m) * partial_sum[first + s];
     }
-    total = block_sum(total);  // its barriers also publish split_weight
-    if (d >= head_dim) return;
+    total = warp_sum(total);
+    // Lanes past head_dim stay for the shuffles.
+    bool in_head = d < head_dim;
+    const float* values = partial_out + first * head_dim + (in_head ? d : 0);
     float value = 0.0f;
+    for (int s0 = 0; s0 < splits; s0 += 32) {
+        int s = s0 + lane;
+        float w = s < splits && maxes[s] != NEG_INF ? expf(maxes[s] - m) : 0.0f;
+        int count = min(32, splits - s0);
 #pragma unroll 8
-    for (int s = 0; s < splits; s++) {
-        float w = split_weight[s];
-        if (w != 0.0f) value += w * partial_out[(first + s) * head_dim + d];
+        for (int j = 0; j < count; j++) {
+            float wj = __shfl_sync(0xffffffffu, w, j);
+            float v = values[(size_t)(s0 + j) * head_dim];
+            value += wj != 0.0f ? wj * v : 0.0f;
+        }
     }
-    out[(size_t)row * num_heads * head_dim + head * head_dim + d] = value / total;
+    if (in_head) out[(size_t)row * num_heads * head_dim + head * head_dim + d] = value / total;
 }
 
 // A prefill kernel's tile of query rows (blockIdx.y) for one head (blockIdx.x): its first
@@ -690,12 +690,10 @@ extern "C" __global__ void greedy_combine(const float* part_best, const int* par
 // Softmax over each row's router logits, top_k experts (ties to the lower id, as
 // torch.topk), weights renormalized over the chosen if `renormalize`. One warp per row.
 // Counts each chosen expert in `counts` (this call) and `load` (the layer's lifetime).
-extern "C" __global__ void moe_route(const float* logits, int* expert_ids, float* weights,
-                                     int* counts, unsigned long long* load, int rows,
-                                     int num_experts, int top_k, int renormalize) {
-    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+__device__ __forceinline__ void route_row(const float* logits, int* expert_ids, float* weights,
+                                          int* counts, unsigned long long* load, int row,
+                                          int num_experts, int top_k, int renormalize) {
     int lane = threadIdx.x & 31;
-    if (row >= rows) return;
     const float* l = logits + (size_t)row * num_experts;
     float v[ROUTE_MAX_PER_LANE];
     float max = NEG_INF;
@@ -756,21 +754,32 @@ extern "C" __global__ void moe_route(const float* logits, int* expert_ids, float
     }
 }
 
+extern "C" __global__ void moe_route(const float* logits, int* expert_ids, float* weights,
+                                     int* counts, unsigned long long* load, int rows,
+                                     int num_experts, int top_k, int renormalize) {
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row < rows) {
+        route_row(logits, expert_ids, weights, counts, load, row, num_experts, top_k,
+                  renormalize);
+    }
+}
+
 // Exclusive scan of the per-expert counts (`offsets`, num_experts + 1 entries), and the
 // table of tiles of `tile_rows` positions: tile t's expert and first position at tiles[2t]
 // and tiles[2t + 1], expert -1 for the tiles past the last (up to max_tiles), so a GEMM
-// block finds its tile in one load instead of a search over the experts. `cursor` starts at
-// each expert's offset. One block of at least num_experts threads (at most 1024). With
+// block finds its tile in one load instead of a search over the experts. `cursor` (when
+// given) starts at each expert's offset. One block of at least num_experts threads (at most
+// 1024). With
 // place_pairs > 0 the block also places that many slots (moe_place's work, a launch fewer
 // for a decode step's few).
-extern "C" __global__ void moe_offsets(const int* counts, int* offsets, int* tiles, int* cursor,
-                                       int num_experts, int tile_rows, int max_tiles,
-                                       const int* expert_ids, int* sorted_slot,
-                                       int* slot_position, int place_pairs) {
+__device__ __forceinline__ void offsets_and_tiles(int count, int* offsets, int* tiles,
+                                                  int* cursor, int num_experts, int tile_rows,
+                                                  int max_tiles, const int* expert_ids,
+                                                  int* sorted_slot, int* slot_position,
+                                                  int place_pairs) {
     __shared__ int rows[1024];
     __shared__ int tile_end[1024];
     int e = threadIdx.x;
-    int count = e < num_experts ? counts[e] : 0;
     int my_tiles = (count + tile_rows - 1) / tile_rows;
     rows[e] = count;
     tile_end[e] = my_tiles;
@@ -786,7 +795,7 @@ extern "C" __global__ void moe_offsets(const int* counts, int* offsets, int* til
     int first = rows[e] - count;
     if (e < num_experts) {
         offsets[e + 1] = rows[e];
-        cursor[e] = first;
+        if (cursor) cursor[e] = first;
         for (int i = 0, t = tile_end[e] - my_tiles; i < my_tiles; i++, t++) {
             tiles[2 * t] = e;
             tiles[2 * t + 1] = first + i * tile_rows;
@@ -804,6 +813,39 @@ extern "C" __global__ void moe_offsets(const int* counts, int* offsets, int* til
         sorted_slot[position] = p;
         slot_position[p] = position;
     }
+}
+
+extern "C" __global__ void moe_offsets(const int* counts, int* offsets, int* tiles, int* cursor,
+                                       int num_experts, int tile_rows, int max_tiles,
+                                       const int* expert_ids, int* sorted_slot,
+                                       int* slot_position, int place_pairs) {
+    int e = threadIdx.x;
+    offsets_and_tiles(e < num_experts ? counts[e] : 0, offsets, tiles, cursor, num_experts,
+                      tile_rows, max_tiles, expert_ids, sorted_slot, slot_position, place_pairs);
+}
+
+// moe_route, moe_offsets and the placement in one block for a decode step's few rows (a
+// warp each, at most 32), the counts kept in shared memory: two launches fewer a layer.
+// blockDim.x covers both the rows' warps and the experts (at most 1024).
+extern "C" __global__ void moe_route_place(const float* logits, int* expert_ids, float* weights,
+                                           unsigned long long* load, int rows, int num_experts,
+                                           int top_k, int renormalize, int* offsets,
+                                           int* tiles, int tile_rows, int max_tiles,
+                                           int* sorted_slot, int* slot_position) {
+    __shared__ int counts[1024];
+    int e = threadIdx.x;
+    counts[e] = 0;
+    __syncthreads();
+    int warp = threadIdx.x >> 5;
+    if (warp < rows) {
+        route_row(logits, expert_ids, weights, counts, load, warp, num_experts, top_k,
+                  renormalize);
+    }
+    // The barrier also makes this block's expert_ids writes visible to the placement.
+    __syncthreads();
+    offsets_and_tiles(e < num_experts ? counts[e] : 0, offsets, tiles, nullptr, num_experts,
+                      tile_rows, max_tiles, expert_ids, sorted_slot, slot_position,
+                      rows * top_k);
 }
 
 // Gives every slot a position among its expert's slots.

@@ -52,13 +52,18 @@ pub struct CudaExpertCounters {
     device: CudaSlice<u64>,
 }
 
-/// One MoE call's routing on the device: expert and weight per slot (token · top_k + j) and
-/// the number of slots each expert got.
+/// One MoE call's routing on the device: expert and weight per slot (token · top_k + j).
 struct DeviceRouting {
     top_k: usize,
     expert_ids: CudaSlice<i32>,
     weights: CudaSlice<f32>,
-    counts: CudaSlice<i32>,
+}
+
+/// What `run_experts` is given to find where the slots go: a placement already made (a
+/// decode step's, by `moe_route_place`, in matrix-vector groups), or each expert's count.
+enum Slots {
+    Placed(Placement),
+    Counted(CudaSlice<i32>),
 }
 
 /// Where each slot went: `offsets` (num_experts + 1) locate every expert's positions,
@@ -127,7 +132,6 @@ impl CudaBackend {
             top_k: k,
             expert_ids: self.uninit(pairs)?,
             weights: self.uninit(pairs)?,
-            counts: self.zeros(experts.len())?,
         };
         let (rows, num_experts, top_k, renormalize) = (
             x.rows as i32,
@@ -135,12 +139,53 @@ impl CudaBackend {
             k as i32,
             i32::from(rule.renormalize),
         );
+        // A decode step's few rows: routing and placement in one block (matrix-vector
+        // groups, as run_experts takes for so few slots).
+        let threads = (x.rows * 32).max(rule.num_experts.next_multiple_of(32));
+        if (1..=MOE_GEMV_MAX_PAIRS).contains(&pairs) && threads <= MAX_EXPERTS {
+            let mut place = self.new_placement(pairs, rule.num_experts, MOE_MAX_GROUP)?;
+            let (group_i, max_tiles_i) = (MOE_MAX_GROUP as i32, place.max_tiles as i32);
+            let mut launch = self.stream.launch_builder(self.function("moe_route_place"));
+            launch
+                .arg(&logits.data)
+                .arg(&mut routing.expert_ids)
+                .arg(&mut routing.weights)
+                .arg(&counters.device)
+                .arg(&rows)
+                .arg(&num_experts)
+                .arg(&top_k)
+                .arg(&renormalize)
+                .arg(&mut place.offsets)
+                .arg(&mut place.tiles)
+                .arg(&group_i)
+                .arg(&max_tiles_i)
+                .arg(&mut place.sorted_slot)
+                .arg(&mut place.slot_position);
+            // SAFETY: one block of at least rows warps and num_experts threads (at most
+            // 1024); warp r routes row r of the logits as moe_route does, then the block
+            // writes num_experts + 1 offsets, the tiles' 2 · max_tiles entries and places the
+            // rows · top_k slots (expert ids below num_experts) as moe_offsets does.
+            launched(
+                unsafe {
+                    launch.launch(LaunchConfig {
+                        grid_dim: (1, 1, 1),
+                        block_dim: (threads as u32, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                },
+                "moe_route_place",
+            )?;
+            drop(route_timer);
+            let x16 = input.into_bf16();
+            return self.run_experts(x, x16, &routing, Slots::Placed(place), experts);
+        }
+        let mut counts = self.zeros(experts.len())?;
         let mut launch = self.stream.launch_builder(self.function("moe_route"));
         launch
             .arg(&logits.data)
             .arg(&mut routing.expert_ids)
             .arg(&mut routing.weights)
-            .arg(&mut routing.counts)
+            .arg(&mut counts)
             .arg(&counters.device)
             .arg(&rows)
             .arg(&num_experts)
@@ -156,7 +201,13 @@ impl CudaBackend {
             "moe_route",
         )?;
         drop(route_timer);
-        self.run_experts(x, input.into_bf16(), &routing, experts)
+        self.run_experts(
+            x,
+            input.into_bf16(),
+            &routing,
+            Slots::Counted(counts),
+            experts,
+        )
     }
 
     /// The experts of host routing (expert parallelism, or rules the device does not take).
@@ -189,13 +240,13 @@ impl CudaBackend {
         for &e in &routing.expert_ids {
             counts[e] += 1;
         }
+        let counts = self.upload(&counts)?;
         let routing = DeviceRouting {
             top_k: k,
             expert_ids: self.upload(&ids)?,
             weights: self.upload(&routing.weights)?,
-            counts: self.upload(&counts)?,
         };
-        self.run_experts(x, None, &routing, experts)
+        self.run_experts(x, None, &routing, Slots::Counted(counts), experts)
     }
 
     /// Every token's experts, weighted and summed; the routing stays on the device. `x16`:
@@ -205,6 +256,7 @@ impl CudaBackend {
         x: &CudaTensor,
         x16: Option<CudaSlice<u16>>,
         routing: &DeviceRouting,
+        slots: Slots,
         experts: &[ExpertWeights<Self>],
     ) -> Result<CudaTensor> {
         let Some(first) = experts.first() else {
@@ -230,11 +282,16 @@ impl CudaBackend {
             return self.tensor(x.rows, hidden);
         }
         let gemv = pairs <= MOE_GEMV_MAX_PAIRS;
-        let place = self.place(
-            routing,
-            experts.len(),
-            if gemv { MOE_MAX_GROUP } else { GEMM_BM },
-        )?;
+        let place = match slots {
+            // Made only for matrix-vector groups (pairs <= MOE_GEMV_MAX_PAIRS).
+            Slots::Placed(place) => place,
+            Slots::Counted(counts) => self.place(
+                routing,
+                &counts,
+                experts.len(),
+                if gemv { MOE_MAX_GROUP } else { GEMM_BM },
+            )?,
+        };
         // One upload: every gate_up pointer, then every down pointer.
         let pointers: Vec<u64> = experts
             .iter()
@@ -379,24 +436,37 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// Places every slot among its expert's, in tiles of `tile_rows`.
-    fn place(
+    /// Buffers for the placement of `pairs` slots among `num_experts` in tiles of
+    /// `tile_rows`, each filled by the kernel that places them.
+    fn new_placement(
         &self,
-        routing: &DeviceRouting,
+        pairs: usize,
         num_experts: usize,
         tile_rows: usize,
     ) -> Result<Placement> {
-        let _timer = self.timed("moe.place");
-        let pairs = routing.expert_ids.len();
         // At most one partial tile per expert beyond the full ones.
         let max_tiles = pairs.div_ceil(tile_rows) + num_experts.min(pairs);
-        let mut place = Placement {
+        Ok(Placement {
             max_tiles,
             offsets: self.uninit(num_experts + 1)?,
             tiles: self.uninit(2 * max_tiles)?,
             sorted_slot: self.uninit(pairs)?,
             slot_position: self.uninit(pairs)?,
-        };
+        })
+    }
+
+    /// Places every slot among its expert's (`counts` slots each), in tiles of `tile_rows`.
+    fn place(
+        &self,
+        routing: &DeviceRouting,
+        counts: &CudaSlice<i32>,
+        num_experts: usize,
+        tile_rows: usize,
+    ) -> Result<Placement> {
+        let _timer = self.timed("moe.place");
+        let pairs = routing.expert_ids.len();
+        let mut place = self.new_placement(pairs, num_experts, tile_rows)?;
+        let max_tiles = place.max_tiles;
         let mut cursor = self.uninit::<i32>(num_experts)?;
         let (experts_i, tile_i, max_tiles_i, pairs_i) = (
             num_experts as i32,
@@ -408,7 +478,7 @@ impl CudaBackend {
         let offsets_places = if place_in_offsets { pairs_i } else { 0 };
         let mut launch = self.stream.launch_builder(self.function("moe_offsets"));
         launch
-            .arg(&routing.counts)
+            .arg(counts)
             .arg(&mut place.offsets)
             .arg(&mut place.tiles)
             .arg(&mut cursor)
