@@ -1,7 +1,7 @@
 //! MoE on the device: routing, placement of the routing slots in expert order, and every
 //! expert's MLP as grouped matrix-vector products (few slots) or grouped tensor-core GEMMs
 //! (many), with nothing going back to the host between the router's logits and the layer's
-//! output. Kernels are the "MoE" part of `kernels.cu`.
+//! output. Kernels are in `kernels/moe_routing.cu`, `matvec.cu` and `moe_gemm.cu`.
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
@@ -18,9 +18,9 @@ use crate::weights::ExpertWeights;
 /// v10): at 64 slots (batch 8) the grouped GEMMs take 2.77 ms a step against 3.53 ms this way;
 /// at 8 slots (batch 1) the two are within run-to-run spread.
 const MOE_GEMV_MAX_PAIRS: usize = 8;
-/// Warps a block of `moe_gate_up` / `moe_down` has: `moe_gate_up` computes a row a warp,
-/// `moe_down` `DOWN_ROWS_PER_WARP`.
+/// Warps a block of `moe_gate_up` / `moe_down` has: `moe_gate_up` computes a row a warp.
 const MOE_WARPS_PER_BLOCK: usize = (ROW_THREADS / 32) as usize;
+/// Rows a warp of `moe_down` computes (its kernel's `DOWN_ROWS_PER_WARP`).
 const DOWN_ROWS_PER_WARP: usize = 4;
 /// Most routing slots one block of the matrix-vector kernels takes (`MOE_MAX_GROUP`).
 const MOE_MAX_GROUP: usize = 4;
@@ -42,7 +42,8 @@ const ROUTE_MAX_TOP_K: usize = 32;
 /// Routing slots up to which `moe_offsets`' one block also places them (a decode step's
 /// few: one launch fewer a layer), rather than a `moe_place` launch of a thread a slot.
 const PLACE_IN_OFFSETS_MAX_PAIRS: usize = 1024;
-/// Experts `moe_offsets` scans in its one block.
+/// Threads of the one block of `moe_offsets` (a thread an expert) and of `moe_route_place`
+/// (also a warp a routed row).
 const MAX_EXPERTS: usize = 1024;
 
 /// (token, expert) pairs per expert of one layer: counted on the device by routing done

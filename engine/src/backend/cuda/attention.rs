@@ -1,0 +1,388 @@
+//! Attention over the paged KV cache: decode rows split over the context (flash-decoding, on
+//! the tensor cores for grouped-query heads), prefill runs in query tiles (tensor cores, or
+//! warpgroup instructions on Hopper), and a layer's attention inputs in one kernel.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{
+    CudaBackend, CudaKvStore, CudaTensor, CudaVector, MAX_HEAD_DIM, ROW_THREADS, WARP, launched,
+    per_row, shape_error,
+};
+use crate::backend::{AttentionBatch, HeadTransforms, attention_inputs_stepwise};
+use crate::error::{EngineError, Result};
+
+/// Keys per split of `attention_split` (`SPLIT_KEYS` in kernels/attention.cu).
+const SPLIT_KEYS: usize = 256;
+/// `attention_prefill`'s limits: `PREFILL_MAX_HEAD_DIM`, `Q_TILE` rows a block, 4 warps.
+const PREFILL_MAX_HEAD_DIM: usize = 128;
+const PREFILL_Q_TILE: usize = 16;
+const PREFILL_THREADS: u32 = 128;
+
+/// `attention_prefill_mma`'s limits: head_dim a multiple of 16 up to `FLASH_MAX_HEAD_DIM`,
+/// `FLASH_Q_TILE` rows a block, 4 warps.
+const FLASH_MAX_HEAD_DIM: usize = 128;
+const FLASH_Q_TILE: usize = 64;
+const FLASH_THREADS: u32 = 128;
+/// Its two stages of keys and values (`FLASH_SHARED_BYTES`): more than a block gets without
+/// opting in.
+pub(super) const FLASH_SHARED_BYTES: usize = 2 * 2 * DECODE_KEYS * (FLASH_MAX_HEAD_DIM + 8) * 2;
+/// `attention_prefill_wgmma_hd128` (sm_90a): `FLASH_WGMMA_Q_TILE` rows a block, 8 warps; 1 KB
+/// of alignment, the swizzled query tile, then two stages of swizzled keys and values.
+const FLASH_WGMMA_Q_TILE: usize = 128;
+const FLASH_WGMMA_THREADS: u32 = 256;
+pub(super) const FLASH_WGMMA_SHARED_BYTES: usize =
+    1024 + FLASH_WGMMA_Q_TILE * FIXED_HEAD_DIM * 2 + 2 * 2 * DECODE_KEYS * FIXED_HEAD_DIM * 2;
+/// `attention_decode_mma`: keys a warp takes (`FLASH_K_TILE`), and the most query heads a KV
+/// head may serve (the 16 rows of one mma tile).
+const DECODE_KEYS: usize = 64;
+const DECODE_MAX_GROUP: usize = 16;
+/// The head_dim the tensor-core attention kernels also come built for (`_hd128`): their
+/// loops then unroll without a test per step.
+const FIXED_HEAD_DIM: usize = 128;
+
+/// A tiled prefill attention kernel and its launch shape.
+struct PrefillKernel {
+    name: &'static str,
+    /// Query rows a block takes.
+    q_tile: usize,
+    threads: u32,
+    shared_bytes: usize,
+    /// Queries arrive scaled by log2(e) too (the kernel takes exp2).
+    log2_scaled: bool,
+}
+
+/// The prefill attention kernel for `head_dim`: on the tensor cores for multiples of 16 up
+/// to 128 (built for 128 itself, and on Hopper, `hopper`, with warpgroup-instruction scores
+/// over 128-row tiles), else the CUDA-core one.
+fn prefill_kernel(head_dim: usize, hopper: bool) -> PrefillKernel {
+    let mma = |name| PrefillKernel {
+        name,
+        q_tile: FLASH_Q_TILE,
+        threads: FLASH_THREADS,
+        shared_bytes: FLASH_SHARED_BYTES,
+        log2_scaled: true,
+    };
+    match head_dim {
+        FIXED_HEAD_DIM if hopper => PrefillKernel {
+            name: "attention_prefill_wgmma_hd128",
+            q_tile: FLASH_WGMMA_Q_TILE,
+            threads: FLASH_WGMMA_THREADS,
+            shared_bytes: FLASH_WGMMA_SHARED_BYTES,
+            log2_scaled: true,
+        },
+        FIXED_HEAD_DIM => mma("attention_prefill_mma_hd128"),
+        d if d.is_multiple_of(16) && d <= FLASH_MAX_HEAD_DIM => mma("attention_prefill_mma"),
+        _ => PrefillKernel {
+            name: "attention_prefill",
+            q_tile: PREFILL_Q_TILE,
+            threads: PREFILL_THREADS,
+            shared_bytes: 0,
+            log2_scaled: false,
+        },
+    }
+}
+
+/// The grouped-query decode kernel for `head_dim`.
+fn decode_kernel(head_dim: usize) -> &'static str {
+    if head_dim == FIXED_HEAD_DIM {
+        "attention_decode_mma_hd128"
+    } else {
+        "attention_decode_mma"
+    }
+}
+
+/// Query tiles of a prefill attention kernel: each up to `size` consecutive rows of one
+/// sequence.
+struct PrefillTiles {
+    size: usize,
+    rows: Vec<i32>,
+    counts: Vec<i32>,
+    positions: Vec<i32>,
+    table_offsets: Vec<i32>,
+}
+
+impl PrefillTiles {
+    fn new(size: usize) -> Self {
+        Self {
+            size,
+            rows: Vec::new(),
+            counts: Vec::new(),
+            positions: Vec::new(),
+            table_offsets: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, rows: std::ops::Range<usize>, first_position: usize, table_offset: i32) {
+        for start in rows.clone().step_by(self.size) {
+            self.rows.push(start as i32);
+            self.counts.push((rows.end - start).min(self.size) as i32);
+            self.positions
+                .push((first_position + start - rows.start) as i32);
+            self.table_offsets.push(table_offset);
+        }
+    }
+
+    /// Orders the tiles by how many keys they read, most first: a tile's work grows with its
+    /// last position, and the longest ones should not start in the last wave.
+    fn longest_first(&mut self) {
+        let mut order: Vec<usize> = (0..self.rows.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(self.positions[i] + self.counts[i]));
+        for column in [
+            &mut self.rows,
+            &mut self.counts,
+            &mut self.positions,
+            &mut self.table_offsets,
+        ] {
+            *column = order.iter().map(|&i| column[i]).collect();
+        }
+    }
+}
+
+impl CudaBackend {
+    /// The trait's `attention_inputs`: q/k norms, RoPE and the KV writes in one kernel where
+    /// the shapes allow, else the separate calls.
+    pub(super) fn attention_inputs_fused(
+        &self,
+        qkv: [CudaTensor; 3],
+        heads: &HeadTransforms<'_, CudaVector>,
+        store: &mut CudaKvStore,
+        slots: &[usize],
+    ) -> Result<CudaTensor> {
+        let [mut q, k, v] = qkv;
+        let head_dim = heads.rope.head_dim;
+        let width = store.width();
+        let fused = head_dim > 0
+            && head_dim.is_multiple_of(64)
+            && head_dim <= MAX_HEAD_DIM
+            && q.cols.is_multiple_of(head_dim)
+            && (k.cols, v.cols) == (width, width)
+            && width.is_multiple_of(head_dim)
+            && [k.rows, v.rows, slots.len(), heads.rope.rows()] == [q.rows; 4]
+            && heads
+                .norms
+                .is_none_or(|(qn, kn)| qn.len == head_dim && kn.len == head_dim);
+        if !fused || q.rows == 0 {
+            // Other shapes take the separate calls, whose errors name what is wrong.
+            return attention_inputs_stepwise(self, [q, k, v], heads, store, slots);
+        }
+        let _timer = self.timed("attention_inputs");
+        let slots_dev = self.checked_slots(store, slots, "write_kv")?;
+        let rope = self.rope_inputs(heads.rope)?;
+        let (q_heads, kv_heads) = (q.cols / head_dim, width / head_dim);
+        let (q_heads_i, kv_heads_i, head_dim_i) =
+            (q_heads as i32, kv_heads as i32, head_dim as i32);
+        let null = 0u64;
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("attention_inputs"));
+        launch.arg(&mut q.data).arg(&k.data).arg(&v.data);
+        match heads.norms {
+            Some((q_norm, k_norm)) => launch.arg(&q_norm.data).arg(&k_norm.data),
+            None => launch.arg(&null).arg(&null),
+        };
+        launch
+            .arg(&mut store.k)
+            .arg(&mut store.v)
+            .arg(slots_dev.as_ref())
+            .arg(rope.positions.as_ref())
+            .arg(rope.inv_freq.as_ref())
+            .arg(&q_heads_i)
+            .arg(&kv_heads_i)
+            .arg(&head_dim_i)
+            .arg(&heads.eps);
+        let warps = ROW_THREADS / WARP;
+        let config = LaunchConfig {
+            grid_dim: (
+                q.rows as u32,
+                ((q_heads + 2 * kv_heads) as u32).div_ceil(warps),
+                1,
+            ),
+            ..per_row(q.rows)
+        };
+        // SAFETY: a warp per (row, head) of q (rows · q_heads heads of head_dim, a multiple
+        // of 64 up to 256), k and v (rows · kv_heads each); the norms hold head_dim values,
+        // the rope tables a position a row and head_dim / 2 frequencies; slots (one a row)
+        // were checked inside the caches, whose rows hold kv_heads · head_dim values.
+        launched(unsafe { launch.launch(config) }, "attention_inputs")?;
+        Ok(q)
+    }
+
+    /// The trait's `attention` over the paged cache: decode rows split over the context,
+    /// prefill runs in query tiles.
+    pub(super) fn paged_attention(
+        &self,
+        q: &CudaTensor,
+        store: &CudaKvStore,
+        batch: &AttentionBatch<'_>,
+    ) -> Result<CudaTensor> {
+        let _timer = self.timed("attention");
+        if batch.head_dim > MAX_HEAD_DIM || batch.num_kv_heads == 0 {
+            return Err(EngineError::Unsupported(format!(
+                "cuda attention takes head_dim <= {MAX_HEAD_DIM} and >= 1 kv head, got {} and {}",
+                batch.head_dim, batch.num_kv_heads
+            )));
+        }
+        // Rows decoding one token go to the split kernel; longer runs of a sequence's rows
+        // (prefill) go in tiles to a prefill kernel: on the tensor cores for head_dim a
+        // multiple of 16 up to 128, else the CUDA-core one up to 128.
+        let tensor_cores =
+            batch.head_dim.is_multiple_of(16) && batch.head_dim <= FLASH_MAX_HEAD_DIM;
+        let tiled = batch.head_dim <= PREFILL_MAX_HEAD_DIM;
+        let mut positions = vec![-1i32; q.rows];
+        let mut offsets = vec![0i32; q.rows];
+        let prefill = prefill_kernel(batch.head_dim, self.hopper);
+        let mut tiles = PrefillTiles::new(prefill.q_tile);
+        let mut tables: Vec<i32> = Vec::new();
+        for seq in batch.seqs {
+            let offset = tables.len() as i32;
+            tables.extend(seq.block_table.iter().map(|b| b.0 as i32));
+            let last = seq.first_position + seq.rows.len().saturating_sub(1);
+            if seq.rows.end > q.rows
+                || (!seq.rows.is_empty() && last / batch.block_size >= seq.block_table.len())
+            {
+                return Err(shape_error(
+                    "attention",
+                    format!(
+                        "rows {:?} up to position {last} are past the sequence's {} blocks or the {} query rows",
+                        seq.rows,
+                        seq.block_table.len(),
+                        q.rows
+                    ),
+                ));
+            }
+            if tiled && seq.rows.len() > 1 {
+                tiles.add(seq.rows.clone(), seq.first_position, offset);
+                continue;
+            }
+            for (i, row) in seq.rows.clone().enumerate() {
+                positions[row] = (seq.first_position + i) as i32;
+                offsets[row] = offset;
+            }
+        }
+        let mut out = self.tensor(q.rows, q.cols)?;
+        if q.rows == 0 {
+            return Ok(out);
+        }
+        let reused = |name, host: &[i32]| self.upload_reused(&self.reused_i32, (name, 0), host);
+        let tables = reused("attention.tables", &tables)?;
+        let (heads, kv_heads, head_dim, block_size) = (
+            batch.num_heads as i32,
+            batch.num_kv_heads as i32,
+            batch.head_dim as i32,
+            batch.block_size as i32,
+        );
+        let scale = 1.0 / (batch.head_dim as f32).sqrt();
+        // Decode rows of grouped heads on the tensor cores: a KV head's keys are read once for
+        // all the query heads sharing it.
+        let group = batch.num_heads / batch.num_kv_heads;
+        let grouped = tensor_cores
+            && batch.num_heads.is_multiple_of(batch.num_kv_heads)
+            && group <= DECODE_MAX_GROUP;
+        if let Some(&last) = positions.iter().max().filter(|&&p| p >= 0) {
+            let (kernel, split_keys, grid_heads, split_scale) = if grouped {
+                let log2_e = std::f32::consts::LOG2_E;
+                let kv = batch.num_kv_heads as u32;
+                let kernel = decode_kernel(batch.head_dim);
+                (kernel, DECODE_KEYS, kv, scale * log2_e)
+            } else {
+                let h = batch.num_heads as u32;
+                ("attention_split", SPLIT_KEYS, h, scale)
+            };
+            let splits = (last as usize + 1).div_ceil(split_keys);
+            let parts = q.rows * batch.num_heads * splits;
+            let mut partial_out = self.uninit::<f32>(parts * batch.head_dim)?;
+            let mut partial_max = self.uninit::<f32>(parts)?;
+            let mut partial_sum = self.uninit::<f32>(parts)?;
+            let positions = reused("attention.positions", &positions)?;
+            let offsets = reused("attention.offsets", &offsets)?;
+            let mut launch = self.stream.launch_builder(self.function(kernel));
+            launch
+                .arg(&q.data)
+                .arg(&store.k)
+                .arg(&store.v)
+                .arg(&mut partial_out)
+                .arg(&mut partial_max)
+                .arg(&mut partial_sum)
+                .arg(positions.as_ref())
+                .arg(offsets.as_ref())
+                .arg(tables.as_ref())
+                .arg(&heads)
+                .arg(&kv_heads)
+                .arg(&head_dim)
+                .arg(&block_size)
+                .arg(&split_scale);
+            let config = LaunchConfig {
+                grid_dim: (q.rows as u32, grid_heads, splits as u32),
+                block_dim: (WARP, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: one warp per (row, head, split) — or (row, KV head, split) writing the
+            // partials of that KV head's group of query heads — writing only its own partials;
+            // rows of the tiled kernels have position -1 and are skipped; every position lies
+            // inside its block table (checked above), whose blocks lie inside the store.
+            launched(unsafe { launch.launch(config) }, kernel)?;
+            let splits_i = splits as i32;
+            let mut launch = self
+                .stream
+                .launch_builder(self.function("attention_combine"));
+            launch
+                .arg(&partial_out)
+                .arg(&partial_max)
+                .arg(&partial_sum)
+                .arg(&mut out.data)
+                .arg(positions.as_ref())
+                .arg(&heads)
+                .arg(&head_dim)
+                .arg(&splits_i);
+            let config = LaunchConfig {
+                grid_dim: (q.rows as u32, batch.num_heads as u32, 1),
+                block_dim: (batch.head_dim.next_multiple_of(WARP as usize) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: one block per (row, head) reading the partials the split kernel wrote
+            // for rows it handled, writing that head of that row.
+            launched(unsafe { launch.launch(config) }, "attention_combine")?;
+        }
+        if !tiles.rows.is_empty() {
+            tiles.longest_first();
+            let count = tiles.rows.len();
+            let rows = reused("attention.tile_rows", &tiles.rows)?;
+            let counts = reused("attention.tile_counts", &tiles.counts)?;
+            let tile_positions = reused("attention.tile_positions", &tiles.positions)?;
+            let tile_offsets = reused("attention.tile_offsets", &tiles.table_offsets)?;
+            let (kernel, threads, shared) = (prefill.name, prefill.threads, prefill.shared_bytes);
+            let q_scale = if prefill.log2_scaled {
+                scale * std::f32::consts::LOG2_E
+            } else {
+                scale
+            };
+            let mut launch = self.stream.launch_builder(self.function(kernel));
+            launch
+                .arg(&q.data)
+                .arg(&store.k)
+                .arg(&store.v)
+                .arg(&mut out.data)
+                .arg(rows.as_ref())
+                .arg(counts.as_ref())
+                .arg(tile_positions.as_ref())
+                .arg(tile_offsets.as_ref())
+                .arg(tables.as_ref())
+                .arg(&heads)
+                .arg(&kv_heads)
+                .arg(&head_dim)
+                .arg(&block_size)
+                .arg(&q_scale);
+            // Heads vary fastest, so the longest tiles of every head start first and the
+            // short ones fill the last wave.
+            let config = LaunchConfig {
+                grid_dim: (batch.num_heads as u32, count as u32, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: shared as u32,
+            };
+            // SAFETY: one block per (head, tile); each tile's rows lie inside q and out and
+            // its positions inside its block table (checked above).
+            launched(unsafe { launch.launch(config) }, kernel)?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,172 @@
+//! The kernels' CUDA C (`kernels/`), compiled with NVRTC once per process for the device's
+//! architecture, and the functions loaded from it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaContext, CudaFunction};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use super::{attention, device_error, moe};
+use crate::error::{EngineError, Result};
+
+/// The parts of `kernels/` concatenated in order, each after a `#line` directive so NVRTC's
+/// messages name the part and its line.
+macro_rules! kernel_source {
+    ($($part:literal),+) => {
+        concat!($("#line 1 \"", $part, "\"\n", include_str!(concat!("kernels/", $part))),+)
+    };
+}
+
+/// The kernels' CUDA C source: one NVRTC program of these parts, each free to use what the
+/// parts before it define.
+pub const KERNELS_SOURCE: &str = kernel_source!(
+    "common.cuh",
+    "tensor_core.cuh",
+    "rows.cu",
+    "attention.cu",
+    "sampling.cu",
+    "moe_routing.cu",
+    "matvec.cu",
+    "moe_gemm.cu",
+    "attention_mma.cu"
+);
+
+/// Every kernel `KERNELS_SOURCE` defines.
+pub const KERNEL_NAMES: [&str; 38] = [
+    "embed",
+    "rms_norm",
+    "rms_norm_short",
+    "add_assign",
+    "add_bias",
+    "scale_rows",
+    "swiglu",
+    "rope",
+    "store_rows",
+    "load_rows",
+    "copy_kv_rows",
+    "to_bf16",
+    "gather_rows",
+    "scatter_add_weighted",
+    "attention_split",
+    "attention_combine",
+    "attention_prefill",
+    "attention_prefill_mma",
+    "attention_prefill_mma_hd128",
+    "attention_prefill_wgmma_hd128",
+    "attention_decode_mma",
+    "attention_decode_mma_hd128",
+    "greedy_partial",
+    "greedy_combine",
+    "moe_route",
+    "moe_offsets",
+    "moe_route_place",
+    "moe_place",
+    "moe_gate_up",
+    "moe_down",
+    "moe_gemm_gate_up",
+    "moe_gemm_down",
+    "moe_wgmma_gate_up",
+    "moe_wgmma_down",
+    "moe_combine",
+    "gemv_rows",
+    "add_rms_norm",
+    "attention_inputs",
+];
+
+/// The compute capability whose kernels compile as `sm_90a`.
+pub(super) const HOPPER: (i32, i32) = (9, 0);
+
+/// The architecture the kernels are compiled for on a device of this compute capability:
+/// Hopper's own (`sm_90a`), whose warpgroup instructions other devices lack, else the
+/// family's.
+fn kernel_arch((major, minor): (i32, i32)) -> String {
+    if (major, minor) == HOPPER {
+        "sm_90a".into()
+    } else {
+        format!("sm_{major}{minor}")
+    }
+}
+
+/// Compiles the kernels for `arch` (`sm_90`, `sm_90a`, …) to PTX. Needs libnvrtc, not a GPU.
+pub fn compile_kernels(arch: &'static str) -> Result<String> {
+    // SAFETY: only tries to dlopen libnvrtc.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(EngineError::DeviceUnavailable {
+            device: "cuda".into(),
+            reason: "libnvrtc not found".into(),
+        });
+    }
+    let options = CompileOptions {
+        arch: Some(arch),
+        name: Some("tandem_kernels.cu".into()),
+        ..CompileOptions::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS_SOURCE, options)
+        .map_err(|e| device_error("compiling the kernels", e))?;
+    Ok(ptx.to_src())
+}
+
+/// PTX by architecture, compiled once per process.
+fn cached_ptx(arch: &str) -> Result<Ptx> {
+    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(src) = cache.get(arch) {
+        return Ok(Ptx::from_src(src.clone()));
+    }
+    // NVRTC takes the architecture as a 'static str; there are only a few, each leaked once.
+    let arch_static: &'static str = Box::leak(arch.to_owned().into_boxed_str());
+    let src = compile_kernels(arch_static)?;
+    cache.insert(arch.to_owned(), src.clone());
+    Ok(Ptx::from_src(src))
+}
+
+/// Every kernel, loaded for one device.
+pub(super) struct Kernels {
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+impl Kernels {
+    /// The kernels built for a device of compute capability `capability`, those that take
+    /// more dynamic shared memory than a block gets by default opted in to it.
+    pub(super) fn load(ctx: &Arc<CudaContext>, capability: (i32, i32)) -> Result<Self> {
+        let module = ctx
+            .load_module(cached_ptx(&kernel_arch(capability))?)
+            .map_err(|e| device_error("loading the kernels", e))?;
+        let mut functions = HashMap::new();
+        for name in KERNEL_NAMES {
+            let function = module
+                .load_function(name)
+                .map_err(|e| device_error(&format!("kernel {name}"), e))?;
+            functions.insert(name, function);
+        }
+        for (name, bytes) in [
+            ("attention_prefill_mma", attention::FLASH_SHARED_BYTES),
+            ("attention_prefill_mma_hd128", attention::FLASH_SHARED_BYTES),
+            (
+                "attention_prefill_wgmma_hd128",
+                attention::FLASH_WGMMA_SHARED_BYTES,
+            ),
+            ("moe_gemm_gate_up", moe::GEMM_SHARED_BYTES),
+            ("moe_gemm_down", moe::GEMM_SHARED_BYTES),
+            ("moe_wgmma_gate_up", moe::WGMMA_SHARED_BYTES),
+            ("moe_wgmma_down", moe::WGMMA_SHARED_BYTES),
+        ] {
+            functions[name]
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .map_err(|e| device_error(&format!("opting {name} in to its shared memory"), e))?;
+        }
+        Ok(Self { functions })
+    }
+
+    pub(super) fn get(&self, name: &str) -> &CudaFunction {
+        &self.functions[name]
+    }
+}

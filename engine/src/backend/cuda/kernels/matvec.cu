@@ -1,0 +1,208 @@
+// Matrix-vector products for a decode step's few rows: dense projections (gemv_rows) and
+// the MoE's experts when few slots are routed.
+
+// Few pairs (decode): each tile of at most MOE_MAX_GROUP positions is a group whose expert
+// MLP runs as matrix-vector products, reading each weight row once for the whole group.
+// A warp computes one output row: lane l reads 16-byte chunks l, l + 32, … of the bf16 row
+// (widths must be multiples of 8) and the group's input rows straight from global memory
+// (small, so cached), so weight loads start at once: staging the inputs in shared memory
+// held every block behind a copy and a barrier first.
+#define MOE_MAX_GROUP 4
+// Chunks a lane loads before using any: one load at a time left the warp waiting on each
+// (the kernels read weights at ~half the copy rate); 8 cover a 2048-wide row in one round.
+#define LOADS_IN_FLIGHT 8
+
+// Chunks c0, c0 + 32, … (LOADS of them, those below `chunks`) of a bf16 row as 16-byte
+// words, all issued before any is used.
+template <int LOADS = LOADS_IN_FLIGHT>
+__device__ __forceinline__ void load_row_chunks(uint4* a, const uint4* row, int c0, int chunks) {
+#pragma unroll
+    for (int u = 0; u < LOADS; u++) {
+        if (c0 + 32 * u < chunks) a[u] = row[c0 + 32 * u];
+    }
+}
+
+__device__ __forceinline__ float dot8(uint4 w, const float* x) {
+    return x[0] * __uint_as_float(w.x << 16) + x[1] * __uint_as_float(w.x & 0xffff0000u)
+         + x[2] * __uint_as_float(w.y << 16) + x[3] * __uint_as_float(w.y & 0xffff0000u)
+         + x[4] * __uint_as_float(w.z << 16) + x[5] * __uint_as_float(w.z & 0xffff0000u)
+         + x[6] * __uint_as_float(w.w << 16) + x[7] * __uint_as_float(w.w & 0xffff0000u);
+}
+
+// Eight f32 values at p (16-byte aligned).
+__device__ __forceinline__ void load8(float* v, const float* p) {
+    float4 lo = *(const float4*)p, hi = *(const float4*)(p + 4);
+    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
+    v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+}
+
+// The same product with 8 f32 values of x in global memory (16-byte aligned).
+__device__ __forceinline__ float dot8_global(uint4 w, const float* x) {
+    float v[8];
+    load8(v, x);
+    return dot8(w, v);
+}
+
+
+// y_m[r, j] = x[r] · w_m[j] for the few rows of a decode step (rows <= GEMV_MAX_ROWS) and up
+// to three projections of one x (a layer's q, k and v in one launch; n_m rows of w_m, 0 for
+// an absent one): x f32 (no bf16 copy to make), w_m [n_m, k] bf16, k a multiple of 8. A warp
+// per weight row, read once for every row of x. cuBLAS took 7-10 µs for each of a decode
+// layer's 2-17 MB projections, a third of the copy rate. Four 256-thread blocks an SM (64
+// registers, no spill; 74 allowed three): a layer's q, k and v rows fill the GPU in fewer
+// waves.
+#define GEMV_MAX_ROWS 4
+extern "C" __global__ void __launch_bounds__(256, 4) gemv_rows(const float* x, int rows, int k, const bf16_t* w0, float* y0,
+                                     int n0, const bf16_t* w1, float* y1, int n1,
+                                     const bf16_t* w2, float* y2, int n2) {
+    int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const bf16_t* w = w0;
+    float* y = y0;
+    int n = n0;
+    if (j >= n0) {
+        j -= n0;
+        w = w1, y = y1, n = n1;
+        if (j >= n1) {
+            j -= n1;
+            w = w2, y = y2, n = n2;
+            if (j >= n2) return;
+        }
+    }
+    int lane = threadIdx.x & 31;
+    int chunks = k / 8;
+    const uint4* row = (const uint4*)(w + (size_t)j * k);
+    float acc[GEMV_MAX_ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int c0 = lane; c0 < chunks; c0 += 32 * LOADS_IN_FLIGHT) {
+        uint4 a[LOADS_IN_FLIGHT];
+        load_row_chunks(a, row, c0, chunks);
+#pragma unroll
+        for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
+            int c = c0 + 32 * u;
+#pragma unroll
+            for (int r = 0; r < GEMV_MAX_ROWS; r++) {
+                if (c < chunks && r < rows) acc[r] += dot8_global(a[u], x + (size_t)r * k + c * 8);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; r++) {
+        if (r < rows) {
+            float v = warp_sum(acc[r]);
+            if (lane == 0) y[(size_t)r * n + j] = v;
+        }
+    }
+}
+
+// Rows of `width` values of a group: position j's row (the last repeated past count, unread).
+__device__ __forceinline__ void group_rows(const float** rows, const float* base,
+                                           const int* row_of, int first, int count,
+                                           int divisor, int width) {
+#pragma unroll
+    for (int j = 0; j < MOE_MAX_GROUP; j++) {
+        int position = first + min(j, count - 1);
+        int row = row_of ? row_of[position] / divisor : position;
+        rows[j] = base + (size_t)row * width;
+    }
+}
+
+// act[position, i] = silu(gate row i · x[t]) · (up row i · x[t]) for the positions of group
+// blockIdx.x (t = sorted_slot[position] / top_k); a warp per row i, grid (groups, ceil(inter
+// / warps)); blocks past the last group return.
+extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long* gate_up,
+                                       const int* offsets, const int* tiles,
+                                       const int* sorted_slot, float* act, int group_size,
+                                       int hidden, int inter, int top_k) {
+    int expert, first, count;
+    if (!moe_tile(offsets, tiles, group_size, blockIdx.x, &expert, &first, &count)) return;
+    int i = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (i >= inter) return;
+    const float* xs[MOE_MAX_GROUP];
+    group_rows(xs, x, sorted_slot, first, count, top_k, hidden);
+    const bf16_t* w = (const bf16_t*)gate_up[expert];
+    const uint4* gate = (const uint4*)(w + (size_t)i * hidden);
+    const uint4* up = (const uint4*)(w + (size_t)(inter + i) * hidden);
+    int lane = threadIdx.x & 31, chunks = hidden / 8;
+    float gs[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float us[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int c0 = lane; c0 < chunks; c0 += 32 * LOADS_IN_FLIGHT) {
+        uint4 a[LOADS_IN_FLIGHT], b[LOADS_IN_FLIGHT];
+        load_row_chunks(a, gate, c0, chunks);
+        load_row_chunks(b, up, c0, chunks);
+#pragma unroll
+        for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
+            int c = c0 + 32 * u;
+#pragma unroll
+            for (int j = 0; j < MOE_MAX_GROUP; j++) {
+                if (c < chunks && j < count) {
+                    float xv[8];
+                    load8(xv, xs[j] + c * 8);
+                    gs[j] += dot8(a[u], xv);
+                    us[j] += dot8(b[u], xv);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < MOE_MAX_GROUP; j++) {
+        if (j < count) {
+            float gv = warp_sum(gs[j]);
+            float uv = warp_sum(us[j]);
+            if (lane == 0) act[(size_t)(first + j) * inter + i] = gv / (1.0f + expf(-gv)) * uv;
+        }
+    }
+}
+
+// y[position, h] = down row h · act[position] for the positions of group blockIdx.x; a warp
+// per DOWN_ROWS_PER_WARP rows h, grid (groups, ceil(hidden / (warps · DOWN_ROWS_PER_WARP))).
+// Down rows are short (an expert's width: 768 values, 3 chunks a lane), so a warp loads
+// several rows' chunks at once; a row a warp spent most of its time finding its tile.
+#define DOWN_ROWS_PER_WARP 4
+#define DOWN_LOADS 4
+extern "C" __global__ void moe_down(const float* act, const unsigned long long* down,
+                                    const int* offsets, const int* tiles, bf16_t* y,
+                                    int group_size, int hidden, int inter) {
+    int expert, first, count;
+    if (!moe_tile(offsets, tiles, group_size, blockIdx.x, &expert, &first, &count)) return;
+    int h0 = (blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * DOWN_ROWS_PER_WARP;
+    if (h0 >= hidden) return;
+    const float* as[MOE_MAX_GROUP];
+    group_rows(as, act, nullptr, first, count, 1, inter);
+    const bf16_t* w = (const bf16_t*)down[expert];
+    int lane = threadIdx.x & 31, chunks = inter / 8;
+    float ds[DOWN_ROWS_PER_WARP][MOE_MAX_GROUP] = {};
+    for (int c0 = lane; c0 < chunks; c0 += 32 * DOWN_LOADS) {
+        uint4 a[DOWN_ROWS_PER_WARP][DOWN_LOADS];
+#pragma unroll
+        for (int r = 0; r < DOWN_ROWS_PER_WARP; r++) {
+            if (h0 + r < hidden) {
+                load_row_chunks<DOWN_LOADS>(a[r], (const uint4*)(w + (size_t)(h0 + r) * inter), c0,
+                                            chunks);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < DOWN_LOADS; u++) {
+            int c = c0 + 32 * u;
+#pragma unroll
+            for (int j = 0; j < MOE_MAX_GROUP; j++) {
+                if (c < chunks && j < count) {
+                    float av[8];
+                    load8(av, as[j] + c * 8);
+#pragma unroll
+                    for (int r = 0; r < DOWN_ROWS_PER_WARP; r++) {
+                        if (h0 + r < hidden) ds[r][j] += dot8(a[r][u], av);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < DOWN_ROWS_PER_WARP; r++) {
+#pragma unroll
+        for (int j = 0; j < MOE_MAX_GROUP; j++) {
+            if (h0 + r < hidden && j < count) {
+                float d = warp_sum(ds[r][j]);
+                if (lane == 0) y[(size_t)(first + j) * hidden + h0 + r] = f32_to_bf16(d);
+            }
+        }
+    }
+}

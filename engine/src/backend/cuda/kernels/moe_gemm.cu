@@ -1,0 +1,390 @@
+// The MoE's experts as grouped GEMMs on the tensor cores (mma.sync, and wgmma on sm_90a),
+// and the weighted combine of their outputs.
+
+// Many pairs (prefill, large decode batches): one grouped GEMM per projection on the tensor
+// cores. Each block computes a GEMM_BM × GEMM_BN tile of rows of one expert (tile
+// blockIdx.y of moe_tile) times that expert's weight rows (column block blockIdx.x), over k
+// in GEMM_BK steps staged through shared memory by cp.async, GEMM_STAGES deep (dynamic
+// shared memory, GEMM_SHARED_BYTES). Column blocks vary fastest, so those of one row tile
+// run together and share its rows in L2 (with row tiles fastest, every column block read
+// all the rows again from memory). Warps as GEMM_WARPS_M × GEMM_WARPS_N, each
+// GEMM_MI × GEMM_NI mma.m16n8k16 (bf16 in, f32 accumulate) on fragments loaded by
+// ldmatrix. Inputs are bf16 rows of k values, k a multiple of 8 (16-byte copies; a partial
+// last step reads zeros).
+#define GEMM_BM 128
+#define GEMM_BN 128
+#define GEMM_BK 64
+#define GEMM_STAGES 3
+// Shared row of GEMM_BK bf16 plus 8 of padding: ldmatrix's 8 row addresses then fall in
+// different banks.
+#define GEMM_LD (GEMM_BK + 8)
+// Warps as GEMM_WARPS_M × GEMM_WARPS_N, each a (GEMM_BM / GEMM_WARPS_M) ×
+// (GEMM_BN / GEMM_WARPS_N) tile of the block's (2 × 2 warps of 64 × 64 measured the same).
+#define GEMM_WARPS_M 2
+#define GEMM_WARPS_N 4
+#define GEMM_THREADS (32 * GEMM_WARPS_M * GEMM_WARPS_N)
+#define GEMM_MI (GEMM_BM / GEMM_WARPS_M / 16)
+#define GEMM_NI (GEMM_BN / GEMM_WARPS_N / 8)
+#define GEMM_SHARED_BYTES (GEMM_STAGES * (GEMM_BM + GEMM_BN) * GEMM_LD * 2)
+// Rows of each tile a thread copies a stage: one 16-byte chunk of each.
+#define GEMM_COPIES (GEMM_BM * GEMM_BK / 8 / GEMM_THREADS)
+
+// SWIGLU: the expert's matrix holds `n` gate rows then `n` up rows, and block column j
+// computes gate and up rows j · 64 … j · 64 + 63 together, writing silu(gate) · up as bf16
+// to `act` ([rows, n]). Otherwise it computes rows j · 128 … of an [n, k] matrix into f32 `c`.
+// Where row r of a grouped GEMM's A (r < GEMM_BM) and B tiles comes from, null past the
+// expert's rows or the matrix: row p of the expert's rows is row a_rows[p] / a_row_divisor
+// of `a` when a_rows is given (a token's row gathered for each of its slots), else row
+// m0 + p; B rows are weight rows of column block blockIdx.x (for SWIGLU, gate rows then the
+// same columns' up rows). `threads` threads share the work; the caller synchronizes.
+template <bool SWIGLU>
+__device__ __forceinline__ void gemm_row_sources(const bf16_t** row_src, const bf16_t* a,
+                                                 const int* a_rows, int a_row_divisor,
+                                                 const bf16_t* w, int rows, int m0, int n,
+                                                 int k, int thread, int threads) {
+    for (int r = thread; r < GEMM_BM + GEMM_BN; r += threads) {
+        const bf16_t* src = nullptr;
+        if (r < GEMM_BM) {
+            if (r < rows) src = a + (size_t)(a_rows ? a_rows[m0 + r] / a_row_divisor : m0 + r) * k;
+        } else {
+            int b_row = r - GEMM_BM, row;
+            if (SWIGLU) {
+                int col = blockIdx.x * (GEMM_BN / 2) + b_row % (GEMM_BN / 2);
+                row = col >= n ? -1 : (b_row < GEMM_BN / 2 ? col : n + col);
+            } else {
+                row = blockIdx.x * GEMM_BN + b_row;
+                if (row >= n) row = -1;
+            }
+            if (row >= 0) src = w + (size_t)row * k;
+        }
+        row_src[r] = src;
+    }
+}
+
+// Queues one stage's copies of a grouped GEMM's tiles: values [k0 + column, k0 + column + 8)
+// of rows first_row + i · row_step (i < GEMM_COPIES) of the A and B tiles (sources from
+// gemm_row_sources; zeros past the rows, the matrix or k) to a_dst and b_dst plus
+// i · row_step · row_bytes. A zero-filled copy names `a` or `w`, unread.
+__device__ __forceinline__ void queue_gemm_copies(const bf16_t* const* row_src, const bf16_t* a,
+                                                  const bf16_t* w, unsigned int a_dst,
+                                                  unsigned int b_dst, int row_bytes,
+                                                  int first_row, int row_step, int column,
+                                                  int k0, int k) {
+    bool in_k = k0 + column < k;
+#pragma unroll
+    for (int i = 0; i < GEMM_COPIES; i++) {
+        unsigned int at = i * row_step * row_bytes;
+        const bf16_t* src = row_src[first_row + i * row_step];
+        copy16_async_to(a_dst + at, in_k && src ? src + k0 + column : a, in_k && src);
+        src = row_src[GEMM_BM + first_row + i * row_step];
+        copy16_async_to(b_dst + at, in_k && src ? src + k0 + column : w, in_k && src);
+    }
+}
+
+template <bool SWIGLU>
+__device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows, int a_row_divisor,
+                                             const unsigned long long* matrices,
+                                             const int* offsets, const int* tiles, int n, int k,
+                                             bf16_t* c, bf16_t* act) {
+    extern __shared__ __align__(16) unsigned char gemm_shared[];
+    int expert, m0, rows;
+    if (!moe_tile(offsets, tiles, GEMM_BM, blockIdx.y, &expert, &m0, &rows)) {
+        return;
+    }
+    const bf16_t* w = (const bf16_t*)matrices[expert];
+    typedef bf16_t ATile[GEMM_BM][GEMM_LD];
+    typedef bf16_t BTile[GEMM_BN][GEMM_LD];
+    ATile* as = (ATile*)gemm_shared;
+    BTile* bs = (BTile*)(gemm_shared + GEMM_STAGES * sizeof(ATile));
+    int tid = threadIdx.x;
+    int warp = tid >> 5, lane = tid & 31;
+    int warp_m = warp / GEMM_WARPS_N, warp_n = warp % GEMM_WARPS_N;
+    int g = lane >> 2, t = lane & 3;
+    __shared__ const bf16_t* row_src[GEMM_BM + GEMM_BN];
+    gemm_row_sources<SWIGLU>(row_src, a, a_rows, a_row_divisor, w, rows, m0, n, k, tid,
+                             GEMM_THREADS);
+    __syncthreads();
+    // Thread tid copies chunk `chunk` of rows first_row + i · row_step of both tiles.
+    const int row_step = GEMM_THREADS / (GEMM_BK / 8);
+    int chunk = (tid % (GEMM_BK / 8)) * 8;
+    int first_row = tid / (GEMM_BK / 8);
+    unsigned int a_dst = shared_address(&as[0][first_row][chunk]);
+    unsigned int b_dst = shared_address(&bs[0][first_row][chunk]);
+    auto load = [&](int stage, int k0) {
+        queue_gemm_copies(row_src, a, w, a_dst + stage * sizeof(ATile),
+                          b_dst + stage * sizeof(BTile), GEMM_LD * 2, first_row, row_step, chunk,
+                          k0, k);
+    };
+    float acc[GEMM_MI][GEMM_NI][4];
+#pragma unroll
+    for (int mi = 0; mi < GEMM_MI; mi++)
+#pragma unroll
+        for (int ni = 0; ni < GEMM_NI; ni++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[mi][ni][q] = 0.0f;
+    // ldmatrix row addresses. A, a 16 × 16 fragment: row lane % 16, columns 8 (lane / 16) ….
+    // B, two n8 fragments: row lane % 8 + 8 (lane / 16), columns 8 ((lane / 8) % 2) ….
+    const int warp_rows = GEMM_MI * 16, warp_cols = GEMM_NI * 8;
+    int a_row = warp_m * warp_rows + (lane & 15), a_col = (lane >> 4) * 8;
+    int b_row = warp_n * warp_cols + (lane & 7) + ((lane >> 4) << 3);
+    int b_col = ((lane >> 3) & 1) * 8;
+    int steps = (k + GEMM_BK - 1) / GEMM_BK;
+#pragma unroll
+    for (int s = 0; s < GEMM_STAGES - 1; s++) {
+        if (s < steps) load(s, s * GEMM_BK);
+        copies_commit();
+    }
+    for (int step = 0; step < steps; step++) {
+        copies_wait<GEMM_STAGES - 2>();
+        __syncthreads();
+        int next = step + GEMM_STAGES - 1;
+        if (next < steps) load(next % GEMM_STAGES, next * GEMM_BK);
+        copies_commit();
+        int stage = step % GEMM_STAGES;
+#pragma unroll
+        for (int ks = 0; ks < GEMM_BK; ks += 16) {
+            unsigned int af[GEMM_MI][4], bf[GEMM_NI][2];
+#pragma unroll
+            for (int mi = 0; mi < GEMM_MI; mi++) {
+                load_matrices_x4(af[mi], &as[stage][a_row + mi * 16][a_col + ks]);
+            }
+#pragma unroll
+            for (int pair = 0; pair < GEMM_NI / 2; pair++) {
+                unsigned int r[4];
+                load_matrices_x4(r, &bs[stage][b_row + pair * 16][b_col + ks]);
+                bf[2 * pair][0] = r[0];
+                bf[2 * pair][1] = r[1];
+                bf[2 * pair + 1][0] = r[2];
+                bf[2 * pair + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < GEMM_MI; mi++)
+#pragma unroll
+                for (int ni = 0; ni < GEMM_NI; ni++) mma_bf16(acc[mi][ni], af[mi], bf[ni]);
+        }
+    }
+    if (!SWIGLU) {
+#pragma unroll
+        for (int mi = 0; mi < GEMM_MI; mi++) {
+#pragma unroll
+            for (int ni = 0; ni < GEMM_NI; ni++) {
+                int r = warp_m * warp_rows + mi * 16 + g;
+                int col = blockIdx.x * GEMM_BN + warp_n * warp_cols + ni * 8 + t * 2;
+                if (col >= n) continue;
+                if (r < rows) {
+                    *(unsigned int*)(c + (size_t)(m0 + r) * n + col) =
+                        pack_bf16(acc[mi][ni][0], acc[mi][ni][1]);
+                }
+                if (r + 8 < rows) {
+                    *(unsigned int*)(c + (size_t)(m0 + r + 8) * n + col) =
+                        pack_bf16(acc[mi][ni][2], acc[mi][ni][3]);
+                }
+            }
+        }
+        return;
+    }
+    // Gate and up of one column sit in different warps: meet in shared memory.
+    copies_wait<0>();
+    __syncthreads();
+    typedef float CTile[GEMM_BN + 4];
+    CTile* cs = (CTile*)gemm_shared;
+#pragma unroll
+    for (int mi = 0; mi < GEMM_MI; mi++) {
+#pragma unroll
+        for (int ni = 0; ni < GEMM_NI; ni++) {
+            int r = warp_m * warp_rows + mi * 16 + g;
+            int col = warp_n * warp_cols + ni * 8 + t * 2;
+            *(float2*)&cs[r][col] = make_float2(acc[mi][ni][0], acc[mi][ni][1]);
+            *(float2*)&cs[r + 8][col] = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < GEMM_BM * (GEMM_BN / 2); i += GEMM_THREADS) {
+        int r = i / (GEMM_BN / 2);
+        int local = i % (GEMM_BN / 2);
+        int col = blockIdx.x * (GEMM_BN / 2) + local;
+        if (r < rows && col < n) {
+            float gate = cs[r][local];
+            float up = cs[r][GEMM_BN / 2 + local];
+            act[(size_t)(m0 + r) * n + col] = f32_to_bf16(gate / (1.0f + expf(-gate)) * up);
+        }
+    }
+}
+
+// act[position] = silu(x[token] · gateᵀ) · (x[token] · upᵀ) as bf16, the token of the slot
+// at each position (sorted_slot / top_k) gathered from x ([tokens, hidden] bf16); grid
+// (ceil(inter / 64), tiles upper bound).
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
+    moe_gemm_gate_up(const bf16_t* x, const int* sorted_slot, int top_k,
+                     const unsigned long long* gate_up, const int* offsets, const int* tiles,
+                     int inter, int hidden, bf16_t* act) {
+    grouped_gemm<true>(x, sorted_slot, top_k, gate_up, offsets, tiles, inter, hidden, nullptr,
+                       act);
+}
+
+// y[position] = act[position] · downᵀ as bf16 (half the bytes moe_combine reads);
+// grid (ceil(hidden / 128), tiles upper bound).
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
+    moe_gemm_down(const bf16_t* act, const unsigned long long* down, const int* offsets,
+                  const int* tiles, int hidden, int inter, bf16_t* y) {
+    grouped_gemm<false>(act, nullptr, 1, down, offsets, tiles, hidden, inter, y, nullptr);
+}
+
+// The same GEMMs on Hopper's warpgroup tensor-core instructions (sm_90a: wgmma reads both
+// operands from shared memory, where mma.sync kernels spend most of their instructions
+// loading fragments). Two warpgroups per 128 × 128 tile, each 64 rows × 128 columns as
+// wgmma m64n128k16; tiles stored 128-byte swizzled (16-byte chunk c of row r at chunk
+// c ^ (r % 8)), the layout the matrix descriptors name. For SWIGLU a thread holds a gate
+// column and its up column (n8 blocks j and j + 8), so the activation needs no shared memory.
+#define WGMMA_STAGE_BYTES ((GEMM_BM + GEMM_BN) * GEMM_BK * 2)
+// Stages plus slack to align them to the 1024-byte swizzle pattern.
+#define WGMMA_SHARED_BYTES (GEMM_STAGES * WGMMA_STAGE_BYTES + 1024)
+
+template <bool SWIGLU>
+__device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a_rows,
+                                                   int a_row_divisor,
+                                                   const unsigned long long* matrices,
+                                                   const int* offsets, const int* tiles, int n,
+                                                   int k, bf16_t* c, bf16_t* act) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(16) unsigned char gemm_shared[];
+    __shared__ const bf16_t* row_src[GEMM_BM + GEMM_BN];
+    int expert, m0, rows;
+    if (!moe_tile(offsets, tiles, GEMM_BM, blockIdx.y, &expert, &m0, &rows)) {
+        return;
+    }
+    const bf16_t* w = (const bf16_t*)matrices[expert];
+    int tid = threadIdx.x;
+    gemm_row_sources<SWIGLU>(row_src, a, a_rows, a_row_divisor, w, rows, m0, n, k, tid,
+                             GEMM_THREADS);
+    __syncthreads();
+    // Stage s: A rows at base + s · WGMMA_STAGE_BYTES, B rows GEMM_BM · 128 bytes after.
+    unsigned int base = (shared_address(gemm_shared) + 1023) & ~1023u;
+    const int row_step = GEMM_THREADS / (GEMM_BK / 8);
+    int chunk = tid % (GEMM_BK / 8);
+    int first_row = tid / (GEMM_BK / 8);
+    // row_step is a multiple of 8, so every row this thread copies swizzles its chunk alike.
+    unsigned int dst = base + first_row * 128 + ((chunk ^ (first_row & 7)) << 4);
+    auto load = [&](int stage, int k0) {
+        unsigned int at = dst + stage * WGMMA_STAGE_BYTES;
+        queue_gemm_copies(row_src, a, w, at, at + GEMM_BM * 128, 128, first_row, row_step,
+                          chunk * 8, k0, k);
+    };
+    float d[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) d[i] = 0.0f;
+    int warpgroup = tid >> 7;
+    int steps = (k + GEMM_BK - 1) / GEMM_BK;
+#pragma unroll
+    for (int s = 0; s < GEMM_STAGES - 1; s++) {
+        if (s < steps) load(s, s * GEMM_BK);
+        copies_commit();
+    }
+    for (int step = 0; step < steps; step++) {
+        copies_wait<GEMM_STAGES - 2>();
+        // The copies were generic-proxy writes; wgmma reads through the async proxy.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        // Every warpgroup finished the last step's wgmmas (waited below), so the stage
+        // they read may be refilled.
+        int next = step + GEMM_STAGES - 1;
+        if (next < steps) load(next % GEMM_STAGES, next * GEMM_BK);
+        copies_commit();
+        unsigned int stage = base + (step % GEMM_STAGES) * WGMMA_STAGE_BYTES;
+        unsigned int a_tile = stage + warpgroup * 64 * 128;
+        unsigned int b_tile = stage + GEMM_BM * 128;
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int ks = 0; ks < GEMM_BK / 16; ks++) {
+            // 16 k values are 32 bytes along the swizzled row.
+            wgmma_m64n128k16(d, wgmma_descriptor(a_tile + ks * 32),
+                             wgmma_descriptor(b_tile + ks * 32));
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    }
+    // d[4j + e]: row 16 (warp % 4) + g (+ 8 for e >= 2) of the warpgroup's 64, column
+    // 8j + 2t (+ 1 for odd e).
+    int lane = tid & 31, g = lane >> 2, t = lane & 3;
+    int row = warpgroup * 64 + ((tid >> 5) & 3) * 16 + g;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        int r = row + 8 * half;
+        if (r >= rows) continue;
+        if (SWIGLU) {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                int col = blockIdx.x * (GEMM_BN / 2) + 8 * j + 2 * t;
+                if (col >= n) continue;
+                float out[2];
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float gate = d[4 * j + 2 * half + e];
+                    float up = d[4 * (j + 8) + 2 * half + e];
+                    out[e] = gate / (1.0f + expf(-gate)) * up;
+                }
+                *(unsigned int*)(act + (size_t)(m0 + r) * n + col) = pack_bf16(out[0], out[1]);
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                int col = blockIdx.x * GEMM_BN + 8 * j + 2 * t;
+                if (col >= n) continue;
+                *(unsigned int*)(c + (size_t)(m0 + r) * n + col) =
+                    pack_bf16(d[4 * j + 2 * half], d[4 * j + 2 * half + 1]);
+            }
+        }
+    }
+#else
+    __trap();  // launched only on devices the kernels were built for as sm_90a
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
+    moe_wgmma_gate_up(const bf16_t* x, const int* sorted_slot, int top_k,
+                      const unsigned long long* gate_up, const int* offsets, const int* tiles,
+                      int inter, int hidden, bf16_t* act) {
+    grouped_gemm_wgmma<true>(x, sorted_slot, top_k, gate_up, offsets, tiles, inter, hidden,
+                             nullptr, act);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
+    moe_wgmma_down(const bf16_t* act, const unsigned long long* down, const int* offsets,
+                   const int* tiles, int hidden, int inter, bf16_t* y) {
+    grouped_gemm_wgmma<false>(act, nullptr, 1, down, offsets, tiles, hidden, inter, y, nullptr);
+}
+
+// out[t] = sum over j < top_k of weights[t · top_k + j] · y[slot_position[t · top_k + j]], in
+// slot order; one block per token, 8 columns a thread at a time (16-byte loads of y) when
+// hidden is a multiple of 8 (two-byte loads ran at ~30% of the copy rate).
+extern "C" __global__ void moe_combine(const bf16_t* y, const int* slot_position,
+                                       const float* weights, float* out, int hidden, int top_k) {
+    size_t first = (size_t)blockIdx.x * top_k;
+    float* dst = out + (size_t)blockIdx.x * hidden;
+    if ((hidden & 7) == 0) {
+        for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8) {
+            float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            for (int j = 0; j < top_k; j++) {
+                float w = weights[first + j];
+                uint4 packed = *(const uint4*)(y + (size_t)slot_position[first + j] * hidden + c);
+                const unsigned int words[4] = {packed.x, packed.y, packed.z, packed.w};
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    bf16_t h = (bf16_t)(words[e >> 1] >> (16 * (e & 1)));
+                    sum[e] += w * bf16_to_f32(h);
+                }
+            }
+            *(float4*)(dst + c) = make_float4(sum[0], sum[1], sum[2], sum[3]);
+            *(float4*)(dst + c + 4) = make_float4(sum[4], sum[5], sum[6], sum[7]);
+        }
+        return;
+    }
+    for (int h = threadIdx.x; h < hidden; h += blockDim.x) {
+        float sum = 0.0f;
+        for (int j = 0; j < top_k; j++) {
+            sum += weights[first + j] *
+                   bf16_to_f32(y[(size_t)slot_position[first + j] * hidden + h]);
+        }
+        dst[h] = sum;
+    }
+}

@@ -1,0 +1,120 @@
+//! Device memory: allocations, uploads (the small repeated ones reused), and the copy
+//! bandwidth decode is measured against.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+
+use super::{CudaBackend, CudaTensor, device_error};
+use crate::error::Result;
+
+/// The last upload made for each purpose, used again while the host values are the same:
+/// every layer of a forward pass uploads the same rope table, cache slots and attention
+/// metadata, and every step the same expert table per layer. Small synchronous copies, ten a
+/// layer, were a large share of a small batch's step. Kernels only read these buffers.
+pub(super) struct ReusedUploads<T> {
+    last: Mutex<HashMap<UploadKey, Uploaded<T>>>,
+}
+
+/// Values on the host and the device copy made of them.
+struct Uploaded<T> {
+    host: Vec<T>,
+    device: Arc<CudaSlice<T>>,
+}
+
+/// A purpose and a discriminator (0, or what tells apart the layers of one purpose).
+pub(super) type UploadKey = (&'static str, u64);
+
+impl<T> Default for ReusedUploads<T> {
+    fn default() -> Self {
+        Self {
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Device-to-device copy bandwidth in bytes/s, counting bytes read and written: the HBM
+    /// figure decode is measured against.
+    pub fn copy_bandwidth(&self, bytes: usize, repeats: usize) -> Result<f64> {
+        let src = self.zeros::<u8>(bytes)?;
+        let mut dst = self.zeros::<u8>(bytes)?;
+        let copy = |dst: &mut CudaSlice<u8>| {
+            self.stream
+                .memcpy_dtod(&src, dst)
+                .map_err(|e| device_error("device copy", e))
+        };
+        copy(&mut dst)?;
+        self.synchronize()?;
+        let started = std::time::Instant::now();
+        for _ in 0..repeats {
+            copy(&mut dst)?;
+        }
+        self.synchronize()?;
+        Ok((2 * bytes * repeats) as f64 / started.elapsed().as_secs_f64())
+    }
+
+    pub(super) fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros(n.max(1))
+            .map_err(|e| device_error("allocating device memory", e))
+    }
+
+    pub(super) fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        if host.is_empty() {
+            return self.uninit::<T>(1);
+        }
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| device_error("copying to the device", e))
+    }
+
+    /// `host` on the device, uploaded again only when it differs from the last values
+    /// uploaded for `key` (see [`ReusedUploads`]).
+    pub(super) fn upload_reused<T: DeviceRepr + Clone + PartialEq>(
+        &self,
+        cache: &ReusedUploads<T>,
+        key: UploadKey,
+        host: &[T],
+    ) -> Result<Arc<CudaSlice<T>>> {
+        let mut last = cache.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(uploaded) = last.get(&key)
+            && uploaded.host[..] == *host
+        {
+            return Ok(Arc::clone(&uploaded.device));
+        }
+        let device = Arc::new(self.upload(host)?);
+        // Replacing an entry frees its buffer in stream order, after the kernels reading it.
+        let uploaded = Uploaded {
+            host: host.to_vec(),
+            device: Arc::clone(&device),
+        };
+        last.insert(key, uploaded);
+        Ok(device)
+    }
+
+    /// Memory a kernel will fully write before anything reads it (at least one element).
+    pub(super) fn uninit<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: every caller hands the buffer to a kernel or GEMM that writes all of it
+        // before it is read, or never reads it (empty uploads).
+        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| device_error("allocating", e))
+    }
+
+    /// An output tensor a kernel fills completely.
+    pub(super) fn output(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            rows,
+            cols,
+            data: self.uninit(rows * cols)?,
+        })
+    }
+
+    pub(super) fn tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            rows,
+            cols,
+            data: self.zeros(rows * cols)?,
+        })
+    }
+}

@@ -1,0 +1,264 @@
+//! Dense projections: cuBLAS GEMMs (bf16 inputs, f32 accumulate) for many rows, `gemv_rows`
+//! for a decode step's few, and the rates the bench measures them against.
+
+use std::ffi::c_void;
+
+use cudarc::cublas::sys as blas;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
+
+use super::{
+    CudaBackend, CudaMatrix, CudaTensor, CudaVector, ELEMENT_THREADS, ROW_THREADS, WARP, blocks,
+    collect_array, device_error, launched, per_row, shape_error,
+};
+use crate::error::Result;
+
+/// Rows of x up to which projections run as matrix-vector products (`gemv_rows`).
+const GEMV_MAX_ROWS: usize = 4;
+/// Weights one `gemv_rows` launch multiplies x by.
+const GEMV_MAX_WEIGHTS: usize = 3;
+
+/// A projection's input as the kernels read it (see `CudaBackend::projection_input`).
+pub(super) enum ProjectionInput<'a> {
+    /// Few rows, read as f32 by `gemv_rows`.
+    Rows(&'a CudaTensor),
+    /// `rows` rows of `cols` values converted to bf16 for the GEMMs.
+    Bf16 {
+        x16: CudaSlice<u16>,
+        rows: usize,
+        cols: usize,
+    },
+}
+
+impl ProjectionInput<'_> {
+    /// Values a row.
+    fn cols(&self) -> usize {
+        match self {
+            Self::Rows(x) => x.cols,
+            Self::Bf16 { cols, .. } => *cols,
+        }
+    }
+
+    /// The bf16 copy, where one was made.
+    pub(super) fn into_bf16(self) -> Option<CudaSlice<u16>> {
+        match self {
+            Self::Bf16 { x16, .. } => Some(x16),
+            Self::Rows(_) => None,
+        }
+    }
+}
+
+impl CudaBackend {
+    /// FLOP/s of this backend's GEMM (bf16 in, f32 accumulate) on an n×n×n product: the rate
+    /// prefill is measured against.
+    pub fn gemm_rate(&self, n: usize, repeats: usize) -> Result<f64> {
+        self.gemm_shape_rate(n, n, n, repeats)
+    }
+
+    /// The same for `x` of `m` × `k` times a weight of `n` × `k`: FLOP/s of the projection
+    /// path (conversion to bf16 included) at one layer's shape.
+    pub fn gemm_shape_rate(&self, m: usize, k: usize, n: usize, repeats: usize) -> Result<f64> {
+        let x = self.tensor(m, k)?;
+        let w = CudaMatrix {
+            out_dim: n,
+            in_dim: k,
+            data: self.zeros(n * k)?,
+        };
+        self.gemm(&x, &w)?;
+        self.synchronize()?;
+        let started = std::time::Instant::now();
+        for _ in 0..repeats {
+            self.gemm(&x, &w)?;
+        }
+        self.synchronize()?;
+        Ok((2 * m * n * k * repeats) as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ` with bf16 inputs and f32 accumulation.
+    fn gemm(&self, x: &CudaTensor, w: &CudaMatrix) -> Result<CudaTensor> {
+        let x16 = self.bf16_copy(x)?;
+        self.gemm_bf16(&x16, x.rows, x.cols, w)
+    }
+
+    /// The same for `x16`, `m` rows of `k` values already in bf16.
+    fn gemm_bf16(
+        &self,
+        x16: &CudaSlice<u16>,
+        m: usize,
+        k: usize,
+        w: &CudaMatrix,
+    ) -> Result<CudaTensor> {
+        let n = w.out_dim;
+        let _timer = self.timed("gemm");
+        let mut y = self.output(m, n)?;
+        if m == 0 {
+            return Ok(y);
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        {
+            let (a, _a_guard) = w.data.device_ptr(&self.stream);
+            let (b, _b_guard) = x16.device_ptr(&self.stream);
+            let (c, _c_guard) = y.data.device_ptr_mut(&self.stream);
+            // Column-major view: yᵀ[n, m] = w[n, k] (stored k-major, transposed) · x16ᵀ[k, m].
+            // SAFETY: a holds n·k, b m·k and c m·n elements of the declared types; the
+            // leading dimensions match those row lengths; alpha and beta outlive the call,
+            // which is queued on the handle's stream like every other operation here.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *self.blas.handle(),
+                    blas::cublasOperation_t::CUBLAS_OP_T,
+                    blas::cublasOperation_t::CUBLAS_OP_N,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    (&alpha as *const f32).cast::<c_void>(),
+                    a as *const c_void,
+                    blas::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    b as *const c_void,
+                    blas::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    (&beta as *const f32).cast::<c_void>(),
+                    c as *mut c_void,
+                    blas::cudaDataType::CUDA_R_32F,
+                    n as i32,
+                    blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| device_error("cublas gemm", e))?;
+        }
+        Ok(y)
+    }
+
+    /// How projections of `x` read it: a decode step's few rows straight from f32 by
+    /// `gemv_rows`, more through one bf16 copy for the GEMMs.
+    pub(super) fn projection_input<'a>(&self, x: &'a CudaTensor) -> Result<ProjectionInput<'a>> {
+        if x.rows <= GEMV_MAX_ROWS && x.cols.is_multiple_of(8) {
+            Ok(ProjectionInput::Rows(x))
+        } else {
+            Ok(ProjectionInput::Bf16 {
+                x16: self.bf16_copy(x)?,
+                rows: x.rows,
+                cols: x.cols,
+            })
+        }
+    }
+
+    /// `x · wᵀ` in f32 for a prepared input.
+    pub(super) fn project(
+        &self,
+        input: &ProjectionInput<'_>,
+        w: &CudaMatrix,
+    ) -> Result<CudaTensor> {
+        let [y] = self.project_many(input, [w])?;
+        Ok(y)
+    }
+
+    /// `x · wᵀ` for each of up to three weights of one prepared input (few rows: one
+    /// launch for all); every projection's width check.
+    fn project_many<const N: usize>(
+        &self,
+        input: &ProjectionInput<'_>,
+        weights: [&CudaMatrix; N],
+    ) -> Result<[CudaTensor; N]> {
+        const { assert!(N <= GEMV_MAX_WEIGHTS) };
+        if let Some(w) = weights.iter().find(|w| w.in_dim != input.cols()) {
+            return Err(shape_error(
+                "linear",
+                format!(
+                    "x has {} columns, the weight takes {}",
+                    input.cols(),
+                    w.in_dim
+                ),
+            ));
+        }
+        let x = match input {
+            ProjectionInput::Bf16 { x16, rows, cols } => {
+                let ys = weights.map(|w| self.gemm_bf16(x16, *rows, *cols, w));
+                return collect_array(ys);
+            }
+            ProjectionInput::Rows(x) => x,
+        };
+        let _timer = self.timed("gemv");
+        let mut ys = collect_array(weights.map(|w| self.output(x.rows, w.out_dim)))?;
+        let total: usize = weights.iter().map(|w| w.out_dim).sum();
+        if x.rows == 0 || total == 0 {
+            return Ok(ys);
+        }
+        let (rows, k) = (x.rows as i32, input.cols() as i32);
+        let null = 0u64;
+        let outs: [i32; GEMV_MAX_WEIGHTS] =
+            std::array::from_fn(|m| weights.get(m).map_or(0, |w| w.out_dim as i32));
+        let mut launch = self.stream.launch_builder(self.function("gemv_rows"));
+        launch.arg(&x.data).arg(&rows).arg(&k);
+        let mut outputs = ys.iter_mut();
+        for (m, n) in outs.iter().enumerate() {
+            match (weights.get(m), outputs.next()) {
+                (Some(w), Some(y)) => launch.arg(&w.data).arg(&mut y.data),
+                _ => launch.arg(&null).arg(&null),
+            };
+            launch.arg(n);
+        }
+        // SAFETY: a warp per weight row j of each weight m (w_m holds n_m · k bf16 values, k
+        // a multiple of 8; absent weights have n_m = 0 and are never read), reading the rows
+        // <= GEMV_MAX_ROWS of x (rows · k floats, allocation-aligned) and writing column j of
+        // y_m (rows · n_m).
+        launched(
+            unsafe { launch.launch(blocks(total * WARP as usize, ROW_THREADS)) },
+            "gemv_rows",
+        )?;
+        Ok(ys)
+    }
+
+    /// `x · wᵀ + bias` for each of up to three projections of one prepared input.
+    pub(super) fn linear_many<const N: usize>(
+        &self,
+        input: &ProjectionInput<'_>,
+        projections: [(&CudaMatrix, Option<&CudaVector>); N],
+    ) -> Result<[CudaTensor; N]> {
+        let mut ys = self.project_many(input, projections.map(|(w, _)| w))?;
+        for (y, (_, bias)) in ys.iter_mut().zip(projections) {
+            if let Some(bias) = bias {
+                self.add_bias(y, bias)?;
+            }
+        }
+        Ok(ys)
+    }
+
+    /// `y += bias` on every row.
+    fn add_bias(&self, y: &mut CudaTensor, bias: &CudaVector) -> Result<()> {
+        if y.rows == 0 {
+            return Ok(());
+        }
+        if bias.len != y.cols {
+            return Err(shape_error(
+                "linear",
+                format!("a bias of {} for {} columns", bias.len, y.cols),
+            ));
+        }
+        let cols = y.cols as i32;
+        let mut launch = self.stream.launch_builder(self.function("add_bias"));
+        launch.arg(&mut y.data).arg(&bias.data).arg(&cols);
+        // SAFETY: one block per row of y; the bias holds y.cols values.
+        launched(unsafe { launch.launch(per_row(y.rows)) }, "add_bias")
+    }
+
+    /// `x`'s values rounded to bf16 (as 16-bit words), the tensor cores' input.
+    pub(super) fn bf16_copy(&self, x: &CudaTensor) -> Result<CudaSlice<u16>> {
+        let n = x.rows * x.cols;
+        let mut x16 = self.uninit::<u16>(n)?;
+        if n == 0 {
+            return Ok(x16);
+        }
+        let count = n as i32;
+        let mut launch = self.stream.launch_builder(self.function("to_bf16"));
+        launch.arg(&x.data).arg(&mut x16).arg(&count);
+        // SAFETY: to_bf16 reads `count` floats of x and writes as many words of x16, both
+        // that long.
+        launched(
+            unsafe { launch.launch(blocks(n, ELEMENT_THREADS)) },
+            "to_bf16",
+        )?;
+        Ok(x16)
+    }
+}
