@@ -81,6 +81,14 @@ __device__ __forceinline__ void queue_gemm_copies(const bf16_t* const* row_src, 
     }
 }
 
+// Queues step `step`'s copies (load(stage, k0) of k values k0 …) into stage step % GEMM_STAGES
+// as one commit group, empty past the last step, so every step waits for its own group alike.
+template <typename Load>
+__device__ __forceinline__ void queue_gemm_step(const Load& load, int step, int steps) {
+    if (step < steps) load(step % GEMM_STAGES, step * GEMM_BK);
+    copies_commit();
+}
+
 template <bool SWIGLU>
 __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows, int a_row_divisor,
                                              const unsigned long long* matrices,
@@ -130,16 +138,11 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows,
     int b_col = ((lane >> 3) & 1) * 8;
     int steps = (k + GEMM_BK - 1) / GEMM_BK;
 #pragma unroll
-    for (int s = 0; s < GEMM_STAGES - 1; s++) {
-        if (s < steps) load(s, s * GEMM_BK);
-        copies_commit();
-    }
+    for (int s = 0; s < GEMM_STAGES - 1; s++) queue_gemm_step(load, s, steps);
     for (int step = 0; step < steps; step++) {
         copies_wait<GEMM_STAGES - 2>();
         __syncthreads();
-        int next = step + GEMM_STAGES - 1;
-        if (next < steps) load(next % GEMM_STAGES, next * GEMM_BK);
-        copies_commit();
+        queue_gemm_step(load, step + GEMM_STAGES - 1, steps);
         int stage = step % GEMM_STAGES;
 #pragma unroll
         for (int ks = 0; ks < GEMM_BK; ks += 16) {
@@ -276,10 +279,7 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a
     int warpgroup = tid >> 7;
     int steps = (k + GEMM_BK - 1) / GEMM_BK;
 #pragma unroll
-    for (int s = 0; s < GEMM_STAGES - 1; s++) {
-        if (s < steps) load(s, s * GEMM_BK);
-        copies_commit();
-    }
+    for (int s = 0; s < GEMM_STAGES - 1; s++) queue_gemm_step(load, s, steps);
     for (int step = 0; step < steps; step++) {
         copies_wait<GEMM_STAGES - 2>();
         // The copies were generic-proxy writes; wgmma reads through the async proxy.
@@ -287,9 +287,7 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a
         __syncthreads();
         // Every warpgroup finished the last step's wgmmas (waited below), so the stage
         // they read may be refilled.
-        int next = step + GEMM_STAGES - 1;
-        if (next < steps) load(next % GEMM_STAGES, next * GEMM_BK);
-        copies_commit();
+        queue_gemm_step(load, step + GEMM_STAGES - 1, steps);
         unsigned int stage = base + (step % GEMM_STAGES) * WGMMA_STAGE_BYTES;
         unsigned int a_tile = stage + warpgroup * 64 * 128;
         unsigned int b_tile = stage + GEMM_BM * 128;
