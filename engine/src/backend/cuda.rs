@@ -843,3 +843,17 @@ impl Backend for CudaBackend {
         Ok(host)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::kernels::tests::assert_host_constants;
+    use super::*;
+
+    #[test]
+    fn rope_and_head_limits_match_the_kernels() {
+        assert_host_constants(&[
+            ("ROPE_HEADS_PER_BLOCK", ROPE_HEADS_PER_BLOCK as usize),
+            ("MAX_PER_LANE * 32", MAX_HEAD_DIM),
+        ]);
+    }
+}

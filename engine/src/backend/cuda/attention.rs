@@ -386,3 +386,55 @@ impl CudaBackend {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::kernels::tests::assert_host_constants;
+    use super::*;
+
+    #[test]
+    fn launch_constants_match_the_kernels() {
+        assert_host_constants(&[
+            ("SPLIT_KEYS", SPLIT_KEYS),
+            ("PREFILL_MAX_HEAD_DIM", PREFILL_MAX_HEAD_DIM),
+            ("Q_TILE", PREFILL_Q_TILE),
+            ("PREFILL_WARPS * 32", PREFILL_THREADS as usize),
+            ("FLASH_MAX_HEAD_DIM", FLASH_MAX_HEAD_DIM),
+            ("FLASH_Q_TILE", FLASH_Q_TILE),
+            ("FLASH_THREADS", FLASH_THREADS as usize),
+            ("FLASH_SHARED_BYTES", FLASH_SHARED_BYTES),
+            ("FLASH_WGMMA_Q_TILE", FLASH_WGMMA_Q_TILE),
+            ("FLASH_WGMMA_THREADS", FLASH_WGMMA_THREADS as usize),
+            ("FLASH_K_TILE", DECODE_KEYS),
+        ]);
+    }
+
+    #[test]
+    fn prefill_kernel_takes_warpgroup_instructions_only_on_hopper_at_head_dim_128() {
+        let pick = |head_dim, hopper| prefill_kernel(head_dim, hopper).name;
+        assert_eq!(pick(128, true), "attention_prefill_wgmma_hd128");
+        assert_eq!(pick(128, false), "attention_prefill_mma_hd128");
+        assert_eq!(pick(64, true), "attention_prefill_mma");
+        assert_eq!(pick(80, false), "attention_prefill_mma");
+        assert_eq!(pick(72, true), "attention_prefill");
+        assert_eq!(prefill_kernel(128, true).q_tile, FLASH_WGMMA_Q_TILE);
+        assert!(!prefill_kernel(72, false).log2_scaled);
+        assert_eq!(decode_kernel(128), "attention_decode_mma_hd128");
+        assert_eq!(decode_kernel(64), "attention_decode_mma");
+    }
+
+    #[test]
+    fn prefill_tiles_cut_runs_and_start_the_longest_first() {
+        let mut tiles = PrefillTiles::new(64);
+        tiles.add(0..150, 10, 3);
+        tiles.add(150..170, 0, 7);
+        assert_eq!(tiles.rows, [0, 64, 128, 150]);
+        assert_eq!(tiles.counts, [64, 64, 22, 20]);
+        assert_eq!(tiles.positions, [10, 74, 138, 0]);
+        tiles.longest_first();
+        assert_eq!(tiles.rows, [128, 64, 0, 150]);
+        assert_eq!(tiles.counts, [22, 64, 64, 20]);
+        assert_eq!(tiles.positions, [138, 74, 10, 0]);
+        assert_eq!(tiles.table_offsets, [3, 3, 3, 7]);
+    }
+}

@@ -170,3 +170,101 @@ impl Kernels {
         &self.functions[name]
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// Every object-like `#define NAME value` of the kernels' source, by name.
+    fn defines() -> HashMap<&'static str, &'static str> {
+        KERNELS_SOURCE
+            .lines()
+            .filter_map(|line| line.strip_prefix("#define "))
+            .filter_map(|rest| rest.split_once(' '))
+            .filter(|(name, _)| !name.contains('('))
+            .map(|(name, value)| (name, value.trim()))
+            .collect()
+    }
+
+    /// `expression` (integers, define names, `+ - * /` and parentheses) evaluated over the
+    /// defines, as the CUDA preprocessor and compiler would.
+    fn evaluate(expression: &str, defines: &HashMap<&str, &str>) -> i64 {
+        let spaced = ["(", ")", "+", "-", "*", "/"]
+            .iter()
+            .fold(expression.to_owned(), |s, op| {
+                s.replace(op, &format!(" {op} "))
+            });
+        let tokens: Vec<&str> = spaced.split_whitespace().collect();
+        let mut at = 0;
+        let value = sum(&tokens, &mut at, defines);
+        assert_eq!(at, tokens.len(), "trailing tokens in {expression:?}");
+        value
+    }
+
+    fn sum(tokens: &[&str], at: &mut usize, defines: &HashMap<&str, &str>) -> i64 {
+        let mut value = product(tokens, at, defines);
+        while let Some(&op @ ("+" | "-")) = tokens.get(*at) {
+            *at += 1;
+            let rhs = product(tokens, at, defines);
+            value = if op == "+" { value + rhs } else { value - rhs };
+        }
+        value
+    }
+
+    fn product(tokens: &[&str], at: &mut usize, defines: &HashMap<&str, &str>) -> i64 {
+        let mut value = operand(tokens, at, defines);
+        while let Some(&op @ ("*" | "/")) = tokens.get(*at) {
+            *at += 1;
+            let rhs = operand(tokens, at, defines);
+            value = if op == "*" { value * rhs } else { value / rhs };
+        }
+        value
+    }
+
+    fn operand(tokens: &[&str], at: &mut usize, defines: &HashMap<&str, &str>) -> i64 {
+        let token = tokens[*at];
+        *at += 1;
+        if token == "(" {
+            let value = sum(tokens, at, defines);
+            assert_eq!(tokens.get(*at), Some(&")"), "unbalanced parentheses");
+            *at += 1;
+            return value;
+        }
+        if let Ok(n) = token.parse() {
+            return n;
+        }
+        let value = defines
+            .get(token)
+            .unwrap_or_else(|| panic!("{token} is not defined in the kernels"));
+        evaluate(value, defines)
+    }
+
+    /// Fails unless each host constant equals what its kernel expression evaluates to: the
+    /// launch shapes and buffer sizes the host uses must be the kernels' own.
+    pub(in crate::backend::cuda) fn assert_host_constants(pairs: &[(&str, usize)]) {
+        let defines = defines();
+        for &(expression, host) in pairs {
+            let kernel = evaluate(expression, &defines);
+            assert_eq!(
+                kernel, host as i64,
+                "{expression} is {kernel} in the kernels but {host} on the host"
+            );
+        }
+    }
+
+    #[test]
+    fn evaluate_follows_precedence_and_nested_defines() {
+        let defines = HashMap::from([("A", "(2 + 3)"), ("B", "A * 4")]);
+        assert_eq!(evaluate("B - 6 / 2", &defines), 17);
+        assert_eq!(evaluate("(B - 6) / 2", &defines), 7);
+    }
+
+    #[test]
+    fn kernels_compile_as_sm_90a_only_on_hopper() {
+        assert_eq!(kernel_arch(HOPPER), "sm_90a");
+        assert_eq!(kernel_arch((8, 0)), "sm_80");
+        assert_eq!(kernel_arch((10, 0)), "sm_100");
+    }
+}

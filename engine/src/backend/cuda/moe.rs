@@ -525,3 +525,23 @@ impl CudaBackend {
         Ok(place)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::kernels::tests::assert_host_constants;
+    use super::*;
+
+    #[test]
+    fn launch_constants_match_the_kernels() {
+        assert_host_constants(&[
+            ("DOWN_ROWS_PER_WARP", DOWN_ROWS_PER_WARP),
+            ("MOE_MAX_GROUP", MOE_MAX_GROUP),
+            ("GEMM_BM", GEMM_BM),
+            ("GEMM_BN", GEMM_BN),
+            ("GEMM_THREADS", GEMM_THREADS as usize),
+            ("GEMM_SHARED_BYTES", GEMM_SHARED_BYTES),
+            ("WGMMA_SHARED_BYTES", WGMMA_SHARED_BYTES),
+            ("ROUTE_MAX_PER_LANE * 32", ROUTE_MAX_EXPERTS),
+        ]);
+    }
+}

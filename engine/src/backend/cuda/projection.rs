@@ -262,3 +262,14 @@ impl CudaBackend {
         Ok(x16)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::kernels::tests::assert_host_constants;
+    use super::*;
+
+    #[test]
+    fn matrix_vector_rows_match_the_kernel() {
+        assert_host_constants(&[("GEMV_MAX_ROWS", GEMV_MAX_ROWS)]);
+    }
+}
