@@ -29,7 +29,7 @@ use crate::error::{EngineError, Result};
 use crate::parallel::Collective;
 use crate::parallel::host::host_collectives;
 use crate::weights::ExpertWeights;
-use kernels::{HOPPER, Kernels};
+use kernels::{HOPPER, Kernel, Kernels};
 use memory::ReusedUploads;
 
 mod attention;
@@ -68,9 +68,9 @@ fn device_error(what: &str, error: impl std::fmt::Display) -> EngineError {
 /// A launch's outcome (it records no events: everything runs on one stream).
 fn launched<T>(
     result: std::result::Result<T, cudarc::driver::DriverError>,
-    kernel: &str,
+    kernel: Kernel,
 ) -> Result<()> {
-    result.map(drop).map_err(|e| device_error(kernel, e))
+    result.map(drop).map_err(|e| device_error(kernel.name(), e))
 }
 
 /// Why CUDA cannot be used here, or `Ok` when a device and every library it needs are found.
@@ -260,8 +260,8 @@ impl CudaBackend {
             .map_err(|e| device_error("synchronizing", e))
     }
 
-    fn function(&self, name: &str) -> &CudaFunction {
-        self.kernels.get(name)
+    fn function(&self, kernel: Kernel) -> &CudaFunction {
+        self.kernels.get(kernel)
     }
 
     /// `out[rows[i], :] += weights[i] · y[i, :]`.
@@ -278,7 +278,7 @@ impl CudaBackend {
         let cols = out.cols as i32;
         let mut launch = self
             .stream
-            .launch_builder(self.function("scatter_add_weighted"));
+            .launch_builder(self.function(Kernel::ScatterAddWeighted));
         launch
             .arg(&mut out.data)
             .arg(&y.data)
@@ -287,7 +287,10 @@ impl CudaBackend {
             .arg(&cols);
         // SAFETY: one block per row of y; rows and weights hold y.rows entries and every row
         // index is below out.rows (the caller's tokens).
-        launched(unsafe { launch.launch(per_row(y.rows)) }, "scatter_add")
+        launched(
+            unsafe { launch.launch(per_row(y.rows)) },
+            Kernel::ScatterAddWeighted,
+        )
     }
 
     fn gather(&self, x: &CudaTensor, rows: &CudaView<'_, i32>, n: usize) -> Result<CudaTensor> {
@@ -296,10 +299,12 @@ impl CudaBackend {
             return Ok(out);
         }
         let cols = x.cols as i32;
-        let mut launch = self.stream.launch_builder(self.function("gather_rows"));
+        let mut launch = self
+            .stream
+            .launch_builder(self.function(Kernel::GatherRows));
         launch.arg(&x.data).arg(rows).arg(&mut out.data).arg(&cols);
         // SAFETY: one block per output row; rows holds n indices below x.rows.
-        launched(unsafe { launch.launch(per_row(n)) }, "gather_rows")?;
+        launched(unsafe { launch.launch(per_row(n)) }, Kernel::GatherRows)?;
         Ok(out)
     }
 
@@ -315,11 +320,11 @@ impl CudaBackend {
             return Ok(());
         }
         let width = width as i32;
-        let mut launch = self.stream.launch_builder(self.function("store_rows"));
+        let mut launch = self.stream.launch_builder(self.function(Kernel::StoreRows));
         launch.arg(store).arg(src).arg(slots).arg(&width);
         // SAFETY: one block per row; every slot was checked against the store's capacity
         // and src holds rows · width values.
-        launched(unsafe { launch.launch(per_row(rows)) }, "store_rows")
+        launched(unsafe { launch.launch(per_row(rows)) }, Kernel::StoreRows)
     }
 
     /// The rotary table's positions and frequencies on the device (the angles' cos and sin
@@ -362,11 +367,11 @@ impl CudaBackend {
         if rows > 0 {
             let mut out = self.uninit::<f32>(rows * width)?;
             let w = width as i32;
-            let mut launch = self.stream.launch_builder(self.function("load_rows"));
+            let mut launch = self.stream.launch_builder(self.function(Kernel::LoadRows));
             launch.arg(store).arg(slots).arg(&mut out).arg(&w);
             // SAFETY: one block per row; slots were checked against the store's capacity and
             // out holds rows · width values.
-            launched(unsafe { launch.launch(per_row(rows)) }, "load_rows")?;
+            launched(unsafe { launch.launch(per_row(rows)) }, Kernel::LoadRows)?;
             let mut host = self
                 .stream
                 .clone_dtoh(&out)
@@ -478,14 +483,14 @@ impl Backend for CudaBackend {
         }
         let ids = self.upload(ids)?;
         let cols = table.in_dim as i32;
-        let mut launch = self.stream.launch_builder(self.function("embed"));
+        let mut launch = self.stream.launch_builder(self.function(Kernel::Embed));
         launch
             .arg(&table.data)
             .arg(&ids)
             .arg(&mut out.data)
             .arg(&cols);
         // SAFETY: one block per id, each checked below the table's rows.
-        launched(unsafe { launch.launch(per_row(out.rows)) }, "embed")?;
+        launched(unsafe { launch.launch(per_row(out.rows)) }, Kernel::Embed)?;
         Ok(out)
     }
 
@@ -505,7 +510,11 @@ impl Backend for CudaBackend {
         }
         let len_i = len as i32;
         let short = len <= RMS_NORM_SHORT_RUN;
-        let kernel = if short { "rms_norm_short" } else { "rms_norm" };
+        let kernel = if short {
+            Kernel::RmsNormShort
+        } else {
+            Kernel::RmsNorm
+        };
         let mut launch = self.stream.launch_builder(self.function(kernel));
         launch
             .arg(&x.data)
@@ -559,12 +568,12 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let n_i = n as i32;
-        let mut launch = self.stream.launch_builder(self.function("add_assign"));
+        let mut launch = self.stream.launch_builder(self.function(Kernel::AddAssign));
         launch.arg(&mut acc.data).arg(&x.data).arg(&n_i);
         // SAFETY: both hold n values.
         launched(
             unsafe { launch.launch(blocks(n, ELEMENT_THREADS)) },
-            "add_assign",
+            Kernel::AddAssign,
         )
     }
 
@@ -583,7 +592,9 @@ impl Backend for CudaBackend {
         let _timer = self.timed("add_rms_norm");
         let mut out = self.output(h.rows, h.cols)?;
         let len = h.cols as i32;
-        let mut launch = self.stream.launch_builder(self.function("add_rms_norm"));
+        let mut launch = self
+            .stream
+            .launch_builder(self.function(Kernel::AddRmsNorm));
         launch
             .arg(&mut h.data)
             .arg(&delta.data)
@@ -593,7 +604,10 @@ impl Backend for CudaBackend {
             .arg(&eps);
         // SAFETY: one block per row of len values; h, delta and out hold rows · len values,
         // the weight len.
-        launched(unsafe { launch.launch(per_row(h.rows)) }, "add_rms_norm")?;
+        launched(
+            unsafe { launch.launch(per_row(h.rows)) },
+            Kernel::AddRmsNorm,
+        )?;
         Ok(out)
     }
 
@@ -610,10 +624,10 @@ impl Backend for CudaBackend {
         }
         let scales = self.upload(scales)?;
         let cols = x.cols as i32;
-        let mut launch = self.stream.launch_builder(self.function("scale_rows"));
+        let mut launch = self.stream.launch_builder(self.function(Kernel::ScaleRows));
         launch.arg(&mut x.data).arg(&scales).arg(&cols);
         // SAFETY: one block per row; scales holds x.rows values.
-        launched(unsafe { launch.launch(per_row(x.rows)) }, "scale_rows")
+        launched(unsafe { launch.launch(per_row(x.rows)) }, Kernel::ScaleRows)
     }
 
     fn swiglu(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
@@ -624,10 +638,10 @@ impl Backend for CudaBackend {
             return Ok(out);
         }
         let inter_i = inter as i32;
-        let mut launch = self.stream.launch_builder(self.function("swiglu"));
+        let mut launch = self.stream.launch_builder(self.function(Kernel::Swiglu));
         launch.arg(&gate_up.data).arg(&mut out.data).arg(&inter_i);
         // SAFETY: one block per row; gate_up rows hold 2 · inter values, out rows inter.
-        launched(unsafe { launch.launch(per_row(out.rows)) }, "swiglu")?;
+        launched(unsafe { launch.launch(per_row(out.rows)) }, Kernel::Swiglu)?;
         Ok(out)
     }
 
@@ -657,7 +671,7 @@ impl Backend for CudaBackend {
         let rope = self.rope_inputs(table)?;
         let heads = (x.cols / head_dim) as i32;
         let head_dim = head_dim as i32;
-        let mut launch = self.stream.launch_builder(self.function("rope"));
+        let mut launch = self.stream.launch_builder(self.function(Kernel::Rope));
         launch
             .arg(&mut x.data)
             .arg(rope.positions.as_ref())
@@ -675,7 +689,7 @@ impl Backend for CudaBackend {
         // SAFETY: one block per (row, group of ROPE_HEADS_PER_BLOCK heads); positions holds
         // one value a row, inv_freq head_dim / 2, at most MAX_HEAD_DIM / 2 (the kernel's
         // shared tables).
-        launched(unsafe { launch.launch(config) }, "rope")
+        launched(unsafe { launch.launch(config) }, Kernel::Rope)
     }
 
     fn write_kv(

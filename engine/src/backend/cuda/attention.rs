@@ -5,8 +5,8 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{
-    CudaBackend, CudaKvStore, CudaTensor, CudaVector, MAX_HEAD_DIM, ROW_THREADS, WARP, launched,
-    per_row, shape_error,
+    CudaBackend, CudaKvStore, CudaTensor, CudaVector, Kernel, MAX_HEAD_DIM, ROW_THREADS, WARP,
+    launched, per_row, shape_error,
 };
 use crate::backend::{AttentionBatch, HeadTransforms, attention_inputs_stepwise};
 use crate::error::{EngineError, Result};
@@ -42,7 +42,7 @@ const FIXED_HEAD_DIM: usize = 128;
 
 /// A tiled prefill attention kernel and its launch shape.
 struct PrefillKernel {
-    name: &'static str,
+    kernel: Kernel,
     /// Query rows a block takes.
     q_tile: usize,
     threads: u32,
@@ -55,8 +55,8 @@ struct PrefillKernel {
 /// to 128 (built for 128 itself, and on Hopper, `hopper`, with warpgroup-instruction scores
 /// over 128-row tiles), else the CUDA-core one.
 fn prefill_kernel(head_dim: usize, hopper: bool) -> PrefillKernel {
-    let mma = |name| PrefillKernel {
-        name,
+    let mma = |kernel| PrefillKernel {
+        kernel,
         q_tile: FLASH_Q_TILE,
         threads: FLASH_THREADS,
         shared_bytes: FLASH_SHARED_BYTES,
@@ -64,16 +64,16 @@ fn prefill_kernel(head_dim: usize, hopper: bool) -> PrefillKernel {
     };
     match head_dim {
         FIXED_HEAD_DIM if hopper => PrefillKernel {
-            name: "attention_prefill_wgmma_hd128",
+            kernel: Kernel::AttentionPrefillWgmmaHd128,
             q_tile: FLASH_WGMMA_Q_TILE,
             threads: FLASH_WGMMA_THREADS,
             shared_bytes: FLASH_WGMMA_SHARED_BYTES,
             log2_scaled: true,
         },
-        FIXED_HEAD_DIM => mma("attention_prefill_mma_hd128"),
-        d if d.is_multiple_of(16) && d <= FLASH_MAX_HEAD_DIM => mma("attention_prefill_mma"),
+        FIXED_HEAD_DIM => mma(Kernel::AttentionPrefillMmaHd128),
+        d if d.is_multiple_of(16) && d <= FLASH_MAX_HEAD_DIM => mma(Kernel::AttentionPrefillMma),
         _ => PrefillKernel {
-            name: "attention_prefill",
+            kernel: Kernel::AttentionPrefill,
             q_tile: PREFILL_Q_TILE,
             threads: PREFILL_THREADS,
             shared_bytes: 0,
@@ -83,11 +83,11 @@ fn prefill_kernel(head_dim: usize, hopper: bool) -> PrefillKernel {
 }
 
 /// The grouped-query decode kernel for `head_dim`.
-fn decode_kernel(head_dim: usize) -> &'static str {
+fn decode_kernel(head_dim: usize) -> Kernel {
     if head_dim == FIXED_HEAD_DIM {
-        "attention_decode_mma_hd128"
+        Kernel::AttentionDecodeMmaHd128
     } else {
-        "attention_decode_mma"
+        Kernel::AttentionDecodeMma
     }
 }
 
@@ -174,7 +174,7 @@ impl CudaBackend {
         let null = 0u64;
         let mut launch = self
             .stream
-            .launch_builder(self.function("attention_inputs"));
+            .launch_builder(self.function(Kernel::AttentionInputs));
         launch.arg(&mut q.data).arg(&k.data).arg(&v.data);
         match heads.norms {
             Some((q_norm, k_norm)) => launch.arg(&q_norm.data).arg(&k_norm.data),
@@ -203,7 +203,7 @@ impl CudaBackend {
         // of 64 up to 256), k and v (rows · kv_heads each); the norms hold head_dim values,
         // the rope tables a position a row and head_dim / 2 frequencies; slots (one a row)
         // were checked inside the caches, whose rows hold kv_heads · head_dim values.
-        launched(unsafe { launch.launch(config) }, "attention_inputs")?;
+        launched(unsafe { launch.launch(config) }, Kernel::AttentionInputs)?;
         Ok(q)
     }
 
@@ -286,7 +286,7 @@ impl CudaBackend {
                 (kernel, DECODE_KEYS, kv, scale * log2_e)
             } else {
                 let h = batch.num_heads as u32;
-                ("attention_split", SPLIT_KEYS, h, scale)
+                (Kernel::AttentionSplit, SPLIT_KEYS, h, scale)
             };
             let splits = (last as usize + 1).div_ceil(split_keys);
             let parts = q.rows * batch.num_heads * splits;
@@ -324,7 +324,7 @@ impl CudaBackend {
             let splits_i = splits as i32;
             let mut launch = self
                 .stream
-                .launch_builder(self.function("attention_combine"));
+                .launch_builder(self.function(Kernel::AttentionCombine));
             launch
                 .arg(&partial_out)
                 .arg(&partial_max)
@@ -341,7 +341,7 @@ impl CudaBackend {
             };
             // SAFETY: one block per (row, head) reading the partials the split kernel wrote
             // for rows it handled, writing that head of that row.
-            launched(unsafe { launch.launch(config) }, "attention_combine")?;
+            launched(unsafe { launch.launch(config) }, Kernel::AttentionCombine)?;
         }
         if !tiles.rows.is_empty() {
             tiles.longest_first();
@@ -350,7 +350,7 @@ impl CudaBackend {
             let counts = reused("attention.tile_counts", &tiles.counts)?;
             let tile_positions = reused("attention.tile_positions", &tiles.positions)?;
             let tile_offsets = reused("attention.tile_offsets", &tiles.table_offsets)?;
-            let (kernel, threads, shared) = (prefill.name, prefill.threads, prefill.shared_bytes);
+            let (kernel, threads, shared) = (prefill.kernel, prefill.threads, prefill.shared_bytes);
             let q_scale = if prefill.log2_scaled {
                 scale * std::f32::consts::LOG2_E
             } else {
@@ -411,16 +411,16 @@ mod tests {
 
     #[test]
     fn prefill_kernel_takes_warpgroup_instructions_only_on_hopper_at_head_dim_128() {
-        let pick = |head_dim, hopper| prefill_kernel(head_dim, hopper).name;
-        assert_eq!(pick(128, true), "attention_prefill_wgmma_hd128");
-        assert_eq!(pick(128, false), "attention_prefill_mma_hd128");
-        assert_eq!(pick(64, true), "attention_prefill_mma");
-        assert_eq!(pick(80, false), "attention_prefill_mma");
-        assert_eq!(pick(72, true), "attention_prefill");
+        let pick = |head_dim, hopper| prefill_kernel(head_dim, hopper).kernel;
+        assert_eq!(pick(128, true), Kernel::AttentionPrefillWgmmaHd128);
+        assert_eq!(pick(128, false), Kernel::AttentionPrefillMmaHd128);
+        assert_eq!(pick(64, true), Kernel::AttentionPrefillMma);
+        assert_eq!(pick(80, false), Kernel::AttentionPrefillMma);
+        assert_eq!(pick(72, true), Kernel::AttentionPrefill);
         assert_eq!(prefill_kernel(128, true).q_tile, FLASH_WGMMA_Q_TILE);
         assert!(!prefill_kernel(72, false).log2_scaled);
-        assert_eq!(decode_kernel(128), "attention_decode_mma_hd128");
-        assert_eq!(decode_kernel(64), "attention_decode_mma");
+        assert_eq!(decode_kernel(128), Kernel::AttentionDecodeMmaHd128);
+        assert_eq!(decode_kernel(64), Kernel::AttentionDecodeMma);
     }
 
     #[test]

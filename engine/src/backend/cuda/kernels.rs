@@ -33,47 +33,70 @@ pub const KERNELS_SOURCE: &str = kernel_source!(
     "attention_mma.cu"
 );
 
-/// Every kernel `KERNELS_SOURCE` defines.
-pub const KERNEL_NAMES: [&str; 38] = [
-    "embed",
-    "rms_norm",
-    "rms_norm_short",
-    "add_assign",
-    "add_bias",
-    "scale_rows",
-    "swiglu",
-    "rope",
-    "store_rows",
-    "load_rows",
-    "copy_kv_rows",
-    "to_bf16",
-    "gather_rows",
-    "scatter_add_weighted",
-    "attention_split",
-    "attention_combine",
-    "attention_prefill",
-    "attention_prefill_mma",
-    "attention_prefill_mma_hd128",
-    "attention_prefill_wgmma_hd128",
-    "attention_decode_mma",
-    "attention_decode_mma_hd128",
-    "greedy_partial",
-    "greedy_combine",
-    "moe_route",
-    "moe_offsets",
-    "moe_route_place",
-    "moe_place",
-    "moe_gate_up",
-    "moe_down",
-    "moe_gemm_gate_up",
-    "moe_gemm_down",
-    "moe_wgmma_gate_up",
-    "moe_wgmma_down",
-    "moe_combine",
-    "gemv_rows",
-    "add_rms_norm",
-    "attention_inputs",
-];
+/// The kernel enum, its list and every kernel's name, from one table.
+macro_rules! kernel_table {
+    ($($kernel:ident => $name:literal,)+) => {
+        /// A kernel `KERNELS_SOURCE` defines: launches name kernels by this, never by a string.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub(super) enum Kernel {
+            $($kernel,)+
+        }
+
+        impl Kernel {
+            /// Every kernel, in discriminant order.
+            const ALL: [Kernel; KERNEL_NAMES.len()] = [$(Kernel::$kernel,)+];
+
+            /// Its name in the PTX.
+            pub(super) const fn name(self) -> &'static str {
+                KERNEL_NAMES[self as usize]
+            }
+        }
+
+        /// Every kernel `KERNELS_SOURCE` defines.
+        pub const KERNEL_NAMES: [&str; [$($name,)+].len()] = [$($name,)+];
+    };
+}
+
+kernel_table! {
+    Embed => "embed",
+    RmsNorm => "rms_norm",
+    RmsNormShort => "rms_norm_short",
+    AddAssign => "add_assign",
+    AddBias => "add_bias",
+    ScaleRows => "scale_rows",
+    Swiglu => "swiglu",
+    Rope => "rope",
+    StoreRows => "store_rows",
+    LoadRows => "load_rows",
+    CopyKvRows => "copy_kv_rows",
+    ToBf16 => "to_bf16",
+    GatherRows => "gather_rows",
+    ScatterAddWeighted => "scatter_add_weighted",
+    AttentionSplit => "attention_split",
+    AttentionCombine => "attention_combine",
+    AttentionPrefill => "attention_prefill",
+    AttentionPrefillMma => "attention_prefill_mma",
+    AttentionPrefillMmaHd128 => "attention_prefill_mma_hd128",
+    AttentionPrefillWgmmaHd128 => "attention_prefill_wgmma_hd128",
+    AttentionDecodeMma => "attention_decode_mma",
+    AttentionDecodeMmaHd128 => "attention_decode_mma_hd128",
+    GreedyPartial => "greedy_partial",
+    GreedyCombine => "greedy_combine",
+    MoeRoute => "moe_route",
+    MoeOffsets => "moe_offsets",
+    MoeRoutePlace => "moe_route_place",
+    MoePlace => "moe_place",
+    MoeGateUp => "moe_gate_up",
+    MoeDown => "moe_down",
+    MoeGemmGateUp => "moe_gemm_gate_up",
+    MoeGemmDown => "moe_gemm_down",
+    MoeWgmmaGateUp => "moe_wgmma_gate_up",
+    MoeWgmmaDown => "moe_wgmma_down",
+    MoeCombine => "moe_combine",
+    GemvRows => "gemv_rows",
+    AddRmsNorm => "add_rms_norm",
+    AttentionInputs => "attention_inputs",
+}
 
 /// The compute capability whose kernels compile as `sm_90a`.
 pub(super) const HOPPER: (i32, i32) = (9, 0);
@@ -125,9 +148,9 @@ fn cached_ptx(arch: &str) -> Result<Ptx> {
     Ok(Ptx::from_src(src))
 }
 
-/// Every kernel, loaded for one device.
+/// Every kernel, loaded for one device, indexed by [`Kernel`].
 pub(super) struct Kernels {
-    functions: HashMap<&'static str, CudaFunction>,
+    functions: Vec<CudaFunction>,
 }
 
 impl Kernels {
@@ -137,37 +160,45 @@ impl Kernels {
         let module = ctx
             .load_module(cached_ptx(&kernel_arch(capability))?)
             .map_err(|e| device_error("loading the kernels", e))?;
-        let mut functions = HashMap::new();
-        for name in KERNEL_NAMES {
-            let function = module
-                .load_function(name)
-                .map_err(|e| device_error(&format!("kernel {name}"), e))?;
-            functions.insert(name, function);
-        }
-        for (name, bytes) in [
-            ("attention_prefill_mma", attention::FLASH_SHARED_BYTES),
-            ("attention_prefill_mma_hd128", attention::FLASH_SHARED_BYTES),
+        let functions = Kernel::ALL
+            .iter()
+            .map(|kernel| {
+                module
+                    .load_function(kernel.name())
+                    .map_err(|e| device_error(&format!("kernel {}", kernel.name()), e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let kernels = Self { functions };
+        for (kernel, bytes) in [
+            (Kernel::AttentionPrefillMma, attention::FLASH_SHARED_BYTES),
             (
-                "attention_prefill_wgmma_hd128",
+                Kernel::AttentionPrefillMmaHd128,
+                attention::FLASH_SHARED_BYTES,
+            ),
+            (
+                Kernel::AttentionPrefillWgmmaHd128,
                 attention::FLASH_WGMMA_SHARED_BYTES,
             ),
-            ("moe_gemm_gate_up", moe::GEMM_SHARED_BYTES),
-            ("moe_gemm_down", moe::GEMM_SHARED_BYTES),
-            ("moe_wgmma_gate_up", moe::WGMMA_SHARED_BYTES),
-            ("moe_wgmma_down", moe::WGMMA_SHARED_BYTES),
+            (Kernel::MoeGemmGateUp, moe::GEMM_SHARED_BYTES),
+            (Kernel::MoeGemmDown, moe::GEMM_SHARED_BYTES),
+            (Kernel::MoeWgmmaGateUp, moe::WGMMA_SHARED_BYTES),
+            (Kernel::MoeWgmmaDown, moe::WGMMA_SHARED_BYTES),
         ] {
-            functions[name]
+            let name = kernel.name();
+            kernels
+                .get(kernel)
                 .set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     bytes as i32,
                 )
                 .map_err(|e| device_error(&format!("opting {name} in to its shared memory"), e))?;
         }
-        Ok(Self { functions })
+        Ok(kernels)
     }
 
-    pub(super) fn get(&self, name: &str) -> &CudaFunction {
-        &self.functions[name]
+    pub(super) fn get(&self, kernel: Kernel) -> &CudaFunction {
+        // `functions` holds every kernel in discriminant order.
+        &self.functions[kernel as usize]
     }
 }
 
@@ -259,6 +290,15 @@ pub(super) mod tests {
         let defines = HashMap::from([("A", "(2 + 3)"), ("B", "A * 4")]);
         assert_eq!(evaluate("B - 6 / 2", &defines), 17);
         assert_eq!(evaluate("(B - 6) / 2", &defines), 7);
+    }
+
+    #[test]
+    fn every_kernel_is_loaded_at_its_own_index_under_its_name() {
+        for (index, kernel) in Kernel::ALL.iter().enumerate() {
+            assert_eq!(*kernel as usize, index);
+            assert_eq!(kernel.name(), KERNEL_NAMES[index]);
+        }
+        assert_eq!(Kernel::MoeWgmmaDown.name(), "moe_wgmma_down");
     }
 
     #[test]

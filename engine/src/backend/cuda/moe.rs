@@ -6,8 +6,8 @@
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::{
-    CudaBackend, CudaMatrix, CudaTensor, ROW_THREADS, blocks, device_error, launched, per_row,
-    shape_error,
+    CudaBackend, CudaMatrix, CudaTensor, Kernel, ROW_THREADS, blocks, device_error, launched,
+    per_row, shape_error,
 };
 use crate::backend::{HostCounters, RouteRule, Routing, moe_routed_on_host};
 use crate::error::{EngineError, Result};
@@ -146,7 +146,9 @@ impl CudaBackend {
         if (1..=MOE_GEMV_MAX_PAIRS).contains(&pairs) && threads <= MAX_EXPERTS {
             let mut place = self.new_placement(pairs, rule.num_experts, MOE_MAX_GROUP)?;
             let (group_i, max_tiles_i) = (MOE_MAX_GROUP as i32, place.max_tiles as i32);
-            let mut launch = self.stream.launch_builder(self.function("moe_route_place"));
+            let mut launch = self
+                .stream
+                .launch_builder(self.function(Kernel::MoeRoutePlace));
             launch
                 .arg(&logits.data)
                 .arg(&mut routing.expert_ids)
@@ -174,14 +176,14 @@ impl CudaBackend {
                         shared_mem_bytes: 0,
                     })
                 },
-                "moe_route_place",
+                Kernel::MoeRoutePlace,
             )?;
             drop(route_timer);
             let x16 = input.into_bf16();
             return self.run_experts(x, x16, &routing, Slots::Placed(place), experts);
         }
         let mut counts = self.zeros(experts.len())?;
-        let mut launch = self.stream.launch_builder(self.function("moe_route"));
+        let mut launch = self.stream.launch_builder(self.function(Kernel::MoeRoute));
         launch
             .arg(&logits.data)
             .arg(&mut routing.expert_ids)
@@ -199,7 +201,7 @@ impl CudaBackend {
         // counts and of the layer's device counters.
         launched(
             unsafe { launch.launch(blocks(x.rows * 32, warps_per_block * 32)) },
-            "moe_route",
+            Kernel::MoeRoute,
         )?;
         drop(route_timer);
         self.run_experts(
@@ -325,7 +327,7 @@ impl CudaBackend {
                 block_dim: (ROW_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut launch = self.stream.launch_builder(self.function("moe_gate_up"));
+            let mut launch = self.stream.launch_builder(self.function(Kernel::MoeGateUp));
             launch
                 .arg(&x.data)
                 .arg(&gate_up)
@@ -341,8 +343,8 @@ impl CudaBackend {
             // blocks past the last group return; positions index act ([pairs, inter]) and
             // sorted_slot names slots below pairs = x.rows · top_k, rows of x ([x.rows,
             // hidden], hidden a multiple of 8).
-            launched(unsafe { launch.launch(grid(inter, 1)) }, "moe_gate_up")?;
-            let mut launch = self.stream.launch_builder(self.function("moe_down"));
+            launched(unsafe { launch.launch(grid(inter, 1)) }, Kernel::MoeGateUp)?;
+            let mut launch = self.stream.launch_builder(self.function(Kernel::MoeDown));
             launch
                 .arg(&act)
                 .arg(&down)
@@ -356,7 +358,7 @@ impl CudaBackend {
             // pairs · hidden values.
             launched(
                 unsafe { launch.launch(grid(hidden, DOWN_ROWS_PER_WARP)) },
-                "moe_down",
+                Kernel::MoeDown,
             )?;
         } else {
             if place.max_tiles > MAX_GRID_Y {
@@ -374,9 +376,17 @@ impl CudaBackend {
             let mut act = self.uninit::<u16>(pairs * inter)?;
             // Hopper runs the warpgroup-instruction builds of the same GEMMs.
             let (gate_up_kernel, down_kernel, shared) = if self.hopper {
-                ("moe_wgmma_gate_up", "moe_wgmma_down", WGMMA_SHARED_BYTES)
+                (
+                    Kernel::MoeWgmmaGateUp,
+                    Kernel::MoeWgmmaDown,
+                    WGMMA_SHARED_BYTES,
+                )
             } else {
-                ("moe_gemm_gate_up", "moe_gemm_down", GEMM_SHARED_BYTES)
+                (
+                    Kernel::MoeGemmGateUp,
+                    Kernel::MoeGemmDown,
+                    GEMM_SHARED_BYTES,
+                )
             };
             let gemm = |columns: usize| LaunchConfig {
                 grid_dim: (columns as u32, place.max_tiles as u32, 1),
@@ -423,7 +433,9 @@ impl CudaBackend {
         }
         let _combine_timer = self.timed("moe.combine");
         let mut out = self.output(x.rows, hidden)?;
-        let mut launch = self.stream.launch_builder(self.function("moe_combine"));
+        let mut launch = self
+            .stream
+            .launch_builder(self.function(Kernel::MoeCombine));
         launch
             .arg(&y)
             .arg(&place.slot_position)
@@ -433,7 +445,10 @@ impl CudaBackend {
             .arg(&top_k);
         // SAFETY: one block per token, reading its top_k slots' weights and y rows (positions
         // below pairs) and writing its row of out.
-        launched(unsafe { launch.launch(per_row(x.rows)) }, "moe_combine")?;
+        launched(
+            unsafe { launch.launch(per_row(x.rows)) },
+            Kernel::MoeCombine,
+        )?;
         Ok(out)
     }
 
@@ -477,7 +492,9 @@ impl CudaBackend {
         );
         let place_in_offsets = pairs <= PLACE_IN_OFFSETS_MAX_PAIRS;
         let offsets_places = if place_in_offsets { pairs_i } else { 0 };
-        let mut launch = self.stream.launch_builder(self.function("moe_offsets"));
+        let mut launch = self
+            .stream
+            .launch_builder(self.function(Kernel::MoeOffsets));
         launch
             .arg(counts)
             .arg(&mut place.offsets)
@@ -504,12 +521,12 @@ impl CudaBackend {
                     shared_mem_bytes: 0,
                 })
             },
-            "moe_offsets",
+            Kernel::MoeOffsets,
         )?;
         if place_in_offsets {
             return Ok(place);
         }
-        let mut launch = self.stream.launch_builder(self.function("moe_place"));
+        let mut launch = self.stream.launch_builder(self.function(Kernel::MoePlace));
         launch
             .arg(&routing.expert_ids)
             .arg(&mut cursor)
@@ -520,7 +537,7 @@ impl CudaBackend {
         // or checked on the host), and the cursors hand out each position below pairs once.
         launched(
             unsafe { launch.launch(blocks(pairs, ROW_THREADS)) },
-            "moe_place",
+            Kernel::MoePlace,
         )?;
         Ok(place)
     }

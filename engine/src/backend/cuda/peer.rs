@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, PushKernelArg, result, sys};
 
-use super::{CudaBackend, CudaKvStore, device_error, launched, per_row, shape_error, slots_i32};
+use super::{
+    CudaBackend, CudaKvStore, Kernel, device_error, launched, per_row, shape_error, slots_i32,
+};
 use crate::error::{EngineError, Result};
 
 const HANDLE_MAGIC: u32 = 0x5356_4B54; // "TKVS"
@@ -160,7 +162,9 @@ impl CudaBackend {
         let from = self.checked_slots(store, slots, "write_peer_kv")?;
         let to = self.upload(&slots_i32(peer_slots))?;
         let w = width as i32;
-        let mut launch = self.stream.launch_builder(self.function("copy_kv_rows"));
+        let mut launch = self
+            .stream
+            .launch_builder(self.function(Kernel::CopyKvRows));
         launch
             .arg(&store.k)
             .arg(&store.v)
@@ -173,7 +177,7 @@ impl CudaBackend {
         // destination slots against the peer's, both `width` wide.
         launched(
             unsafe { launch.launch(per_row(slots.len())) },
-            "copy_kv_rows",
+            Kernel::CopyKvRows,
         )
     }
 }

@@ -7,8 +7,8 @@ use cudarc::cublas::sys as blas;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::{
-    CudaBackend, CudaMatrix, CudaTensor, CudaVector, ELEMENT_THREADS, ROW_THREADS, WARP, blocks,
-    collect_array, device_error, launched, per_row, shape_error,
+    CudaBackend, CudaMatrix, CudaTensor, CudaVector, ELEMENT_THREADS, Kernel, ROW_THREADS, WARP,
+    blocks, collect_array, device_error, launched, per_row, shape_error,
 };
 use crate::error::Result;
 
@@ -189,7 +189,7 @@ impl CudaBackend {
         let null = 0u64;
         let outs: [i32; GEMV_MAX_WEIGHTS] =
             std::array::from_fn(|m| weights.get(m).map_or(0, |w| w.out_dim as i32));
-        let mut launch = self.stream.launch_builder(self.function("gemv_rows"));
+        let mut launch = self.stream.launch_builder(self.function(Kernel::GemvRows));
         launch.arg(&x.data).arg(&rows).arg(&k);
         let mut outputs = ys.iter_mut();
         for (m, n) in outs.iter().enumerate() {
@@ -205,7 +205,7 @@ impl CudaBackend {
         // y_m (rows · n_m).
         launched(
             unsafe { launch.launch(blocks(total * WARP as usize, ROW_THREADS)) },
-            "gemv_rows",
+            Kernel::GemvRows,
         )?;
         Ok(ys)
     }
@@ -237,10 +237,10 @@ impl CudaBackend {
             ));
         }
         let cols = y.cols as i32;
-        let mut launch = self.stream.launch_builder(self.function("add_bias"));
+        let mut launch = self.stream.launch_builder(self.function(Kernel::AddBias));
         launch.arg(&mut y.data).arg(&bias.data).arg(&cols);
         // SAFETY: one block per row of y; the bias holds y.cols values.
-        launched(unsafe { launch.launch(per_row(y.rows)) }, "add_bias")
+        launched(unsafe { launch.launch(per_row(y.rows)) }, Kernel::AddBias)
     }
 
     /// `x`'s values rounded to bf16 (as 16-bit words), the tensor cores' input.
@@ -251,13 +251,13 @@ impl CudaBackend {
             return Ok(x16);
         }
         let count = n as i32;
-        let mut launch = self.stream.launch_builder(self.function("to_bf16"));
+        let mut launch = self.stream.launch_builder(self.function(Kernel::ToBf16));
         launch.arg(&x.data).arg(&mut x16).arg(&count);
         // SAFETY: to_bf16 reads `count` floats of x and writes as many words of x16, both
         // that long.
         launched(
             unsafe { launch.launch(blocks(n, ELEMENT_THREADS)) },
-            "to_bf16",
+            Kernel::ToBf16,
         )?;
         Ok(x16)
     }

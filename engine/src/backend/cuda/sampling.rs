@@ -3,7 +3,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{
-    CudaBackend, CudaTensor, ELEMENT_THREADS, ROW_THREADS, blocks, device_error, launched,
+    CudaBackend, CudaTensor, ELEMENT_THREADS, Kernel, ROW_THREADS, blocks, device_error, launched,
     shape_error,
 };
 use crate::error::Result;
@@ -36,7 +36,9 @@ impl CudaBackend {
         let mut part_index = self.uninit::<i32>(rows * parts)?;
         let mut part_sum = self.uninit::<f32>(rows * parts)?;
         let (vocab_i, part_len) = (vocab as i32, GREEDY_PART_LEN as i32);
-        let mut launch = self.stream.launch_builder(self.function("greedy_partial"));
+        let mut launch = self
+            .stream
+            .launch_builder(self.function(Kernel::GreedyPartial));
         launch
             .arg(&logits.data)
             .arg(&mut part_best)
@@ -51,10 +53,12 @@ impl CudaBackend {
         };
         // SAFETY: one block of ROW_THREADS (= the kernel's 256 shared slots) per (row, part)
         // of vocab logits, writing that part's entry of rows · parts.
-        launched(unsafe { launch.launch(config) }, "greedy_partial")?;
+        launched(unsafe { launch.launch(config) }, Kernel::GreedyPartial)?;
         let mut picks = self.uninit::<u32>(2 * rows)?;
         let (rows_i, parts_i) = (rows as i32, parts as i32);
-        let mut launch = self.stream.launch_builder(self.function("greedy_combine"));
+        let mut launch = self
+            .stream
+            .launch_builder(self.function(Kernel::GreedyCombine));
         launch
             .arg(&part_best)
             .arg(&part_index)
@@ -65,7 +69,7 @@ impl CudaBackend {
         // SAFETY: one thread per row reading its parts, writing its two entries of picks.
         launched(
             unsafe { launch.launch(blocks(rows, ELEMENT_THREADS)) },
-            "greedy_combine",
+            Kernel::GreedyCombine,
         )?;
         let picks = self
             .stream
