@@ -156,12 +156,21 @@ fn worst_relative_error(cpu: &[f32], gpu: &[f32], vocab: usize) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Compiles the kernels for Hopper with and without its own instructions; with
+/// `TANDEM_PTX_DIR` set, writes each PTX there (`sm_90.ptx`, `sm_90a.ptx`), so a change that
+/// should not alter the kernels (a refactor of the CUDA C) can be checked without a GPU by
+/// comparing the files of two commits.
 #[test]
 fn every_kernel_compiles_with_nvrtc() {
     // sm_90a adds Hopper's warpgroup instructions to the MoE GEMMs.
     for arch in ["sm_90", "sm_90a"] {
         match compile_kernels(arch) {
             Ok(ptx) => {
+                if let Some(dir) = std::env::var_os("TANDEM_PTX_DIR") {
+                    let path = PathBuf::from(dir).join(format!("{arch}.ptx"));
+                    std::fs::write(&path, &ptx)
+                        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+                }
                 for name in KERNEL_NAMES {
                     assert!(
                         ptx.contains(&format!(".entry {name}(")),
