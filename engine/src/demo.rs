@@ -232,22 +232,28 @@ struct Bf16Tensor {
 }
 
 impl Bf16Tensor {
+    /// The values are drawn one at a time from `rng`, in order, into a buffer sized once:
+    /// collecting an iterator of unknown length regrew and copied gigabytes for the benches'
+    /// checkpoints.
     fn new(rng: &mut Rng, shape: Vec<usize>, init: Init) -> Self {
         let count: usize = shape.iter().product();
         let fan_in = *shape.last().unwrap_or(&1) as f32;
-        let bytes = (0..count)
-            .flat_map(|_| {
-                let value = match init {
-                    Init::Ones => 1.0,
-                    // Uniform on [-a, a] has standard deviation a / sqrt(3).
-                    Init::Scaled(gain) => {
-                        let a = gain / fan_in.sqrt() * 3f32.sqrt();
-                        (rng.next_f64() as f32 * 2.0 - 1.0) * a
-                    }
-                };
-                bf16::from_f32(value).to_le_bytes()
-            })
-            .collect();
+        let mut bytes = Vec::with_capacity(count * std::mem::size_of::<bf16>());
+        match init {
+            Init::Ones => {
+                for _ in 0..count {
+                    bytes.extend_from_slice(&bf16::ONE.to_le_bytes());
+                }
+            }
+            Init::Scaled(gain) => {
+                // Uniform on [-a, a] has standard deviation a / sqrt(3).
+                let a = gain / fan_in.sqrt() * 3f32.sqrt();
+                for _ in 0..count {
+                    let value = (rng.next_f64() as f32 * 2.0 - 1.0) * a;
+                    bytes.extend_from_slice(&bf16::from_f32(value).to_le_bytes());
+                }
+            }
+        }
         Self { shape, bytes }
     }
 }
