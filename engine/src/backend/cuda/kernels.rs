@@ -208,14 +208,14 @@ pub(super) mod tests {
 
     use super::*;
 
-    /// Every object-like `#define NAME value` of the kernels' source, by name.
-    fn defines() -> HashMap<&'static str, &'static str> {
-        KERNELS_SOURCE
+    /// Every object-like `#define NAME value` of `source`, by name, without line comments.
+    fn defines(source: &str) -> HashMap<&str, &str> {
+        source
             .lines()
-            .filter_map(|line| line.strip_prefix("#define "))
+            .filter_map(|line| line.trim_start().strip_prefix("#define "))
             .filter_map(|rest| rest.split_once(' '))
             .filter(|(name, _)| !name.contains('('))
-            .map(|(name, value)| (name, value.trim()))
+            .map(|(name, value)| (name, value.split("//").next().unwrap_or(value).trim()))
             .collect()
     }
 
@@ -275,7 +275,7 @@ pub(super) mod tests {
     /// Fails unless each host constant equals what its kernel expression evaluates to: the
     /// launch shapes and buffer sizes the host uses must be the kernels' own.
     pub(in crate::backend::cuda) fn assert_host_constants(pairs: &[(&str, usize)]) {
-        let defines = defines();
+        let defines = defines(KERNELS_SOURCE);
         for &(expression, host) in pairs {
             let kernel = evaluate(expression, &defines);
             assert_eq!(
@@ -283,6 +283,18 @@ pub(super) mod tests {
                 "{expression} is {kernel} in the kernels but {host} on the host"
             );
         }
+    }
+
+    #[test]
+    fn defines_skip_macros_with_arguments_and_line_comments() {
+        let source =
+            "#define A 3 // why\n#define F(x) (x)\n  #define INDENTED 1\n#define B (A + 1)";
+        let found = defines(source);
+        assert_eq!(
+            found,
+            HashMap::from([("A", "3"), ("INDENTED", "1"), ("B", "(A + 1)")])
+        );
+        assert_eq!(evaluate("B * A", &found), 12);
     }
 
     #[test]
