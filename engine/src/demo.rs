@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use half::bf16;
+use rayon::prelude::*;
 use safetensors::tensor::{Dtype, View};
 use serde_json::json;
 
@@ -22,6 +23,9 @@ const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + me
 /// some structure to its (meaningless) text.
 const LM_HEAD_GAIN: f32 = 8.0;
 const ROUTER_GAIN: f32 = 4.0;
+const BF16_BYTES: usize = 2;
+/// Random draws taken from the generator before they are turned into values in parallel.
+const DRAWS_PER_CHUNK: usize = 1 << 22;
 
 /// Where the demo model lives: `$TANDEM_CACHE_DIR`, else `$XDG_CACHE_HOME/tandem`, else
 /// `~/.cache/tandem`, followed by [`DEMO_MODEL_NAME`].
@@ -232,25 +236,30 @@ struct Bf16Tensor {
 }
 
 impl Bf16Tensor {
-    /// The values are drawn one at a time from `rng`, in order, into a buffer sized once:
-    /// collecting an iterator of unknown length regrew and copied gigabytes for the benches'
-    /// checkpoints.
+    /// The values are drawn from `rng` in order, a chunk at a time, and turned into bf16 on
+    /// every core: the benches' checkpoints hold billions of values.
     fn new(rng: &mut Rng, shape: Vec<usize>, init: Init) -> Self {
         let count: usize = shape.iter().product();
         let fan_in = *shape.last().unwrap_or(&1) as f32;
-        let mut bytes = Vec::with_capacity(count * std::mem::size_of::<bf16>());
+        let mut bytes = vec![0u8; count * BF16_BYTES];
         match init {
-            Init::Ones => {
-                for _ in 0..count {
-                    bytes.extend_from_slice(&bf16::ONE.to_le_bytes());
-                }
-            }
+            Init::Ones => bytes
+                .par_chunks_mut(BF16_BYTES)
+                .for_each(|out| out.copy_from_slice(&bf16::ONE.to_le_bytes())),
             Init::Scaled(gain) => {
                 // Uniform on [-a, a] has standard deviation a / sqrt(3).
                 let a = gain / fan_in.sqrt() * 3f32.sqrt();
-                for _ in 0..count {
-                    let value = (rng.next_f64() as f32 * 2.0 - 1.0) * a;
-                    bytes.extend_from_slice(&bf16::from_f32(value).to_le_bytes());
+                let mut draws = Vec::with_capacity(DRAWS_PER_CHUNK.min(count));
+                for chunk in bytes.chunks_mut(DRAWS_PER_CHUNK * BF16_BYTES) {
+                    draws.clear();
+                    draws.extend((0..chunk.len() / BF16_BYTES).map(|_| rng.next_u64()));
+                    chunk
+                        .par_chunks_mut(BF16_BYTES)
+                        .zip(draws.par_iter())
+                        .for_each(|(out, &draw)| {
+                            let value = (Rng::unit_f64(draw) as f32 * 2.0 - 1.0) * a;
+                            out.copy_from_slice(&bf16::from_f32(value).to_le_bytes());
+                        });
                 }
             }
         }
@@ -273,5 +282,29 @@ impl View for Bf16Tensor {
 
     fn data_len(&self) -> usize {
         self.bytes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaled_values_follow_the_generator_in_order_across_chunks() {
+        let (rows, cols) = (DRAWS_PER_CHUNK / 1000 + 1, 1000);
+        let tensor = Bf16Tensor::new(&mut Rng::seeded(3), vec![rows, cols], Init::Scaled(2.0));
+        let mut rng = Rng::seeded(3);
+        let a = 2.0 / (cols as f32).sqrt() * 3f32.sqrt();
+        let expected: Vec<u8> = (0..rows * cols)
+            .flat_map(|_| {
+                let value = (rng.next_f64() as f32 * 2.0 - 1.0) * a;
+                bf16::from_f32(value).to_le_bytes()
+            })
+            .collect();
+        assert!(tensor.bytes.len() > DRAWS_PER_CHUNK * BF16_BYTES);
+        assert!(
+            tensor.bytes == expected,
+            "values differ from the sequential stream"
+        );
     }
 }

@@ -38,7 +38,13 @@ impl Rng {
 
     /// Uniform in `[0, 1)` with 53 bits of precision.
     pub(crate) fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        Self::unit_f64(self.next_u64())
+    }
+
+    /// What [`Self::next_f64`] makes of a draw of [`Self::next_u64`]: draws taken in order can
+    /// be turned into values on other threads.
+    pub(crate) fn unit_f64(draw: u64) -> f64 {
+        (draw >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 }
 
