@@ -241,14 +241,13 @@ impl Bf16Tensor {
     fn new(rng: &mut Rng, shape: Vec<usize>, init: Init) -> Self {
         let count: usize = shape.iter().product();
         let fan_in = *shape.last().unwrap_or(&1) as f32;
-        let mut bytes = vec![0u8; count * BF16_BYTES];
-        match init {
-            Init::Ones => bytes
-                .par_chunks_mut(BF16_BYTES)
-                .for_each(|out| out.copy_from_slice(&bf16::ONE.to_le_bytes())),
+        let bytes = match init {
+            // Norm weights: small, one value repeated.
+            Init::Ones => bf16::ONE.to_le_bytes().repeat(count),
             Init::Scaled(gain) => {
                 // Uniform on [-a, a] has standard deviation a / sqrt(3).
                 let a = gain / fan_in.sqrt() * 3f32.sqrt();
+                let mut bytes = vec![0u8; count * BF16_BYTES];
                 let mut draws = Vec::with_capacity(DRAWS_PER_CHUNK.min(count));
                 for chunk in bytes.chunks_mut(DRAWS_PER_CHUNK * BF16_BYTES) {
                     draws.clear();
@@ -261,8 +260,9 @@ impl Bf16Tensor {
                             out.copy_from_slice(&bf16::from_f32(value).to_le_bytes());
                         });
                 }
+                bytes
             }
-        }
+        };
         Self { shape, bytes }
     }
 }
