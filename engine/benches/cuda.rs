@@ -144,9 +144,7 @@ fn main() {
     // A prompt and its first token; then the same prompt with its KV exported to the host
     // layer by layer, as a prefill worker does for a decode worker it shares no GPU with.
     println!("\nprefill");
-    println!(
-        "| prompt | seconds (median) | tokens/s | TFLOP/s | of GEMM rate | with host export s |"
-    );
+    println!("| prompt | ms (median) | tokens/s | TFLOP/s | of GEMM rate | with host export ms |");
     println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
     for len in PREFILL_LENGTHS {
         let mut sample = |export| {
@@ -164,10 +162,12 @@ fn main() {
             .push(json!({"tokens": len, "seconds": seconds, "exporting_seconds": exporting}));
         let flops = prefill_flops(len, layers);
         println!(
-            "| {len} | {seconds:.3} | {:.0} | {:.1} | {:.0}% | {exporting:.3} |",
+            "| {len} | {:.2} | {:.0} | {:.1} | {:.0}% | {:.2} |",
+            seconds * 1e3,
             len as f64 / seconds,
             flops / seconds / 1e12,
-            100.0 * flops / seconds / gemm
+            100.0 * flops / seconds / gemm,
+            exporting * 1e3
         );
     }
 

@@ -182,6 +182,15 @@ fn every_kernel_compiles_with_nvrtc() {
                     arch == "sm_90a",
                     "warpgroup instructions in the {arch} PTX"
                 );
+                // The host lets each kernel start while the previous one drains: each must
+                // wait for it (`wait_for_previous_kernel`) before touching its outputs.
+                for entry in ptx.split(".entry ").skip(1) {
+                    let name = entry.split('(').next().unwrap_or(entry);
+                    assert!(
+                        entry.contains("griddepcontrol.wait"),
+                        "kernel {name} never waits for the previous kernel in the {arch} PTX"
+                    );
+                }
             }
             Err(e) if std::env::var_os("TANDEM_REQUIRE_NVRTC").is_none() => {
                 eprintln!("skipping every_kernel_compiles_with_nvrtc: {e}");

@@ -16,9 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig};
 
 use crate::backend::{
     AttentionBatch, Backend, HeadTransforms, KvRows, KvSpec, RopeTable, RouteRule, Routing,
@@ -30,10 +28,12 @@ use crate::parallel::Collective;
 use crate::parallel::host::host_collectives;
 use crate::weights::ExpertWeights;
 use kernels::{HOPPER, Kernel, Kernels};
+use launch::Launch;
 use memory::ReusedUploads;
 
 mod attention;
 mod kernels;
+mod launch;
 mod memory;
 mod moe;
 mod nccl;
@@ -63,14 +63,6 @@ const MAX_HEAD_DIM: usize = 256;
 
 fn device_error(what: &str, error: impl std::fmt::Display) -> EngineError {
     EngineError::Device(format!("{what}: {error}"))
-}
-
-/// A launch's outcome (it records no events: everything runs on one stream).
-fn launched<T>(
-    result: std::result::Result<T, cudarc::driver::DriverError>,
-    kernel: Kernel,
-) -> Result<()> {
-    result.map(drop).map_err(|e| device_error(kernel.name(), e))
 }
 
 /// Why CUDA cannot be used here, or `Ok` when a device and every library it needs are found.
@@ -113,6 +105,8 @@ pub struct CudaBackend {
     /// The kernels were built for sm_90a: the MoE GEMMs and prefill attention's scores run on
     /// warpgroup instructions.
     hopper: bool,
+    /// Kernels launch while the previous one drains (programmatic dependent launch).
+    dependent_launch: bool,
     reused_i32: ReusedUploads<i32>,
     reused_f32: ReusedUploads<f32>,
     reused_u64: ReusedUploads<u64>,
@@ -231,7 +225,11 @@ impl CudaBackend {
             .map_err(|e| device_error("reading the device's uuid", e))?
             .bytes
             .map(|b| b as u8);
-        let stream = ctx.default_stream();
+        // A stream of its own: programmatic dependent launch is a property of ordinary
+        // streams (the legacy default stream also orders against every other stream).
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| device_error("creating a stream", e))?;
         let kernels = Kernels::load(&ctx, (major, minor))?;
         let blas = CudaBlas::new(Arc::clone(&stream)).map_err(|e| device_error("cublas", e))?;
         Ok(Self {
@@ -241,6 +239,7 @@ impl CudaBackend {
             device_name,
             device_uuid,
             hopper: (major, minor) == HOPPER,
+            dependent_launch: launch::dependent_launch_enabled((major, minor)),
             reused_i32: ReusedUploads::default(),
             reused_f32: ReusedUploads::default(),
             reused_u64: ReusedUploads::default(),
@@ -264,6 +263,11 @@ impl CudaBackend {
         self.kernels.get(kernel)
     }
 
+    /// A launch of `kernel` on the backend's stream, its arguments still to add.
+    fn launch(&self, kernel: Kernel) -> Launch<'_> {
+        Launch::new(self, kernel)
+    }
+
     /// `out[rows[i], :] += weights[i] · y[i, :]`.
     fn scatter_add_weighted(
         &self,
@@ -276,9 +280,7 @@ impl CudaBackend {
             return Ok(());
         }
         let cols = out.cols as i32;
-        let mut launch = self
-            .stream
-            .launch_builder(self.function(Kernel::ScatterAddWeighted));
+        let mut launch = self.launch(Kernel::ScatterAddWeighted);
         launch
             .arg(&mut out.data)
             .arg(&y.data)
@@ -287,10 +289,7 @@ impl CudaBackend {
             .arg(&cols);
         // SAFETY: one block per row of y; rows and weights hold y.rows entries and every row
         // index is below out.rows (the caller's tokens).
-        launched(
-            unsafe { launch.launch(per_row(y.rows)) },
-            Kernel::ScatterAddWeighted,
-        )
+        unsafe { launch.launch(per_row(y.rows)) }
     }
 
     fn gather(&self, x: &CudaTensor, rows: &CudaView<'_, i32>, n: usize) -> Result<CudaTensor> {
@@ -299,12 +298,10 @@ impl CudaBackend {
             return Ok(out);
         }
         let cols = x.cols as i32;
-        let mut launch = self
-            .stream
-            .launch_builder(self.function(Kernel::GatherRows));
+        let mut launch = self.launch(Kernel::GatherRows);
         launch.arg(&x.data).arg(rows).arg(&mut out.data).arg(&cols);
         // SAFETY: one block per output row; rows holds n indices below x.rows.
-        launched(unsafe { launch.launch(per_row(n)) }, Kernel::GatherRows)?;
+        unsafe { launch.launch(per_row(n)) }?;
         Ok(out)
     }
 
@@ -320,11 +317,11 @@ impl CudaBackend {
             return Ok(());
         }
         let width = width as i32;
-        let mut launch = self.stream.launch_builder(self.function(Kernel::StoreRows));
+        let mut launch = self.launch(Kernel::StoreRows);
         launch.arg(store).arg(src).arg(slots).arg(&width);
         // SAFETY: one block per row; every slot was checked against the store's capacity
         // and src holds rows · width values.
-        launched(unsafe { launch.launch(per_row(rows)) }, Kernel::StoreRows)
+        unsafe { launch.launch(per_row(rows)) }
     }
 
     /// The rotary table's positions and frequencies on the device (the angles' cos and sin
@@ -367,11 +364,11 @@ impl CudaBackend {
         if rows > 0 {
             let mut out = self.uninit::<f32>(rows * width)?;
             let w = width as i32;
-            let mut launch = self.stream.launch_builder(self.function(Kernel::LoadRows));
+            let mut launch = self.launch(Kernel::LoadRows);
             launch.arg(store).arg(slots).arg(&mut out).arg(&w);
             // SAFETY: one block per row; slots were checked against the store's capacity and
             // out holds rows · width values.
-            launched(unsafe { launch.launch(per_row(rows)) }, Kernel::LoadRows)?;
+            unsafe { launch.launch(per_row(rows)) }?;
             let mut host = self
                 .stream
                 .clone_dtoh(&out)
@@ -483,14 +480,14 @@ impl Backend for CudaBackend {
         }
         let ids = self.upload(ids)?;
         let cols = table.in_dim as i32;
-        let mut launch = self.stream.launch_builder(self.function(Kernel::Embed));
+        let mut launch = self.launch(Kernel::Embed);
         launch
             .arg(&table.data)
             .arg(&ids)
             .arg(&mut out.data)
             .arg(&cols);
         // SAFETY: one block per id, each checked below the table's rows.
-        launched(unsafe { launch.launch(per_row(out.rows)) }, Kernel::Embed)?;
+        unsafe { launch.launch(per_row(out.rows)) }?;
         Ok(out)
     }
 
@@ -515,7 +512,7 @@ impl Backend for CudaBackend {
         } else {
             Kernel::RmsNorm
         };
-        let mut launch = self.stream.launch_builder(self.function(kernel));
+        let mut launch = self.launch(kernel);
         launch
             .arg(&x.data)
             .arg(&weight.data)
@@ -531,7 +528,7 @@ impl Backend for CudaBackend {
         };
         // SAFETY: one block (or warp, for short runs, those past `runs` returning) per run of
         // len values; x and out hold runs · len values.
-        launched(unsafe { launch.launch(config) }, kernel)?;
+        unsafe { launch.launch(config) }?;
         Ok(out)
     }
 
@@ -568,13 +565,10 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let n_i = n as i32;
-        let mut launch = self.stream.launch_builder(self.function(Kernel::AddAssign));
+        let mut launch = self.launch(Kernel::AddAssign);
         launch.arg(&mut acc.data).arg(&x.data).arg(&n_i);
         // SAFETY: both hold n values.
-        launched(
-            unsafe { launch.launch(blocks(n, ELEMENT_THREADS)) },
-            Kernel::AddAssign,
-        )
+        unsafe { launch.launch(blocks(n, ELEMENT_THREADS)) }
     }
 
     fn add_rms_norm(
@@ -592,9 +586,7 @@ impl Backend for CudaBackend {
         let _timer = self.timed("add_rms_norm");
         let mut out = self.output(h.rows, h.cols)?;
         let len = h.cols as i32;
-        let mut launch = self
-            .stream
-            .launch_builder(self.function(Kernel::AddRmsNorm));
+        let mut launch = self.launch(Kernel::AddRmsNorm);
         launch
             .arg(&mut h.data)
             .arg(&delta.data)
@@ -604,10 +596,7 @@ impl Backend for CudaBackend {
             .arg(&eps);
         // SAFETY: one block per row of len values; h, delta and out hold rows · len values,
         // the weight len.
-        launched(
-            unsafe { launch.launch(per_row(h.rows)) },
-            Kernel::AddRmsNorm,
-        )?;
+        unsafe { launch.launch(per_row(h.rows)) }?;
         Ok(out)
     }
 
@@ -624,10 +613,10 @@ impl Backend for CudaBackend {
         }
         let scales = self.upload(scales)?;
         let cols = x.cols as i32;
-        let mut launch = self.stream.launch_builder(self.function(Kernel::ScaleRows));
+        let mut launch = self.launch(Kernel::ScaleRows);
         launch.arg(&mut x.data).arg(&scales).arg(&cols);
         // SAFETY: one block per row; scales holds x.rows values.
-        launched(unsafe { launch.launch(per_row(x.rows)) }, Kernel::ScaleRows)
+        unsafe { launch.launch(per_row(x.rows)) }
     }
 
     fn swiglu(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
@@ -638,10 +627,10 @@ impl Backend for CudaBackend {
             return Ok(out);
         }
         let inter_i = inter as i32;
-        let mut launch = self.stream.launch_builder(self.function(Kernel::Swiglu));
+        let mut launch = self.launch(Kernel::Swiglu);
         launch.arg(&gate_up.data).arg(&mut out.data).arg(&inter_i);
         // SAFETY: one block per row; gate_up rows hold 2 · inter values, out rows inter.
-        launched(unsafe { launch.launch(per_row(out.rows)) }, Kernel::Swiglu)?;
+        unsafe { launch.launch(per_row(out.rows)) }?;
         Ok(out)
     }
 
@@ -671,7 +660,7 @@ impl Backend for CudaBackend {
         let rope = self.rope_inputs(table)?;
         let heads = (x.cols / head_dim) as i32;
         let head_dim = head_dim as i32;
-        let mut launch = self.stream.launch_builder(self.function(Kernel::Rope));
+        let mut launch = self.launch(Kernel::Rope);
         launch
             .arg(&mut x.data)
             .arg(rope.positions.as_ref())
@@ -689,7 +678,7 @@ impl Backend for CudaBackend {
         // SAFETY: one block per (row, group of ROPE_HEADS_PER_BLOCK heads); positions holds
         // one value a row, inv_freq head_dim / 2, at most MAX_HEAD_DIM / 2 (the kernel's
         // shared tables).
-        launched(unsafe { launch.launch(config) }, Kernel::Rope)
+        unsafe { launch.launch(config) }
     }
 
     fn write_kv(

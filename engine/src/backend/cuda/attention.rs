@@ -2,11 +2,11 @@
 //! the tensor cores for grouped-query heads), prefill runs in query tiles (tensor cores, or
 //! warpgroup instructions on Hopper), and a layer's attention inputs in one kernel.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::{
     CudaBackend, CudaKvStore, CudaTensor, CudaVector, Kernel, MAX_HEAD_DIM, ROW_THREADS, WARP,
-    launched, per_row, shape_error,
+    per_row, shape_error,
 };
 use crate::backend::{AttentionBatch, HeadTransforms, attention_inputs_stepwise};
 use crate::error::{EngineError, Result};
@@ -172,9 +172,7 @@ impl CudaBackend {
         let (q_heads_i, kv_heads_i, head_dim_i) =
             (q_heads as i32, kv_heads as i32, head_dim as i32);
         let null = 0u64;
-        let mut launch = self
-            .stream
-            .launch_builder(self.function(Kernel::AttentionInputs));
+        let mut launch = self.launch(Kernel::AttentionInputs);
         launch.arg(&mut q.data).arg(&k.data).arg(&v.data);
         match heads.norms {
             Some((q_norm, k_norm)) => launch.arg(&q_norm.data).arg(&k_norm.data),
@@ -203,7 +201,7 @@ impl CudaBackend {
         // of 64 up to 256), k and v (rows · kv_heads each); the norms hold head_dim values,
         // the rope tables a position a row and head_dim / 2 frequencies; slots (one a row)
         // were checked inside the caches, whose rows hold kv_heads · head_dim values.
-        launched(unsafe { launch.launch(config) }, Kernel::AttentionInputs)?;
+        unsafe { launch.launch(config) }?;
         Ok(q)
     }
 
@@ -295,7 +293,7 @@ impl CudaBackend {
             let mut partial_sum = self.uninit::<f32>(parts)?;
             let positions = reused("attention.positions", &positions)?;
             let offsets = reused("attention.offsets", &offsets)?;
-            let mut launch = self.stream.launch_builder(self.function(kernel));
+            let mut launch = self.launch(kernel);
             launch
                 .arg(&q.data)
                 .arg(&store.k)
@@ -320,11 +318,9 @@ impl CudaBackend {
             // partials of that KV head's group of query heads — writing only its own partials;
             // rows of the tiled kernels have position -1 and are skipped; every position lies
             // inside its block table (checked above), whose blocks lie inside the store.
-            launched(unsafe { launch.launch(config) }, kernel)?;
+            unsafe { launch.launch(config) }?;
             let splits_i = splits as i32;
-            let mut launch = self
-                .stream
-                .launch_builder(self.function(Kernel::AttentionCombine));
+            let mut launch = self.launch(Kernel::AttentionCombine);
             launch
                 .arg(&partial_out)
                 .arg(&partial_max)
@@ -341,7 +337,7 @@ impl CudaBackend {
             };
             // SAFETY: one block per (row, head) reading the partials the split kernel wrote
             // for rows it handled, writing that head of that row.
-            launched(unsafe { launch.launch(config) }, Kernel::AttentionCombine)?;
+            unsafe { launch.launch(config) }?;
         }
         if !tiles.rows.is_empty() {
             tiles.longest_first();
@@ -356,7 +352,7 @@ impl CudaBackend {
             } else {
                 scale
             };
-            let mut launch = self.stream.launch_builder(self.function(kernel));
+            let mut launch = self.launch(kernel);
             launch
                 .arg(&q.data)
                 .arg(&store.k)
@@ -381,7 +377,7 @@ impl CudaBackend {
             };
             // SAFETY: one block per (head, tile); each tile's rows lie inside q and out and
             // its positions inside its block table (checked above).
-            launched(unsafe { launch.launch(config) }, kernel)?;
+            unsafe { launch.launch(config) }?;
         }
         Ok(out)
     }

@@ -314,6 +314,22 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn every_kernel_waits_for_the_previous_one_before_it_returns() {
+        for kernel in KERNELS_SOURCE.split("__global__").skip(1) {
+            let name = kernel.split('(').next().unwrap_or(kernel).trim();
+            let wait = kernel
+                .find("previous_kernel();")
+                .unwrap_or_else(|| panic!("kernel {name} never waits for the previous one"));
+            if let Some(first_return) = kernel.find("return") {
+                assert!(
+                    wait < first_return,
+                    "kernel {name} may return before it waits for the previous one"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn kernels_compile_as_sm_90a_only_on_hopper() {
         assert_eq!(kernel_arch(HOPPER), "sm_90a");
         assert_eq!(kernel_arch((8, 0)), "sm_80");

@@ -3,11 +3,11 @@
 //! (many), with nothing going back to the host between the router's logits and the layer's
 //! output. Kernels are in `kernels/moe_routing.cu`, `matvec.cu` and `moe_gemm.cu`.
 
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 
 use super::{
-    CudaBackend, CudaMatrix, CudaTensor, Kernel, ROW_THREADS, blocks, device_error, launched,
-    per_row, shape_error,
+    CudaBackend, CudaMatrix, CudaTensor, Kernel, ROW_THREADS, blocks, device_error, per_row,
+    shape_error,
 };
 use crate::backend::{HostCounters, RouteRule, Routing, moe_routed_on_host};
 use crate::error::{EngineError, Result};
@@ -146,9 +146,7 @@ impl CudaBackend {
         if (1..=MOE_GEMV_MAX_PAIRS).contains(&pairs) && threads <= MAX_EXPERTS {
             let mut place = self.new_placement(pairs, rule.num_experts, MOE_MAX_GROUP)?;
             let (group_i, max_tiles_i) = (MOE_MAX_GROUP as i32, place.max_tiles as i32);
-            let mut launch = self
-                .stream
-                .launch_builder(self.function(Kernel::MoeRoutePlace));
+            let mut launch = self.launch(Kernel::MoeRoutePlace);
             launch
                 .arg(&logits.data)
                 .arg(&mut routing.expert_ids)
@@ -168,22 +166,19 @@ impl CudaBackend {
             // 1024); warp r routes row r of the logits as moe_route does, then the block
             // writes num_experts + 1 offsets, the tiles' 2 · max_tiles entries and places the
             // rows · top_k slots (expert ids below num_experts) as moe_offsets does.
-            launched(
-                unsafe {
-                    launch.launch(LaunchConfig {
-                        grid_dim: (1, 1, 1),
-                        block_dim: (threads as u32, 1, 1),
-                        shared_mem_bytes: 0,
-                    })
-                },
-                Kernel::MoeRoutePlace,
-            )?;
+            unsafe {
+                launch.launch(LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (threads as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }?;
             drop(route_timer);
             let x16 = input.into_bf16();
             return self.run_experts(x, x16, &routing, Slots::Placed(place), experts);
         }
         let mut counts = self.zeros(experts.len())?;
-        let mut launch = self.stream.launch_builder(self.function(Kernel::MoeRoute));
+        let mut launch = self.launch(Kernel::MoeRoute);
         launch
             .arg(&logits.data)
             .arg(&mut routing.expert_ids)
@@ -199,10 +194,7 @@ impl CudaBackend {
         // ROUTE_MAX_PER_LANE, top_k <= 32); it writes that row's top_k slots of expert_ids and
         // weights (rows · top_k each) and counts experts below num_experts, the length of
         // counts and of the layer's device counters.
-        launched(
-            unsafe { launch.launch(blocks(x.rows * 32, warps_per_block * 32)) },
-            Kernel::MoeRoute,
-        )?;
+        unsafe { launch.launch(blocks(x.rows * 32, warps_per_block * 32)) }?;
         drop(route_timer);
         self.run_experts(
             x,
@@ -327,7 +319,7 @@ impl CudaBackend {
                 block_dim: (ROW_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut launch = self.stream.launch_builder(self.function(Kernel::MoeGateUp));
+            let mut launch = self.launch(Kernel::MoeGateUp);
             launch
                 .arg(&x.data)
                 .arg(&gate_up)
@@ -343,8 +335,8 @@ impl CudaBackend {
             // blocks past the last group return; positions index act ([pairs, inter]) and
             // sorted_slot names slots below pairs = x.rows · top_k, rows of x ([x.rows,
             // hidden], hidden a multiple of 8).
-            launched(unsafe { launch.launch(grid(inter, 1)) }, Kernel::MoeGateUp)?;
-            let mut launch = self.stream.launch_builder(self.function(Kernel::MoeDown));
+            unsafe { launch.launch(grid(inter, 1)) }?;
+            let mut launch = self.launch(Kernel::MoeDown);
             launch
                 .arg(&act)
                 .arg(&down)
@@ -356,10 +348,7 @@ impl CudaBackend {
                 .arg(&inter_i);
             // SAFETY: as above, with [hidden, inter] down matrices, act rows read and y of
             // pairs · hidden values.
-            launched(
-                unsafe { launch.launch(grid(hidden, DOWN_ROWS_PER_WARP)) },
-                Kernel::MoeDown,
-            )?;
+            unsafe { launch.launch(grid(hidden, DOWN_ROWS_PER_WARP)) }?;
         } else {
             if place.max_tiles > MAX_GRID_Y {
                 return Err(EngineError::Unsupported(format!(
@@ -393,7 +382,7 @@ impl CudaBackend {
                 block_dim: (GEMM_THREADS, 1, 1),
                 shared_mem_bytes: shared as u32,
             };
-            let mut launch = self.stream.launch_builder(self.function(gate_up_kernel));
+            let mut launch = self.launch(gate_up_kernel);
             launch
                 .arg(&x16)
                 .arg(&place.sorted_slot)
@@ -409,13 +398,10 @@ impl CudaBackend {
             // positions' slots (sorted_slot holds slots below x.rows · top_k) and rows of
             // that expert's [2·inter, hidden] matrix (hidden a multiple of 8, reads past it
             // zero-filled) and writes act ([pairs, inter]) inside its rows and columns.
-            launched(
-                unsafe { launch.launch(gemm(inter.div_ceil(GEMM_BN / 2))) },
-                gate_up_kernel,
-            )?;
+            unsafe { launch.launch(gemm(inter.div_ceil(GEMM_BN / 2))) }?;
             drop(gate_up_timer);
             let _down_timer = self.timed("moe.gemm_down");
-            let mut launch = self.stream.launch_builder(self.function(down_kernel));
+            let mut launch = self.launch(down_kernel);
             launch
                 .arg(&act)
                 .arg(&down)
@@ -426,16 +412,11 @@ impl CudaBackend {
                 .arg(&mut y);
             // SAFETY: as above with [hidden, inter] down matrices, writing y ([pairs,
             // hidden]).
-            launched(
-                unsafe { launch.launch(gemm(hidden.div_ceil(GEMM_BN))) },
-                down_kernel,
-            )?;
+            unsafe { launch.launch(gemm(hidden.div_ceil(GEMM_BN))) }?;
         }
         let _combine_timer = self.timed("moe.combine");
         let mut out = self.output(x.rows, hidden)?;
-        let mut launch = self
-            .stream
-            .launch_builder(self.function(Kernel::MoeCombine));
+        let mut launch = self.launch(Kernel::MoeCombine);
         launch
             .arg(&y)
             .arg(&place.slot_position)
@@ -445,10 +426,7 @@ impl CudaBackend {
             .arg(&top_k);
         // SAFETY: one block per token, reading its top_k slots' weights and y rows (positions
         // below pairs) and writing its row of out.
-        launched(
-            unsafe { launch.launch(per_row(x.rows)) },
-            Kernel::MoeCombine,
-        )?;
+        unsafe { launch.launch(per_row(x.rows)) }?;
         Ok(out)
     }
 
@@ -492,9 +470,7 @@ impl CudaBackend {
         );
         let place_in_offsets = pairs <= PLACE_IN_OFFSETS_MAX_PAIRS;
         let offsets_places = if place_in_offsets { pairs_i } else { 0 };
-        let mut launch = self
-            .stream
-            .launch_builder(self.function(Kernel::MoeOffsets));
+        let mut launch = self.launch(Kernel::MoeOffsets);
         launch
             .arg(counts)
             .arg(&mut place.offsets)
@@ -513,20 +489,17 @@ impl CudaBackend {
         // 2 · max_tiles entries (max_tiles bounds the tiles the counts make);
         // placing, it reads the pairs' expert ids (below num_experts, routed on the device
         // or checked on the host) and hands out each position below pairs once.
-        launched(
-            unsafe {
-                launch.launch(LaunchConfig {
-                    grid_dim: (1, 1, 1),
-                    block_dim: (threads, 1, 1),
-                    shared_mem_bytes: 0,
-                })
-            },
-            Kernel::MoeOffsets,
-        )?;
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
         if place_in_offsets {
             return Ok(place);
         }
-        let mut launch = self.stream.launch_builder(self.function(Kernel::MoePlace));
+        let mut launch = self.launch(Kernel::MoePlace);
         launch
             .arg(&routing.expert_ids)
             .arg(&mut cursor)
@@ -535,10 +508,7 @@ impl CudaBackend {
             .arg(&pairs_i);
         // SAFETY: one thread per slot; expert ids are below num_experts (routed on the device,
         // or checked on the host), and the cursors hand out each position below pairs once.
-        launched(
-            unsafe { launch.launch(blocks(pairs, ROW_THREADS)) },
-            Kernel::MoePlace,
-        )?;
+        unsafe { launch.launch(blocks(pairs, ROW_THREADS)) }?;
         Ok(place)
     }
 }

@@ -6,11 +6,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, PushKernelArg, result, sys};
+use cudarc::driver::{CudaSlice, CudaStream, result, sys};
 
-use super::{
-    CudaBackend, CudaKvStore, Kernel, device_error, launched, per_row, shape_error, slots_i32,
-};
+use super::{CudaBackend, CudaKvStore, Kernel, device_error, per_row, shape_error, slots_i32};
 use crate::error::{EngineError, Result};
 
 const HANDLE_MAGIC: u32 = 0x5356_4B54; // "TKVS"
@@ -162,9 +160,7 @@ impl CudaBackend {
         let from = self.checked_slots(store, slots, "write_peer_kv")?;
         let to = self.upload(&slots_i32(peer_slots))?;
         let w = width as i32;
-        let mut launch = self
-            .stream
-            .launch_builder(self.function(Kernel::CopyKvRows));
+        let mut launch = self.launch(Kernel::CopyKvRows);
         launch
             .arg(&store.k)
             .arg(&store.v)
@@ -175,9 +171,6 @@ impl CudaBackend {
             .arg(&w);
         // SAFETY: one block per row; source slots were checked against this store and
         // destination slots against the peer's, both `width` wide.
-        launched(
-            unsafe { launch.launch(per_row(slots.len())) },
-            Kernel::CopyKvRows,
-        )
+        unsafe { launch.launch(per_row(slots.len())) }
     }
 }

@@ -4,11 +4,11 @@
 use std::ffi::c_void;
 
 use cudarc::cublas::sys as blas;
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 use super::{
     CudaBackend, CudaMatrix, CudaTensor, CudaVector, ELEMENT_THREADS, Kernel, ROW_THREADS, WARP,
-    blocks, collect_array, device_error, launched, per_row, shape_error,
+    blocks, collect_array, device_error, per_row, shape_error,
 };
 use crate::error::Result;
 
@@ -189,7 +189,7 @@ impl CudaBackend {
         let null = 0u64;
         let outs: [i32; GEMV_MAX_WEIGHTS] =
             std::array::from_fn(|m| weights.get(m).map_or(0, |w| w.out_dim as i32));
-        let mut launch = self.stream.launch_builder(self.function(Kernel::GemvRows));
+        let mut launch = self.launch(Kernel::GemvRows);
         launch.arg(&x.data).arg(&rows).arg(&k);
         let mut outputs = ys.iter_mut();
         for (m, n) in outs.iter().enumerate() {
@@ -203,10 +203,7 @@ impl CudaBackend {
         // a multiple of 8; absent weights have n_m = 0 and are never read), reading the rows
         // <= GEMV_MAX_ROWS of x (rows · k floats, allocation-aligned) and writing column j of
         // y_m (rows · n_m).
-        launched(
-            unsafe { launch.launch(blocks(total * WARP as usize, ROW_THREADS)) },
-            Kernel::GemvRows,
-        )?;
+        unsafe { launch.launch(blocks(total * WARP as usize, ROW_THREADS)) }?;
         Ok(ys)
     }
 
@@ -237,10 +234,10 @@ impl CudaBackend {
             ));
         }
         let cols = y.cols as i32;
-        let mut launch = self.stream.launch_builder(self.function(Kernel::AddBias));
+        let mut launch = self.launch(Kernel::AddBias);
         launch.arg(&mut y.data).arg(&bias.data).arg(&cols);
         // SAFETY: one block per row of y; the bias holds y.cols values.
-        launched(unsafe { launch.launch(per_row(y.rows)) }, Kernel::AddBias)
+        unsafe { launch.launch(per_row(y.rows)) }
     }
 
     /// `x`'s values rounded to bf16 (as 16-bit words), the tensor cores' input.
@@ -251,14 +248,11 @@ impl CudaBackend {
             return Ok(x16);
         }
         let count = n as i32;
-        let mut launch = self.stream.launch_builder(self.function(Kernel::ToBf16));
+        let mut launch = self.launch(Kernel::ToBf16);
         launch.arg(&x.data).arg(&mut x16).arg(&count);
         // SAFETY: to_bf16 reads `count` floats of x and writes as many words of x16, both
         // that long.
-        launched(
-            unsafe { launch.launch(blocks(n, ELEMENT_THREADS)) },
-            Kernel::ToBf16,
-        )?;
+        unsafe { launch.launch(blocks(n, ELEMENT_THREADS)) }?;
         Ok(x16)
     }
 }

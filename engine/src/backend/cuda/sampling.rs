@@ -1,9 +1,9 @@
 //! Greedy sampling on the device.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::{
-    CudaBackend, CudaTensor, ELEMENT_THREADS, Kernel, ROW_THREADS, blocks, device_error, launched,
+    CudaBackend, CudaTensor, ELEMENT_THREADS, Kernel, ROW_THREADS, blocks, device_error,
     shape_error,
 };
 use crate::error::Result;
@@ -36,9 +36,7 @@ impl CudaBackend {
         let mut part_index = self.uninit::<i32>(rows * parts)?;
         let mut part_sum = self.uninit::<f32>(rows * parts)?;
         let (vocab_i, part_len) = (vocab as i32, GREEDY_PART_LEN as i32);
-        let mut launch = self
-            .stream
-            .launch_builder(self.function(Kernel::GreedyPartial));
+        let mut launch = self.launch(Kernel::GreedyPartial);
         launch
             .arg(&logits.data)
             .arg(&mut part_best)
@@ -53,12 +51,10 @@ impl CudaBackend {
         };
         // SAFETY: one block of ROW_THREADS (= the kernel's 256 shared slots) per (row, part)
         // of vocab logits, writing that part's entry of rows · parts.
-        launched(unsafe { launch.launch(config) }, Kernel::GreedyPartial)?;
+        unsafe { launch.launch(config) }?;
         let mut picks = self.uninit::<u32>(2 * rows)?;
         let (rows_i, parts_i) = (rows as i32, parts as i32);
-        let mut launch = self
-            .stream
-            .launch_builder(self.function(Kernel::GreedyCombine));
+        let mut launch = self.launch(Kernel::GreedyCombine);
         launch
             .arg(&part_best)
             .arg(&part_index)
@@ -67,10 +63,7 @@ impl CudaBackend {
             .arg(&rows_i)
             .arg(&parts_i);
         // SAFETY: one thread per row reading its parts, writing its two entries of picks.
-        launched(
-            unsafe { launch.launch(blocks(rows, ELEMENT_THREADS)) },
-            Kernel::GreedyCombine,
-        )?;
+        unsafe { launch.launch(blocks(rows, ELEMENT_THREADS)) }?;
         let picks = self
             .stream
             .clone_dtoh(&picks)

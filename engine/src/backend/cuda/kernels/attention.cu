@@ -18,6 +18,7 @@ extern "C" __global__ void attention_split(const float* q, const bf16_t* k_cache
                                            const int* block_tables, int num_heads,
                                            int num_kv_heads, int head_dim, int block_size,
                                            float scale) {
+    after_previous_kernel();
     __shared__ float q_shared[MAX_PER_LANE * 32];
     int row = blockIdx.x;
     int head = blockIdx.y;
@@ -107,6 +108,7 @@ extern "C" __global__ void attention_combine(const float* partial_out, const flo
                                              const float* partial_sum, float* out,
                                              const int* positions, int num_heads, int head_dim,
                                              int splits) {
+    after_previous_kernel();
     int row = blockIdx.x;
     int head = blockIdx.y;
     int d = threadIdx.x, lane = d & 31;
@@ -181,6 +183,7 @@ attention_prefill(const float* q, const bf16_t* k_cache, const bf16_t* v_cache, 
                   const int* tile_rows, const int* tile_counts, const int* tile_positions,
                   const int* tile_table_offsets, const int* block_tables, int num_heads,
                   int num_kv_heads, int head_dim, int block_size, float scale) {
+    after_previous_kernel();
     __shared__ float q_tile[Q_TILE][PREFILL_MAX_HEAD_DIM];
     __shared__ float k_tile[K_TILE][PREFILL_MAX_HEAD_DIM + 1];
     __shared__ float v_tile[K_TILE][PREFILL_MAX_HEAD_DIM];

@@ -432,6 +432,7 @@ __device__ __forceinline__ void prefill_attention(
              const int* tile_rows, const int* tile_counts, const int* tile_positions,         \
              const int* tile_table_offsets, const int* block_tables, int num_heads,           \
              int num_kv_heads, int head_dim, int block_size, float q_scale) {                 \
+        after_previous_kernel();                                                              \
         prefill_attention<hd, wgmma>(q, k_cache, v_cache, out, tile_rows, tile_counts,       \
                                      tile_positions, tile_table_offsets, block_tables,        \
                                      num_heads, num_kv_heads, head_dim, block_size, q_scale); \
@@ -556,6 +557,7 @@ __device__ __forceinline__ void decode_attention(
              float* partial_out, float* partial_max, float* partial_sum, const int* positions, \
              const int* table_offsets, const int* block_tables, int num_heads,                \
              int num_kv_heads, int head_dim, int block_size, float q_scale) {                 \
+        after_previous_kernel();                                                              \
         decode_attention<hd>(q, k_cache, v_cache, partial_out, partial_max, partial_sum,     \
                              positions, table_offsets, block_tables, num_heads, num_kv_heads, \
                              head_dim, block_size, q_scale);                                  \

@@ -54,3 +54,29 @@ __device__ float block_sum(float v) {
 }
 
 __device__ __forceinline__ bool aligned16(const void* p) { return ((size_t)p & 15) == 0; }
+
+// Programmatic dependent launch (sm_90+). The host launches each kernel allowed to start while
+// the one before it in the stream still runs; every kernel therefore waits for the previous
+// one's completion and writes (`wait_for_previous_kernel`) before it touches memory an earlier
+// kernel writes or reads, and before any return. What comes before the wait may only read
+// what no kernel writes (weights). Elsewhere both are no-ops, and a kernel launched without
+// the attribute passes the wait at once.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Lets the next kernel's blocks launch once every block of this one has started, so its
+// launch and prologue overlap this one's work; it then waits in `wait_for_previous_kernel`.
+__device__ __forceinline__ void let_next_kernel_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// The start of every kernel that reads nothing before the previous kernel is done.
+__device__ __forceinline__ void after_previous_kernel() {
+    let_next_kernel_launch();
+    wait_for_previous_kernel();
+}

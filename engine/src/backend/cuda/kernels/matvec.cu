@@ -55,6 +55,7 @@ __device__ __forceinline__ float dot8_global(uint4 w, const float* x) {
 extern "C" __global__ void __launch_bounds__(256, 4) gemv_rows(const float* x, int rows, int k, const bf16_t* w0, float* y0,
                                      int n0, const bf16_t* w1, float* y1, int n1,
                                      const bf16_t* w2, float* y2, int n2) {
+    let_next_kernel_launch();
     int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const bf16_t* w = w0;
     float* y = y0;
@@ -65,16 +66,21 @@ extern "C" __global__ void __launch_bounds__(256, 4) gemv_rows(const float* x, i
         if (j >= n1) {
             j -= n1;
             w = w2, y = y2, n = n2;
-            if (j >= n2) return;
         }
     }
+    bool has_row = j < n;
     int lane = threadIdx.x & 31;
     int chunks = k / 8;
     const uint4* row = (const uint4*)(w + (size_t)j * k);
+    // The first chunks of the weight row are read while the previous kernel finishes: no
+    // kernel writes weights, and the row's first loads are most of a short launch's wait.
+    uint4 a[LOADS_IN_FLIGHT];
+    if (has_row) load_row_chunks(a, row, lane, chunks);
+    wait_for_previous_kernel();
+    if (!has_row) return;
     float acc[GEMV_MAX_ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int c0 = lane; c0 < chunks; c0 += 32 * LOADS_IN_FLIGHT) {
-        uint4 a[LOADS_IN_FLIGHT];
-        load_row_chunks(a, row, c0, chunks);
+        if (c0 != lane) load_row_chunks(a, row, c0, chunks);
 #pragma unroll
         for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
             int c = c0 + 32 * u;
@@ -112,6 +118,7 @@ extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long*
                                        const int* offsets, const int* tiles,
                                        const int* sorted_slot, float* act, int group_size,
                                        int hidden, int inter, int top_k) {
+    after_previous_kernel();
     int expert, first, count;
     if (!moe_tile(offsets, tiles, group_size, blockIdx.x, &expert, &first, &count)) return;
     int i = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -161,6 +168,7 @@ extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long*
 extern "C" __global__ void moe_down(const float* act, const unsigned long long* down,
                                     const int* offsets, const int* tiles, bf16_t* y,
                                     int group_size, int hidden, int inter) {
+    after_previous_kernel();
     int expert, first, count;
     if (!moe_tile(offsets, tiles, group_size, blockIdx.x, &expert, &first, &count)) return;
     int h0 = (blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * DOWN_ROWS_PER_WARP;

@@ -221,6 +221,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
     moe_gemm_gate_up(const bf16_t* x, const int* sorted_slot, int top_k,
                      const unsigned long long* gate_up, const int* offsets, const int* tiles,
                      int inter, int hidden, bf16_t* act) {
+    after_previous_kernel();
     grouped_gemm<true>(x, sorted_slot, top_k, gate_up, offsets, tiles, inter, hidden, nullptr,
                        act);
 }
@@ -230,6 +231,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
     moe_gemm_down(const bf16_t* act, const unsigned long long* down, const int* offsets,
                   const int* tiles, int hidden, int inter, bf16_t* y) {
+    after_previous_kernel();
     grouped_gemm<false>(act, nullptr, 1, down, offsets, tiles, hidden, inter, y, nullptr);
 }
 
@@ -342,6 +344,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
     moe_wgmma_gate_up(const bf16_t* x, const int* sorted_slot, int top_k,
                       const unsigned long long* gate_up, const int* offsets, const int* tiles,
                       int inter, int hidden, bf16_t* act) {
+    after_previous_kernel();
     grouped_gemm_wgmma<true>(x, sorted_slot, top_k, gate_up, offsets, tiles, inter, hidden,
                              nullptr, act);
 }
@@ -349,6 +352,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
     moe_wgmma_down(const bf16_t* act, const unsigned long long* down, const int* offsets,
                    const int* tiles, int hidden, int inter, bf16_t* y) {
+    after_previous_kernel();
     grouped_gemm_wgmma<false>(act, nullptr, 1, down, offsets, tiles, hidden, inter, y, nullptr);
 }
 
@@ -357,6 +361,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
 // hidden is a multiple of 8 (two-byte loads ran at ~30% of the copy rate).
 extern "C" __global__ void moe_combine(const bf16_t* y, const int* slot_position,
                                        const float* weights, float* out, int hidden, int top_k) {
+    after_previous_kernel();
     size_t first = (size_t)blockIdx.x * top_k;
     float* dst = out + (size_t)blockIdx.x * hidden;
     if ((hidden & 7) == 0) {

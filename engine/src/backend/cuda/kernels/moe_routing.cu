@@ -79,6 +79,7 @@ __device__ __forceinline__ void route_row(const float* logits, int* expert_ids, 
 extern "C" __global__ void moe_route(const float* logits, int* expert_ids, float* weights,
                                      int* counts, unsigned long long* load, int rows,
                                      int num_experts, int top_k, int renormalize) {
+    after_previous_kernel();
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row < rows) {
         route_row(logits, expert_ids, weights, counts, load, row, num_experts, top_k,
@@ -141,6 +142,7 @@ extern "C" __global__ void moe_offsets(const int* counts, int* offsets, int* til
                                        int num_experts, int tile_rows, int max_tiles,
                                        const int* expert_ids, int* sorted_slot,
                                        int* slot_position, int place_pairs) {
+    after_previous_kernel();
     int e = threadIdx.x;
     offsets_and_tiles(e < num_experts ? counts[e] : 0, offsets, tiles, cursor, num_experts,
                       tile_rows, max_tiles, expert_ids, sorted_slot, slot_position, place_pairs);
@@ -154,6 +156,7 @@ extern "C" __global__ void moe_route_place(const float* logits, int* expert_ids,
                                            int top_k, int renormalize, int* offsets,
                                            int* tiles, int tile_rows, int max_tiles,
                                            int* sorted_slot, int* slot_position) {
+    after_previous_kernel();
     __shared__ int counts[1024];
     int e = threadIdx.x;
     counts[e] = 0;
@@ -173,6 +176,7 @@ extern "C" __global__ void moe_route_place(const float* logits, int* expert_ids,
 // Gives every slot a position among its expert's slots.
 extern "C" __global__ void moe_place(const int* expert_ids, int* cursor, int* sorted_slot,
                                      int* slot_position, int pairs) {
+    after_previous_kernel();
     int p = blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= pairs) return;
     int position = atomicAdd(&cursor[expert_ids[p]], 1);

@@ -4,6 +4,7 @@
 // out[r, :] = table[ids[r], :]; one block per row.
 extern "C" __global__ void embed(const bf16_t* table, const unsigned int* ids, float* out,
                                  int cols) {
+    after_previous_kernel();
     const bf16_t* src = table + (size_t)ids[blockIdx.x] * cols;
     float* dst = out + (size_t)blockIdx.x * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = bf16_to_f32(src[c]);
@@ -49,6 +50,7 @@ __device__ __forceinline__ void rms_norm_run(float* src, const float* delta, con
 // RMSNorm over each run of `len` values (a row or one head); one block per run.
 extern "C" __global__ void rms_norm(const float* x, const float* weight, float* out, int len,
                                     float eps) {
+    after_previous_kernel();
     size_t at = (size_t)blockIdx.x * len;
     rms_norm_run<false>((float*)x + at, nullptr, weight, out + at, len, eps);
 }
@@ -57,6 +59,7 @@ extern "C" __global__ void rms_norm(const float* x, const float* weight, float* 
 // norm in one pass (two launches and a reread of h apart).
 extern "C" __global__ void add_rms_norm(float* h, const float* delta, const float* weight,
                                         float* out, int len, float eps) {
+    after_previous_kernel();
     size_t at = (size_t)blockIdx.x * len;
     rms_norm_run<true>(h + at, delta + at, weight, out + at, len, eps);
 }
@@ -65,6 +68,7 @@ extern "C" __global__ void add_rms_norm(float* h, const float* delta, const floa
 // idle behind its barriers; `runs` in all.
 extern "C" __global__ void rms_norm_short(const float* x, const float* weight, float* out,
                                           int len, float eps, int runs) {
+    after_previous_kernel();
     int run = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (run >= runs) return;
     int lane = threadIdx.x & 31;
@@ -77,18 +81,21 @@ extern "C" __global__ void rms_norm_short(const float* x, const float* weight, f
 }
 
 extern "C" __global__ void add_assign(float* acc, const float* x, int n) {
+    after_previous_kernel();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) acc[i] += x[i];
 }
 
 // x[r, :] += bias; one block per row.
 extern "C" __global__ void add_bias(float* x, const float* bias, int cols) {
+    after_previous_kernel();
     float* row = x + (size_t)blockIdx.x * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) row[c] += bias[c];
 }
 
 // x[r, :] *= scales[r]; one block per row.
 extern "C" __global__ void scale_rows(float* x, const float* scales, int cols) {
+    after_previous_kernel();
     float* row = x + (size_t)blockIdx.x * cols;
     float s = scales[blockIdx.x];
     for (int c = threadIdx.x; c < cols; c += blockDim.x) row[c] *= s;
@@ -96,6 +103,7 @@ extern "C" __global__ void scale_rows(float* x, const float* scales, int cols) {
 
 // out[r, i] = silu(gate[r, i]) * up[r, i] where gate_up[r] = gate ++ up; one block per row.
 extern "C" __global__ void swiglu(const float* gate_up, float* out, int inter) {
+    after_previous_kernel();
     const float* gate = gate_up + (size_t)blockIdx.x * 2 * inter;
     const float* up = gate + inter;
     float* dst = out + (size_t)blockIdx.x * inter;
@@ -112,6 +120,7 @@ extern "C" __global__ void swiglu(const float* gate_up, float* out, int inter) {
 #define ROPE_HEADS_PER_BLOCK 8
 extern "C" __global__ void rope(float* x, const int* positions, const float* inv_freq,
                                 int heads, int head_dim) {
+    after_previous_kernel();
     __shared__ float cos_row[128];
     __shared__ float sin_row[128];
     int half = head_dim / 2;
@@ -203,6 +212,7 @@ extern "C" __global__ void attention_inputs(float* q, const float* k, const floa
                                             bf16_t* k_cache, bf16_t* v_cache, const int* slots,
                                             const int* positions, const float* inv_freq,
                                             int q_heads, int kv_heads, int head_dim, float eps) {
+    after_previous_kernel();
     int head = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (head >= q_heads + 2 * kv_heads) return;
 #define ATTENTION_INPUT_HEAD(per_lane)                                                        \
@@ -221,6 +231,7 @@ extern "C" __global__ void attention_inputs(float* q, const float* k, const floa
 // store[slots[r], :] = bf16(src[r, :]); one block per row.
 extern "C" __global__ void store_rows(bf16_t* store, const float* src, const int* slots,
                                       int width) {
+    after_previous_kernel();
     bf16_t* dst = store + (size_t)slots[blockIdx.x] * width;
     const float* row = src + (size_t)blockIdx.x * width;
     for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = f32_to_bf16(row[c]);
@@ -229,6 +240,7 @@ extern "C" __global__ void store_rows(bf16_t* store, const float* src, const int
 // out[r, :] = f32(store[slots[r], :]); one block per row.
 extern "C" __global__ void load_rows(const bf16_t* store, const int* slots, float* out,
                                      int width) {
+    after_previous_kernel();
     const bf16_t* src = store + (size_t)slots[blockIdx.x] * width;
     float* dst = out + (size_t)blockIdx.x * width;
     for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = bf16_to_f32(src[c]);
@@ -239,6 +251,7 @@ extern "C" __global__ void load_rows(const bf16_t* store, const int* slots, floa
 extern "C" __global__ void copy_kv_rows(const bf16_t* src_k, const bf16_t* src_v,
                                         bf16_t* dst_k, bf16_t* dst_v, const int* src_slots,
                                         const int* dst_slots, int width) {
+    after_previous_kernel();
     size_t from = (size_t)src_slots[blockIdx.x] * width;
     size_t to = (size_t)dst_slots[blockIdx.x] * width;
     if (width % 8 == 0) {
@@ -259,12 +272,14 @@ extern "C" __global__ void copy_kv_rows(const bf16_t* src_k, const bf16_t* src_v
 }
 
 extern "C" __global__ void to_bf16(const float* x, bf16_t* out, int n) {
+    after_previous_kernel();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = f32_to_bf16(x[i]);
 }
 
 // out[r, :] = x[rows[r], :]; one block per output row.
 extern "C" __global__ void gather_rows(const float* x, const int* rows, float* out, int cols) {
+    after_previous_kernel();
     const float* src = x + (size_t)rows[blockIdx.x] * cols;
     float* dst = out + (size_t)blockIdx.x * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
@@ -274,6 +289,7 @@ extern "C" __global__ void gather_rows(const float* x, const int* rows, float* o
 // one launch (a token's several experts on one expert-parallel rank), so adds are atomic.
 extern "C" __global__ void scatter_add_weighted(float* out, const float* y, const int* rows,
                                                 const float* weights, int cols) {
+    after_previous_kernel();
     float* dst = out + (size_t)rows[blockIdx.x] * cols;
     const float* src = y + (size_t)blockIdx.x * cols;
     float w = weights[blockIdx.x];

@@ -9,6 +9,7 @@
 extern "C" __global__ void greedy_partial(const float* logits, float* part_best,
                                           int* part_index, float* part_sum, int vocab,
                                           int part_len) {
+    after_previous_kernel();
     __shared__ float best_value[256];
     __shared__ int best_index[256];
     const float* row = logits + (size_t)blockIdx.x * vocab;
@@ -55,6 +56,7 @@ extern "C" __global__ void greedy_partial(const float* logits, float* part_best,
 extern "C" __global__ void greedy_combine(const float* part_best, const int* part_index,
                                           const float* part_sum, unsigned int* out, int rows,
                                           int parts) {
+    after_previous_kernel();
     int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= rows) return;
     float best = NEG_INF;
