@@ -118,7 +118,10 @@ extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long*
                                        const int* offsets, const int* tiles,
                                        const int* sorted_slot, float* act, int group_size,
                                        int hidden, int inter, int top_k) {
-    after_previous_kernel();
+    // moe_down launches once every block here is past its wait, so the routing it reads
+    // before its own wait (two kernels back) is complete.
+    wait_for_previous_kernel();
+    let_next_kernel_launch();
     int expert, first, count;
     if (!moe_tile(offsets, tiles, group_size, blockIdx.x, &expert, &first, &count)) return;
     int i = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -168,23 +171,37 @@ extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long*
 extern "C" __global__ void moe_down(const float* act, const unsigned long long* down,
                                     const int* offsets, const int* tiles, bf16_t* y,
                                     int group_size, int hidden, int inter) {
-    after_previous_kernel();
+    let_next_kernel_launch();
+    // The tile table is moe_gate_up's input, complete once moe_down launches (moe_gate_up
+    // lets it launch only past its own wait): the tile and the first weight chunks are read
+    // while moe_gate_up finishes.
     int expert, first, count;
-    if (!moe_tile(offsets, tiles, group_size, blockIdx.x, &expert, &first, &count)) return;
     int h0 = (blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * DOWN_ROWS_PER_WARP;
-    if (h0 >= hidden) return;
+    bool has_rows =
+        moe_tile(offsets, tiles, group_size, blockIdx.x, &expert, &first, &count) && h0 < hidden;
+    const bf16_t* w = has_rows ? (const bf16_t*)__ldcg(down + expert) : nullptr;
+    int lane = threadIdx.x & 31, chunks = inter / 8;
+    uint4 a[DOWN_ROWS_PER_WARP][DOWN_LOADS];
+#pragma unroll
+    for (int r = 0; r < DOWN_ROWS_PER_WARP; r++) {
+        if (has_rows && h0 + r < hidden) {
+            load_row_chunks<DOWN_LOADS>(a[r], (const uint4*)(w + (size_t)(h0 + r) * inter), lane,
+                                        chunks);
+        }
+    }
+    wait_for_previous_kernel();
+    if (!has_rows) return;
     const float* as[MOE_MAX_GROUP];
     group_rows(as, act, nullptr, first, count, 1, inter);
-    const bf16_t* w = (const bf16_t*)down[expert];
-    int lane = threadIdx.x & 31, chunks = inter / 8;
     float ds[DOWN_ROWS_PER_WARP][MOE_MAX_GROUP] = {};
     for (int c0 = lane; c0 < chunks; c0 += 32 * DOWN_LOADS) {
-        uint4 a[DOWN_ROWS_PER_WARP][DOWN_LOADS];
+        if (c0 != lane) {
 #pragma unroll
-        for (int r = 0; r < DOWN_ROWS_PER_WARP; r++) {
-            if (h0 + r < hidden) {
-                load_row_chunks<DOWN_LOADS>(a[r], (const uint4*)(w + (size_t)(h0 + r) * inter), c0,
-                                            chunks);
+            for (int r = 0; r < DOWN_ROWS_PER_WARP; r++) {
+                if (h0 + r < hidden) {
+                    load_row_chunks<DOWN_LOADS>(a[r], (const uint4*)(w + (size_t)(h0 + r) * inter),
+                                                c0, chunks);
+                }
             }
         }
 #pragma unroll

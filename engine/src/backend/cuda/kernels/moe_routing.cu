@@ -185,13 +185,14 @@ extern "C" __global__ void moe_place(const int* expert_ids, int* cursor, int* so
 }
 
 // Rows [first, first + count) of tile t (moe_offsets' table), and its expert; false past
-// the last tile.
+// the last tile. Read from L2 (`ldcg`), so a kernel may read a table an earlier kernel than
+// the one it waits for wrote (moe_down), with no stale line in its SM's L1.
 __device__ __forceinline__ bool moe_tile(const int* offsets, const int* tiles, int tile_rows,
                                          int t, int* expert, int* first, int* count) {
-    int e = tiles[2 * t];
+    int e = __ldcg(tiles + 2 * t);
     if (e < 0) return false;
     *expert = e;
-    *first = tiles[2 * t + 1];
-    *count = min(tile_rows, offsets[e + 1] - *first);
+    *first = __ldcg(tiles + 2 * t + 1);
+    *count = min(tile_rows, __ldcg(offsets + e + 1) - *first);
     return true;
 }
