@@ -10,8 +10,9 @@
 //! steps hit hiccups of a few ms that moved a mean of 8 steps by up to 0.5 ms between runs.
 //!
 //! `cargo bench -p tandem-engine --bench cuda` (`TANDEM_BENCH_LAYERS`, default 8;
-//! `TANDEM_BENCH_DIR` for the checkpoint, default under the temp dir). Prints why it skips
-//! where no GPU is found.
+//! `TANDEM_BENCH_DIR` for the checkpoint, default under the temp dir; `TANDEM_BENCH_DECODE=0`
+//! runs prefill only, so a profiler's first MoE kernels are the 2k prompt's). Prints why it
+//! skips where no GPU is found.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -123,7 +124,9 @@ fn main() {
     println!("decode at {CONTEXT} context");
     println!("| batch | step ms (median) | floor ms | of floor | tokens/s |");
     println!("| ---: | ---: | ---: | ---: | ---: |");
-    for batch in BATCHES {
+    let decode = std::env::var("TANDEM_BENCH_DECODE").map_or(true, |v| v != "0");
+    let batches: &[usize] = if decode { &BATCHES } else { &[] };
+    for &batch in batches {
         let step = decode_step_seconds(&mut engine, batch, layers);
         measured["decode"]
             .as_array_mut()
@@ -176,7 +179,7 @@ fn main() {
     }
 
     // Where the time goes: every operation timed between synchronizations (slower overall).
-    for batch in [1, 8, 64] {
+    for &batch in batches.iter().filter(|b| [1, 8, 64].contains(b)) {
         engine.model().backend().start_profile();
         decode_step_seconds(&mut engine, batch, layers);
         println!(

@@ -16,6 +16,8 @@ use crate::error::Result;
 const GEMV_MAX_ROWS: usize = 4;
 /// Weights one `gemv_rows` launch multiplies x by.
 const GEMV_MAX_WEIGHTS: usize = 3;
+/// Values one thread of `to_bf16` converts.
+const TO_BF16_VALUES: usize = 8;
 
 /// A projection's input as the kernels read it (see `CudaBackend::projection_input`).
 pub(super) enum ProjectionInput<'a> {
@@ -251,8 +253,8 @@ impl CudaBackend {
         let mut launch = self.launch(Kernel::ToBf16);
         launch.arg(&x.data).arg(&mut x16).arg(&count);
         // SAFETY: to_bf16 reads `count` floats of x and writes as many words of x16, both
-        // that long.
-        unsafe { launch.launch(blocks(n, ELEMENT_THREADS)) }?;
+        // that long, TO_BF16_VALUES a thread.
+        unsafe { launch.launch(blocks(n.div_ceil(TO_BF16_VALUES), ELEMENT_THREADS)) }?;
         Ok(x16)
     }
 }
@@ -264,6 +266,9 @@ mod tests {
 
     #[test]
     fn matrix_vector_rows_match_the_kernel() {
-        assert_host_constants(&[("GEMV_MAX_ROWS", GEMV_MAX_ROWS)]);
+        assert_host_constants(&[
+            ("GEMV_MAX_ROWS", GEMV_MAX_ROWS),
+            ("TO_BF16_VALUES", TO_BF16_VALUES),
+        ]);
     }
 }

@@ -55,6 +55,13 @@ __device__ float block_sum(float v) {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return ((size_t)p & 15) == 0; }
 
+// Eight f32 values at p (16-byte aligned).
+__device__ __forceinline__ void load8(float* v, const float* p) {
+    float4 lo = *(const float4*)p, hi = *(const float4*)(p + 4);
+    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
+    v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+}
+
 // Programmatic dependent launch (sm_90+). The host launches each kernel allowed to start while
 // the one before it in the stream still runs; every kernel therefore waits for the previous
 // one's completion and writes (`wait_for_previous_kernel`) before it touches memory an earlier

@@ -29,13 +29,6 @@ __device__ __forceinline__ float dot8(uint4 w, const float* x) {
          + x[6] * __uint_as_float(w.w << 16) + x[7] * __uint_as_float(w.w & 0xffff0000u);
 }
 
-// Eight f32 values at p (16-byte aligned).
-__device__ __forceinline__ void load8(float* v, const float* p) {
-    float4 lo = *(const float4*)p, hi = *(const float4*)(p + 4);
-    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
-    v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
-}
-
 // The same product with 8 f32 values of x in global memory (16-byte aligned).
 __device__ __forceinline__ float dot8_global(uint4 w, const float* x) {
     float v[8];

@@ -271,10 +271,30 @@ extern "C" __global__ void copy_kv_rows(const bf16_t* src_k, const bf16_t* src_v
     }
 }
 
+// out = bf16(x), TO_BF16_VALUES values a thread: two 16-byte loads and one 16-byte store where
+// n and the pointers allow (a value a thread ran at about a third of the copy rate: 22 µs to
+// convert a 2048 × 2048 prompt's activations before its GEMMs, 680 µs of a 2k prefill).
+#define TO_BF16_VALUES 8
 extern "C" __global__ void to_bf16(const float* x, bf16_t* out, int n) {
     after_previous_kernel();
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = f32_to_bf16(x[i]);
+    size_t first = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * TO_BF16_VALUES;
+    if (first >= (size_t)n) return;
+    if (first + TO_BF16_VALUES <= (size_t)n && aligned16(x + first) && aligned16(out + first)) {
+        float v[TO_BF16_VALUES];
+        load8(v, x + first);
+        uint4 packed;
+        unsigned int* words = (unsigned int*)&packed;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            words[i] = (unsigned int)f32_to_bf16(v[2 * i]) |
+                       ((unsigned int)f32_to_bf16(v[2 * i + 1]) << 16);
+        }
+        *(uint4*)(out + first) = packed;
+        return;
+    }
+    for (size_t i = first; i < first + TO_BF16_VALUES && i < (size_t)n; i++) {
+        out[i] = f32_to_bf16(x[i]);
+    }
 }
 
 // out[r, :] = x[rows[r], :]; one block per output row.
