@@ -16,7 +16,7 @@ use super::kernels::Kernel;
 use super::{CudaBackend, device_error};
 use crate::error::Result;
 
-/// The most arguments a kernel takes (`gemv_rows`: 12).
+/// The most arguments a kernel takes (`moe_route_place` and the attention kernels: 14).
 const MAX_ARGS: usize = 16;
 
 /// Whether kernels may start before the previous kernel ends: on devices that have

@@ -282,14 +282,8 @@ extern "C" __global__ void to_bf16(const float* x, bf16_t* out, int n) {
     if (first + TO_BF16_VALUES <= (size_t)n && aligned16(x + first) && aligned16(out + first)) {
         float v[TO_BF16_VALUES];
         load8(v, x + first);
-        uint4 packed;
-        unsigned int* words = (unsigned int*)&packed;
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            words[i] = (unsigned int)f32_to_bf16(v[2 * i]) |
-                       ((unsigned int)f32_to_bf16(v[2 * i + 1]) << 16);
-        }
-        *(uint4*)(out + first) = packed;
+        *(uint4*)(out + first) = make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]),
+                                            pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
         return;
     }
     for (size_t i = first; i < first + TO_BF16_VALUES && i < (size_t)n; i++) {
