@@ -366,13 +366,20 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     let bias = b.vector(v.take(48, 0.5)).expect("bias");
     let y = b.linear(&x, &w, Some(&bias)).expect("linear");
     out.push(("linear".into(), b.to_host(&y).expect("host")));
-    // A decode step's few rows take the matrix-vector kernel on the GPU; q, k and v share
-    // one input.
+    // A decode step's few rows take the matrix-vector kernels on the GPU (seven rows the
+    // tensor-core one, whose 16-row tiles leave 203 weight rows a partial tile); q, k and v
+    // share one input.
     let few = tensor(b, 3, hidden, v.take(3 * hidden, 1.0));
+    let seven = tensor(b, 7, hidden, v.take(7 * hidden, 1.0));
     let wide = matrix(b, &mut v, 200, hidden);
-    for (name, input) in [("linear_qkv_few_rows", &few), ("linear_qkv", &x)] {
+    let odd = matrix(b, &mut v, 203, hidden);
+    for (name, input, middle) in [
+        ("linear_qkv_few_rows", &few, &wide),
+        ("linear_qkv_seven_rows", &seven, &odd),
+        ("linear_qkv", &x, &wide),
+    ] {
         let outputs = b
-            .linear_qkv(input, [(&w, Some(&bias)), (&wide, None), (&w, None)])
+            .linear_qkv(input, [(&w, Some(&bias)), (middle, None), (&w, None)])
             .expect("linear_qkv");
         let values = outputs.iter().flat_map(|y| b.to_host(y).expect("host"));
         out.push((name.into(), values.collect()));

@@ -94,6 +94,7 @@ kernel_table! {
     MoeWgmmaDown => "moe_wgmma_down",
     MoeCombine => "moe_combine",
     GemvRows => "gemv_rows",
+    GemvRowsMma => "gemv_rows_mma",
     AddRmsNorm => "add_rms_norm",
     AttentionInputs => "attention_inputs",
 }

@@ -15,8 +15,9 @@ use crate::weights::ExpertWeights;
 
 /// Routing slots (tokens × top-k) up to which the experts run as grouped matrix-vector
 /// products rather than grouped GEMMs. Measured on an H100 (Qwen3-30B-A3B shape, CUDA_NOTES
-/// v10): at 64 slots (batch 8) the grouped GEMMs take 2.77 ms a step against 3.53 ms this way;
-/// at 8 slots (batch 1) the two are within run-to-run spread.
+/// v10 and v15): at 64 slots (batch 8) the grouped GEMMs take 2.47-2.49 ms a step against
+/// 2.56 ms this way (v10: 2.77 against 3.53); at 256 (batch 32) 4.45-4.51 against 5.66; at 8
+/// slots (batch 1) the two are within run-to-run spread.
 const MOE_GEMV_MAX_PAIRS: usize = 8;
 /// Warps a block of `moe_gate_up` / `moe_down` has: `moe_gate_up` computes a row a warp.
 const MOE_WARPS_PER_BLOCK: usize = (ROW_THREADS / 32) as usize;
@@ -45,6 +46,16 @@ const PLACE_IN_OFFSETS_MAX_PAIRS: usize = 1024;
 /// Threads of the one block of `moe_offsets` (a thread an expert) and of `moe_route_place`
 /// (also a warp a routed row).
 const MAX_EXPERTS: usize = 1024;
+
+/// Rows of a placement's tiles for `pairs` routing slots: matrix-vector groups for a few
+/// (pairs <= MOE_GEMV_MAX_PAIRS), GEMM row tiles for more.
+fn tile_rows(pairs: usize) -> usize {
+    if pairs <= MOE_GEMV_MAX_PAIRS {
+        MOE_MAX_GROUP
+    } else {
+        GEMM_BM
+    }
+}
 
 /// (token, expert) pairs per expert of one layer: counted on the device by routing done
 /// there, on the host by routing done on the host (expert parallelism).
@@ -140,12 +151,13 @@ impl CudaBackend {
             k as i32,
             i32::from(rule.renormalize),
         );
-        // A decode step's few rows: routing and placement in one block (matrix-vector
-        // groups, as run_experts takes for so few slots).
+        // A decode step's few rows: routing and placement in one block, in the tiles
+        // run_experts takes for that many slots.
         let threads = (x.rows * 32).max(rule.num_experts.next_multiple_of(32));
-        if (1..=MOE_GEMV_MAX_PAIRS).contains(&pairs) && threads <= MAX_EXPERTS {
-            let mut place = self.new_placement(pairs, rule.num_experts, MOE_MAX_GROUP)?;
-            let (group_i, max_tiles_i) = (MOE_MAX_GROUP as i32, place.max_tiles as i32);
+        if (1..=PLACE_IN_OFFSETS_MAX_PAIRS).contains(&pairs) && threads <= MAX_EXPERTS {
+            let tile_rows = tile_rows(pairs);
+            let mut place = self.new_placement(pairs, rule.num_experts, tile_rows)?;
+            let (tile_rows_i, max_tiles_i) = (tile_rows as i32, place.max_tiles as i32);
             let mut launch = self.launch(Kernel::MoeRoutePlace);
             launch
                 .arg(&logits.data)
@@ -158,7 +170,7 @@ impl CudaBackend {
                 .arg(&renormalize)
                 .arg(&mut place.offsets)
                 .arg(&mut place.tiles)
-                .arg(&group_i)
+                .arg(&tile_rows_i)
                 .arg(&max_tiles_i)
                 .arg(&mut place.sorted_slot)
                 .arg(&mut place.slot_position);
@@ -278,14 +290,11 @@ impl CudaBackend {
         }
         let gemv = pairs <= MOE_GEMV_MAX_PAIRS;
         let place = match slots {
-            // Made only for matrix-vector groups (pairs <= MOE_GEMV_MAX_PAIRS).
+            // Placed in tiles of tile_rows(pairs), as below.
             Slots::Placed(place) => place,
-            Slots::Counted(counts) => self.place(
-                routing,
-                &counts,
-                experts.len(),
-                if gemv { MOE_MAX_GROUP } else { GEMM_BM },
-            )?,
+            Slots::Counted(counts) => {
+                self.place(routing, &counts, experts.len(), tile_rows(pairs))?
+            }
         };
         // One upload: every gate_up pointer, then every down pointer.
         let pointers: Vec<u64> = experts

@@ -1,5 +1,5 @@
 //! Dense projections: cuBLAS GEMMs (bf16 inputs, f32 accumulate) for many rows, `gemv_rows`
-//! for a decode step's few, and the rates the bench measures them against.
+//! and `gemv_rows_mma` for a decode step's few, and the rates the bench measures them against.
 
 use std::ffi::c_void;
 
@@ -12,8 +12,13 @@ use super::{
 };
 use crate::error::Result;
 
-/// Rows of x up to which projections run as matrix-vector products (`gemv_rows`).
+/// Rows of x up to which projections run as `gemv_rows` (a weight row a warp).
 const GEMV_MAX_ROWS: usize = 4;
+/// Rows of x up to which projections run as matrix-vector products, past GEMV_MAX_ROWS as
+/// `gemv_rows_mma`: a block of GEMV_MMA_WARPS warps a tile of GEMV_MMA_TILE weight rows.
+const GEMV_MMA_ROWS: usize = 8;
+const GEMV_MMA_TILE: usize = 16;
+const GEMV_MMA_WARPS: u32 = 8;
 /// Weights one `gemv_rows` launch multiplies x by.
 const GEMV_MAX_WEIGHTS: usize = 3;
 /// Values one thread of `to_bf16` converts.
@@ -147,9 +152,9 @@ impl CudaBackend {
     }
 
     /// How projections of `x` read it: a decode step's few rows straight from f32 by
-    /// `gemv_rows`, more through one bf16 copy for the GEMMs.
+    /// `gemv_rows` or `gemv_rows_mma`, more through one bf16 copy for the GEMMs.
     pub(super) fn projection_input<'a>(&self, x: &'a CudaTensor) -> Result<ProjectionInput<'a>> {
-        if x.rows <= GEMV_MAX_ROWS && x.cols.is_multiple_of(8) {
+        if x.rows <= GEMV_MMA_ROWS && x.cols.is_multiple_of(8) {
             Ok(ProjectionInput::Rows(x))
         } else {
             Ok(ProjectionInput::Bf16 {
@@ -205,7 +210,23 @@ impl CudaBackend {
         let null = 0u64;
         let outs: [i32; GEMV_MAX_WEIGHTS] =
             std::array::from_fn(|m| weights.get(m).map_or(0, |w| w.out_dim as i32));
-        let mut launch = self.launch(Kernel::GemvRows);
+        // A warp a weight row, or a block a tile of them (each weight's rows start a tile).
+        let (kernel, config) = if x.rows <= GEMV_MAX_ROWS {
+            (Kernel::GemvRows, blocks(total * WARP as usize, ROW_THREADS))
+        } else {
+            let tiles: usize = weights
+                .iter()
+                .map(|w| w.out_dim.div_ceil(GEMV_MMA_TILE))
+                .sum();
+            (
+                Kernel::GemvRowsMma,
+                blocks(
+                    tiles * (GEMV_MMA_WARPS * WARP) as usize,
+                    GEMV_MMA_WARPS * WARP,
+                ),
+            )
+        };
+        let mut launch = self.launch(kernel);
         launch.arg(&x.data).arg(&rows).arg(&k);
         let mut outputs = ys.iter_mut();
         for (m, n) in outs.iter().enumerate() {
@@ -215,11 +236,12 @@ impl CudaBackend {
             };
             launch.arg(n);
         }
-        // SAFETY: a warp per weight row j of each weight m (w_m holds n_m · k bf16 values, k
-        // a multiple of 8; absent weights have n_m = 0 and are never read), reading the rows
-        // <= GEMV_MAX_ROWS of x (rows · k floats, allocation-aligned) and writing column j of
-        // y_m (rows · n_m).
-        unsafe { launch.launch(blocks(total * WARP as usize, ROW_THREADS)) }?;
+        // SAFETY: a warp per weight row j (gemv_rows), or a block per GEMV_MMA_TILE rows from
+        // j (gemv_rows_mma), of each weight m (w_m holds n_m · k bf16 values, k a multiple of
+        // 8; rows past n_m and absent weights, n_m = 0, are never read), reading the rows of
+        // x (at most the kernel's limit, rows · k floats, allocation-aligned) and writing
+        // columns j … below n_m of y_m (rows · n_m).
+        unsafe { launch.launch(config) }?;
         Ok(ys)
     }
 
@@ -282,6 +304,9 @@ mod tests {
     fn matrix_vector_rows_match_the_kernel() {
         assert_host_constants(&[
             ("GEMV_MAX_ROWS", GEMV_MAX_ROWS),
+            ("GEMV_MMA_ROWS", GEMV_MMA_ROWS),
+            ("GEMV_MMA_TILE", GEMV_MMA_TILE),
+            ("GEMV_MMA_WARPS", GEMV_MMA_WARPS as usize),
             ("TO_BF16_VALUES", TO_BF16_VALUES),
         ]);
     }

@@ -37,6 +37,26 @@ __device__ __forceinline__ float dot8_global(uint4 w, const float* x) {
 }
 
 
+// The weight unit `unit` (a row, or a tile of `per_unit` rows) of up to three weights falls
+// in: w, y and n become that weight's, and the unit's index in it is returned. Each weight's
+// rows start a unit of their own.
+__device__ __forceinline__ int pick_weight(int unit, int per_unit, const bf16_t*& w, float*& y,
+                                           int& n, const bf16_t* w0, float* y0, int n0,
+                                           const bf16_t* w1, float* y1, int n1,
+                                           const bf16_t* w2, float* y2, int n2) {
+    int units0 = (n0 + per_unit - 1) / per_unit, units1 = (n1 + per_unit - 1) / per_unit;
+    w = w0, y = y0, n = n0;
+    if (unit >= units0) {
+        unit -= units0;
+        w = w1, y = y1, n = n1;
+        if (unit >= units1) {
+            unit -= units1;
+            w = w2, y = y2, n = n2;
+        }
+    }
+    return unit;
+}
+
 // y_m[r, j] = x[r] · w_m[j] for the few rows of a decode step (rows <= GEMV_MAX_ROWS) and up
 // to three projections of one x (a layer's q, k and v in one launch; n_m rows of w_m, 0 for
 // an absent one): x f32 (no bf16 copy to make), w_m [n_m, k] bf16, k a multiple of 8. A warp
@@ -49,18 +69,11 @@ extern "C" __global__ void __launch_bounds__(256, 4) gemv_rows(const float* x, i
                                      int n0, const bf16_t* w1, float* y1, int n1,
                                      const bf16_t* w2, float* y2, int n2) {
     let_next_kernel_launch();
-    int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const bf16_t* w = w0;
-    float* y = y0;
-    int n = n0;
-    if (j >= n0) {
-        j -= n0;
-        w = w1, y = y1, n = n1;
-        if (j >= n1) {
-            j -= n1;
-            w = w2, y = y2, n = n2;
-        }
-    }
+    const bf16_t* w;
+    float* y;
+    int n;
+    int j = pick_weight(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), 1, w, y, n, w0, y0,
+                        n0, w1, y1, n1, w2, y2, n2);
     bool has_row = j < n;
     int lane = threadIdx.x & 31;
     int chunks = k / 8;
@@ -89,6 +102,81 @@ extern "C" __global__ void __launch_bounds__(256, 4) gemv_rows(const float* x, i
             float v = warp_sum(acc[r]);
             if (lane == 0) y[(size_t)r * n + j] = v;
         }
+    }
+}
+
+// The same products for up to GEMV_MMA_ROWS rows of x (a batch of 8) on the tensor cores:
+// a block takes GEMV_MMA_TILE consecutive rows of one weight (a tile), its warps split k (warp w the 32-value blocks w, w +
+// GEMV_MMA_WARPS, …) and add their partial sums in shared memory. Each block of 32 k values
+// is two mma.m16n8k16: A the tile's weight rows, B the rows of x (as bf16, zeros past
+// `rows`). A thread loads 8 consecutive values of weight rows g and g + 8 and of x row g
+// (g = lane / 4, at k0 + 8 (lane % 4)), and the instructions' k slots take them in an order
+// A and B agree on, so no shuffle or shared staging is needed: x is read once a tile where
+// a warp a weight row read all of x from L1 for each (eight rows of x: sixteen times the
+// weight's bytes, and eight accumulators spilled under the 64-register cap). cuBLAS ran an
+// 8-row step's q, k and v at about a third of the copy rate.
+#define GEMV_MMA_ROWS 8
+#define GEMV_MMA_TILE 16
+#define GEMV_MMA_WARPS 8
+// 32-value blocks of k a warp loads before using any.
+#define GEMV_MMA_LOADS 4
+extern "C" __global__ void __launch_bounds__(GEMV_MMA_WARPS * 32, 3)
+    gemv_rows_mma(const float* x, int rows, int k, const bf16_t* w0, float* y0, int n0,
+                  const bf16_t* w1, float* y1, int n1, const bf16_t* w2, float* y2, int n2) {
+    let_next_kernel_launch();
+    const bf16_t* w;
+    float* y;
+    int n;
+    int j0 = pick_weight(blockIdx.x, GEMV_MMA_TILE, w, y, n, w0, y0, n0, w1, y1, n1, w2, y2, n2) *
+             GEMV_MMA_TILE;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int blocks = (k + 31) / 32;
+    // Weight rows j0 + g and j0 + g + 8 (the last row again past n: loaded, never written).
+    const bf16_t* lo = w + (size_t)min(j0 + g, n - 1) * k;
+    const bf16_t* hi = w + (size_t)min(j0 + g + 8, n - 1) * k;
+    uint4 a_lo[GEMV_MMA_LOADS], a_hi[GEMV_MMA_LOADS];
+    auto load_weights = [&](int first) {
+#pragma unroll
+        for (int u = 0; u < GEMV_MMA_LOADS; u++) {
+            int kk = (first + u * GEMV_MMA_WARPS) * 32 + 8 * t;
+            bool in = first + u * GEMV_MMA_WARPS < blocks && kk < k;
+            a_lo[u] = in ? *(const uint4*)(lo + kk) : make_uint4(0, 0, 0, 0);
+            a_hi[u] = in ? *(const uint4*)(hi + kk) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    // No kernel writes weights: the first loads overlap the previous kernel's end.
+    load_weights(warp);
+    wait_for_previous_kernel();
+    const float* xg = x + (size_t)g * k;
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int first = warp; first < blocks; first += GEMV_MMA_WARPS * GEMV_MMA_LOADS) {
+        if (first != warp) load_weights(first);
+#pragma unroll
+        for (int u = 0; u < GEMV_MMA_LOADS; u++) {
+            int kk = (first + u * GEMV_MMA_WARPS) * 32 + 8 * t;
+            float xv[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            if (g < rows && first + u * GEMV_MMA_WARPS < blocks && kk < k) load8(xv, xg + kk);
+            unsigned int b0[2] = {pack_bf16(xv[0], xv[1]), pack_bf16(xv[2], xv[3])};
+            unsigned int b1[2] = {pack_bf16(xv[4], xv[5]), pack_bf16(xv[6], xv[7])};
+            unsigned int f0[4] = {a_lo[u].x, a_hi[u].x, a_lo[u].y, a_hi[u].y};
+            unsigned int f1[4] = {a_lo[u].z, a_hi[u].z, a_lo[u].w, a_hi[u].w};
+            mma_bf16(c, f0, b0);
+            mma_bf16(c, f1, b1);
+        }
+    }
+    // c: tile rows g and g + 8, x rows 2t and 2t + 1; the warps' partial sums meet here.
+    __shared__ float partial[GEMV_MMA_WARPS][GEMV_MMA_TILE][GEMV_MMA_ROWS];
+    partial[warp][g][2 * t] = c[0];
+    partial[warp][g][2 * t + 1] = c[1];
+    partial[warp][g + 8][2 * t] = c[2];
+    partial[warp][g + 8][2 * t + 1] = c[3];
+    __syncthreads();
+    if (threadIdx.x < GEMV_MMA_TILE * GEMV_MMA_ROWS) {
+        int m = threadIdx.x / GEMV_MMA_ROWS, r = threadIdx.x % GEMV_MMA_ROWS;
+        float sum = 0.0f;
+#pragma unroll
+        for (int v = 0; v < GEMV_MMA_WARPS; v++) sum += partial[v][m][r];
+        if (r < rows && j0 + m < n) y[(size_t)r * n + j0 + m] = sum;
     }
 }
 

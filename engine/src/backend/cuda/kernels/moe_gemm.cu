@@ -282,14 +282,15 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a
     int steps = (k + GEMM_BK - 1) / GEMM_BK;
 #pragma unroll
     for (int s = 0; s < GEMM_STAGES - 1; s++) queue_gemm_step(load, s, steps);
+    // Each step's wgmmas run while the next step's copies are queued and waited for: a
+    // warpgroup waits only for the step before (wait_group 1), and the stage that step read
+    // is refilled once every warpgroup is past that wait. Waiting for each step's own
+    // wgmmas left the tensor cores idle through every barrier and copy issue.
     for (int step = 0; step < steps; step++) {
         copies_wait<GEMM_STAGES - 2>();
         // The copies were generic-proxy writes; wgmma reads through the async proxy.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
-        // Every warpgroup finished the last step's wgmmas (waited below), so the stage
-        // they read may be refilled.
-        queue_gemm_step(load, step + GEMM_STAGES - 1, steps);
         unsigned int stage = base + (step % GEMM_STAGES) * WGMMA_STAGE_BYTES;
         unsigned int a_tile = stage + warpgroup * 64 * 128;
         unsigned int b_tile = stage + GEMM_BM * 128;
@@ -301,8 +302,12 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a
                              wgmma_descriptor(b_tile + ks * 32));
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+        __syncthreads();
+        // Stage (step + GEMM_STAGES - 1) % GEMM_STAGES is the one the last step read.
+        queue_gemm_step(load, step + GEMM_STAGES - 1, steps);
     }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     // d[4j + e]: row 16 (warp % 4) + g (+ 8 for e >= 2) of the warpgroup's 64, column
     // 8j + 2t (+ 1 for odd e).
     int lane = tid & 31, g = lane >> 2, t = lane & 3;
