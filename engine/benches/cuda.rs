@@ -11,9 +11,10 @@
 //! steps hit hiccups of a few ms that moved a mean of 8 steps by up to 0.5 ms between runs.
 //!
 //! `cargo bench -p tandem-engine --bench cuda` (`TANDEM_BENCH_LAYERS`, default 8;
-//! `TANDEM_BENCH_DIR` for the checkpoint, default under the temp dir; `TANDEM_BENCH_DECODE=0`
-//! runs prefill only, so a profiler's first MoE kernels are the 2k prompt's). Prints why it
-//! skips where no GPU is found.
+//! `TANDEM_BENCH_DIR` for the checkpoint, default under the temp dir; `TANDEM_BENCH_BATCHES`,
+//! comma-separated, the decode batches, default 1,8,32,64,128: empty runs prefill only, so a
+//! profiler's first MoE kernels are the 2k prompt's, and one batch puts that batch's steps
+//! first). Prints why it skips where no GPU is found.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -100,12 +101,14 @@ fn main() {
         "qwen3-30b-a3b shape, {layers} layers, loaded in {:.0} s\n",
         started.elapsed().as_secs_f64()
     );
-    let blocks_needed = BATCHES[BATCHES.len() - 1] * (CONTEXT + 64) / BLOCK_SIZE + 64;
+    let batches = decode_batches();
+    let largest = batches.iter().copied().max().unwrap_or(0);
+    let blocks_needed = largest * (CONTEXT + 64) / BLOCK_SIZE + 64;
     let config = EngineConfig {
         block_size: BLOCK_SIZE,
         num_blocks: blocks_needed.max(PREFILL_LENGTHS[1] / BLOCK_SIZE + 64),
         max_batch_tokens: PREFILL_LENGTHS[1],
-        max_running: 256,
+        max_running: largest.max(256),
         // Every step computes: repeated prompts must not hit a prefix cache.
         prefix_caching: false,
     };
@@ -125,9 +128,7 @@ fn main() {
     println!("decode at {CONTEXT} context");
     println!("| batch | step ms (median) | floor ms | of floor | tokens/s |");
     println!("| ---: | ---: | ---: | ---: | ---: |");
-    let decode = std::env::var("TANDEM_BENCH_DECODE").map_or(true, |v| v != "0");
-    let batches: &[usize] = if decode { &BATCHES } else { &[] };
-    for &batch in batches {
+    for &batch in &batches {
         let step = decode_step_seconds(&mut engine, batch, layers);
         measured["decode"]
             .as_array_mut()
@@ -197,6 +198,22 @@ fn main() {
             engine.model().backend().take_profile()
         );
     }
+}
+
+/// The decode batches to time: `TANDEM_BENCH_BATCHES` (comma-separated, empty for none), else
+/// BATCHES.
+fn decode_batches() -> Vec<usize> {
+    let Ok(list) = std::env::var("TANDEM_BENCH_BATCHES") else {
+        return BATCHES.to_vec();
+    };
+    list.split(',')
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+        .map(|b| match b.parse() {
+            Ok(batch) if batch > 0 => batch,
+            _ => panic!("TANDEM_BENCH_BATCHES: {b:?} is not a batch size"),
+        })
+        .collect()
 }
 
 fn config(layers: usize) -> serde_json::Value {
