@@ -231,7 +231,10 @@ fn ptxas_or_skip(test: &str) -> Option<PathBuf> {
             .find(|p| p.is_file()),
     };
     if found.is_none() {
-        let reason = format!("no ptxas ({named:?} named by TANDEM_PTXAS, none on PATH)");
+        let reason = match &named {
+            Some(path) => format!("TANDEM_PTXAS names {}, which is not a file", path.display()),
+            None => "no ptxas on PATH or in /usr/local/cuda/bin (TANDEM_PTXAS names one)".into(),
+        };
         assert!(
             std::env::var_os("TANDEM_REQUIRE_PTXAS").is_none(),
             "{test}: {reason}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Kernel times per forward pass from an Nsight Compute CSV of `gpu__time_duration.sum`
-(tests/gpu/kernel-times, tests/gpu/prefill-kernels). A pass starts at its `embed` kernel.
+(tests/gpu/kernel-times, tests/gpu/prefill-kernels, tests/gpu/decode-kernels). A pass starts at its `embed` kernel.
 
 Usage: kernel-passes.py NCU_CSV [PASS ...]   (pass indices, negative from the end; default 0 -1)
 """

@@ -40,8 +40,9 @@ const MAX_GRID_Y: usize = 65_535;
 /// Experts `moe_route` scores (`ROUTE_MAX_PER_LANE` × 32) and picks at most (a lane each).
 const ROUTE_MAX_EXPERTS: usize = 512;
 const ROUTE_MAX_TOP_K: usize = 32;
-/// Routing slots up to which `moe_offsets`' one block also places them (a decode step's
-/// few: one launch fewer a layer), rather than a `moe_place` launch of a thread a slot.
+/// Routing slots up to which one block places them (`moe_offsets`, or `moe_route_place`
+/// routing them too: a decode step's few, one or two launches fewer a layer), rather than a
+/// `moe_place` launch of a thread a slot.
 const PLACE_IN_OFFSETS_MAX_PAIRS: usize = 1024;
 /// Threads of the one block of `moe_offsets` (a thread an expert) and of `moe_route_place`
 /// (also a warp a routed row).

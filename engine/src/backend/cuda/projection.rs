@@ -19,7 +19,7 @@ const GEMV_MAX_ROWS: usize = 4;
 const GEMV_MMA_ROWS: usize = 8;
 const GEMV_MMA_TILE: usize = 16;
 const GEMV_MMA_WARPS: u32 = 8;
-/// Weights one `gemv_rows` launch multiplies x by.
+/// Weights one `gemv_rows` or `gemv_rows_mma` launch multiplies x by.
 const GEMV_MAX_WEIGHTS: usize = 3;
 /// Values one thread of `to_bf16` converts.
 const TO_BF16_VALUES: usize = 8;

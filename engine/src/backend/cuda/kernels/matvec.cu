@@ -106,8 +106,9 @@ extern "C" __global__ void __launch_bounds__(256, 4) gemv_rows(const float* x, i
 }
 
 // The same products for up to GEMV_MMA_ROWS rows of x (a batch of 8) on the tensor cores:
-// a block takes GEMV_MMA_TILE consecutive rows of one weight (a tile), its warps split k (warp w the 32-value blocks w, w +
-// GEMV_MMA_WARPS, …) and add their partial sums in shared memory. Each block of 32 k values
+// a block takes GEMV_MMA_TILE consecutive rows of one weight (a tile), its warps split k
+// (warp w the 32-value blocks w, w + GEMV_MMA_WARPS, …) and add their partial sums in shared
+// memory. Each block of 32 k values
 // is two mma.m16n8k16: A the tile's weight rows, B the rows of x (as bf16, zeros past
 // `rows`). A thread loads 8 consecutive values of weight rows g and g + 8 and of x row g
 // (g = lane / 4, at k0 + 8 (lane % 4)), and the instructions' k slots take them in an order
