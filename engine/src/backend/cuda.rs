@@ -219,6 +219,7 @@ impl CudaBackend {
         // SAFETY: the backend uses one stream, so cudarc's per-buffer events (created with every
         // allocation, recorded with every launch) order nothing and only cost time.
         unsafe { ctx.disable_event_tracking() };
+        memory::keep_freed_memory(&ctx)?;
         let device_name = ctx.name().unwrap_or_else(|_| "cuda".into());
         let device_uuid = ctx
             .uuid()
