@@ -126,10 +126,12 @@ fn main() {
         "prefill": [],
     });
     println!("decode at {CONTEXT} context");
-    println!("| batch | step ms (median) | floor ms | of floor | tokens/s |");
-    println!("| ---: | ---: | ---: | ---: | ---: |");
+    // The host's wait for the step's tokens: near zero, the host set the pace (launching
+    // the step's kernels took as long as running them); near the step, the GPU did.
+    println!("| batch | step ms (median) | floor ms | of floor | tokens/s | host waits ms |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
     for &batch in &batches {
-        let step = decode_step_seconds(&mut engine, batch, layers);
+        let (step, wait) = decode_step_seconds(&mut engine, batch, layers);
         measured["decode"]
             .as_array_mut()
             .expect("array")
@@ -138,11 +140,12 @@ fn main() {
         // which a step that only reads can reach too.
         let floor = decode_floor_bytes(batch, layers) / copy;
         println!(
-            "| {batch} | {:.2} | {:.2} | {:.0}% | {:.0} |",
+            "| {batch} | {:.2} | {:.2} | {:.0}% | {:.0} | {:.2} |",
             step * 1e3,
             floor * 1e3,
             100.0 * floor / step,
-            batch as f64 / step
+            batch as f64 / step,
+            wait * 1e3
         );
     }
 
@@ -245,8 +248,13 @@ fn config(layers: usize) -> serde_json::Value {
 }
 
 /// Median time of one decode step of `batch` sequences holding CONTEXT tokens each, their
-/// prompt KV imported (its values do not change the work).
-fn decode_step_seconds(engine: &mut Engine<CudaBackend>, batch: usize, layers: usize) -> f64 {
+/// prompt KV imported (its values do not change the work), and the median time the host
+/// waited in it for the device.
+fn decode_step_seconds(
+    engine: &mut Engine<CudaBackend>,
+    batch: usize,
+    layers: usize,
+) -> (f64, f64) {
     let width = KV_HEADS * HEAD_DIM;
     let rows = KvRows {
         k: vec![0.01; CONTEXT * width],
@@ -279,18 +287,19 @@ fn decode_step_seconds(engine: &mut Engine<CudaBackend>, batch: usize, layers: u
     }
     // Warm up, then time.
     engine.step().expect("step");
-    let steps = (0..TIMED_STEPS)
+    let (steps, waits) = (0..TIMED_STEPS)
         .map(|_| {
+            engine.model().backend().take_host_wait();
             let started = Instant::now();
             engine.step().expect("step");
-            started.elapsed().as_secs_f64()
+            let step = started.elapsed().as_secs_f64();
+            (step, engine.model().backend().take_host_wait())
         })
-        .collect();
-    let seconds = median(steps);
+        .unzip();
     for id in ids {
         engine.abort(id);
     }
-    seconds
+    (median(steps), median(waits))
 }
 
 /// Bytes one decode step must read at least: the experts its tokens touch (expected distinct

@@ -13,6 +13,7 @@
 #![allow(unsafe_code)]
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
@@ -113,6 +114,8 @@ pub struct CudaBackend {
     /// While profiling: calls and seconds per operation, each timed between two stream
     /// synchronizations (so profiling slows the run down).
     profile: Mutex<Option<BTreeMap<&'static str, (u64, f64)>>>,
+    /// Nanoseconds the host waited in copies back from the device (`read_back`).
+    host_wait_ns: AtomicU64,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -245,6 +248,7 @@ impl CudaBackend {
             reused_f32: ReusedUploads::default(),
             reused_u64: ReusedUploads::default(),
             profile: Mutex::new(None),
+            host_wait_ns: AtomicU64::new(0),
         })
     }
 
@@ -370,10 +374,7 @@ impl CudaBackend {
             // SAFETY: one block per row; slots were checked against the store's capacity and
             // out holds rows · width values.
             unsafe { launch.launch(per_row(rows)) }?;
-            let mut host = self
-                .stream
-                .clone_dtoh(&out)
-                .map_err(|e| device_error("copying to the host", e))?;
+            let mut host = self.read_back(&out)?;
             host.truncate(rows * width);
             return Ok(host);
         }
@@ -839,10 +840,7 @@ impl Backend for CudaBackend {
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
         let _timer = self.timed("to_host");
-        let mut host = self
-            .stream
-            .clone_dtoh(&x.data)
-            .map_err(|e| device_error("copying to the host", e))?;
+        let mut host = self.read_back(&x.data)?;
         host.truncate(x.rows * x.cols);
         Ok(host)
     }

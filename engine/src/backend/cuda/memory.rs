@@ -2,7 +2,9 @@
 //! bandwidth decode is measured against.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUmemPool_attribute};
 use cudarc::driver::{CudaContext, CudaSlice, DeviceRepr, ValidAsZeroBits, sys};
@@ -130,6 +132,29 @@ impl CudaBackend {
         };
         last.insert(key, uploaded);
         Ok(device)
+    }
+
+    /// `device` copied to the host. The time the host waits here (for the work queued ahead
+    /// of the copy, then the copy) adds to [`Self::take_host_wait`].
+    pub(super) fn read_back<T: DeviceRepr + Default + Clone>(
+        &self,
+        device: &CudaSlice<T>,
+    ) -> Result<Vec<T>> {
+        let started = Instant::now();
+        let host = self
+            .stream
+            .clone_dtoh(device)
+            .map_err(|e| device_error("copying to the host", e))?;
+        let waited = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.host_wait_ns.fetch_add(waited, Ordering::Relaxed);
+        Ok(host)
+    }
+
+    /// Seconds the host has spent waiting for copies back from the device since the last
+    /// call. Over a decode step, near zero means the host set the step's pace (the GPU had
+    /// finished when the tokens were asked for); near the step's time, the GPU did.
+    pub fn take_host_wait(&self) -> f64 {
+        self.host_wait_ns.swap(0, Ordering::Relaxed) as f64 * 1e-9
     }
 
     /// Memory a kernel will fully write before anything reads it (at least one element).

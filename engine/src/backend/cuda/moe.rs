@@ -6,8 +6,7 @@
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 
 use super::{
-    CudaBackend, CudaMatrix, CudaTensor, Kernel, ROW_THREADS, blocks, device_error, per_row,
-    shape_error,
+    CudaBackend, CudaMatrix, CudaTensor, Kernel, ROW_THREADS, blocks, per_row, shape_error,
 };
 use crate::backend::{HostCounters, RouteRule, Routing, moe_routed_on_host};
 use crate::error::{EngineError, Result};
@@ -104,10 +103,7 @@ impl CudaBackend {
     }
 
     pub(super) fn read_counters(&self, counters: &CudaExpertCounters) -> Result<Vec<u64>> {
-        let device = self
-            .stream
-            .clone_dtoh(&counters.device)
-            .map_err(|e| device_error("copying expert counters to the host", e))?;
+        let device = self.read_back(&counters.device)?;
         Ok(counters
             .host
             .read()

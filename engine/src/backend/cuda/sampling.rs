@@ -2,10 +2,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::{
-    CudaBackend, CudaTensor, ELEMENT_THREADS, Kernel, ROW_THREADS, blocks, device_error,
-    shape_error,
-};
+use super::{CudaBackend, CudaTensor, ELEMENT_THREADS, Kernel, ROW_THREADS, blocks, shape_error};
 use crate::error::Result;
 
 /// Logits one block of `greedy_partial` takes: a row's vocabulary is spread over many blocks
@@ -64,10 +61,7 @@ impl CudaBackend {
             .arg(&parts_i);
         // SAFETY: one thread per row reading its parts, writing its two entries of picks.
         unsafe { launch.launch(blocks(rows, ELEMENT_THREADS)) }?;
-        let picks = self
-            .stream
-            .clone_dtoh(&picks)
-            .map_err(|e| device_error("copying to the host", e))?;
+        let picks = self.read_back(&picks)?;
         Ok(picks
             .chunks_exact(2)
             .take(rows)
