@@ -527,16 +527,19 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         let values = outputs.iter().flat_map(|y| b.to_host(y).expect("host"));
         out.push((name.into(), values.collect()));
     }
-    // Seven rows over 1064 values: on the GPU the first warps of a tile take a second round
-    // of 32-value blocks, the last of them partial.
-    let long_k = 1064;
-    let seven_long = tensor(b, 7, long_k, v.take(7 * long_k, 1.0));
-    let w_long = matrix(b, &mut v, 20, long_k);
-    let y = b.linear(&seven_long, &w_long, None).expect("linear");
-    out.push((
-        "linear_seven_rows_long_k".into(),
-        b.to_host(&y).expect("host"),
-    ));
+    // Seven rows over many values: on the GPU the first warps of a tile take a second round
+    // of 32-value blocks, the last of them partial. Two tiles take 16 warps a tile (fewer
+    // tiles than SMs: 2088 values are 66 blocks, 64 a round), 250 tiles take 8 (1064 values
+    // are 34 blocks, 32 a round).
+    for (name, weight_rows, long_k) in [
+        ("linear_seven_rows_long_k", 20, 2088),
+        ("linear_seven_rows_many_tiles", 4000, 1064),
+    ] {
+        let seven_long = tensor(b, 7, long_k, v.take(7 * long_k, 1.0));
+        let w_long = matrix(b, &mut v, weight_rows, long_k);
+        let y = b.linear(&seven_long, &w_long, None).expect("linear");
+        out.push((name.into(), b.to_host(&y).expect("host")));
+    }
     let norm = b.vector(v.take(hidden, 1.0)).expect("norm");
     let head_norm = b.vector(v.take(16, 1.0)).expect("norm");
     out.push((

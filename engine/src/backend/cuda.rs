@@ -17,6 +17,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig};
 
 use crate::backend::{
@@ -108,6 +109,8 @@ pub struct CudaBackend {
     hopper: bool,
     /// Kernels launch while the previous one drains (programmatic dependent launch).
     dependent_launch: bool,
+    /// Streaming multiprocessors: how many blocks one wave of a launch runs.
+    multiprocessors: usize,
     reused_i32: ReusedUploads<i32>,
     reused_f32: ReusedUploads<f32>,
     reused_u64: ReusedUploads<u64>,
@@ -223,6 +226,10 @@ impl CudaBackend {
         // allocation, recorded with every launch) order nothing and only cost time.
         unsafe { ctx.disable_event_tracking() };
         memory::keep_freed_memory(&ctx)?;
+        let multiprocessors = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| device_error("reading the multiprocessor count", e))?
+            .max(1) as usize;
         let device_name = ctx.name().unwrap_or_else(|_| "cuda".into());
         let device_uuid = ctx
             .uuid()
@@ -244,6 +251,7 @@ impl CudaBackend {
             device_uuid,
             hopper: (major, minor) == HOPPER,
             dependent_launch: launch::dependent_launch_enabled((major, minor)),
+            multiprocessors,
             reused_i32: ReusedUploads::default(),
             reused_f32: ReusedUploads::default(),
             reused_u64: ReusedUploads::default(),

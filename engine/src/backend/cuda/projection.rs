@@ -15,10 +15,14 @@ use crate::error::Result;
 /// Rows of x up to which projections run as `gemv_rows` (a weight row a warp).
 const GEMV_MAX_ROWS: usize = 4;
 /// Rows of x up to which projections run as matrix-vector products, past GEMV_MAX_ROWS as
-/// `gemv_rows_mma`: a block of GEMV_MMA_WARPS warps a tile of GEMV_MMA_TILE weight rows.
+/// `gemv_rows_mma`: a block of GEMV_MMA_WARPS warps a tile of GEMV_MMA_TILE weight rows, or
+/// of GEMV_MMA_MAX_WARPS where the launch has fewer tiles than the GPU has SMs (a batch of
+/// 8's o projection, 128 tiles of 4096 values; the router's 8): each warp then makes half
+/// the trips to memory along its rows.
 const GEMV_MMA_ROWS: usize = 8;
 const GEMV_MMA_TILE: usize = 16;
 const GEMV_MMA_WARPS: u32 = 8;
+const GEMV_MMA_MAX_WARPS: u32 = 16;
 /// Weights one `gemv_rows` or `gemv_rows_mma` launch multiplies x by.
 const GEMV_MAX_WEIGHTS: usize = 3;
 /// Values one thread of `to_bf16` converts.
@@ -245,12 +249,14 @@ impl CudaBackend {
                 .iter()
                 .map(|w| w.out_dim.div_ceil(GEMV_MMA_TILE))
                 .sum();
+            let warps = if tiles < self.multiprocessors {
+                GEMV_MMA_MAX_WARPS
+            } else {
+                GEMV_MMA_WARPS
+            };
             (
                 Kernel::GemvRowsMma,
-                blocks(
-                    tiles * (GEMV_MMA_WARPS * WARP) as usize,
-                    GEMV_MMA_WARPS * WARP,
-                ),
+                blocks(tiles * (warps * WARP) as usize, warps * WARP),
             )
         };
         let mut launch = self.launch(kernel);
@@ -333,7 +339,7 @@ mod tests {
             ("GEMV_MAX_ROWS", GEMV_MAX_ROWS),
             ("GEMV_MMA_ROWS", GEMV_MMA_ROWS),
             ("GEMV_MMA_TILE", GEMV_MMA_TILE),
-            ("GEMV_MMA_WARPS", GEMV_MMA_WARPS as usize),
+            ("GEMV_MMA_MAX_WARPS", GEMV_MMA_MAX_WARPS as usize),
             ("TO_BF16_VALUES", TO_BF16_VALUES),
         ]);
     }

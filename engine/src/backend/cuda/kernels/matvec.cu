@@ -106,9 +106,9 @@ extern "C" __global__ void __launch_bounds__(256, 4) gemv_rows(const float* x, i
 }
 
 // The same products for up to GEMV_MMA_ROWS rows of x (a batch of 8) on the tensor cores:
-// a block takes GEMV_MMA_TILE consecutive rows of one weight (a tile), its warps split k
-// (warp w the 32-value blocks w, w + GEMV_MMA_WARPS, …) and add their partial sums in shared
-// memory. Each block of 32 k values
+// a block takes GEMV_MMA_TILE consecutive rows of one weight (a tile), its warps (8, or up
+// to GEMV_MMA_MAX_WARPS for launches of fewer tiles than SMs) split k (warp w the 32-value
+// blocks w, w + warps, …) and add their partial sums in shared memory. Each block of 32 k values
 // is two mma.m16n8k16: A the tile's weight rows, B the rows of x (as bf16, zeros past
 // `rows`). A thread loads 8 consecutive values of weight rows g and g + 8 and of x row g
 // (g = lane / 4, at k0 + 8 (lane % 4)), and the instructions' k slots take them in an order
@@ -118,11 +118,12 @@ extern "C" __global__ void __launch_bounds__(256, 4) gemv_rows(const float* x, i
 // 8-row step's q, k and v at about a third of the copy rate.
 #define GEMV_MMA_ROWS 8
 #define GEMV_MMA_TILE 16
-#define GEMV_MMA_WARPS 8
+#define GEMV_MMA_MAX_WARPS 16
 // 32-value blocks of k a warp loads before using any.
 #define GEMV_MMA_LOADS 4
-// Three blocks an SM (76 registers): a layer's 320 q/k/v tiles run in one wave.
-extern "C" __global__ void __launch_bounds__(GEMV_MMA_WARPS * 32, 3)
+// Registers capped for 768 threads an SM (76 used): three 256-thread blocks, so a layer's
+// 320 q/k/v tiles run in one wave, or one of 512.
+extern "C" __global__ void __launch_bounds__(768, 1)
     gemv_rows_mma(const float* x, int rows, int k, const bf16_t* w0, float* y0, int n0,
                   const bf16_t* w1, float* y1, int n1, const bf16_t* w2, float* y2, int n2) {
     let_next_kernel_launch();
@@ -131,7 +132,8 @@ extern "C" __global__ void __launch_bounds__(GEMV_MMA_WARPS * 32, 3)
     int n;
     int j0 = pick_weight(blockIdx.x, GEMV_MMA_TILE, w, y, n, w0, y0, n0, w1, y1, n1, w2, y2, n2) *
              GEMV_MMA_TILE;
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int blocks = (k + 31) / 32;
     // Weight rows j0 + g and j0 + g + 8 (the last row again past n: loaded, never written).
     const bf16_t* lo = w + (size_t)min(j0 + g, n - 1) * k;
@@ -140,8 +142,8 @@ extern "C" __global__ void __launch_bounds__(GEMV_MMA_WARPS * 32, 3)
     auto load_weights = [&](int first) {
 #pragma unroll
         for (int u = 0; u < GEMV_MMA_LOADS; u++) {
-            int kk = (first + u * GEMV_MMA_WARPS) * 32 + 8 * t;
-            bool in = first + u * GEMV_MMA_WARPS < blocks && kk < k;
+            int kk = (first + u * warps) * 32 + 8 * t;
+            bool in = first + u * warps < blocks && kk < k;
             a_lo[u] = in ? *(const uint4*)(lo + kk) : make_uint4(0, 0, 0, 0);
             a_hi[u] = in ? *(const uint4*)(hi + kk) : make_uint4(0, 0, 0, 0);
         }
@@ -151,13 +153,13 @@ extern "C" __global__ void __launch_bounds__(GEMV_MMA_WARPS * 32, 3)
     wait_for_previous_kernel();
     const float* xg = x + (size_t)g * k;
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int first = warp; first < blocks; first += GEMV_MMA_WARPS * GEMV_MMA_LOADS) {
+    for (int first = warp; first < blocks; first += warps * GEMV_MMA_LOADS) {
         if (first != warp) load_weights(first);
 #pragma unroll
         for (int u = 0; u < GEMV_MMA_LOADS; u++) {
-            int kk = (first + u * GEMV_MMA_WARPS) * 32 + 8 * t;
+            int kk = (first + u * warps) * 32 + 8 * t;
             float xv[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-            if (g < rows && first + u * GEMV_MMA_WARPS < blocks && kk < k) load8(xv, xg + kk);
+            if (g < rows && first + u * warps < blocks && kk < k) load8(xv, xg + kk);
             unsigned int b0[2] = {pack_bf16(xv[0], xv[1]), pack_bf16(xv[2], xv[3])};
             unsigned int b1[2] = {pack_bf16(xv[4], xv[5]), pack_bf16(xv[6], xv[7])};
             unsigned int f0[4] = {a_lo[u].x, a_hi[u].x, a_lo[u].y, a_hi[u].y};
@@ -167,7 +169,7 @@ extern "C" __global__ void __launch_bounds__(GEMV_MMA_WARPS * 32, 3)
         }
     }
     // c: tile rows g and g + 8, x rows 2t and 2t + 1; the warps' partial sums meet here.
-    __shared__ float partial[GEMV_MMA_WARPS][GEMV_MMA_TILE][GEMV_MMA_ROWS];
+    __shared__ float partial[GEMV_MMA_MAX_WARPS][GEMV_MMA_TILE][GEMV_MMA_ROWS];
     partial[warp][g][2 * t] = c[0];
     partial[warp][g][2 * t + 1] = c[1];
     partial[warp][g + 8][2 * t] = c[2];
@@ -176,8 +178,7 @@ extern "C" __global__ void __launch_bounds__(GEMV_MMA_WARPS * 32, 3)
     if (threadIdx.x < GEMV_MMA_TILE * GEMV_MMA_ROWS) {
         int m = threadIdx.x / GEMV_MMA_ROWS, r = threadIdx.x % GEMV_MMA_ROWS;
         float sum = 0.0f;
-#pragma unroll
-        for (int v = 0; v < GEMV_MMA_WARPS; v++) sum += partial[v][m][r];
+        for (int v = 0; v < warps; v++) sum += partial[v][m][r];
         if (r < rows && j0 + m < n) y[(size_t)r * n + j0 + m] = sum;
     }
 }
