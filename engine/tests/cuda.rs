@@ -527,17 +527,19 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         let values = outputs.iter().flat_map(|y| b.to_host(y).expect("host"));
         out.push((name.into(), values.collect()));
     }
-    // Seven rows over many values: on the GPU the first warps of a tile take a second round
-    // of 32-value blocks, the last of them partial. Two tiles take 16 warps a tile (fewer
-    // tiles than SMs: 2088 values are 66 blocks, 64 a round), 250 tiles take 8 (1064 values
-    // are 34 blocks, 32 a round).
-    for (name, weight_rows, long_k) in [
-        ("linear_seven_rows_long_k", 20, 2088),
-        ("linear_seven_rows_many_tiles", 4000, 1064),
+    // Few rows over many values. Seven rows on the GPU: the first warps of a tile take a
+    // second round of 32-value blocks, the last of them partial; two tiles take 16 warps a
+    // tile (fewer tiles than SMs: 2088 values are 66 blocks, 64 a round), 250 tiles take 8
+    // (1064 values are 34 blocks, 32 a round). Three rows over 4104 values: four warps share
+    // each weight row's three rounds of chunks, the last round one chunk, one warp idle.
+    for (name, x_rows, weight_rows, long_k) in [
+        ("linear_seven_rows_long_k", 7, 20, 2088),
+        ("linear_seven_rows_many_tiles", 7, 4000, 1064),
+        ("linear_few_rows_long_k", 3, 20, 4104),
     ] {
-        let seven_long = tensor(b, 7, long_k, v.take(7 * long_k, 1.0));
+        let x_long = tensor(b, x_rows, long_k, v.take(x_rows * long_k, 1.0));
         let w_long = matrix(b, &mut v, weight_rows, long_k);
-        let y = b.linear(&seven_long, &w_long, None).expect("linear");
+        let y = b.linear(&x_long, &w_long, None).expect("linear");
         out.push((name.into(), b.to_host(&y).expect("host")));
     }
     let norm = b.vector(v.take(hidden, 1.0)).expect("norm");

@@ -12,8 +12,13 @@ use super::{
 };
 use crate::error::Result;
 
-/// Rows of x up to which projections run as `gemv_rows` (a weight row a warp).
+/// Rows of x up to which projections run as `gemv_rows` (a weight row a warp, or a few), in
+/// blocks of GEMV_WARPS warps, GEMV_BLOCKS_PER_SM an SM, each warp loading GEMV_ROUND_CHUNKS
+/// 16-byte chunks of its row before using any.
 const GEMV_MAX_ROWS: usize = 4;
+const GEMV_WARPS: usize = 8;
+const GEMV_BLOCKS_PER_SM: usize = 4;
+const GEMV_ROUND_CHUNKS: usize = 32 * 8;
 /// Rows of x up to which projections run as matrix-vector products, past GEMV_MAX_ROWS as
 /// `gemv_rows_mma`: a block of GEMV_MMA_WARPS warps a tile of GEMV_MMA_TILE weight rows, or
 /// of GEMV_MMA_MAX_WARPS where the launch has fewer tiles than the GPU has SMs (a batch of
@@ -241,9 +246,13 @@ impl CudaBackend {
         let null = 0u64;
         let outs: [i32; GEMV_MAX_WEIGHTS] =
             std::array::from_fn(|m| weights.get(m).map_or(0, |w| w.out_dim as i32));
-        // A warp a weight row, or a block a tile of them (each weight's rows start a tile).
-        let (kernel, config) = if x.rows <= GEMV_MAX_ROWS {
-            (Kernel::GemvRows, blocks(total * WARP as usize, ROW_THREADS))
+        // Warps a weight row, or a block a tile of them (each weight's rows start a tile).
+        let mut launch;
+        let config = if x.rows <= GEMV_MAX_ROWS {
+            let split = self.gemv_split(total, input.cols());
+            launch = self.launch(Kernel::GemvRows);
+            launch.arg(&x.data).arg(&rows).arg(&k).arg(&split);
+            blocks(total * split as usize * WARP as usize, ROW_THREADS)
         } else {
             let tiles: usize = weights
                 .iter()
@@ -254,13 +263,10 @@ impl CudaBackend {
             } else {
                 GEMV_MMA_WARPS
             };
-            (
-                Kernel::GemvRowsMma,
-                blocks(tiles * (warps * WARP) as usize, warps * WARP),
-            )
+            launch = self.launch(Kernel::GemvRowsMma);
+            launch.arg(&x.data).arg(&rows).arg(&k);
+            blocks(tiles * (warps * WARP) as usize, warps * WARP)
         };
-        let mut launch = self.launch(kernel);
-        launch.arg(&x.data).arg(&rows).arg(&k);
         let mut outputs = ys.iter_mut();
         for (m, n) in outs.iter().enumerate() {
             match (weights.get(m), outputs.next()) {
@@ -269,13 +275,26 @@ impl CudaBackend {
             };
             launch.arg(n);
         }
-        // SAFETY: a warp per weight row j (gemv_rows), or a block per GEMV_MMA_TILE rows from
-        // j (gemv_rows_mma), of each weight m (w_m holds n_m · k bf16 values, k a multiple of
-        // 8; rows past n_m and absent weights, n_m = 0, are never read), reading the rows of
-        // x (at most the kernel's limit, rows · k floats, allocation-aligned) and writing
-        // columns j … below n_m of y_m (rows · n_m).
+        // SAFETY: `split` warps of one block per weight row j (gemv_rows; split divides the
+        // block's warps), or a block per GEMV_MMA_TILE rows from j (gemv_rows_mma), of each
+        // weight m (w_m holds n_m · k bf16 values, k a multiple of 8; rows past n_m and absent
+        // weights, n_m = 0, are never read), reading the rows of x (at most the kernel's
+        // limit, rows · k floats, allocation-aligned) and writing columns j … below n_m of
+        // y_m (rows · n_m).
         unsafe { launch.launch(config) }?;
         Ok(ys)
+    }
+
+    /// Warps of `gemv_rows` a weight row of `k` values takes, of `rows` rows in all: the
+    /// row's rounds of loads shared out while one wave still holds every row's warps.
+    fn gemv_split(&self, rows: usize, k: usize) -> i32 {
+        let rounds = (k / 8).div_ceil(GEMV_ROUND_CHUNKS);
+        let warps = GEMV_WARPS * GEMV_BLOCKS_PER_SM * self.multiprocessors;
+        let mut split = 1;
+        while split < rounds.min(GEMV_WARPS) && rows * split * 2 <= warps {
+            split *= 2;
+        }
+        split as i32
     }
 
     /// `x · wᵀ + bias` for each of up to three projections of one prepared input.
@@ -337,6 +356,9 @@ mod tests {
     fn matrix_vector_rows_match_the_kernel() {
         assert_host_constants(&[
             ("GEMV_MAX_ROWS", GEMV_MAX_ROWS),
+            ("GEMV_WARPS", GEMV_WARPS),
+            ("GEMV_WARPS * 32", ROW_THREADS as usize),
+            ("LOADS_IN_FLIGHT * 32", GEMV_ROUND_CHUNKS),
             ("GEMV_MMA_ROWS", GEMV_MMA_ROWS),
             ("GEMV_MMA_TILE", GEMV_MMA_TILE),
             ("GEMV_MMA_MAX_WARPS", GEMV_MMA_MAX_WARPS as usize),

@@ -59,34 +59,38 @@ __device__ __forceinline__ int pick_weight(int unit, int per_unit, const bf16_t*
 
 // y_m[r, j] = x[r] · w_m[j] for the few rows of a decode step (rows <= GEMV_MAX_ROWS) and up
 // to three projections of one x (a layer's q, k and v in one launch; n_m rows of w_m, 0 for
-// an absent one): x f32 (no bf16 copy to make), w_m [n_m, k] bf16, k a multiple of 8. A warp
-// per weight row, read once for every row of x. cuBLAS took 7-10 µs for each of a decode
-// layer's 2-17 MB projections, a third of the copy rate. Four 256-thread blocks an SM (64
-// registers, no spill; 74 allowed three): a layer's q, k and v rows fill the GPU in fewer
-// waves.
+// an absent one): x f32 (no bf16 copy to make), w_m [n_m, k] bf16, k a multiple of 8. Each
+// weight row is read once for every row of x, by `split` warps of one block (1, 2, 4 or 8)
+// taking turns at its rounds of 32 · LOADS_IN_FLIGHT chunks: a launch of few long rows (a
+// decode layer's o projection, 2048 rows of 4096 values) then runs in one wave of one round
+// a warp. cuBLAS took 7-10 µs for each of a decode layer's 2-17 MB projections, a third of
+// the copy rate. Four 256-thread blocks an SM (64 registers, no spill; 74 allowed three): a
+// layer's q, k and v rows fill the GPU in fewer waves.
 #define GEMV_MAX_ROWS 4
-extern "C" __global__ void __launch_bounds__(256, 4) gemv_rows(const float* x, int rows, int k, const bf16_t* w0, float* y0,
-                                     int n0, const bf16_t* w1, float* y1, int n1,
-                                     const bf16_t* w2, float* y2, int n2) {
+#define GEMV_WARPS 8
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
+    gemv_rows(const float* x, int rows, int k, int split, const bf16_t* w0, float* y0, int n0,
+              const bf16_t* w1, float* y1, int n1, const bf16_t* w2, float* y2, int n2) {
     let_next_kernel_launch();
     const bf16_t* w;
     float* y;
     int n;
-    int j = pick_weight(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), 1, w, y, n, w0, y0,
-                        n0, w1, y1, n1, w2, y2, n2);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int unit = blockIdx.x * GEMV_WARPS + warp;
+    int j = pick_weight(unit / split, 1, w, y, n, w0, y0, n0, w1, y1, n1, w2, y2, n2);
+    int part = unit % split;
     bool has_row = j < n;
-    int lane = threadIdx.x & 31;
     int chunks = k / 8;
+    int first = lane + part * 32 * LOADS_IN_FLIGHT;
     const uint4* row = (const uint4*)(w + (size_t)j * k);
     // The first chunks of the weight row are read while the previous kernel finishes: no
     // kernel writes weights, and the row's first loads are most of a short launch's wait.
     uint4 a[LOADS_IN_FLIGHT];
-    if (has_row) load_row_chunks(a, row, lane, chunks);
+    if (has_row) load_row_chunks(a, row, first, chunks);
     wait_for_previous_kernel();
-    if (!has_row) return;
     float acc[GEMV_MAX_ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int c0 = lane; c0 < chunks; c0 += 32 * LOADS_IN_FLIGHT) {
-        if (c0 != lane) load_row_chunks(a, row, c0, chunks);
+    for (int c0 = first; has_row && c0 < chunks; c0 += 32 * LOADS_IN_FLIGHT * split) {
+        if (c0 != first) load_row_chunks(a, row, c0, chunks);
 #pragma unroll
         for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
             int c = c0 + 32 * u;
@@ -96,20 +100,29 @@ extern "C" __global__ void __launch_bounds__(256, 4) gemv_rows(const float* x, i
             }
         }
     }
+    // A row's parts meet in shared memory; the first part's warp writes it.
+    __shared__ float partial[GEMV_WARPS][GEMV_MAX_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_MAX_ROWS; r++) {
-        if (r < rows) {
-            float v = warp_sum(acc[r]);
-            if (lane == 0) y[(size_t)r * n + j] = v;
-        }
+        float v = warp_sum(acc[r]);
+        if (lane == 0) partial[warp][r] = v;
     }
+    if (split > 1) {
+        __syncthreads();
+    } else {
+        __syncwarp();
+    }
+    if (!has_row || part != 0 || lane >= rows) return;
+    float sum = 0.0f;
+    for (int p = 0; p < split; p++) sum += partial[warp + p][lane];
+    y[(size_t)lane * n + j] = sum;
 }
 
 // The same products for up to GEMV_MMA_ROWS rows of x (a batch of 8) on the tensor cores:
 // a block takes GEMV_MMA_TILE consecutive rows of one weight (a tile), its warps (8, or up
 // to GEMV_MMA_MAX_WARPS for launches of fewer tiles than SMs) split k (warp w the 32-value
-// blocks w, w + warps, …) and add their partial sums in shared memory. Each block of 32 k values
-// is two mma.m16n8k16: A the tile's weight rows, B the rows of x (as bf16, zeros past
+// blocks w, w + warps, …) and add their partial sums in shared memory. Each block of 32 k
+// values is two mma.m16n8k16: A the tile's weight rows, B the rows of x (as bf16, zeros past
 // `rows`). A thread loads 8 consecutive values of weight rows g and g + 8 and of x row g
 // (g = lane / 4, at k0 + 8 (lane % 4)), and the instructions' k slots take them in an order
 // A and B agree on, so no shuffle or shared staging is needed: x is read once a tile where
