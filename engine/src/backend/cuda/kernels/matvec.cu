@@ -134,7 +134,7 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
 #define GEMV_MMA_MAX_WARPS 16
 // 32-value blocks of k a warp loads before using any.
 #define GEMV_MMA_LOADS 4
-// Registers capped for 768 threads an SM (76 used): three 256-thread blocks, so a layer's
+// Registers capped for 768 threads an SM (80 used): three 256-thread blocks, so a layer's
 // 320 q/k/v tiles run in one wave, or one of 512.
 extern "C" __global__ void __launch_bounds__(768, 1)
     gemv_rows_mma(const float* x, int rows, int k, const bf16_t* w0, float* y0, int n0,
