@@ -41,7 +41,9 @@ impl<T> Default for ReusedUploads<T> {
 /// allocations come from. With the pool's default release threshold (0) the driver takes
 /// it back at every synchronization and maps it again for the next allocation: the bench's
 /// GEMM ceiling lost ~9% to mapping its output, and the op profile (a synchronization
-/// around every op) read about twice a prefill's time.
+/// around every op) read about twice a prefill's time. A process so keeps its largest
+/// step's working set reserved, as PyTorch's caching allocator does; a worker's KV blocks
+/// (`--num-blocks`) are allocated at start, before any step.
 pub(super) fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
     let device = ctx.cu_device();
     let mut supported = 0;
