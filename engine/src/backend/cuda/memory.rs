@@ -45,25 +45,19 @@ impl<T> Default for ReusedUploads<T> {
 /// step's working set reserved, as PyTorch's caching allocator does; a worker's KV blocks
 /// (`--num-blocks`) are allocated at start, before any step.
 pub(super) fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
-    let device = ctx.cu_device();
-    let mut supported = 0;
+    let pools = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
+        .map_err(|e| device_error("asking for memory pools", e))?;
+    if pools == 0 {
+        // Allocations then do not come from a pool.
+        return Ok(());
+    }
     let mut pool = std::ptr::null_mut();
     let mut threshold = u64::MAX;
-    // SAFETY: `device` is the context's device; the pool is that device's current one, and
-    // the release threshold attribute takes a u64.
+    // SAFETY: the pool is the context's device's current one, and the release threshold
+    // attribute takes a u64.
     unsafe {
-        sys::cuDeviceGetAttribute(
-            &mut supported,
-            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED,
-            device,
-        )
-        .result()
-        .map_err(|e| device_error("asking for memory pools", e))?;
-        if supported == 0 {
-            // Allocations then do not come from a pool.
-            return Ok(());
-        }
-        sys::cuDeviceGetMemPool(&mut pool, device)
+        sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device())
             .result()
             .map_err(|e| device_error("finding the memory pool", e))?;
         sys::cuMemPoolSetAttribute(
