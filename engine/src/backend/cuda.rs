@@ -133,7 +133,19 @@ impl std::fmt::Debug for CudaBackend {
 pub struct CudaTensor {
     pub rows: usize,
     pub cols: usize,
+    /// Changed in place only through [`CudaTensor::values_mut`], which drops `bf16`.
     data: CudaSlice<f32>,
+    /// The same values rounded to bf16, where the kernel that wrote them made that copy for
+    /// the GEMMs reading them next (a norm's output, see `CudaBackend::bf16_for`).
+    bf16: Option<CudaSlice<u16>>,
+}
+
+impl CudaTensor {
+    /// The values to change in place; a bf16 copy of the old ones would be stale.
+    fn values_mut(&mut self) -> &mut CudaSlice<f32> {
+        self.bf16 = None;
+        &mut self.data
+    }
 }
 
 /// A bf16 weight matrix `[out, in]`, row-major as the checkpoint stores it.
@@ -295,7 +307,7 @@ impl CudaBackend {
         let cols = out.cols as i32;
         let mut launch = self.launch(Kernel::ScatterAddWeighted);
         launch
-            .arg(&mut out.data)
+            .arg(out.values_mut())
             .arg(&y.data)
             .arg(rows)
             .arg(weights)
@@ -516,29 +528,34 @@ impl Backend for CudaBackend {
             return Ok(out);
         }
         let len_i = len as i32;
-        let short = len <= RMS_NORM_SHORT_RUN;
-        let kernel = if short {
-            Kernel::RmsNormShort
-        } else {
-            Kernel::RmsNorm
-        };
-        let mut launch = self.launch(kernel);
-        launch
-            .arg(&x.data)
-            .arg(&weight.data)
-            .arg(&mut out.data)
-            .arg(&len_i)
-            .arg(&eps);
         let runs_i = runs as i32;
-        let config = if short {
-            launch.arg(&runs_i);
+        let null = 0u64;
+        let mut out16 = None;
+        let mut launch;
+        let config = if len <= RMS_NORM_SHORT_RUN {
+            launch = self.launch(Kernel::RmsNormShort);
+            launch.arg(&x.data).arg(&weight.data).arg(&mut out.data);
+            launch.arg(&len_i).arg(&eps).arg(&runs_i);
             blocks(runs * WARP as usize, ROW_THREADS)
         } else {
+            // Whole rows (not heads) feed projections: their bf16 copy too, where GEMMs read it.
+            out16 = match len == x.cols {
+                true => self.gemm_input_buffer(x.rows, x.cols)?,
+                false => None,
+            };
+            launch = self.launch(Kernel::RmsNorm);
+            launch.arg(&x.data).arg(&weight.data).arg(&mut out.data);
+            match &mut out16 {
+                Some(out16) => launch.arg(out16),
+                None => launch.arg(&null),
+            };
+            launch.arg(&len_i).arg(&eps);
             per_row(runs)
         };
         // SAFETY: one block (or warp, for short runs, those past `runs` returning) per run of
-        // len values; x and out hold runs · len values.
+        // len values; x and out (and out16 where given) hold runs · len values.
         unsafe { launch.launch(config) }?;
+        out.bf16 = out16;
         Ok(out)
     }
 
@@ -576,7 +593,7 @@ impl Backend for CudaBackend {
         }
         let n_i = n as i32;
         let mut launch = self.launch(Kernel::AddAssign);
-        launch.arg(&mut acc.data).arg(&x.data).arg(&n_i);
+        launch.arg(acc.values_mut()).arg(&x.data).arg(&n_i);
         // SAFETY: both hold n values.
         unsafe { launch.launch(blocks(n, ELEMENT_THREADS)) }
     }
@@ -595,18 +612,24 @@ impl Backend for CudaBackend {
         }
         let _timer = self.timed("add_rms_norm");
         let mut out = self.output(h.rows, h.cols)?;
+        let mut out16 = self.gemm_input_buffer(h.rows, h.cols)?;
         let len = h.cols as i32;
+        let null = 0u64;
         let mut launch = self.launch(Kernel::AddRmsNorm);
         launch
-            .arg(&mut h.data)
+            .arg(h.values_mut())
             .arg(&delta.data)
             .arg(&weight.data)
-            .arg(&mut out.data)
-            .arg(&len)
-            .arg(&eps);
-        // SAFETY: one block per row of len values; h, delta and out hold rows · len values,
-        // the weight len.
+            .arg(&mut out.data);
+        match &mut out16 {
+            Some(out16) => launch.arg(out16),
+            None => launch.arg(&null),
+        };
+        launch.arg(&len).arg(&eps);
+        // SAFETY: one block per row of len values; h, delta and out (and out16 where given)
+        // hold rows · len values, the weight len.
         unsafe { launch.launch(per_row(h.rows)) }?;
+        out.bf16 = out16;
         Ok(out)
     }
 
@@ -624,7 +647,7 @@ impl Backend for CudaBackend {
         let scales = self.upload(scales)?;
         let cols = x.cols as i32;
         let mut launch = self.launch(Kernel::ScaleRows);
-        launch.arg(&mut x.data).arg(&scales).arg(&cols);
+        launch.arg(x.values_mut()).arg(&scales).arg(&cols);
         // SAFETY: one block per row; scales holds x.rows values.
         unsafe { launch.launch(per_row(x.rows)) }
     }
@@ -672,7 +695,7 @@ impl Backend for CudaBackend {
         let head_dim = head_dim as i32;
         let mut launch = self.launch(Kernel::Rope);
         launch
-            .arg(&mut x.data)
+            .arg(x.values_mut())
             .arg(rope.positions.as_ref())
             .arg(rope.inv_freq.as_ref())
             .arg(&heads)
@@ -822,6 +845,7 @@ impl Backend for CudaBackend {
             rows,
             cols,
             data: self.upload(&data)?,
+            bf16: None,
         })
     }
 

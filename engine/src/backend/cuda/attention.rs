@@ -4,6 +4,7 @@
 
 use cudarc::driver::LaunchConfig;
 
+use super::projection::projections_read_bf16;
 use super::{
     CudaBackend, CudaKvStore, CudaTensor, CudaVector, Kernel, MAX_HEAD_DIM, ROW_THREADS, WARP,
     per_row, shape_error,
@@ -173,7 +174,7 @@ impl CudaBackend {
             (q_heads as i32, kv_heads as i32, head_dim as i32);
         let null = 0u64;
         let mut launch = self.launch(Kernel::AttentionInputs);
-        launch.arg(&mut q.data).arg(&k.data).arg(&v.data);
+        launch.arg(q.values_mut()).arg(&k.data).arg(&v.data);
         match heads.norms {
             Some((q_norm, k_norm)) => launch.arg(&q_norm.data).arg(&k_norm.data),
             None => launch.arg(&null).arg(&null),
@@ -231,6 +232,7 @@ impl CudaBackend {
         let prefill = prefill_kernel(batch.head_dim, self.hopper);
         let mut tiles = PrefillTiles::new(prefill.q_tile);
         let mut tables: Vec<i32> = Vec::new();
+        let mut covered = vec![false; q.rows];
         for seq in batch.seqs {
             let offset = tables.len() as i32;
             tables.extend(seq.block_table.iter().map(|b| b.0 as i32));
@@ -248,6 +250,7 @@ impl CudaBackend {
                     ),
                 ));
             }
+            covered[seq.rows.clone()].fill(true);
             if tiled && seq.rows.len() > 1 {
                 tiles.add(seq.rows.clone(), seq.first_position, offset);
                 continue;
@@ -257,10 +260,23 @@ impl CudaBackend {
                 offsets[row] = offset;
             }
         }
-        let mut out = self.tensor(q.rows, q.cols)?;
+        // Rows of no sequence stay zero; otherwise the kernels write every value (and no
+        // memset stands between the kernels before and after, which would stop them
+        // overlapping).
+        let mut out = match covered.iter().all(|&row| row) {
+            true => self.output(q.rows, q.cols)?,
+            false => self.tensor(q.rows, q.cols)?,
+        };
         if q.rows == 0 {
             return Ok(out);
         }
+        // A prefill's output in bf16 too, for the o projection's GEMM, where its kernels
+        // write every row.
+        let decoding = positions.iter().any(|&p| p >= 0);
+        let mut out16 = match !decoding && projections_read_bf16(q.rows) {
+            true => Some(self.uninit::<u16>(q.rows * q.cols)?),
+            false => None,
+        };
         let reused = |name, host: &[i32]| self.upload_reused(&self.reused_i32, (name, 0), host);
         let tables = reused("attention.tables", &tables)?;
         let (heads, kv_heads, head_dim, block_size) = (
@@ -352,12 +368,18 @@ impl CudaBackend {
             } else {
                 scale
             };
+            let null = 0u64;
             let mut launch = self.launch(kernel);
             launch
                 .arg(&q.data)
                 .arg(&store.k)
                 .arg(&store.v)
-                .arg(&mut out.data)
+                .arg(&mut out.data);
+            match &mut out16 {
+                Some(out16) => launch.arg(out16),
+                None => launch.arg(&null),
+            };
+            launch
                 .arg(rows.as_ref())
                 .arg(counts.as_ref())
                 .arg(tile_positions.as_ref())
@@ -375,10 +397,11 @@ impl CudaBackend {
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: shared as u32,
             };
-            // SAFETY: one block per (head, tile); each tile's rows lie inside q and out and
-            // its positions inside its block table (checked above).
+            // SAFETY: one block per (head, tile); each tile's rows lie inside q and out (and
+            // out16, where given) and its positions inside its block table (checked above).
             unsafe { launch.launch(config) }?;
         }
+        out.bf16 = out16;
         Ok(out)
     }
 }

@@ -166,6 +166,7 @@ impl CudaBackend {
             rows,
             cols,
             data: self.uninit(rows * cols)?,
+            bf16: None,
         })
     }
 
@@ -174,6 +175,7 @@ impl CudaBackend {
             rows,
             cols,
             data: self.zeros(rows * cols)?,
+            bf16: None,
         })
     }
 }

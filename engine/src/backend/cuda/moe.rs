@@ -183,8 +183,7 @@ impl CudaBackend {
                 })
             }?;
             drop(route_timer);
-            let x16 = input.into_bf16();
-            return self.run_experts(x, x16, &routing, Slots::Placed(place), experts);
+            return self.run_experts(x, input.bf16(), &routing, Slots::Placed(place), experts);
         }
         let mut counts = self.zeros(experts.len())?;
         let mut launch = self.launch(Kernel::MoeRoute);
@@ -205,13 +204,7 @@ impl CudaBackend {
         // counts and of the layer's device counters.
         unsafe { launch.launch(blocks(x.rows * 32, warps_per_block * 32)) }?;
         drop(route_timer);
-        self.run_experts(
-            x,
-            input.into_bf16(),
-            &routing,
-            Slots::Counted(counts),
-            experts,
-        )
+        self.run_experts(x, input.bf16(), &routing, Slots::Counted(counts), experts)
     }
 
     /// The experts of host routing (expert parallelism, or rules the device does not take).
@@ -250,7 +243,13 @@ impl CudaBackend {
             expert_ids: self.upload(&ids)?,
             weights: self.upload(&routing.weights)?,
         };
-        self.run_experts(x, None, &routing, Slots::Counted(counts), experts)
+        self.run_experts(
+            x,
+            x.bf16.as_ref(),
+            &routing,
+            Slots::Counted(counts),
+            experts,
+        )
     }
 
     /// Every token's experts, weighted and summed; the routing stays on the device. `x16`:
@@ -258,7 +257,7 @@ impl CudaBackend {
     fn run_experts(
         &self,
         x: &CudaTensor,
-        x16: Option<CudaSlice<u16>>,
+        x16: Option<&CudaSlice<u16>>,
         routing: &DeviceRouting,
         slots: Slots,
         experts: &[ExpertWeights<Self>],
@@ -363,9 +362,13 @@ impl CudaBackend {
                 )));
             }
             // The tokens in bf16, gathered by the gate/up GEMM for each of their slots.
+            let converted;
             let x16 = match x16 {
                 Some(x16) => x16,
-                None => self.bf16_copy(x)?,
+                None => {
+                    converted = self.bf16_copy(x)?;
+                    &converted
+                }
             };
             let gate_up_timer = self.timed("moe.gemm_gate_up");
             let mut act = self.uninit::<u16>(pairs * inter)?;
@@ -390,7 +393,7 @@ impl CudaBackend {
             };
             let mut launch = self.launch(gate_up_kernel);
             launch
-                .arg(&x16)
+                .arg(x16)
                 .arg(&place.sorted_slot)
                 .arg(&top_k)
                 .arg(&gate_up)

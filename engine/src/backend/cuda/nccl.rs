@@ -149,7 +149,7 @@ impl Collective<CudaBackend> for NcclCollective {
             return Ok(());
         }
         self.with_comm(|c| {
-            c.all_reduce_in_place(&mut x.data.slice_mut(0..n), &ReduceOp::Sum)
+            c.all_reduce_in_place(&mut x.values_mut().slice_mut(0..n), &ReduceOp::Sum)
                 .map(drop)
                 .map_err(|e| nccl_error("all_reduce", e))
         })

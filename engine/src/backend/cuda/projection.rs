@@ -36,16 +36,39 @@ const GEMV_MAX_WEIGHTS: usize = 3;
 /// Values one thread of `to_bf16` converts.
 const TO_BF16_VALUES: usize = 8;
 
+/// Whether projections of `rows` rows read them in bf16 (GEMMs), not f32 (`gemv_rows` and
+/// `gemv_rows_mma`, up to GEMV_MMA_ROWS).
+pub(super) fn projections_read_bf16(rows: usize) -> bool {
+    rows > GEMV_MMA_ROWS
+}
+
 /// A projection's input as the kernels read it (see `CudaBackend::projection_input`).
 pub(super) enum ProjectionInput<'a> {
     /// Few rows, read as f32 by `gemv_rows`.
     Rows(&'a CudaTensor),
-    /// `rows` rows of `cols` values converted to bf16 for the GEMMs.
+    /// `rows` rows of `cols` values in bf16 for the GEMMs.
     Bf16 {
-        x16: CudaSlice<u16>,
+        x16: Bf16Rows<'a>,
         rows: usize,
         cols: usize,
     },
+}
+
+/// A tensor's values in bf16: the copy the kernel that wrote them made, or one made here.
+pub(super) enum Bf16Rows<'a> {
+    Written(&'a CudaSlice<u16>),
+    Converted(CudaSlice<u16>),
+}
+
+impl std::ops::Deref for Bf16Rows<'_> {
+    type Target = CudaSlice<u16>;
+
+    fn deref(&self) -> &CudaSlice<u16> {
+        match self {
+            Self::Written(x16) => x16,
+            Self::Converted(x16) => x16,
+        }
+    }
 }
 
 impl ProjectionInput<'_> {
@@ -57,11 +80,11 @@ impl ProjectionInput<'_> {
         }
     }
 
-    /// The bf16 copy, where one was made.
-    pub(super) fn into_bf16(self) -> Option<CudaSlice<u16>> {
+    /// The input in bf16, where it is at hand.
+    pub(super) fn bf16(&self) -> Option<&CudaSlice<u16>> {
         match self {
             Self::Bf16 { x16, .. } => Some(x16),
-            Self::Rows(_) => None,
+            Self::Rows(x) => x.bf16.as_ref(),
         }
     }
 }
@@ -95,6 +118,7 @@ impl CudaBackend {
             rows: m,
             cols: k,
             data: self.upload(&spread(m * k, 1))?,
+            bf16: None,
         };
         let w = self.spread_matrix(n, k, 2)?;
         self.flop_rate(2 * m * n * k, repeats, || self.gemm(&x, &w).map(drop))
@@ -178,16 +202,34 @@ impl CudaBackend {
     }
 
     /// How projections of `x` read it: a decode step's few rows straight from f32 by
-    /// `gemv_rows` or `gemv_rows_mma`, more through one bf16 copy for the GEMMs.
+    /// `gemv_rows` or `gemv_rows_mma`, more in bf16 for the GEMMs (the copy the kernel that
+    /// wrote x made, else one made here).
     pub(super) fn projection_input<'a>(&self, x: &'a CudaTensor) -> Result<ProjectionInput<'a>> {
-        if x.rows <= GEMV_MMA_ROWS && x.cols.is_multiple_of(8) {
-            Ok(ProjectionInput::Rows(x))
-        } else {
-            Ok(ProjectionInput::Bf16 {
-                x16: self.bf16_copy(x)?,
-                rows: x.rows,
-                cols: x.cols,
-            })
+        if !projections_read_bf16(x.rows) && x.cols.is_multiple_of(8) {
+            return Ok(ProjectionInput::Rows(x));
+        }
+        let x16 = match &x.bf16 {
+            Some(x16) => Bf16Rows::Written(x16),
+            None => Bf16Rows::Converted(self.bf16_copy(x)?),
+        };
+        Ok(ProjectionInput::Bf16 {
+            x16,
+            rows: x.rows,
+            cols: x.cols,
+        })
+    }
+
+    /// Where a kernel writing `rows` rows of `cols` values that projections read next (a
+    /// norm's output) should write their bf16 copy too: wherever a GEMM will read them,
+    /// from two rows up (the MoE's grouped GEMMs; projections from GEMV_MMA_ROWS up).
+    pub(super) fn gemm_input_buffer(
+        &self,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<CudaSlice<u16>>> {
+        match rows > 1 {
+            true => self.uninit(rows * cols).map(Some),
+            false => Ok(None),
         }
     }
 
@@ -315,7 +357,7 @@ impl CudaBackend {
         }
         let cols = y.cols as i32;
         let mut launch = self.launch(Kernel::AddBias);
-        launch.arg(&mut y.data).arg(&bias.data).arg(&cols);
+        launch.arg(y.values_mut()).arg(&bias.data).arg(&cols);
         // SAFETY: one block per row of y; the bias holds y.cols values.
         unsafe { launch.launch(per_row(y.rows)) }
     }

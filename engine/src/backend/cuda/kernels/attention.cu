@@ -171,7 +171,8 @@ __device__ __forceinline__ QueryTile query_tile(const int* tile_rows, const int*
 // consecutive query rows of one sequence and one head, and walks that sequence's keys in tiles
 // of K_TILE staged in shared memory, each warp owning Q_TILE / 4 rows with an online softmax.
 // Lane j scores key j of the tile; lane l accumulates elements l, l + 32, … of the output.
-// Needs head_dim <= PREFILL_MAX_HEAD_DIM.
+// Needs head_dim <= PREFILL_MAX_HEAD_DIM. Where out16 is given, the output goes there in
+// bf16 too (the o projection's GEMM input), as in the tensor-core kernels.
 #define Q_TILE 16
 #define K_TILE 32
 #define PREFILL_MAX_HEAD_DIM 128
@@ -180,7 +181,7 @@ __device__ __forceinline__ QueryTile query_tile(const int* tile_rows, const int*
 
 extern "C" __global__ void __launch_bounds__(PREFILL_WARPS * 32)
 attention_prefill(const float* q, const bf16_t* k_cache, const bf16_t* v_cache, float* out,
-                  const int* tile_rows, const int* tile_counts, const int* tile_positions,
+                  bf16_t* out16, const int* tile_rows, const int* tile_counts, const int* tile_positions,
                   const int* tile_table_offsets, const int* block_tables, int num_heads,
                   int num_kv_heads, int head_dim, int block_size, float scale) {
     after_previous_kernel();
@@ -267,11 +268,15 @@ attention_prefill(const float* q, const bf16_t* k_cache, const bf16_t* v_cache, 
     for (int r = 0; r < ROWS_PER_WARP; r++) {
         int row = warp * ROWS_PER_WARP + r;
         if (row >= count) continue;
-        float* o = out + (size_t)(first_row + row) * q_width + head * head_dim;
+        size_t at = (size_t)(first_row + row) * q_width + head * head_dim;
 #pragma unroll
         for (int i = 0; i < PREFILL_MAX_HEAD_DIM / 32; i++) {
             int d = lane + 32 * i;
-            if (d < head_dim) o[d] = acc[r][i] / total[r];
+            if (d < head_dim) {
+                float y = acc[r][i] / total[r];
+                out[at + d] = y;
+                if (out16) out16[at + d] = f32_to_bf16(y);
+            }
         }
     }
 }

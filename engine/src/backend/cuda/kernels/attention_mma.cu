@@ -8,7 +8,8 @@
 // through ldmatrix (values transposed). Queries arrive pre-scaled by log2(e)/sqrt(head_dim),
 // so exp2 gives the softmax. head_dim a multiple of 16, at most FLASH_MAX_HEAD_DIM.
 // Registers are capped so three blocks (12 warps) share an SM, which shared memory also
-// allows.
+// allows. Where out16 is given, the output goes there in bf16 too (the o projection's GEMM
+// input, which to_bf16 would otherwise make by reading the output back).
 //
 // The attention kernels come built for head_dim 128 (`_hd128`, the MoE families') besides
 // any head_dim (template argument 0): with the size known the loops unroll without a test per
@@ -51,11 +52,14 @@ __device__ __forceinline__ void find_slots(int* slots, const int* table, int blo
 // find_slots) into ks and vs: two commit groups, keys then values. THREADS
 // threads share the copies, each keeping one 16-byte column. SWIZZLED stores both as the
 // warpgroup instructions read them (see prefill_attention's WGMMA), else padded rows.
-template <int THREADS, int HD, bool SWIZZLED = false>
+// RANGED copies only rows from … to - 1 (decode loads a tile's cached keys before its
+// previous kernel is done, and the newest key after).
+template <int THREADS, int HD, bool SWIZZLED = false, bool RANGED = false>
 __device__ __forceinline__ void load_kv_tiles(KvTile* ks, KvTile* vs, const bf16_t* k_cache,
                                               const bf16_t* v_cache, const int* slots,
                                               int kv_width, int kv_head, int head_dim,
-                                              int thread) {
+                                              int thread, int from = 0,
+                                              int to = FLASH_K_TILE) {
     const int hd = HD ? HD : head_dim;
     const int chunks = hd / 8;
     const int row_step = THREADS / chunks;
@@ -78,7 +82,7 @@ __device__ __forceinline__ void load_kv_tiles(KvTile* ks, KvTile* vs, const bf16
 #pragma unroll
             for (int i = 0; i < rows; i++) {
                 int j = j0 + i * row_step;
-                if (whole || j < FLASH_K_TILE) {
+                if ((whole || j < FLASH_K_TILE) && (!RANGED || (j >= from && j < to))) {
                     copy16_async_to(dst + i * row_step * row_bytes,
                                     cache + (size_t)slots[j] * kv_width, true);
                 }
@@ -232,7 +236,7 @@ __device__ __forceinline__ float quad_sum(float v) {
 
 template <int HD, bool WGMMA>
 __device__ __forceinline__ void prefill_attention(
-    const float* q, const bf16_t* k_cache, const bf16_t* v_cache, float* out,
+    const float* q, const bf16_t* k_cache, const bf16_t* v_cache, float* out, bf16_t* out16,
     const int* tile_rows, const int* tile_counts, const int* tile_positions,
     const int* tile_table_offsets, const int* block_tables, int num_heads, int num_kv_heads,
     int head_dim, int block_size, float q_scale) {
@@ -415,12 +419,13 @@ __device__ __forceinline__ void prefill_attention(
         int local = row + 8 * r;
         float inverse = 1.0f / quad_sum(row_sum[r]);
         if (local >= count) continue;
-        float* dst = out + (size_t)(first_row + local) * q_width + head * hd;
+        size_t at = (size_t)(first_row + local) * q_width + head * hd + t * 2;
 #pragma unroll
         for (int n = 0; n < FLASH_MAX_HEAD_DIM / 8; n++) {
             if (n < chunks) {
-                *(float2*)(dst + n * 8 + t * 2) =
-                    make_float2(o[n][2 * r] * inverse, o[n][2 * r + 1] * inverse);
+                float2 y = make_float2(o[n][2 * r] * inverse, o[n][2 * r + 1] * inverse);
+                *(float2*)(out + at + n * 8) = y;
+                if (out16) *(unsigned int*)(out16 + at + n * 8) = pack_bf16(y.x, y.y);
             }
         }
     }
@@ -429,11 +434,12 @@ __device__ __forceinline__ void prefill_attention(
 #define PREFILL_MMA_KERNEL(name, hd, wgmma, threads, blocks)                                   \
     extern "C" __global__ void __launch_bounds__(threads, blocks)                             \
         name(const float* q, const bf16_t* k_cache, const bf16_t* v_cache, float* out,        \
-             const int* tile_rows, const int* tile_counts, const int* tile_positions,         \
-             const int* tile_table_offsets, const int* block_tables, int num_heads,           \
-             int num_kv_heads, int head_dim, int block_size, float q_scale) {                 \
+             bf16_t* out16, const int* tile_rows, const int* tile_counts,                     \
+             const int* tile_positions, const int* tile_table_offsets,                        \
+             const int* block_tables, int num_heads, int num_kv_heads, int head_dim,          \
+             int block_size, float q_scale) {                                                 \
         after_previous_kernel();                                                              \
-        prefill_attention<hd, wgmma>(q, k_cache, v_cache, out, tile_rows, tile_counts,       \
+        prefill_attention<hd, wgmma>(q, k_cache, v_cache, out, out16, tile_rows, tile_counts,\
                                      tile_positions, tile_table_offsets, block_tables,        \
                                      num_heads, num_kv_heads, head_dim, block_size, q_scale); \
     }
@@ -446,33 +452,70 @@ PREFILL_MMA_KERNEL(attention_prefill_wgmma_hd128, 128, true, FLASH_WGMMA_THREADS
 // head sharing the KV head (at most 16: the rows of one m16 tile), instead of once per
 // query head. Writes the same unnormalized partials as attention_split (max in natural-log
 // units) for attention_combine. Queries arrive pre-scaled by log2(e)/sqrt(head_dim).
+//
+// A warp queues its tile's cached keys and values before it waits for the previous kernel
+// (attention_inputs, which writes only the newest key): the slots come from the step's
+// uploads, and the cache's older positions from earlier steps (behind the host's
+// synchronization for their tokens) or from store_rows and copy_kv_rows, which let no
+// kernel launch before they finish. So the cache reads overlap the kernels before.
+struct DecodeSplit {
+    // The row's newest position (-1: a row of another kernel), the split's keys first …
+    // last, and the first of its tile's rows that must wait (the newest key's).
+    int position, first, last, newest_row;
+};
+
 template <int HD>
-__device__ __forceinline__ void decode_attention(
-    const float* q, const bf16_t* k_cache, const bf16_t* v_cache, float* partial_out,
-    float* partial_max, float* partial_sum, const int* positions, const int* table_offsets,
-    const int* block_tables, int num_heads, int num_kv_heads, int head_dim, int block_size,
-    float q_scale) {
-    __shared__ __align__(16) KvTile ks[FLASH_K_TILE];
-    __shared__ __align__(16) KvTile vs[FLASH_K_TILE];
-    __shared__ int slots[FLASH_K_TILE];
+__device__ __forceinline__ DecodeSplit decode_cached_keys(KvTile* ks, KvTile* vs, int* slots,
+                                                          const bf16_t* k_cache,
+                                                          const bf16_t* v_cache,
+                                                          const int* positions,
+                                                          const int* table_offsets,
+                                                          const int* block_tables,
+                                                          int num_kv_heads, int head_dim,
+                                                          int block_size) {
+    const int hd = HD ? HD : head_dim;
+    int row = blockIdx.x, lane = threadIdx.x;
+    DecodeSplit split;
+    split.position = positions[row];
+    split.first = blockIdx.z * FLASH_K_TILE;
+    split.last = min(split.first + FLASH_K_TILE - 1, split.position);
+    split.newest_row =
+        split.last == split.position ? split.position - split.first : FLASH_K_TILE;
+    if (split.position < 0 || split.first > split.position) return split;
+    find_slots(slots, block_tables + table_offsets[row], block_size, split.first, split.last,
+               lane, 32);
+    __syncwarp();
+    load_kv_tiles<32, HD, false, true>(ks, vs, k_cache, v_cache, slots, num_kv_heads * hd,
+                                       blockIdx.y, hd, lane, 0, split.newest_row);
+    return split;
+}
+
+// The rest of a decode warp's work, past the previous kernel.
+template <int HD>
+__device__ __forceinline__ void decode_attention(const DecodeSplit& split, KvTile* ks,
+                                                 KvTile* vs, const int* slots, const float* q,
+                                                 const bf16_t* k_cache, const bf16_t* v_cache,
+                                                 float* partial_out, float* partial_max,
+                                                 float* partial_sum, int num_heads,
+                                                 int num_kv_heads, int head_dim,
+                                                 float q_scale) {
     const int hd = HD ? HD : head_dim;
     int row = blockIdx.x;
     int kv_head = blockIdx.y;
-    int split = blockIdx.z;
     int lane = threadIdx.x;
     int g = lane >> 2, t = lane & 3;
-    int position = positions[row];
+    int position = split.position, first = split.first, last = split.last;
     if (position < 0) return;
     int group = num_heads / num_kv_heads;
     int kv_width = num_kv_heads * hd;
     const int steps = hd / 16;
     const int chunks = hd / 8;
-    int first = split * FLASH_K_TILE;
     // This lane's two query heads (rows g and g + 8 of the tile) and where their partials go.
     size_t part[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
-        part[r] = ((size_t)row * num_heads + kv_head * group + g + 8 * r) * gridDim.z + split;
+        part[r] = ((size_t)row * num_heads + kv_head * group + g + 8 * r) * gridDim.z +
+                  blockIdx.z;
     }
     if (first > position) {
         // Past this row's context: an empty partial, which attention_combine skips.
@@ -487,11 +530,8 @@ __device__ __forceinline__ void decode_attention(
         }
         return;
     }
-    const int* table = block_tables + table_offsets[row];
-    int last = min(first + FLASH_K_TILE - 1, position);
-    find_slots(slots, table, block_size, first, last, lane, 32);
-    __syncwarp();
-    load_kv_tiles<32, HD>(ks, vs, k_cache, v_cache, slots, kv_width, kv_head, hd, lane);
+    load_kv_tiles<32, HD, false, true>(ks, vs, k_cache, v_cache, slots, kv_width, kv_head, hd,
+                                       lane, split.newest_row, FLASH_K_TILE);
     // A fragments of the group's queries straight from global memory (rows past the group
     // are zero).
     const float* qrow = q + (size_t)row * num_heads * hd + (size_t)kv_head * group * hd;
@@ -513,6 +553,8 @@ __device__ __forceinline__ void decode_attention(
             }
         }
     }
+    // Four commit groups: the cached keys and values, then the newest's; the keys are in
+    // once all but the last are.
     copies_wait<1>();
     __syncwarp();
     float s[FLASH_K_TILE / 8][4], row_max[2];
@@ -557,10 +599,17 @@ __device__ __forceinline__ void decode_attention(
              float* partial_out, float* partial_max, float* partial_sum, const int* positions, \
              const int* table_offsets, const int* block_tables, int num_heads,                \
              int num_kv_heads, int head_dim, int block_size, float q_scale) {                 \
-        after_previous_kernel();                                                              \
-        decode_attention<hd>(q, k_cache, v_cache, partial_out, partial_max, partial_sum,     \
-                             positions, table_offsets, block_tables, num_heads, num_kv_heads, \
-                             head_dim, block_size, q_scale);                                  \
+        __shared__ __align__(16) KvTile ks[FLASH_K_TILE];                                     \
+        __shared__ __align__(16) KvTile vs[FLASH_K_TILE];                                     \
+        __shared__ int slots[FLASH_K_TILE];                                                   \
+        let_next_kernel_launch();                                                             \
+        DecodeSplit split =                                                                   \
+            decode_cached_keys<hd>(ks, vs, slots, k_cache, v_cache, positions, table_offsets, \
+                                   block_tables, num_kv_heads, head_dim, block_size);         \
+        wait_for_previous_kernel();                                                           \
+        decode_attention<hd>(split, ks, vs, slots, q, k_cache, v_cache, partial_out,          \
+                             partial_max, partial_sum, num_heads, num_kv_heads, head_dim,     \
+                             q_scale);                                                        \
     }
 DECODE_MMA_KERNEL(attention_decode_mma, 0)
 DECODE_MMA_KERNEL(attention_decode_mma_hd128, 128)

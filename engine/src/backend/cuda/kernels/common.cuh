@@ -67,7 +67,9 @@ __device__ __forceinline__ void load8(float* v, const float* p) {
 // one's completion and writes (`wait_for_previous_kernel`) before it touches memory an earlier
 // kernel writes or reads, and before any return. What comes before the wait may only read
 // what no kernel writes (weights), or what a kernel further back wrote where the previous
-// kernel lets this one launch only past its own wait (moe_gate_up, then moe_down). Elsewhere
+// kernel lets this one launch only past its own wait (moe_gate_up, then moe_down), or what
+// was written by a kernel that lets none launch before it is done (the KV cache's older
+// positions, which decode attention reads before its wait). Elsewhere
 // both are no-ops, and a kernel launched without the attribute passes the wait at once.
 __device__ __forceinline__ void wait_for_previous_kernel() {
 #if __CUDA_ARCH__ >= 900

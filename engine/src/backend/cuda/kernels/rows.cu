@@ -11,12 +11,14 @@ extern "C" __global__ void embed(const bf16_t* table, const unsigned int* ids, f
 }
 
 // RMSNorm of one block's run of `len` values, four a load where the run and pointers allow;
-// with ADD, src += delta first (the residual add before a norm), written back to src.
+// with ADD, src += delta first (the residual add before a norm), written back to src. Where
+// dst16 is given, the result goes there rounded to bf16 too: the GEMMs' input, made here
+// instead of by to_bf16 reading dst back.
 template <bool ADD>
 __device__ __forceinline__ void rms_norm_run(float* src, const float* delta, const float* weight,
-                                             float* dst, int len, float eps) {
+                                             float* dst, bf16_t* dst16, int len, float eps) {
     bool vector = (len & 3) == 0 && aligned16(src) && aligned16(dst) && aligned16(weight) &&
-                  (!ADD || aligned16(delta));
+                  (!ADD || aligned16(delta)) && ((size_t)dst16 & 7) == 0;
     int first = vector ? threadIdx.x * 4 : len;
     int step = blockDim.x * 4;
     float sq = 0.0f;
@@ -39,29 +41,36 @@ __device__ __forceinline__ void rms_norm_run(float* src, const float* delta, con
     float inv = rsqrtf(block_sum(sq) / (float)len + eps);
     for (int i = first; i < len; i += step) {
         float4 v = *(const float4*)(src + i), w = *(const float4*)(weight + i);
-        *(float4*)(dst + i) = make_float4(v.x * inv * w.x, v.y * inv * w.y, v.z * inv * w.z,
-                                          v.w * inv * w.w);
+        float4 y = make_float4(v.x * inv * w.x, v.y * inv * w.y, v.z * inv * w.z, v.w * inv * w.w);
+        *(float4*)(dst + i) = y;
+        if (dst16) *(uint2*)(dst16 + i) = make_uint2(pack_bf16(y.x, y.y), pack_bf16(y.z, y.w));
     }
     if (!vector) {
-        for (int i = threadIdx.x; i < len; i += blockDim.x) dst[i] = src[i] * inv * weight[i];
+        for (int i = threadIdx.x; i < len; i += blockDim.x) {
+            float y = src[i] * inv * weight[i];
+            dst[i] = y;
+            if (dst16) dst16[i] = f32_to_bf16(y);
+        }
     }
 }
 
-// RMSNorm over each run of `len` values (a row or one head); one block per run.
-extern "C" __global__ void rms_norm(const float* x, const float* weight, float* out, int len,
-                                    float eps) {
+// RMSNorm over each row of `len` values, one block a row (out16: see rms_norm_run).
+extern "C" __global__ void rms_norm(const float* x, const float* weight, float* out,
+                                    bf16_t* out16, int len, float eps) {
     after_previous_kernel();
     size_t at = (size_t)blockIdx.x * len;
-    rms_norm_run<false>((float*)x + at, nullptr, weight, out + at, len, eps);
+    rms_norm_run<false>((float*)x + at, nullptr, weight, out + at, out16 ? out16 + at : nullptr,
+                        len, eps);
 }
 
 // h += delta, then out = RMSNorm(h) · weight, a row a block: the residual add and the next
 // norm in one pass (two launches and a reread of h apart).
 extern "C" __global__ void add_rms_norm(float* h, const float* delta, const float* weight,
-                                        float* out, int len, float eps) {
+                                        float* out, bf16_t* out16, int len, float eps) {
     after_previous_kernel();
     size_t at = (size_t)blockIdx.x * len;
-    rms_norm_run<true>(h + at, delta + at, weight, out + at, len, eps);
+    rms_norm_run<true>(h + at, delta + at, weight, out + at, out16 ? out16 + at : nullptr, len,
+                       eps);
 }
 
 // The same for short runs (a head's q or k): a warp per run, so a block does not sit mostly
@@ -228,10 +237,12 @@ extern "C" __global__ void attention_inputs(float* q, const float* k, const floa
 #undef ATTENTION_INPUT_HEAD
 }
 
-// store[slots[r], :] = bf16(src[r, :]); one block per row.
+// store[slots[r], :] = bf16(src[r, :]); one block per row. Like every writer of cached keys
+// but attention_inputs, it lets the next kernel launch only once it is done: decode attention
+// reads older keys before its wait.
 extern "C" __global__ void store_rows(bf16_t* store, const float* src, const int* slots,
                                       int width) {
-    after_previous_kernel();
+    wait_for_previous_kernel();
     bf16_t* dst = store + (size_t)slots[blockIdx.x] * width;
     const float* row = src + (size_t)blockIdx.x * width;
     for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = f32_to_bf16(row[c]);
@@ -251,7 +262,7 @@ extern "C" __global__ void load_rows(const bf16_t* store, const int* slots, floa
 extern "C" __global__ void copy_kv_rows(const bf16_t* src_k, const bf16_t* src_v,
                                         bf16_t* dst_k, bf16_t* dst_v, const int* src_slots,
                                         const int* dst_slots, int width) {
-    after_previous_kernel();
+    wait_for_previous_kernel();  // no early launch after it, as store_rows
     size_t from = (size_t)src_slots[blockIdx.x] * width;
     size_t to = (size_t)dst_slots[blockIdx.x] * width;
     if (width % 8 == 0) {
