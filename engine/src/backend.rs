@@ -165,6 +165,21 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<Self::Tensor> {
         moe_routed_on_host(self, x, router, rule, experts, counters)
     }
+    /// [`Backend::moe_routed`]'s output added to the residual and normalized as
+    /// [`Backend::add_rms_norm`] does: the next layer's input. A backend may sum the experts'
+    /// outputs inside the norm.
+    fn moe_routed_add_rms_norm(
+        &self,
+        x: &Self::Tensor,
+        router: &Self::Matrix,
+        rule: &RouteRule,
+        experts: &[ExpertWeights<Self>],
+        counters: &Self::ExpertCounters,
+        norm: ResidualNorm<'_, Self>,
+    ) -> Result<Self::Tensor> {
+        let mlp = self.moe_routed(x, router, rule, experts, counters)?;
+        self.add_rms_norm(norm.h, &mlp, norm.weight, norm.eps)
+    }
     fn select_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
     /// `acc[rows[i]] += x[i]` for every row i of `x`.
     fn scatter_add_rows(
@@ -328,16 +343,24 @@ pub struct AttentionSeq<'a> {
     pub block_table: &'a [BlockId],
 }
 
-/// Everything attention needs besides the tensors.
-#[derive(Debug, Clone)]
 /// What happens to each head of a layer's q and k before attention: RMSNorm by
 /// `(q_norm, k_norm)` where the family has them (Qwen3), then the rotary embedding.
+#[derive(Debug, Clone)]
 pub struct HeadTransforms<'a, V> {
     pub norms: Option<(&'a V, &'a V)>,
     pub eps: f32,
     pub rope: &'a RopeTable,
 }
 
+/// The residual stream `h` and the RMSNorm (`weight`, `eps`) an op's output goes through
+/// next, as [`Backend::add_rms_norm`] takes them.
+pub struct ResidualNorm<'a, B: Backend> {
+    pub h: &'a mut B::Tensor,
+    pub weight: &'a B::Vector,
+    pub eps: f32,
+}
+
+/// Everything attention needs besides the tensors.
 pub struct AttentionBatch<'a> {
     pub seqs: &'a [AttentionSeq<'a>],
     pub num_heads: usize,

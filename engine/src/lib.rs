@@ -34,7 +34,7 @@ pub mod cuda {
 }
 pub use backend::{
     AttentionBatch, AttentionSeq, Backend, Device, DeviceChoice, HeadTransforms, HostCounters,
-    KvRows, KvSpec, RopeTable, RouteRule, Routing,
+    KvRows, KvSpec, ResidualNorm, RopeTable, RouteRule, Routing,
 };
 pub use block_pool::{BlockId, BlockPool};
 pub use checkpoint::{HostTensor, LoadProgress};

@@ -4,8 +4,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::backend::{
-    AttentionBatch, AttentionSeq, Backend, HeadTransforms, KvRows, KvSpec, RopeTable, RouteRule,
-    Routing,
+    AttentionBatch, AttentionSeq, Backend, HeadTransforms, KvRows, KvSpec, ResidualNorm, RopeTable,
+    RouteRule, Routing,
 };
 use crate::checkpoint::{Checkpoint, LoadProgress};
 use crate::config::ModelConfig;
@@ -68,6 +68,14 @@ pub(crate) struct PeerExport<'a, B: Backend> {
 /// Called with (layer, index into `ForwardBatch::exports`, that prompt's K and V rows for the
 /// layer, whole heads) as soon as the layer is in the cache.
 pub(crate) type OnExport<'a> = dyn FnMut(usize, usize, &KvRows) -> Result<()> + 'a;
+
+/// A layer's MLP output on its way into the residual stream.
+enum MlpOut<T> {
+    /// To be added to h by the next norm.
+    Pending(T),
+    /// Already added, and h normalized by the next norm: the next layer's input.
+    Normed(T),
+}
 
 impl<B: Backend> Model<B> {
     /// Loads `config.json` and the safetensors weights in `dir` onto `backend`.
@@ -292,11 +300,16 @@ impl<B: Backend> Model<B> {
         };
 
         let mut h = b.embed(&self.weights.embed, &batch.tokens)?;
-        // The last layer's MLP output, added to h by the next norm.
-        let mut mlp_out: Option<B::Tensor> = None;
+        let final_norm = &self.weights.final_norm;
+        let every_row = batch.logit_rows.iter().copied().eq(0..batch.tokens.len());
+        // The last layer's MLP output, added to h by the next norm (or by the MLP itself).
+        let mut mlp_out: Option<MlpOut<B::Tensor>> = None;
         for (index, (layer, store)) in self.weights.layers.iter().zip(&mut kv.layers).enumerate() {
             let x = match mlp_out.take() {
-                Some(mlp) => b.add_rms_norm(&mut h, &mlp, &layer.input_norm, c.rms_norm_eps)?,
+                Some(MlpOut::Normed(x)) => x,
+                Some(MlpOut::Pending(mlp)) => {
+                    b.add_rms_norm(&mut h, &mlp, &layer.input_norm, c.rms_norm_eps)?
+                }
                 None => b.rms_norm(&h, &layer.input_norm, c.rms_norm_eps)?,
             };
             let projections = [&layer.q, &layer.k, &layer.v].map(|p| (&p.weight, p.bias.as_ref()));
@@ -319,23 +332,52 @@ impl<B: Backend> Model<B> {
             let mut o = b.linear(&attn, &layer.o.weight, layer.o.bias.as_ref())?;
             self.reduce_tensor_parallel(&mut o)?;
             let x = b.add_rms_norm(&mut h, &o, &layer.post_attention_norm, c.rms_norm_eps)?;
-            let mut mlp = match &layer.mlp {
-                Mlp::Dense(mlp) => self.swiglu_mlp(&x, mlp)?,
-                Mlp::Sparse(sparse) => self.sparse_mlp(index, &x, sparse)?,
+            // The norm after this MLP: the next layer's, or the final one where every row
+            // wants logits.
+            let next_norm = match self.weights.layers.get(index + 1) {
+                Some(next) => Some(&next.input_norm),
+                None => every_row.then_some(final_norm),
             };
-            self.reduce_tensor_parallel(&mut mlp)?;
-            mlp_out = Some(mlp);
+            // One rank's routed experts alone: their sum goes into h and the next norm at once.
+            let alone = |sparse: &SparseMlp<B>| {
+                self.comm.is_none() && sparse.shared.is_none() && b.shape(&x).0 > 0
+            };
+            mlp_out = Some(match (&layer.mlp, next_norm) {
+                (Mlp::Sparse(sparse), Some(norm)) if alone(sparse) => {
+                    MlpOut::Normed(b.moe_routed_add_rms_norm(
+                        &x,
+                        &sparse.router,
+                        &self.route_rule(),
+                        &sparse.experts,
+                        &self.expert_counters[index],
+                        ResidualNorm {
+                            h: &mut h,
+                            weight: norm,
+                            eps: c.rms_norm_eps,
+                        },
+                    )?)
+                }
+                _ => {
+                    let mut mlp = match &layer.mlp {
+                        Mlp::Dense(mlp) => self.swiglu_mlp(&x, mlp)?,
+                        Mlp::Sparse(sparse) => self.sparse_mlp(index, &x, sparse)?,
+                    };
+                    self.reduce_tensor_parallel(&mut mlp)?;
+                    MlpOut::Pending(mlp)
+                }
+            });
         }
         if batch.logit_rows.is_empty() {
             return Ok(None);
         }
-        let final_norm = &self.weights.final_norm;
-        let every_row = batch.logit_rows.iter().copied().eq(0..batch.tokens.len());
         let last = match mlp_out {
+            Some(MlpOut::Normed(x)) => x,
             // A decode step wants every row: the last add and the final norm in one call.
-            Some(mlp) if every_row => b.add_rms_norm(&mut h, &mlp, final_norm, c.rms_norm_eps)?,
-            mlp => {
-                if let Some(mlp) = mlp {
+            Some(MlpOut::Pending(mlp)) if every_row => {
+                b.add_rms_norm(&mut h, &mlp, final_norm, c.rms_norm_eps)?
+            }
+            pending => {
+                if let Some(MlpOut::Pending(mlp)) = pending {
                     b.add_assign(&mut h, &mlp)?;
                 }
                 let last = b.select_rows(&h, &batch.logit_rows)?;

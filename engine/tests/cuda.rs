@@ -22,8 +22,8 @@ use tandem_engine::cuda::{CudaBackend, KERNEL_NAMES, NcclCollective, compile_ker
 use tandem_engine::{
     AttentionBatch, AttentionSeq, Backend, BlockId, Collective, CpuBackend, Engine, EngineConfig,
     EngineGroup, ExpertPlacement, ExpertWeights, HeadTransforms, HostTensor, KvSpec, Model,
-    Parallelism, RopeTable, RouteRule, Routing, SamplingParams, SeqId, Sharding, StopCriteria,
-    load_ranks, load_tensor_parallel,
+    Parallelism, ResidualNorm, RopeTable, RouteRule, Routing, SamplingParams, SeqId, Sharding,
+    StopCriteria, load_ranks, load_tensor_parallel,
 };
 
 const RELATIVE_TOLERANCE: f32 = 2e-2;
@@ -699,7 +699,9 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         })
         .collect();
     let counters = b.expert_counters(num_experts).expect("counters");
-    for tokens in [4, 10, 300] {
+    let norm_r = b.vector(v.take(hidden_r, 1.0)).expect("norm");
+    let token_counts = [4, 10, 300];
+    for tokens in token_counts {
         let data = (0..tokens * hidden_r)
             .map(|i| ((i * 13 + i / 7) % 17) as f32 / 8.0 - 1.0)
             .collect();
@@ -708,11 +710,30 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
             .moe_routed(&xr, &router, &rule, &routed_experts, &counters)
             .expect("moe_routed");
         out.push((format!("moe_routed_{tokens}"), b.to_host(&y).expect("host")));
+        // The same experts summed into a residual and the norm after it.
+        let mut h = tensor(b, tokens, hidden_r, v.take(tokens * hidden_r, 1.0));
+        let norm = ResidualNorm {
+            h: &mut h,
+            weight: &norm_r,
+            eps: 1e-6,
+        };
+        let normed = b
+            .moe_routed_add_rms_norm(&xr, &router, &rule, &routed_experts, &counters, norm)
+            .expect("moe_routed_add_rms_norm");
+        let values = [
+            b.to_host(&h).expect("host"),
+            b.to_host(&normed).expect("host"),
+        ];
+        out.push((format!("moe_routed_add_rms_norm_{tokens}"), values.concat()));
     }
     let load = b.read_expert_counters(&counters).expect("counters");
+    let slots: usize = token_counts
+        .iter()
+        .map(|t| 2 * t * rule.experts_per_token)
+        .sum();
     assert_eq!(
         load.iter().sum::<u64>(),
-        628,
+        slots as u64,
         "{} counts every slot",
         b.name()
     );

@@ -21,8 +21,8 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig};
 
 use crate::backend::{
-    AttentionBatch, Backend, HeadTransforms, KvRows, KvSpec, RopeTable, RouteRule, Routing,
-    check_scatter_rows,
+    AttentionBatch, Backend, HeadTransforms, KvRows, KvSpec, ResidualNorm, RopeTable, RouteRule,
+    Routing, check_scatter_rows,
 };
 use crate::checkpoint::HostTensor;
 use crate::error::{EngineError, Result};
@@ -802,7 +802,19 @@ impl Backend for CudaBackend {
         experts: &[ExpertWeights<Self>],
         counters: &CudaExpertCounters,
     ) -> Result<CudaTensor> {
-        self.moe_routed_on_device(x, router, rule, experts, counters)
+        self.moe_routed_on_device(x, router, rule, experts, counters, None)
+    }
+
+    fn moe_routed_add_rms_norm(
+        &self,
+        x: &CudaTensor,
+        router: &CudaMatrix,
+        rule: &RouteRule,
+        experts: &[ExpertWeights<Self>],
+        counters: &CudaExpertCounters,
+        norm: ResidualNorm<'_, Self>,
+    ) -> Result<CudaTensor> {
+        self.moe_routed_on_device(x, router, rule, experts, counters, Some(norm))
     }
 
     fn select_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {

@@ -93,6 +93,7 @@ kernel_table! {
     MoeWgmmaGateUp => "moe_wgmma_gate_up",
     MoeWgmmaDown => "moe_wgmma_down",
     MoeCombine => "moe_combine",
+    MoeCombineAddRmsNorm => "moe_combine_add_rms_norm",
     GemvRows => "gemv_rows",
     GemvRowsMma => "gemv_rows_mma",
     AddRmsNorm => "add_rms_norm",

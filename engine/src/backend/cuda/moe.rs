@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 use super::{
     CudaBackend, CudaMatrix, CudaTensor, Kernel, ROW_THREADS, blocks, per_row, shape_error,
 };
-use crate::backend::{HostCounters, RouteRule, Routing, moe_routed_on_host};
+use crate::backend::{Backend, HostCounters, ResidualNorm, RouteRule, Routing, moe_routed_on_host};
 use crate::error::{EngineError, Result};
 use crate::weights::ExpertWeights;
 
@@ -71,6 +71,9 @@ struct DeviceRouting {
     weights: CudaSlice<f32>,
 }
 
+/// Most experts a token has for `moe_combine_add_rms_norm` (`COMBINE_NORM_MAX_TOP_K`).
+const COMBINE_NORM_MAX_TOP_K: usize = 8;
+
 /// What `run_experts` is given to find where the slots go: a placement already made (a
 /// decode step's, by `moe_route_place`, in matrix-vector groups), or each expert's count.
 enum Slots {
@@ -113,7 +116,8 @@ impl CudaBackend {
             .collect())
     }
 
-    /// Routes on the device when the rule and shapes allow it, else on the host.
+    /// Routes on the device when the rule and shapes allow it, else on the host; then adds
+    /// the output to the residual and normalizes it where `norm` is given.
     pub(super) fn moe_routed_on_device(
         &self,
         x: &CudaTensor,
@@ -121,6 +125,7 @@ impl CudaBackend {
         rule: &RouteRule,
         experts: &[ExpertWeights<Self>],
         counters: &CudaExpertCounters,
+        norm: Option<ResidualNorm<'_, Self>>,
     ) -> Result<CudaTensor> {
         let _timer = self.timed("moe_routed");
         let k = rule.experts_per_token;
@@ -130,7 +135,8 @@ impl CudaBackend {
             || router.out_dim != rule.num_experts
             || experts.len() != rule.num_experts
         {
-            return moe_routed_on_host(self, x, router, rule, experts, counters);
+            let out = moe_routed_on_host(self, x, router, rule, experts, counters)?;
+            return self.then_norm(out, norm);
         }
         let route_timer = self.timed("moe.route");
         // The tokens in bf16 at most once, for the router and the experts' GEMMs.
@@ -183,7 +189,8 @@ impl CudaBackend {
                 })
             }?;
             drop(route_timer);
-            return self.run_experts(x, input.bf16(), &routing, Slots::Placed(place), experts);
+            let slots = Slots::Placed(place);
+            return self.run_experts(x, input.bf16(), &routing, slots, experts, norm);
         }
         let mut counts = self.zeros(experts.len())?;
         let mut launch = self.launch(Kernel::MoeRoute);
@@ -204,7 +211,8 @@ impl CudaBackend {
         // counts and of the layer's device counters.
         unsafe { launch.launch(blocks(x.rows * 32, warps_per_block * 32)) }?;
         drop(route_timer);
-        self.run_experts(x, input.bf16(), &routing, Slots::Counted(counts), experts)
+        let slots = Slots::Counted(counts);
+        self.run_experts(x, input.bf16(), &routing, slots, experts, norm)
     }
 
     /// The experts of host routing (expert parallelism, or rules the device does not take).
@@ -243,17 +251,13 @@ impl CudaBackend {
             expert_ids: self.upload(&ids)?,
             weights: self.upload(&routing.weights)?,
         };
-        self.run_experts(
-            x,
-            x.bf16.as_ref(),
-            &routing,
-            Slots::Counted(counts),
-            experts,
-        )
+        let slots = Slots::Counted(counts);
+        self.run_experts(x, x.bf16.as_ref(), &routing, slots, experts, None)
     }
 
-    /// Every token's experts, weighted and summed; the routing stays on the device. `x16`:
-    /// the tokens in bf16 when the caller has them already.
+    /// Every token's experts, weighted and summed (into the residual and the norm after it,
+    /// where `norm` is given); the routing stays on the device. `x16`: the tokens in bf16
+    /// when the caller has them already.
     fn run_experts(
         &self,
         x: &CudaTensor,
@@ -261,6 +265,7 @@ impl CudaBackend {
         routing: &DeviceRouting,
         slots: Slots,
         experts: &[ExpertWeights<Self>],
+        norm: Option<ResidualNorm<'_, Self>>,
     ) -> Result<CudaTensor> {
         let Some(first) = experts.first() else {
             return Err(shape_error("moe", "no experts".into()));
@@ -282,7 +287,8 @@ impl CudaBackend {
         }
         let pairs = x.rows * routing.top_k;
         if pairs == 0 {
-            return self.tensor(x.rows, hidden);
+            let out = self.tensor(x.rows, hidden)?;
+            return self.then_norm(out, norm);
         }
         let gemv = pairs <= MOE_GEMV_MAX_PAIRS;
         let place = match slots {
@@ -425,18 +431,61 @@ impl CudaBackend {
         }
         let _combine_timer = self.timed("moe.combine");
         let mut out = self.output(x.rows, hidden)?;
-        let mut launch = self.launch(Kernel::MoeCombine);
+        let norm = match norm {
+            Some(norm)
+                if norm.weight.len == hidden
+                    && (norm.h.rows, norm.h.cols) == (x.rows, hidden)
+                    && routing.top_k <= COMBINE_NORM_MAX_TOP_K =>
+            {
+                norm
+            }
+            norm => {
+                let mut launch = self.launch(Kernel::MoeCombine);
+                launch
+                    .arg(&y)
+                    .arg(&place.slot_position)
+                    .arg(&routing.weights)
+                    .arg(&mut out.data)
+                    .arg(&hidden_i)
+                    .arg(&top_k);
+                // SAFETY: one block per token, reading its top_k slots' weights and y rows
+                // (positions below pairs) and writing its row of out.
+                unsafe { launch.launch(per_row(x.rows)) }?;
+                return self.then_norm(out, norm);
+            }
+        };
+        let mut out16 = self.gemm_input_buffer(x.rows, hidden)?;
+        let null = 0u64;
+        let mut launch = self.launch(Kernel::MoeCombineAddRmsNorm);
         launch
             .arg(&y)
             .arg(&place.slot_position)
             .arg(&routing.weights)
-            .arg(&mut out.data)
-            .arg(&hidden_i)
-            .arg(&top_k);
-        // SAFETY: one block per token, reading its top_k slots' weights and y rows (positions
-        // below pairs) and writing its row of out.
+            .arg(norm.h.values_mut())
+            .arg(&norm.weight.data)
+            .arg(&mut out.data);
+        match &mut out16 {
+            Some(out16) => launch.arg(out16),
+            None => launch.arg(&null),
+        };
+        launch.arg(&hidden_i).arg(&top_k).arg(&norm.eps);
+        // SAFETY: as moe_combine, then the token's row of h (x.rows · hidden values, checked
+        // above) and of out (and out16 where given) as add_rms_norm, the weight hidden values.
         unsafe { launch.launch(per_row(x.rows)) }?;
+        out.bf16 = out16;
         Ok(out)
+    }
+
+    /// `out` added to the residual and normalized where `norm` is given.
+    fn then_norm(
+        &self,
+        out: CudaTensor,
+        norm: Option<ResidualNorm<'_, Self>>,
+    ) -> Result<CudaTensor> {
+        match norm {
+            Some(norm) => self.add_rms_norm(norm.h, &out, norm.weight, norm.eps),
+            None => Ok(out),
+        }
     }
 
     /// Buffers for the placement of `pairs` slots among `num_experts` in tiles of
@@ -538,6 +587,7 @@ mod tests {
             ("GEMM_SHARED_BYTES", GEMM_SHARED_BYTES),
             ("WGMMA_SHARED_BYTES", WGMMA_SHARED_BYTES),
             ("ROUTE_MAX_PER_LANE * 32", ROUTE_MAX_EXPERTS),
+            ("COMBINE_NORM_MAX_TOP_K", COMBINE_NORM_MAX_TOP_K),
         ]);
     }
 }

@@ -361,6 +361,69 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
     grouped_gemm_wgmma<false>(act, nullptr, 1, down, offsets, tiles, hidden, inter, y, nullptr);
 }
 
+// A token's experts as rms_norm_run's delta (rows.cu): its top_k (at most
+// COMBINE_NORM_MAX_TOP_K) rows of y weighted and summed in slot order, the arithmetic of
+// moe_combine below. The rows and weights sit in registers and each step issues every row's
+// load before it adds any, so a step waits for memory once, not top_k times.
+#define COMBINE_NORM_MAX_TOP_K 8
+struct ExpertsDelta {
+    static constexpr bool adds = true;
+    const bf16_t* y;
+    int hidden, top_k;
+    int rows[COMBINE_NORM_MAX_TOP_K];
+    float weights[COMBINE_NORM_MAX_TOP_K];
+    __device__ bool aligned() const { return (hidden & 3) == 0; }
+    __device__ float4 four(int i) const {
+        uint2 packed[COMBINE_NORM_MAX_TOP_K];
+#pragma unroll
+        for (int j = 0; j < COMBINE_NORM_MAX_TOP_K; j++) {
+            if (j < top_k) packed[j] = *(const uint2*)(y + (size_t)rows[j] * hidden + i);
+        }
+        float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (int j = 0; j < COMBINE_NORM_MAX_TOP_K; j++) {
+            if (j < top_k) {
+                float w = weights[j];
+                sum.x += w * __uint_as_float(packed[j].x << 16);
+                sum.y += w * __uint_as_float(packed[j].x & 0xffff0000u);
+                sum.z += w * __uint_as_float(packed[j].y << 16);
+                sum.w += w * __uint_as_float(packed[j].y & 0xffff0000u);
+            }
+        }
+        return sum;
+    }
+    __device__ float one(int i) const {
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < COMBINE_NORM_MAX_TOP_K; j++) {
+            if (j < top_k) sum += weights[j] * bf16_to_f32(y[(size_t)rows[j] * hidden + i]);
+        }
+        return sum;
+    }
+};
+
+// moe_combine and the add_rms_norm after it in one pass, one block a token: h += its experts'
+// weighted sum, then out = RMSNorm(h) · weight (and out16 where given, see rms_norm_run). Saves
+// the combine's launch and its output's write and read. top_k <= COMBINE_NORM_MAX_TOP_K.
+extern "C" __global__ void moe_combine_add_rms_norm(const bf16_t* y, const int* slot_position,
+                                                    const float* weights, float* h,
+                                                    const float* weight, float* out,
+                                                    bf16_t* out16, int hidden, int top_k,
+                                                    float eps) {
+    after_previous_kernel();
+    size_t at = (size_t)blockIdx.x * hidden, first = (size_t)blockIdx.x * top_k;
+    ExpertsDelta experts;
+    experts.y = y;
+    experts.hidden = hidden;
+    experts.top_k = top_k;
+#pragma unroll
+    for (int j = 0; j < COMBINE_NORM_MAX_TOP_K; j++) {
+        experts.rows[j] = j < top_k ? slot_position[first + j] : 0;
+        experts.weights[j] = j < top_k ? weights[first + j] : 0.0f;
+    }
+    rms_norm_run(h + at, experts, weight, out + at, out16 ? out16 + at : nullptr, hidden, eps);
+}
+
 // out[t] = sum over j < top_k of weights[t · top_k + j] · y[slot_position[t · top_k + j]], in
 // slot order; one block per token, 8 columns a thread at a time (16-byte loads of y) when
 // hidden is a multiple of 8 (two-byte loads ran at ~30% of the copy rate).

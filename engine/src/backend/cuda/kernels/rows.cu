@@ -10,22 +10,39 @@ extern "C" __global__ void embed(const bf16_t* table, const unsigned int* ids, f
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = bf16_to_f32(src[c]);
 }
 
+// What rms_norm_run adds to its run before the norm: nothing, or a run of floats (the
+// residual add). Another source (moe_gemm.cu's experts) gives the same three members.
+struct NoDelta {
+    static constexpr bool adds = false;
+    __device__ bool aligned() const { return true; }
+    __device__ float4 four(int) const { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
+    __device__ float one(int) const { return 0.0f; }
+};
+
+struct RunDelta {
+    static constexpr bool adds = true;
+    const float* run;
+    __device__ bool aligned() const { return aligned16(run); }
+    __device__ float4 four(int i) const { return *(const float4*)(run + i); }
+    __device__ float one(int i) const { return run[i]; }
+};
+
 // RMSNorm of one block's run of `len` values, four a load where the run and pointers allow;
-// with ADD, src += delta first (the residual add before a norm), written back to src. Where
-// dst16 is given, the result goes there rounded to bf16 too: the GEMMs' input, made here
-// instead of by to_bf16 reading dst back.
-template <bool ADD>
-__device__ __forceinline__ void rms_norm_run(float* src, const float* delta, const float* weight,
+// where delta adds, src += delta first (the residual add before a norm), written back to
+// src. Where dst16 is given, the result goes there rounded to bf16 too: the GEMMs' input,
+// made here instead of by to_bf16 reading dst back.
+template <class Delta>
+__device__ __forceinline__ void rms_norm_run(float* src, Delta delta, const float* weight,
                                              float* dst, bf16_t* dst16, int len, float eps) {
     bool vector = (len & 3) == 0 && aligned16(src) && aligned16(dst) && aligned16(weight) &&
-                  (!ADD || aligned16(delta)) && ((size_t)dst16 & 7) == 0;
+                  delta.aligned() && ((size_t)dst16 & 7) == 0;
     int first = vector ? threadIdx.x * 4 : len;
     int step = blockDim.x * 4;
     float sq = 0.0f;
     for (int i = first; i < len; i += step) {
         float4 v = *(const float4*)(src + i);
-        if (ADD) {
-            float4 d = *(const float4*)(delta + i);
+        if (Delta::adds) {
+            float4 d = delta.four(i);
             v = make_float4(v.x + d.x, v.y + d.y, v.z + d.z, v.w + d.w);
             *(float4*)(src + i) = v;
         }
@@ -33,7 +50,7 @@ __device__ __forceinline__ void rms_norm_run(float* src, const float* delta, con
     }
     if (!vector) {
         for (int i = threadIdx.x; i < len; i += blockDim.x) {
-            if (ADD) src[i] += delta[i];
+            if (Delta::adds) src[i] += delta.one(i);
             sq += src[i] * src[i];
         }
     }
@@ -59,8 +76,8 @@ extern "C" __global__ void rms_norm(const float* x, const float* weight, float* 
                                     bf16_t* out16, int len, float eps) {
     after_previous_kernel();
     size_t at = (size_t)blockIdx.x * len;
-    rms_norm_run<false>((float*)x + at, nullptr, weight, out + at, out16 ? out16 + at : nullptr,
-                        len, eps);
+    rms_norm_run((float*)x + at, NoDelta(), weight, out + at, out16 ? out16 + at : nullptr, len,
+                 eps);
 }
 
 // h += delta, then out = RMSNorm(h) · weight, a row a block: the residual add and the next
@@ -69,8 +86,8 @@ extern "C" __global__ void add_rms_norm(float* h, const float* delta, const floa
                                         float* out, bf16_t* out16, int len, float eps) {
     after_previous_kernel();
     size_t at = (size_t)blockIdx.x * len;
-    rms_norm_run<true>(h + at, delta + at, weight, out + at, out16 ? out16 + at : nullptr, len,
-                       eps);
+    rms_norm_run(h + at, RunDelta{delta + at}, weight, out + at, out16 ? out16 + at : nullptr,
+                 len, eps);
 }
 
 // The same for short runs (a head's q or k): a warp per run, so a block does not sit mostly
