@@ -136,7 +136,7 @@ pub struct CudaTensor {
     /// Changed in place only through [`CudaTensor::values_mut`], which drops `bf16`.
     data: CudaSlice<f32>,
     /// The same values rounded to bf16, where the kernel that wrote them made that copy for
-    /// the GEMMs reading them next (a norm's output, see `CudaBackend::bf16_for`).
+    /// the GEMMs reading them next (a norm's output, see `CudaBackend::gemm_input_buffer`).
     bf16: Option<CudaSlice<u16>>,
 }
 

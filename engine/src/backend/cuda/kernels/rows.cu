@@ -71,7 +71,8 @@ __device__ __forceinline__ void rms_norm_run(float* src, Delta delta, const floa
     }
 }
 
-// RMSNorm over each row of `len` values, one block a row (out16: see rms_norm_run).
+// RMSNorm over each run of `len` values (a row or one head), one block a run (out16, given
+// only for rows: see rms_norm_run).
 extern "C" __global__ void rms_norm(const float* x, const float* weight, float* out,
                                     bf16_t* out16, int len, float eps) {
     after_previous_kernel();
