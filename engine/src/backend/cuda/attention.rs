@@ -250,7 +250,7 @@ impl CudaBackend {
                     ),
                 ));
             }
-            covered[seq.rows.clone()].fill(true);
+            seq.rows.clone().for_each(|row| covered[row] = true);
             if tiled && seq.rows.len() > 1 {
                 tiles.add(seq.rows.clone(), seq.first_position, offset);
                 continue;
