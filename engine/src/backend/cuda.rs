@@ -529,7 +529,6 @@ impl Backend for CudaBackend {
         }
         let len_i = len as i32;
         let runs_i = runs as i32;
-        let null = 0u64;
         let mut out16 = None;
         let mut launch;
         let config = if len <= RMS_NORM_SHORT_RUN {
@@ -545,11 +544,7 @@ impl Backend for CudaBackend {
             };
             launch = self.launch(Kernel::RmsNorm);
             launch.arg(&x.data).arg(&weight.data).arg(&mut out.data);
-            match &mut out16 {
-                Some(out16) => launch.arg(out16),
-                None => launch.arg(&null),
-            };
-            launch.arg(&len_i).arg(&eps);
+            launch.arg(out16.as_mut()).arg(&len_i).arg(&eps);
             per_row(runs)
         };
         // SAFETY: one block (or warp, for short runs, those past `runs` returning) per run of
@@ -614,18 +609,15 @@ impl Backend for CudaBackend {
         let mut out = self.output(h.rows, h.cols)?;
         let mut out16 = self.gemm_input_buffer(h.rows, h.cols)?;
         let len = h.cols as i32;
-        let null = 0u64;
         let mut launch = self.launch(Kernel::AddRmsNorm);
         launch
             .arg(h.values_mut())
             .arg(&delta.data)
             .arg(&weight.data)
-            .arg(&mut out.data);
-        match &mut out16 {
-            Some(out16) => launch.arg(out16),
-            None => launch.arg(&null),
-        };
-        launch.arg(&len).arg(&eps);
+            .arg(&mut out.data)
+            .arg(out16.as_mut())
+            .arg(&len)
+            .arg(&eps);
         // SAFETY: one block per row of len values; h, delta and out (and out16 where given)
         // hold rows · len values, the weight len.
         unsafe { launch.launch(per_row(h.rows)) }?;

@@ -172,14 +172,13 @@ impl CudaBackend {
         let (q_heads, kv_heads) = (q.cols / head_dim, width / head_dim);
         let (q_heads_i, kv_heads_i, head_dim_i) =
             (q_heads as i32, kv_heads as i32, head_dim as i32);
-        let null = 0u64;
         let mut launch = self.launch(Kernel::AttentionInputs);
-        launch.arg(q.values_mut()).arg(&k.data).arg(&v.data);
-        match heads.norms {
-            Some((q_norm, k_norm)) => launch.arg(&q_norm.data).arg(&k_norm.data),
-            None => launch.arg(&null).arg(&null),
-        };
         launch
+            .arg(q.values_mut())
+            .arg(&k.data)
+            .arg(&v.data)
+            .arg(heads.norms.map(|(q_norm, _)| &q_norm.data))
+            .arg(heads.norms.map(|(_, k_norm)| &k_norm.data))
             .arg(&mut store.k)
             .arg(&mut store.v)
             .arg(slots_dev.as_ref())
@@ -368,18 +367,13 @@ impl CudaBackend {
             } else {
                 scale
             };
-            let null = 0u64;
             let mut launch = self.launch(kernel);
             launch
                 .arg(&q.data)
                 .arg(&store.k)
                 .arg(&store.v)
-                .arg(&mut out.data);
-            match &mut out16 {
-                Some(out16) => launch.arg(out16),
-                None => launch.arg(&null),
-            };
-            launch
+                .arg(&mut out.data)
+                .arg(out16.as_mut())
                 .arg(rows.as_ref())
                 .arg(counts.as_ref())
                 .arg(tile_positions.as_ref())

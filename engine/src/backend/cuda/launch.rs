@@ -69,6 +69,13 @@ macro_rules! scalar_args {
 
 scalar_args!(i32, u32, f32, u64);
 
+/// An optional buffer: a null pointer where absent.
+impl<A: KernelArg> KernelArg for Option<A> {
+    fn word(self, backend: &CudaBackend) -> u64 {
+        self.map_or(0, |arg| arg.word(backend))
+    }
+}
+
 /// One kernel's launch: its arguments, in order.
 pub(super) struct Launch<'a> {
     backend: &'a CudaBackend,

@@ -455,7 +455,6 @@ impl CudaBackend {
             }
         };
         let mut out16 = self.gemm_input_buffer(x.rows, hidden)?;
-        let null = 0u64;
         let mut launch = self.launch(Kernel::MoeCombineAddRmsNorm);
         launch
             .arg(&y)
@@ -463,12 +462,11 @@ impl CudaBackend {
             .arg(&routing.weights)
             .arg(norm.h.values_mut())
             .arg(&norm.weight.data)
-            .arg(&mut out.data);
-        match &mut out16 {
-            Some(out16) => launch.arg(out16),
-            None => launch.arg(&null),
-        };
-        launch.arg(&hidden_i).arg(&top_k).arg(&norm.eps);
+            .arg(&mut out.data)
+            .arg(out16.as_mut())
+            .arg(&hidden_i)
+            .arg(&top_k)
+            .arg(&norm.eps);
         // SAFETY: as moe_combine, then the token's row of h (x.rows · hidden values, checked
         // above) and of out (and out16 where given) as add_rms_norm, the weight hidden values.
         unsafe { launch.launch(per_row(x.rows)) }?;
