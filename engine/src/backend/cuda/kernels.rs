@@ -92,6 +92,8 @@ kernel_table! {
     MoeGemmDown => "moe_gemm_down",
     MoeWgmmaGateUp => "moe_wgmma_gate_up",
     MoeWgmmaDown => "moe_wgmma_down",
+    MoeWgmmaNarrowGateUp => "moe_wgmma_narrow_gate_up",
+    MoeWgmmaNarrowDown => "moe_wgmma_narrow_down",
     MoeCombine => "moe_combine",
     MoeCombineAddRmsNorm => "moe_combine_add_rms_norm",
     GemvRows => "gemv_rows",
@@ -185,6 +187,8 @@ impl Kernels {
             (Kernel::MoeGemmDown, moe::GEMM_SHARED_BYTES),
             (Kernel::MoeWgmmaGateUp, moe::WGMMA_SHARED_BYTES),
             (Kernel::MoeWgmmaDown, moe::WGMMA_SHARED_BYTES),
+            (Kernel::MoeWgmmaNarrowGateUp, moe::WGMMA_NARROW_SHARED_BYTES),
+            (Kernel::MoeWgmmaNarrowDown, moe::WGMMA_NARROW_SHARED_BYTES),
         ] {
             let name = kernel.name();
             kernels

@@ -34,6 +34,12 @@ pub(super) const GEMM_SHARED_BYTES: usize = 3 * (GEMM_BM + GEMM_BN) * (64 + 8) *
 /// `WGMMA_SHARED_BYTES` of the warpgroup (sm_90a) GEMMs: three unpadded stages and 1 KB to
 /// align them to the swizzle pattern.
 pub(super) const WGMMA_SHARED_BYTES: usize = 3 * (GEMM_BM + GEMM_BN) * 64 * 2 + 1024;
+/// `WGMMA_NARROW_BM` and `WGMMA_NARROW_SHARED_BYTES` of the warpgroup GEMMs' narrow tiles
+/// (four stages of 64 rows of A, 128 of B), which Hopper runs up to WGMMA_NARROW_MAX_PAIRS
+/// routing slots (a decode batch of 128 at top-8: experts average 8 rows).
+const WGMMA_NARROW_BM: usize = 64;
+pub(super) const WGMMA_NARROW_SHARED_BYTES: usize = 4 * (WGMMA_NARROW_BM + GEMM_BN) * 64 * 2 + 1024;
+const WGMMA_NARROW_MAX_PAIRS: usize = 1024;
 /// The most blocks a launch's second grid dimension takes (the GEMMs' row tiles).
 const MAX_GRID_Y: usize = 65_535;
 /// Experts `moe_route` scores (`ROUTE_MAX_PER_LANE` × 32) and picks at most (a lane each).
@@ -48,10 +54,13 @@ const PLACE_IN_OFFSETS_MAX_PAIRS: usize = 1024;
 const MAX_EXPERTS: usize = 1024;
 
 /// Rows of a placement's tiles for `pairs` routing slots: matrix-vector groups for a few
-/// (pairs <= MOE_GEMV_MAX_PAIRS), GEMM row tiles for more.
-fn tile_rows(pairs: usize) -> usize {
+/// (pairs <= MOE_GEMV_MAX_PAIRS), GEMM row tiles for more (narrow ones on Hopper up to
+/// WGMMA_NARROW_MAX_PAIRS).
+fn tile_rows(pairs: usize, hopper: bool) -> usize {
     if pairs <= MOE_GEMV_MAX_PAIRS {
         MOE_MAX_GROUP
+    } else if hopper && pairs <= WGMMA_NARROW_MAX_PAIRS {
+        WGMMA_NARROW_BM
     } else {
         GEMM_BM
     }
@@ -86,6 +95,7 @@ enum Slots {
 /// last tile), `sorted_slot` names the slot at each position and `slot_position` the
 /// position of each slot.
 struct Placement {
+    tile_rows: usize,
     max_tiles: usize,
     offsets: CudaSlice<i32>,
     tiles: CudaSlice<i32>,
@@ -158,7 +168,7 @@ impl CudaBackend {
         // run_experts takes for that many slots.
         let threads = (x.rows * 32).max(rule.num_experts.next_multiple_of(32));
         if (1..=PLACE_IN_OFFSETS_MAX_PAIRS).contains(&pairs) && threads <= MAX_EXPERTS {
-            let tile_rows = tile_rows(pairs);
+            let tile_rows = tile_rows(pairs, self.hopper);
             let mut place = self.new_placement(pairs, rule.num_experts, tile_rows)?;
             let (tile_rows_i, max_tiles_i) = (tile_rows as i32, place.max_tiles as i32);
             let mut launch = self.launch(Kernel::MoeRoutePlace);
@@ -292,11 +302,14 @@ impl CudaBackend {
         }
         let gemv = pairs <= MOE_GEMV_MAX_PAIRS;
         let place = match slots {
-            // Placed in tiles of tile_rows(pairs), as below.
+            // Placed in tiles of tile_rows(pairs, self.hopper), as below.
             Slots::Placed(place) => place,
-            Slots::Counted(counts) => {
-                self.place(routing, &counts, experts.len(), tile_rows(pairs))?
-            }
+            Slots::Counted(counts) => self.place(
+                routing,
+                &counts,
+                experts.len(),
+                tile_rows(pairs, self.hopper),
+            )?,
         };
         // One upload: every gate_up pointer, then every down pointer.
         let pointers: Vec<u64> = experts
@@ -379,7 +392,13 @@ impl CudaBackend {
             let gate_up_timer = self.timed("moe.gemm_gate_up");
             let mut act = self.uninit::<u16>(pairs * inter)?;
             // Hopper runs the warpgroup-instruction builds of the same GEMMs.
-            let (gate_up_kernel, down_kernel, shared) = if self.hopper {
+            let (gate_up_kernel, down_kernel, shared) = if place.tile_rows == WGMMA_NARROW_BM {
+                (
+                    Kernel::MoeWgmmaNarrowGateUp,
+                    Kernel::MoeWgmmaNarrowDown,
+                    WGMMA_NARROW_SHARED_BYTES,
+                )
+            } else if self.hopper {
                 (
                     Kernel::MoeWgmmaGateUp,
                     Kernel::MoeWgmmaDown,
@@ -408,7 +427,7 @@ impl CudaBackend {
                 .arg(&inter_i)
                 .arg(&hidden_i)
                 .arg(&mut act);
-            // SAFETY: each block takes one tile of GEMM_BM positions of one expert (blocks
+            // SAFETY: each block takes one tile of tile_rows positions of one expert (blocks
             // past the last return), reads the rows of x16 ([x.rows, hidden]) of those
             // positions' slots (sorted_slot holds slots below x.rows · top_k) and rows of
             // that expert's [2·inter, hidden] matrix (hidden a multiple of 8, reads past it
@@ -497,6 +516,7 @@ impl CudaBackend {
         // At most one partial tile per expert beyond the full ones.
         let max_tiles = pairs.div_ceil(tile_rows) + num_experts.min(pairs);
         Ok(Placement {
+            tile_rows,
             max_tiles,
             offsets: self.uninit(num_experts + 1)?,
             tiles: self.uninit(2 * max_tiles)?,
@@ -575,6 +595,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn decode_batches_take_narrow_tiles_on_hopper_only() {
+        assert_eq!(tile_rows(8, true), MOE_MAX_GROUP);
+        assert_eq!(tile_rows(9, true), WGMMA_NARROW_BM);
+        // A decode batch of 128 at top-8.
+        assert_eq!(tile_rows(1024, true), WGMMA_NARROW_BM);
+        assert_eq!(tile_rows(1025, true), GEMM_BM);
+        assert_eq!(tile_rows(64, false), GEMM_BM);
+    }
+
+    #[test]
     fn launch_constants_match_the_kernels() {
         assert_host_constants(&[
             ("DOWN_ROWS_PER_WARP", DOWN_ROWS_PER_WARP),
@@ -584,6 +614,8 @@ mod tests {
             ("GEMM_THREADS", GEMM_THREADS as usize),
             ("GEMM_SHARED_BYTES", GEMM_SHARED_BYTES),
             ("WGMMA_SHARED_BYTES", WGMMA_SHARED_BYTES),
+            ("WGMMA_NARROW_BM", WGMMA_NARROW_BM),
+            ("WGMMA_NARROW_SHARED_BYTES", WGMMA_NARROW_SHARED_BYTES),
             ("ROUTE_MAX_PER_LANE * 32", ROUTE_MAX_EXPERTS),
             ("COMBINE_NORM_MAX_TOP_K", COMBINE_NORM_MAX_TOP_K),
         ]);

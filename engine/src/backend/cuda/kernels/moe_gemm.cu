@@ -32,25 +32,27 @@
 // SWIGLU: the expert's matrix holds `n` gate rows then `n` up rows, and block column j
 // computes gate and up rows j · 64 … j · 64 + 63 together, writing silu(gate) · up as bf16
 // to `act` ([rows, n]). Otherwise it computes rows j · 128 … of an [n, k] matrix into f32 `c`.
-// Where row r of a grouped GEMM's A (r < GEMM_BM) and B tiles comes from, null past the
-// expert's rows or the matrix: row p of the expert's rows is row a_rows[p] / a_row_divisor
-// of `a` when a_rows is given (a token's row gathered for each of its slots), else row
-// m0 + p; B rows are weight rows of column block blockIdx.x (for SWIGLU, gate rows then the
-// same columns' up rows). `threads` threads share the work; the caller synchronizes.
-template <bool SWIGLU>
+// Where row r of a grouped GEMM's A (r < BM) and B tiles comes from, null past the expert's
+// rows or the matrix: row p of the expert's rows is row a_rows[p] / a_row_divisor of `a`
+// when a_rows is given (a token's row gathered for each of its slots), else row m0 + p; B
+// rows are weight rows of column block blockIdx.x (for SWIGLU, runs of SWIGLU_RUN gate rows
+// then the same columns' up rows). `threads` threads share the work; the caller
+// synchronizes.
+template <bool SWIGLU, int BM = GEMM_BM, int SWIGLU_RUN = GEMM_BN / 2>
 __device__ __forceinline__ void gemm_row_sources(const bf16_t** row_src, const bf16_t* a,
                                                  const int* a_rows, int a_row_divisor,
                                                  const bf16_t* w, int rows, int m0, int n,
                                                  int k, int thread, int threads) {
-    for (int r = thread; r < GEMM_BM + GEMM_BN; r += threads) {
+    for (int r = thread; r < BM + GEMM_BN; r += threads) {
         const bf16_t* src = nullptr;
-        if (r < GEMM_BM) {
+        if (r < BM) {
             if (r < rows) src = a + (size_t)(a_rows ? a_rows[m0 + r] / a_row_divisor : m0 + r) * k;
         } else {
-            int b_row = r - GEMM_BM, row;
+            int b_row = r - BM, row;
             if (SWIGLU) {
-                int col = blockIdx.x * (GEMM_BN / 2) + b_row % (GEMM_BN / 2);
-                row = col >= n ? -1 : (b_row < GEMM_BN / 2 ? col : n + col);
+                int run = b_row / (2 * SWIGLU_RUN), in_run = b_row % (2 * SWIGLU_RUN);
+                int col = blockIdx.x * (GEMM_BN / 2) + run * SWIGLU_RUN + in_run % SWIGLU_RUN;
+                row = col >= n ? -1 : (in_run < SWIGLU_RUN ? col : n + col);
             } else {
                 row = blockIdx.x * GEMM_BN + b_row;
                 if (row >= n) row = -1;
@@ -62,9 +64,10 @@ __device__ __forceinline__ void gemm_row_sources(const bf16_t** row_src, const b
 }
 
 // Queues one stage's copies of a grouped GEMM's tiles: values [k0 + column, k0 + column + 8)
-// of rows first_row + i · row_step (i < GEMM_COPIES) of the A and B tiles (sources from
-// gemm_row_sources; zeros past the rows, the matrix or k) to a_dst and b_dst plus
-// i · row_step · row_bytes. A zero-filled copy names `a` or `w`, unread.
+// of rows first_row + i · row_step (i < GEMM_COPIES, of A's BM rows fewer) of the A and B
+// tiles (sources from gemm_row_sources; zeros past the rows, the matrix or k) to a_dst and
+// b_dst plus i · row_step · row_bytes. A zero-filled copy names `a` or `w`, unread.
+template <int BM = GEMM_BM>
 __device__ __forceinline__ void queue_gemm_copies(const bf16_t* const* row_src, const bf16_t* a,
                                                   const bf16_t* w, unsigned int a_dst,
                                                   unsigned int b_dst, int row_bytes,
@@ -74,18 +77,22 @@ __device__ __forceinline__ void queue_gemm_copies(const bf16_t* const* row_src, 
 #pragma unroll
     for (int i = 0; i < GEMM_COPIES; i++) {
         unsigned int at = i * row_step * row_bytes;
-        const bf16_t* src = row_src[first_row + i * row_step];
-        copy16_async_to(a_dst + at, in_k && src ? src + k0 + column : a, in_k && src);
-        src = row_src[GEMM_BM + first_row + i * row_step];
+        const bf16_t* src;
+        if (i < BM * GEMM_BK / 8 / GEMM_THREADS) {
+            src = row_src[first_row + i * row_step];
+            copy16_async_to(a_dst + at, in_k && src ? src + k0 + column : a, in_k && src);
+        }
+        src = row_src[BM + first_row + i * row_step];
         copy16_async_to(b_dst + at, in_k && src ? src + k0 + column : w, in_k && src);
     }
 }
 
-// Queues step `step`'s copies (load(stage, k0) of k values k0 …) into stage step % GEMM_STAGES
-// as one commit group, empty past the last step, so every step waits for its own group alike.
+// Queues step `step`'s copies (load(stage, k0) of k values k0 …) into stage step % stages as
+// one commit group, empty past the last step, so every step waits for its own group alike.
 template <typename Load>
-__device__ __forceinline__ void queue_gemm_step(const Load& load, int step, int steps) {
-    if (step < steps) load(step % GEMM_STAGES, step * GEMM_BK);
+__device__ __forceinline__ void queue_gemm_step(const Load& load, int step, int steps,
+                                                int stages = GEMM_STAGES) {
+    if (step < steps) load(step % stages, step * GEMM_BK);
     copies_commit();
 }
 
@@ -241,29 +248,45 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
 // wgmma m64n128k16; tiles stored 128-byte swizzled (16-byte chunk c of row r at chunk
 // c ^ (r % 8)), the layout the matrix descriptors name. For SWIGLU a thread holds a gate
 // column and its up column (n8 blocks j and j + 8), so the activation needs no shared memory.
+//
+// Narrow tiles (BM = WGMMA_NARROW_BM) are for a decode batch's few rows an expert: 64 rows,
+// the two warpgroups on the same rows and half the columns each (m64n64k16; for SWIGLU the
+// B rows in runs of 32 gate then 32 up rows, so each half holds whole gate/up pairs, n8
+// blocks j and j + 4). Without A's unused rows a stage is 24 KB, so two blocks an SM keep
+// WGMMA_NARROW_STAGES stages: three in flight a block, not two, where the wide tiles read
+// weights at ~80% of the copy rate with 64 KB an SM in flight.
 #define WGMMA_STAGE_BYTES ((GEMM_BM + GEMM_BN) * GEMM_BK * 2)
 // Stages plus slack to align them to the 1024-byte swizzle pattern.
 #define WGMMA_SHARED_BYTES (GEMM_STAGES * WGMMA_STAGE_BYTES + 1024)
+#define WGMMA_NARROW_BM 64
+#define WGMMA_NARROW_STAGES 4
+#define WGMMA_NARROW_STAGE_BYTES ((WGMMA_NARROW_BM + GEMM_BN) * GEMM_BK * 2)
+#define WGMMA_NARROW_SHARED_BYTES (WGMMA_NARROW_STAGES * WGMMA_NARROW_STAGE_BYTES + 1024)
 
-template <bool SWIGLU>
+template <bool SWIGLU, int BM>
 __device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a_rows,
                                                    int a_row_divisor,
                                                    const unsigned long long* matrices,
                                                    const int* offsets, const int* tiles, int n,
                                                    int k, bf16_t* c, bf16_t* act) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr bool NARROW = BM == WGMMA_NARROW_BM;
+    constexpr int STAGES = NARROW ? WGMMA_NARROW_STAGES : GEMM_STAGES;
+    constexpr int STAGE_BYTES = (BM + GEMM_BN) * GEMM_BK * 2;
+    // A warpgroup's n8 blocks of columns (its accumulators: four each).
+    constexpr int N8 = NARROW ? GEMM_BN / 16 : GEMM_BN / 8;
     extern __shared__ __align__(16) unsigned char gemm_shared[];
-    __shared__ const bf16_t* row_src[GEMM_BM + GEMM_BN];
+    __shared__ const bf16_t* row_src[BM + GEMM_BN];
     int expert, m0, rows;
-    if (!moe_tile(offsets, tiles, GEMM_BM, blockIdx.y, &expert, &m0, &rows)) {
+    if (!moe_tile(offsets, tiles, BM, blockIdx.y, &expert, &m0, &rows)) {
         return;
     }
     const bf16_t* w = (const bf16_t*)matrices[expert];
     int tid = threadIdx.x;
-    gemm_row_sources<SWIGLU>(row_src, a, a_rows, a_row_divisor, w, rows, m0, n, k, tid,
-                             GEMM_THREADS);
+    gemm_row_sources<SWIGLU, BM, NARROW ? GEMM_BN / 4 : GEMM_BN / 2>(
+        row_src, a, a_rows, a_row_divisor, w, rows, m0, n, k, tid, GEMM_THREADS);
     __syncthreads();
-    // Stage s: A rows at base + s · WGMMA_STAGE_BYTES, B rows GEMM_BM · 128 bytes after.
+    // Stage s: A rows at base + s · STAGE_BYTES, B rows BM · 128 bytes after.
     unsigned int base = (shared_address(gemm_shared) + 1023) & ~1023u;
     const int row_step = GEMM_THREADS / (GEMM_BK / 8);
     int chunk = tid % (GEMM_BK / 8);
@@ -271,69 +294,74 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a
     // row_step is a multiple of 8, so every row this thread copies swizzles its chunk alike.
     unsigned int dst = base + first_row * 128 + ((chunk ^ (first_row & 7)) << 4);
     auto load = [&](int stage, int k0) {
-        unsigned int at = dst + stage * WGMMA_STAGE_BYTES;
-        queue_gemm_copies(row_src, a, w, at, at + GEMM_BM * 128, 128, first_row, row_step,
-                          chunk * 8, k0, k);
+        unsigned int at = dst + stage * STAGE_BYTES;
+        queue_gemm_copies<BM>(row_src, a, w, at, at + BM * 128, 128, first_row, row_step,
+                              chunk * 8, k0, k);
     };
-    float d[64];
+    float d[4 * N8];
 #pragma unroll
-    for (int i = 0; i < 64; i++) d[i] = 0.0f;
+    for (int i = 0; i < 4 * N8; i++) d[i] = 0.0f;
     int warpgroup = tid >> 7;
     int steps = (k + GEMM_BK - 1) / GEMM_BK;
 #pragma unroll
-    for (int s = 0; s < GEMM_STAGES - 1; s++) queue_gemm_step(load, s, steps);
+    for (int s = 0; s < STAGES - 1; s++) queue_gemm_step(load, s, steps, STAGES);
     // Each step's wgmmas run while the next step's copies are queued and waited for: a
     // warpgroup waits only for the step before (wait_group 1), and the stage that step read
     // is refilled once every warpgroup is past that wait. Waiting for each step's own
     // wgmmas left the tensor cores idle through every barrier and copy issue.
     for (int step = 0; step < steps; step++) {
-        copies_wait<GEMM_STAGES - 2>();
+        copies_wait<STAGES - 2>();
         // The copies were generic-proxy writes; wgmma reads through the async proxy.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
-        unsigned int stage = base + (step % GEMM_STAGES) * WGMMA_STAGE_BYTES;
-        unsigned int a_tile = stage + warpgroup * 64 * 128;
-        unsigned int b_tile = stage + GEMM_BM * 128;
+        unsigned int stage = base + (step % STAGES) * STAGE_BYTES;
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
         for (int ks = 0; ks < GEMM_BK / 16; ks++) {
             // 16 k values are 32 bytes along the swizzled row.
-            wgmma_m64n128k16(d, wgmma_descriptor(a_tile + ks * 32),
-                             wgmma_descriptor(b_tile + ks * 32));
+            if (NARROW) {
+                wgmma_m64n64k16(d, wgmma_descriptor(stage + ks * 32),
+                                wgmma_descriptor(stage + (BM + warpgroup * 64) * 128 + ks * 32));
+            } else {
+                wgmma_m64n128k16(d, wgmma_descriptor(stage + warpgroup * 64 * 128 + ks * 32),
+                                 wgmma_descriptor(stage + BM * 128 + ks * 32));
+            }
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
         __syncthreads();
-        // Stage (step + GEMM_STAGES - 1) % GEMM_STAGES is the one the last step read.
-        queue_gemm_step(load, step + GEMM_STAGES - 1, steps);
+        // Stage (step + STAGES - 1) % STAGES is the one the last step read.
+        queue_gemm_step(load, step + STAGES - 1, steps, STAGES);
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     // d[4j + e]: row 16 (warp % 4) + g (+ 8 for e >= 2) of the warpgroup's 64, column
-    // 8j + 2t (+ 1 for odd e).
+    // 8j + 2t (+ 1 for odd e) of its columns.
     int lane = tid & 31, g = lane >> 2, t = lane & 3;
-    int row = warpgroup * 64 + ((tid >> 5) & 3) * 16 + g;
+    int row = (NARROW ? 0 : warpgroup * 64) + ((tid >> 5) & 3) * 16 + g;
 #pragma unroll
     for (int half = 0; half < 2; half++) {
         int r = row + 8 * half;
         if (r >= rows) continue;
         if (SWIGLU) {
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
-                int col = blockIdx.x * (GEMM_BN / 2) + 8 * j + 2 * t;
+            for (int j = 0; j < N8 / 2; j++) {
+                int col = blockIdx.x * (GEMM_BN / 2) + (NARROW ? warpgroup * GEMM_BN / 4 : 0) +
+                          8 * j + 2 * t;
                 if (col >= n) continue;
                 float out[2];
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     float gate = d[4 * j + 2 * half + e];
-                    float up = d[4 * (j + 8) + 2 * half + e];
+                    float up = d[4 * (j + N8 / 2) + 2 * half + e];
                     out[e] = gate / (1.0f + expf(-gate)) * up;
                 }
                 *(unsigned int*)(act + (size_t)(m0 + r) * n + col) = pack_bf16(out[0], out[1]);
             }
         } else {
 #pragma unroll
-            for (int j = 0; j < 16; j++) {
-                int col = blockIdx.x * GEMM_BN + 8 * j + 2 * t;
+            for (int j = 0; j < N8; j++) {
+                int col = blockIdx.x * GEMM_BN + (NARROW ? warpgroup * GEMM_BN / 2 : 0) + 8 * j +
+                          2 * t;
                 if (col >= n) continue;
                 *(unsigned int*)(c + (size_t)(m0 + r) * n + col) =
                     pack_bf16(d[4 * j + 2 * half], d[4 * j + 2 * half + 1]);
@@ -345,21 +373,25 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
-    moe_wgmma_gate_up(const bf16_t* x, const int* sorted_slot, int top_k,
-                      const unsigned long long* gate_up, const int* offsets, const int* tiles,
-                      int inter, int hidden, bf16_t* act) {
-    after_previous_kernel();
-    grouped_gemm_wgmma<true>(x, sorted_slot, top_k, gate_up, offsets, tiles, inter, hidden,
-                             nullptr, act);
-}
-
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)
-    moe_wgmma_down(const bf16_t* act, const unsigned long long* down, const int* offsets,
-                   const int* tiles, int hidden, int inter, bf16_t* y) {
-    after_previous_kernel();
-    grouped_gemm_wgmma<false>(act, nullptr, 1, down, offsets, tiles, hidden, inter, y, nullptr);
-}
+// The gate/up and down GEMMs of BM-row tiles (GEMM_BM, or WGMMA_NARROW_BM).
+#define MOE_WGMMA_KERNELS(gate_up_name, down_name, bm)                                        \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)                             \
+        gate_up_name(const bf16_t* x, const int* sorted_slot, int top_k,                      \
+                     const unsigned long long* gate_up, const int* offsets, const int* tiles, \
+                     int inter, int hidden, bf16_t* act) {                                    \
+        after_previous_kernel();                                                              \
+        grouped_gemm_wgmma<true, bm>(x, sorted_slot, top_k, gate_up, offsets, tiles, inter,   \
+                                     hidden, nullptr, act);                                   \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)                             \
+        down_name(const bf16_t* act, const unsigned long long* down, const int* offsets,      \
+                  const int* tiles, int hidden, int inter, bf16_t* y) {                       \
+        after_previous_kernel();                                                              \
+        grouped_gemm_wgmma<false, bm>(act, nullptr, 1, down, offsets, tiles, hidden, inter, y, \
+                                      nullptr);                                               \
+    }
+MOE_WGMMA_KERNELS(moe_wgmma_gate_up, moe_wgmma_down, GEMM_BM)
+MOE_WGMMA_KERNELS(moe_wgmma_narrow_gate_up, moe_wgmma_narrow_down, WGMMA_NARROW_BM)
 
 // A token's experts as rms_norm_run's delta (rows.cu): its top_k (at most
 // COMBINE_NORM_MAX_TOP_K) rows of y weighted and summed in slot order, the arithmetic of
