@@ -674,10 +674,11 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     ));
 
     // Routed where the logits are: 8 experts of width 128, top-2, over 4 tokens (8 slots:
-    // matrix-vector path), 10 (20 slots: grouped GEMMs, one row tile an expert) and 300 (600
-    // slots: several row tiles an expert, two column tiles, eight k steps). Inputs are
-    // multiples of 1/8 and router weights of ±1/8, so every logit is exact in f32 and both
-    // backends rank the experts alike.
+    // matrix-vector path), 10 (20 slots: grouped GEMMs, one row tile an expert), 300 (600
+    // slots: several row tiles an expert, two column tiles, eight k steps; on Hopper the
+    // narrow tiles of a decode batch) and 600 (1200 slots: on Hopper the wide tiles, as a
+    // prompt's). Inputs are multiples of 1/8 and router weights of ±1/8, so every logit is
+    // exact in f32 and both backends rank the experts alike.
     let (hidden_r, inter_r, num_experts) = (256, 128, 8);
     let rule = RouteRule {
         num_experts,
@@ -700,7 +701,7 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         .collect();
     let counters = b.expert_counters(num_experts).expect("counters");
     let norm_r = b.vector(v.take(hidden_r, 1.0)).expect("norm");
-    let token_counts = [4, 10, 300];
+    let token_counts = [4, 10, 300, 600];
     for tokens in token_counts {
         let data = (0..tokens * hidden_r)
             .map(|i| ((i * 13 + i / 7) % 17) as f32 / 8.0 - 1.0)
