@@ -95,7 +95,6 @@ enum Slots {
 /// last tile), `sorted_slot` names the slot at each position and `slot_position` the
 /// position of each slot.
 struct Placement {
-    tile_rows: usize,
     max_tiles: usize,
     offsets: CudaSlice<i32>,
     tiles: CudaSlice<i32>,
@@ -301,15 +300,11 @@ impl CudaBackend {
             return self.then_norm(out, norm);
         }
         let gemv = pairs <= MOE_GEMV_MAX_PAIRS;
+        let tile_rows = tile_rows(pairs, self.hopper);
         let place = match slots {
-            // Placed in tiles of tile_rows(pairs, self.hopper), as below.
+            // Placed in tiles of tile_rows(pairs, self.hopper) too.
             Slots::Placed(place) => place,
-            Slots::Counted(counts) => self.place(
-                routing,
-                &counts,
-                experts.len(),
-                tile_rows(pairs, self.hopper),
-            )?,
+            Slots::Counted(counts) => self.place(routing, &counts, experts.len(), tile_rows)?,
         };
         // One upload: every gate_up pointer, then every down pointer.
         let pointers: Vec<u64> = experts
@@ -392,7 +387,7 @@ impl CudaBackend {
             let gate_up_timer = self.timed("moe.gemm_gate_up");
             let mut act = self.uninit::<u16>(pairs * inter)?;
             // Hopper runs the warpgroup-instruction builds of the same GEMMs.
-            let (gate_up_kernel, down_kernel, shared) = if place.tile_rows == WGMMA_NARROW_BM {
+            let (gate_up_kernel, down_kernel, shared) = if tile_rows == WGMMA_NARROW_BM {
                 (
                     Kernel::MoeWgmmaNarrowGateUp,
                     Kernel::MoeWgmmaNarrowDown,
@@ -516,7 +511,6 @@ impl CudaBackend {
         // At most one partial tile per expert beyond the full ones.
         let max_tiles = pairs.div_ceil(tile_rows) + num_experts.min(pairs);
         Ok(Placement {
-            tile_rows,
             max_tiles,
             offsets: self.uninit(num_experts + 1)?,
             tiles: self.uninit(2 * max_tiles)?,
