@@ -127,11 +127,15 @@ fn main() {
     });
     println!("decode at {CONTEXT} context");
     // The host's wait for the step's tokens: near zero, the host set the pace (launching
-    // the step's kernels took as long as running them); near the step, the GPU did.
-    println!("| batch | step ms (median) | floor ms | of floor | tokens/s | host waits ms |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    // the step's kernels took as long as running them); near the step, the GPU did. The
+    // device's idle time: from the last step's tokens to this step's first kernel, what
+    // overlapping steps could hide.
+    println!(
+        "| batch | step ms (median) | floor ms | of floor | tokens/s | host waits ms | device idle ms |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for &batch in &batches {
-        let (step, wait) = decode_step_seconds(&mut engine, batch, layers);
+        let (step, wait, idle) = decode_step_seconds(&mut engine, batch, layers);
         measured["decode"]
             .as_array_mut()
             .expect("array")
@@ -140,12 +144,13 @@ fn main() {
         // which a step that only reads can reach too.
         let floor = decode_floor_bytes(batch, layers) / copy;
         println!(
-            "| {batch} | {:.2} | {:.2} | {:.0}% | {:.0} | {:.2} |",
+            "| {batch} | {:.2} | {:.2} | {:.0}% | {:.0} | {:.2} | {:.3} |",
             step * 1e3,
             floor * 1e3,
             100.0 * floor / step,
             batch as f64 / step,
-            wait * 1e3
+            wait * 1e3,
+            idle * 1e3
         );
     }
 
@@ -248,13 +253,13 @@ fn config(layers: usize) -> serde_json::Value {
 }
 
 /// Median time of one decode step of `batch` sequences holding CONTEXT tokens each, their
-/// prompt KV imported (its values do not change the work), and the median time the host
-/// waited in it for the device.
+/// prompt KV imported (its values do not change the work), the median time the host waited
+/// in it for the device, and the median time the device sat idle before its first kernel.
 fn decode_step_seconds(
     engine: &mut Engine<CudaBackend>,
     batch: usize,
     layers: usize,
-) -> (f64, f64) {
+) -> (f64, f64, f64) {
     let width = KV_HEADS * HEAD_DIM;
     let rows = KvRows {
         k: vec![0.01; CONTEXT * width],
@@ -287,19 +292,22 @@ fn decode_step_seconds(
     }
     // Warm up, then time.
     engine.step().expect("step");
-    let (steps, waits) = (0..TIMED_STEPS)
-        .map(|_| {
-            engine.model().backend().take_host_wait();
-            let started = Instant::now();
-            engine.step().expect("step");
-            let step = started.elapsed().as_secs_f64();
-            (step, engine.model().backend().take_host_wait())
-        })
-        .unzip();
+    engine.model().backend().take_idle();
+    let mut samples = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..TIMED_STEPS {
+        engine.model().backend().take_host_wait();
+        let started = Instant::now();
+        engine.step().expect("step");
+        samples[0].push(started.elapsed().as_secs_f64());
+        let backend = engine.model().backend();
+        samples[1].push(backend.take_host_wait());
+        samples[2].push(backend.take_idle());
+    }
     for id in ids {
         engine.abort(id);
     }
-    (median(steps), median(waits))
+    let [steps, waits, idle] = samples.map(median);
+    (steps, waits, idle)
 }
 
 /// Bytes one decode step must read at least: the experts its tokens touch (expected distinct

@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUdevice_attribute;
@@ -119,6 +120,12 @@ pub struct CudaBackend {
     profile: Mutex<Option<BTreeMap<&'static str, (u64, f64)>>>,
     /// Nanoseconds the host waited in copies back from the device (`read_back`).
     host_wait_ns: AtomicU64,
+    /// When the backend was made: the clock `idle_since_ns` counts from.
+    started: Instant,
+    /// Nanoseconds since `started` at which the last copy back to the host left the stream
+    /// empty (0: a kernel has been launched since), and the idle nanoseconds summed.
+    idle_since_ns: AtomicU64,
+    idle_ns: AtomicU64,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -269,6 +276,9 @@ impl CudaBackend {
             reused_u64: ReusedUploads::default(),
             profile: Mutex::new(None),
             host_wait_ns: AtomicU64::new(0),
+            started: Instant::now(),
+            idle_since_ns: AtomicU64::new(0),
+            idle_ns: AtomicU64::new(0),
         })
     }
 

@@ -148,6 +148,7 @@ impl<'a> Launch<'a> {
             },
             numAttrs: u32::from(dependent),
         };
+        backend.end_idle();
         // SAFETY: `params` points at `words`, which outlive the call; the caller vouches for
         // the arguments and the grid.
         unsafe {

@@ -143,7 +143,30 @@ impl CudaBackend {
             .map_err(|e| device_error("copying to the host", e))?;
         let waited = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.host_wait_ns.fetch_add(waited, Ordering::Relaxed);
+        // The copy waited for everything queued: the stream is empty from here.
+        self.idle_since_ns
+            .store(self.nanos_since_start().max(1), Ordering::Relaxed);
         Ok(host)
+    }
+
+    fn nanos_since_start(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Ends the idle time a copy back to the host began (a kernel is being launched).
+    pub(super) fn end_idle(&self) {
+        let since = self.idle_since_ns.swap(0, Ordering::Relaxed);
+        if since != 0 {
+            let idle = self.nanos_since_start().saturating_sub(since);
+            self.idle_ns.fetch_add(idle, Ordering::Relaxed);
+        }
+    }
+
+    /// Seconds the device sat idle since the last call, from each copy back to the host
+    /// (which leaves the stream empty) to the next kernel launch. Over a decode step: the
+    /// host's work between a step's tokens and the next step's first kernel.
+    pub fn take_idle(&self) -> f64 {
+        self.idle_ns.swap(0, Ordering::Relaxed) as f64 * 1e-9
     }
 
     /// Seconds the host has spent waiting for copies back from the device since the last
