@@ -71,9 +71,12 @@ pub enum Command {
     /// Fit a hardware profile to Tandem's own kernels from the CUDA engine bench's JSON
     /// (`TANDEM_BENCH_JSON=bench.json cargo bench -p tandem-engine --bench cuda` on the GPU),
     /// print each measured step beside the fitted model's prediction, and write the profile
-    /// for `tandemctl plan --hardware`.
+    /// for `tandemctl plan --hardware`. Runs at two layer counts (`TANDEM_BENCH_LAYERS`) let
+    /// the fit tell a layer's overhead from a step's, so it predicts models deeper than the
+    /// bench's.
     ///
-    /// Example: tandemctl calibrate --bench bench.json --base h100 --out h100-tandem.json
+    /// Example: tandemctl calibrate --bench bench-8.json --bench bench-2.json --base h100 --out
+    /// h100-tandem.json
     Calibrate(CalibrateArgs),
     /// How the router places requests.
     #[command(subcommand)]
@@ -131,9 +134,10 @@ pub struct PlanArgs {
 
 #[derive(Debug, Clone, PartialEq, Args)]
 pub struct CalibrateArgs {
-    /// The engine bench's measurements (TANDEM_BENCH_JSON).
-    #[arg(long, value_name = "FILE")]
-    pub bench: PathBuf,
+    /// The engine bench's measurements (TANDEM_BENCH_JSON); repeat for runs of the same GPU
+    /// at other layer counts.
+    #[arg(long, value_name = "FILE", required = true)]
+    pub bench: Vec<PathBuf>,
     /// Datasheet profile of the GPU measured (its links and memory size are kept).
     #[arg(long, value_name = "PROFILE")]
     pub base: String,

@@ -60,25 +60,41 @@ pub struct Calibration {
 /// and host bound, so they cannot tell; this keeps decode compute from dominating.
 const DECODE_GEMM_EFFICIENCY: f64 = 0.5;
 
-/// Fits `base` (the GPU's datasheet profile, for its links and memory size) to `run`. Peak
-/// rates become the measured ones (the copy's bytes moved per second, the GEMM's FLOP/s);
-/// memory efficiency, the fixed host time per step and the host time per sequence come from
-/// least squares through the decode steps (seconds = bytes / (rate x efficiency) + fixed +
-/// batch x per sequence), the prefill efficiency from the prefills. Launch costs are inside
-/// those terms (per-expert launches grow with the experts touched, like the bytes, so the
-/// steps cannot tell them apart).
-pub fn calibrate(base: &HardwareProfile, run: &BenchRun) -> Result<Calibration, SimError> {
-    if run.decode.len() < 3 || run.prefill.is_empty() {
-        return Err(SimError::Input(
-            "calibration needs at least three decode steps and one prefill".into(),
-        ));
+/// Fits `base` (the GPU's datasheet profile, for its links and memory size) to `runs` of the
+/// bench on one GPU. Peak rates become the measured ones (the runs' mean copy bytes moved per
+/// second and GEMM FLOP/s); memory efficiency, the fixed host time per step and the host time
+/// per sequence come from least squares through the decode steps (seconds = bytes / (rate x
+/// efficiency) + fixed + batch x per sequence), and so does a time per launch where the runs
+/// differ in layer count (+ launches x time per launch; one layer count cannot tell a layer's
+/// overhead from the step's), the prefill efficiency from the prefills. Per-expert launches
+/// grow with the experts touched, like the bytes, so the steps cannot tell them apart.
+pub fn calibrate(base: &HardwareProfile, runs: &[BenchRun]) -> Result<Calibration, SimError> {
+    let Some(first) = runs.first() else {
+        return Err(SimError::Input("calibration needs a bench run".into()));
+    };
+    let models = runs
+        .iter()
+        .map(|run| ModelShape::from_config("bench", &run.config))
+        .collect::<Result<Vec<_>, _>>()?;
+    let seconds: Vec<f64> = runs
+        .iter()
+        .flat_map(|run| run.decode.iter().map(|d| d.seconds))
+        .collect();
+    let layer_counts: Vec<usize> = models.iter().map(|m| m.layers).collect();
+    let per_launch = layer_counts.iter().any(|&l| l != layer_counts[0]);
+    let unknowns = if per_launch { 4 } else { 3 };
+    if seconds.len() < unknowns || runs.iter().all(|run| run.prefill.is_empty()) {
+        return Err(SimError::Input(format!(
+            "calibration needs at least {unknowns} decode steps and one prefill"
+        )));
     }
-    let model = ModelShape::from_config("bench", &run.config)?;
+    let mean = |rate: fn(&BenchRun) -> f64| runs.iter().map(rate).sum::<f64>() / runs.len() as f64;
     let mut profile = base.clone();
-    profile.source = format!("calibrated on {} from Tandem's engine bench", run.device);
-    profile.hbm_gbps = run.copy_bytes_per_s / 1e9;
-    profile.fp8_tflops = base.fp8_tflops * run.gemm_flops / 1e12 / base.bf16_tflops;
-    profile.bf16_tflops = run.gemm_flops / 1e12;
+    profile.source = format!("calibrated on {} from Tandem's engine bench", first.device);
+    profile.hbm_gbps = mean(|run| run.copy_bytes_per_s) / 1e9;
+    let gemm_flops = mean(|run| run.gemm_flops);
+    profile.fp8_tflops = base.fp8_tflops * gemm_flops / 1e12 / base.bf16_tflops;
+    profile.bf16_tflops = gemm_flops / 1e12;
     profile.memory_efficiency = 1.0;
     profile.gemm_efficiency = DECODE_GEMM_EFFICIENCY;
     profile.launch_us = 0.0;
@@ -86,60 +102,101 @@ pub fn calibrate(base: &HardwareProfile, run: &BenchRun) -> Result<Calibration, 
     profile.step_overhead_us = 0.0;
     profile.per_sequence_us = 0.0;
     profile.prefill_efficiency = None;
-    let ideal = CostModel {
-        model: model.clone(),
-        hardware: profile.clone(),
+    profile.prefill_exposed_reads = None;
+    let costs = |profile: &HardwareProfile| -> Vec<CostModel> {
+        models
+            .iter()
+            .map(|model| CostModel {
+                model: model.clone(),
+                hardware: profile.clone(),
+            })
+            .collect()
     };
-    let features: Vec<[f64; 3]> = run
-        .decode
+    let ideal = costs(&profile);
+    let features: Vec<[f64; 4]> = runs
         .iter()
-        .map(|d| {
-            [
-                ideal.decode_step(1, d.batch, run.context).memory_s,
-                1.0,
-                d.batch,
-            ]
+        .zip(&ideal)
+        .flat_map(|(run, cost)| {
+            run.decode.iter().map(|d| {
+                let launches = cost.launch_count(cost.experts_touched(1, d.batch));
+                [
+                    cost.decode_step(1, d.batch, run.context).memory_s,
+                    1.0,
+                    d.batch,
+                    if per_launch { launches } else { 0.0 },
+                ]
+            })
         })
         .collect();
-    let seconds: Vec<f64> = run.decode.iter().map(|d| d.seconds).collect();
-    let [per_memory_s, fixed_s, per_sequence_s] = least_squares(&features, &seconds);
+    let [per_memory_s, fixed_s, per_sequence_s, per_launch_s] = if per_launch {
+        least_squares(&features, &seconds)
+    } else {
+        let three: Vec<[f64; 3]> = features.iter().map(|f| [f[0], f[1], f[2]]).collect();
+        let [memory, fixed, sequence] = least_squares(&three, &seconds);
+        [memory, fixed, sequence, 0.0]
+    };
     profile.memory_efficiency = (1.0 / per_memory_s).clamp(0.01, 1.0);
     profile.step_overhead_us = (fixed_s * 1e6).max(0.0);
     profile.per_sequence_us = (per_sequence_s * 1e6).max(0.0);
-    let with_overheads = CostModel {
-        model: model.clone(),
-        hardware: profile.clone(),
+    profile.launch_us = (per_launch_s * 1e6).max(0.0);
+    let with_overheads = costs(&profile);
+    fit_prefill(&mut profile, runs, &with_overheads);
+    let fitted = costs(&profile);
+    // Operations name their layer count where the runs differ in it.
+    let name = |what: String, layers: usize| match per_launch {
+        true => format!("{what}, {layers} layers"),
+        false => what,
     };
-    let efficiencies: Vec<f64> = run
-        .prefill
+    let mut checks = Vec::new();
+    for ((run, cost), model) in runs.iter().zip(&fitted).zip(&models) {
+        checks.extend(run.decode.iter().map(|d| Check {
+            operation: name(format!("decode step, batch {}", d.batch), model.layers),
+            measured_s: d.seconds,
+            predicted_s: cost.decode_step(1, d.batch, run.context).seconds(),
+        }));
+        checks.extend(run.prefill.iter().map(|p| Check {
+            operation: name(format!("prefill {} tokens", p.tokens), model.layers),
+            measured_s: p.seconds,
+            predicted_s: cost.prefill(1, p.tokens, p.tokens).seconds(),
+        }));
+    }
+    Ok(Calibration { profile, checks })
+}
+
+/// The prefill's efficiency, from the prefills less their launch time (`costs`: each run's
+/// model on `profile` as fitted to the decode steps, its prefill efficiency unset). Where the
+/// prefills differ in FLOPs per weight byte, least squares through busy time = FLOPs /
+/// (GEMM rate x efficiency) + weight bytes / HBM rate x exposed share (a 2k prompt's MoE
+/// GEMMs stream every expert's weights beside the rest of its compute). Else, or where that
+/// fit is not physical, the one efficiency of FLOPs over the busy time, averaged.
+fn fit_prefill(profile: &mut HardwareProfile, runs: &[BenchRun], costs: &[CostModel]) {
+    // (seconds at the decode GEMM efficiency, seconds at the full HBM rate, busy seconds)
+    let prefills: Vec<[f64; 3]> = runs
         .iter()
-        .map(|p| {
-            let cost = with_overheads.prefill(1, p.tokens, p.tokens);
-            let busy = (p.seconds - cost.launch_s).max(cost.compute_s * 1e-3);
-            profile.gemm_efficiency * cost.compute_s / busy
+        .zip(costs)
+        .flat_map(|(run, cost)| {
+            run.prefill.iter().map(|p| {
+                let c = cost.prefill(1, p.tokens, p.tokens);
+                let full_rate_memory_s = c.memory_s * profile.memory_efficiency;
+                let busy = (p.seconds - c.launch_s).max(c.compute_s * 1e-3);
+                [c.compute_s, full_rate_memory_s, busy]
+            })
         })
+        .collect();
+    let features: Vec<[f64; 2]> = prefills.iter().map(|p| [p[0], p[1]]).collect();
+    let busy: Vec<f64> = prefills.iter().map(|p| p[2]).collect();
+    let [per_compute, per_memory] = least_squares(&features, &busy);
+    if prefills.len() >= 2 && per_compute > 0.0 && per_memory > 0.0 {
+        profile.prefill_efficiency = Some((DECODE_GEMM_EFFICIENCY / per_compute).clamp(1e-4, 1.0));
+        profile.prefill_exposed_reads = Some(per_memory);
+        return;
+    }
+    let efficiencies: Vec<f64> = prefills
+        .iter()
+        .map(|p| DECODE_GEMM_EFFICIENCY * p[0] / p[2])
         .collect();
     profile.prefill_efficiency =
         Some((efficiencies.iter().sum::<f64>() / efficiencies.len() as f64).clamp(1e-4, 1.0));
-    let fitted = CostModel {
-        model,
-        hardware: profile.clone(),
-    };
-    let mut checks: Vec<Check> = run
-        .decode
-        .iter()
-        .map(|d| Check {
-            operation: format!("decode step, batch {}", d.batch),
-            measured_s: d.seconds,
-            predicted_s: fitted.decode_step(1, d.batch, run.context).seconds(),
-        })
-        .collect();
-    checks.extend(run.prefill.iter().map(|p| Check {
-        operation: format!("prefill {} tokens", p.tokens),
-        measured_s: p.seconds,
-        predicted_s: fitted.prefill(1, p.tokens, p.tokens).seconds(),
-    }));
-    Ok(Calibration { profile, checks })
 }
 
 /// Coefficients minimizing the squared error of y = features . c (normal equations, solved
@@ -183,77 +240,91 @@ fn least_squares<const N: usize>(features: &[[f64; N]], y: &[f64]) -> [f64; N] {
 mod tests {
     use super::*;
 
-    /// A run made by the cost model itself from known efficiencies is fitted back to them.
+    /// Runs made by the cost model itself from known efficiencies (at two layer counts, two
+    /// prompt lengths each) are fitted back to them.
     #[test]
-    fn a_run_from_known_efficiencies_is_fitted_back_to_them() {
+    fn runs_from_known_efficiencies_are_fitted_back_to_them() {
         let base = HardwareProfile::load("h100").expect("h100");
-        let config = crate::fixtures::config("qwen3-30b-a3b");
         let mut truth = base.clone();
         truth.bf16_tflops = 700.0;
         truth.hbm_gbps = 6000.0;
         truth.memory_efficiency = 0.7;
         truth.gemm_efficiency = DECODE_GEMM_EFFICIENCY;
         truth.prefill_efficiency = Some(0.05);
-        truth.launch_us = 0.0;
+        truth.prefill_exposed_reads = Some(0.6);
+        truth.launch_us = 3.0;
         truth.launches_per_expert = 0.0;
         truth.step_overhead_us = 2000.0;
         truth.per_sequence_us = 80.0;
-        let cost = CostModel {
-            model: ModelShape::from_config("q", &config).expect("shape"),
-            hardware: truth,
-        };
-        let run = BenchRun {
-            device: "test".into(),
-            config,
-            context: 2048.0,
-            copy_bytes_per_s: 6000e9,
-            gemm_flops: 700e12,
-            decode: [1.0, 8.0, 32.0, 64.0, 128.0]
-                .map(|batch| DecodeStep {
-                    batch,
-                    seconds: cost.decode_step(1, batch, 2048.0).seconds(),
-                })
-                .to_vec(),
-            prefill: vec![PrefillRun {
-                tokens: 8192.0,
-                seconds: cost.prefill(1, 8192.0, 8192.0).seconds(),
-            }],
-        };
-        let fit = calibrate(&base, &run).expect("fit");
+        let runs: Vec<BenchRun> = [48, 12]
+            .map(|layers| {
+                let mut config = crate::fixtures::config("qwen3-30b-a3b");
+                config["num_hidden_layers"] = layers.into();
+                let cost = CostModel {
+                    model: ModelShape::from_config("q", &config).expect("shape"),
+                    hardware: truth.clone(),
+                };
+                BenchRun {
+                    device: "test".into(),
+                    config,
+                    context: 2048.0,
+                    copy_bytes_per_s: 6000e9,
+                    gemm_flops: 700e12,
+                    decode: [1.0, 8.0, 32.0, 64.0, 128.0]
+                        .map(|batch| DecodeStep {
+                            batch,
+                            seconds: cost.decode_step(1, batch, 2048.0).seconds(),
+                        })
+                        .to_vec(),
+                    prefill: [2048.0, 8192.0]
+                        .map(|tokens| PrefillRun {
+                            tokens,
+                            seconds: cost.prefill(1, tokens, tokens).seconds(),
+                        })
+                        .to_vec(),
+                }
+            })
+            .to_vec();
+        let fit = calibrate(&base, &runs).expect("fit");
+        let p = &fit.profile;
+        for (fitted, want, tolerance) in [
+            (p.memory_efficiency, 0.7, 0.02),
+            (p.step_overhead_us, 2000.0, 50.0),
+            (p.per_sequence_us, 80.0, 2.0),
+            (p.launch_us, 3.0, 0.1),
+            (p.prefill_efficiency.unwrap_or(0.0), 0.05, 0.002),
+            (p.prefill_exposed_reads.unwrap_or(0.0), 0.6, 0.02),
+        ] {
+            assert!(
+                (fitted - want).abs() < tolerance,
+                "{fitted} vs {want}: {p:?}"
+            );
+        }
         assert!(
-            (fit.profile.memory_efficiency - 0.7).abs() < 0.02,
-            "{:?}",
-            fit.profile
-        );
-        assert!(
-            (fit.profile.step_overhead_us - 2000.0).abs() < 50.0,
-            "{:?}",
-            fit.profile
-        );
-        assert!(
-            (fit.profile.per_sequence_us - 80.0).abs() < 2.0,
-            "{:?}",
-            fit.profile
-        );
-        assert!(
-            fit.checks.iter().all(|c| c.relative_error().abs() < 0.05),
+            fit.checks.iter().all(|c| c.relative_error().abs() < 0.02),
             "{:?}",
             fit.checks
         );
+        // One layer count cannot tell a launch's time from the step's: none is fitted.
+        let one = calibrate(&base, &runs[..1]).expect("fit");
+        assert_eq!(one.profile.launch_us, 0.0);
     }
 
-    /// The check, kept: the profile fitted to the H100 engine bench measured on the
-    /// GPU machine (sim/calibration/) predicts every measured step within 20%.
+    /// The check, kept: the profile fitted to the H100 engine bench runs measured on
+    /// the GPU machine (sim/calibration/: 8 layers, and 2) predicts every measured step
+    /// within 20%.
     #[test]
     fn the_h100_calibration_predicts_every_measured_step_within_20_percent() {
-        let path = format!(
-            "{}/calibration/h100-engine-bench.json",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let run: BenchRun =
-            serde_json::from_str(&std::fs::read_to_string(path).expect("bench")).expect("json");
+        let runs: Vec<BenchRun> = ["h100-engine-bench.json", "h100-engine-bench-2-layers.json"]
+            .iter()
+            .map(|file| {
+                let path = format!("{}/calibration/{file}", env!("CARGO_MANIFEST_DIR"));
+                serde_json::from_str(&std::fs::read_to_string(path).expect("bench")).expect("json")
+            })
+            .collect();
         let base = HardwareProfile::load("h100").expect("h100");
-        let fit = calibrate(&base, &run).expect("fit");
+        let fit = calibrate(&base, &runs).expect("fit");
+        assert_eq!(fit.checks.len(), 12);
         for check in &fit.checks {
             assert!(check.relative_error().abs() <= 0.2, "{check:?}");
         }

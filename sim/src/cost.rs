@@ -19,13 +19,19 @@ const KV_MEMORY_SHARE: f64 = 0.9;
 pub struct Cost {
     pub compute_s: f64,
     pub memory_s: f64,
+    /// The memory time adds to the compute time rather than overlapping it.
+    pub memory_adds: bool,
     pub communication_s: f64,
     pub launch_s: f64,
 }
 
 impl Cost {
     pub fn seconds(&self) -> f64 {
-        self.compute_s.max(self.memory_s) + self.communication_s + self.launch_s
+        let busy = match self.memory_adds {
+            true => self.compute_s + self.memory_s,
+            false => self.compute_s.max(self.memory_s),
+        };
+        busy + self.communication_s + self.launch_s
     }
 }
 
@@ -84,13 +90,17 @@ impl CostModel {
         let compute_s = (linear + attention) / (tp_f * hw.gemm_flops(m.weight_bytes) * efficiency);
         // Every weight of the shard is read once per batch, the prompt's KV written once.
         let bytes = m.total_params() * m.weight_bytes / tp_f + tokens * m.kv_bytes_per_token();
-        let memory_s = bytes / hw.memory_bytes_per_second();
+        let memory_s = match hw.prefill_exposed_reads {
+            Some(share) => bytes / (hw.hbm_gbps * 1e9) * share,
+            None => bytes / hw.memory_bytes_per_second(),
+        };
         // Ring all-reduce: each rank sends and receives 2 (tp - 1) / tp of the activations.
         let reduced = tokens * m.hidden as f64 * ACTIVATION_BYTES * 2.0 * (tp_f - 1.0) / tp_f;
         let communication_s = self.collectives(tp, 2.0 * m.layers as f64, reduced);
         Cost {
             compute_s,
             memory_s,
+            memory_adds: hw.prefill_exposed_reads.is_some(),
             communication_s,
             launch_s: self.launches(self.experts_touched(1, tokens), tokens / prompt_len),
         }
@@ -122,6 +132,7 @@ impl CostModel {
         Cost {
             compute_s,
             memory_s,
+            memory_adds: false,
             communication_s,
             launch_s: self.launches(touched, per_gpu),
         }

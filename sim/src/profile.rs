@@ -43,6 +43,11 @@ pub struct HardwareProfile {
     /// efficiency when unset.
     #[serde(default)]
     pub prefill_efficiency: Option<f64>,
+    /// Share of a prefill's weight-read time (at the HBM rate) that adds to its compute time
+    /// rather than hiding under it (calibrated: Tandem's 2k prefill streams every expert's
+    /// weights beside its GEMMs); unset, a prefill takes the larger of the two.
+    #[serde(default)]
+    pub prefill_exposed_reads: Option<f64>,
     /// Host time per engine step beyond the GPU's (scheduling, routing round trips), µs.
     #[serde(default)]
     pub step_overhead_us: f64,

@@ -87,16 +87,23 @@ fn calibrate_fits_the_h100_bench_within_20_percent_and_the_profile_plans() {
     let profile = dir.join("h100-tandem.json");
     let profile_arg = profile.to_string_lossy().into_owned();
     let bench = sim_file("calibration/h100-engine-bench.json");
+    let bench_2_layers = sim_file("calibration/h100-engine-bench-2-layers.json");
     let table = tandemctl_ok(&[
         "calibrate",
         "--bench",
         &bench,
+        "--bench",
+        &bench_2_layers,
         "--base",
         "h100",
         "--out",
         &profile_arg,
     ]);
-    assert!(table.contains("decode step, batch 128"), "{table}");
+    assert!(
+        table.contains("decode step, batch 128, 8 layers"),
+        "{table}"
+    );
+    assert!(table.contains("prefill 2048 tokens, 2 layers"), "{table}");
     let model = sim_file("models/qwen3-30b-a3b.json");
     let plan = tandemctl_json(&[
         "plan",

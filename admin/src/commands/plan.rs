@@ -138,10 +138,16 @@ fn row(p: &Point) -> String {
 pub fn calibrate(args: &CalibrateArgs) -> Result<(), CommandError> {
     let usage = |e: tandem_sim::SimError| CommandError::Usage(e.to_string());
     let base = HardwareProfile::load(&args.base).map_err(usage)?;
-    let text = std::fs::read_to_string(&args.bench)?;
-    let run: tandem_sim::calibrate::BenchRun = serde_json::from_str(&text)
-        .map_err(|e| CommandError::Usage(format!("{}: {e}", args.bench.display())))?;
-    let fit = tandem_sim::calibrate::calibrate(&base, &run).map_err(usage)?;
+    let runs = args
+        .bench
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)?;
+            serde_json::from_str::<tandem_sim::calibrate::BenchRun>(&text)
+                .map_err(|e| CommandError::Usage(format!("{}: {e}", path.display())))
+        })
+        .collect::<Result<Vec<_>, CommandError>>()?;
+    let fit = tandem_sim::calibrate::calibrate(&base, &runs).map_err(usage)?;
     let json = serde_json::to_string_pretty(&fit.profile)
         .map_err(|e| CommandError::Usage(e.to_string()))?;
     std::fs::write(&args.out, format!("{json}\n"))?;
@@ -149,24 +155,31 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<(), CommandError> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{}: copy {:.0} GB/s, GEMM {:.0} TFLOP/s; fitted: memory efficiency {:.2}, host {:.0} us per step + {:.1} us per sequence, prefill at {:.2}% of the GEMM rate",
-        run.device,
+        "{}: copy {:.0} GB/s, GEMM {:.0} TFLOP/s; fitted: memory efficiency {:.2}, host {:.0} us per step + {:.1} us per sequence + {:.2} us per launch, prefill at {:.2}% of the GEMM rate{}",
+        runs[0].device,
         p.hbm_gbps,
         p.bf16_tflops,
         p.memory_efficiency,
         p.step_overhead_us,
         p.per_sequence_us,
-        100.0 * p.prefill_efficiency.unwrap_or(p.gemm_efficiency)
+        p.launch_us,
+        100.0 * p.prefill_efficiency.unwrap_or(p.gemm_efficiency),
+        p.prefill_exposed_reads
+            .map(|share| format!(
+                " plus {:.0}% of its weight reads at the copy rate",
+                100.0 * share
+            ))
+            .unwrap_or_default()
     )?;
     writeln!(
         out,
-        "{:<28} {:>12} {:>13} {:>8}",
+        "{:<38} {:>12} {:>13} {:>8}",
         "operation", "measured ms", "predicted ms", "error"
     )?;
     for check in &fit.checks {
         writeln!(
             out,
-            "{:<28} {:>12.2} {:>13.2} {:>7.0}%",
+            "{:<38} {:>12.2} {:>13.2} {:>7.0}%",
             check.operation,
             check.measured_s * 1e3,
             check.predicted_s * 1e3,
