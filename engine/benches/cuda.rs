@@ -40,6 +40,8 @@ const PREFILL_LENGTHS: [usize; 2] = [2048, 8192];
 const BLOCK_SIZE: usize = 16;
 const TIMED_STEPS: usize = 32;
 const PREFILL_SAMPLES: usize = 3;
+/// Matrix-vector products timed for each median.
+const GEMV_SAMPLES: usize = 50;
 const BF16: usize = 2;
 
 fn main() {
@@ -90,6 +92,28 @@ fn main() {
             "| {name} | {k} | {n} | {:.0} | {:.0}% |",
             rate / 1e12,
             100.0 * rate / gemm
+        );
+    }
+    // A decode step of one sequence reads each projection once, from HBM; read again at
+    // once it comes from L2 (50 MB on an H100): what prefetching weights ahead could give.
+    println!("\nmatrix-vector products of one row (median of {GEMV_SAMPLES}, each timed alone)");
+    println!("| projection | MB | from HBM µs | GB/s | again µs | GB/s |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (name, k, n) in [
+        ("q, k, v", HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM),
+        ("o", HEADS * HEAD_DIM, HIDDEN),
+    ] {
+        let (cold, warm) = backend
+            .gemv_seconds(k, n, 256 << 20, GEMV_SAMPLES)
+            .expect("gemv");
+        let bytes = (k * n * BF16) as f64;
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |",
+            bytes / 1e6,
+            cold * 1e6,
+            bytes / cold / 1e9,
+            warm * 1e6,
+            bytes / warm / 1e9
         );
     }
     println!();

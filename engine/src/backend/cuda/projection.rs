@@ -4,7 +4,8 @@
 use std::ffi::c_void;
 
 use cudarc::cublas::sys as blas;
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, DevicePtrMut};
 
 use super::{
     CudaBackend, CudaMatrix, CudaTensor, CudaVector, ELEMENT_THREADS, Kernel, ROW_THREADS, WARP,
@@ -142,6 +143,57 @@ impl CudaBackend {
         }
         self.synchronize()?;
         Ok((flops * repeats) as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// Seconds of one row's `x · wᵀ` (`k` values, a weight of `n` rows: the matrix-vector
+    /// kernel of a decode step of one sequence), medians over `repeats`: with the weight in
+    /// HBM only (L2 emptied first by a copy of `flush_bytes`), and read again at once (from
+    /// L2, where it fits). Each is timed alone between events.
+    pub fn gemv_seconds(
+        &self,
+        k: usize,
+        n: usize,
+        flush_bytes: usize,
+        repeats: usize,
+    ) -> Result<(f64, f64)> {
+        let x = CudaTensor {
+            rows: 1,
+            cols: k,
+            data: self.upload(&spread(k, 1))?,
+            bf16: None,
+        };
+        let w = self.spread_matrix(n, k, 2)?;
+        let src = self.zeros::<u8>(flush_bytes)?;
+        let mut dst = self.zeros::<u8>(flush_bytes)?;
+        let event = || {
+            self.stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| device_error("recording an event", e))
+        };
+        let elapsed = |start: &CudaEvent, end: &CudaEvent| {
+            start
+                .elapsed_ms(end)
+                .map(|ms| f64::from(ms) * 1e-3)
+                .map_err(|e| device_error("timing events", e))
+        };
+        let (mut from_hbm, mut again) = (Vec::new(), Vec::new());
+        for _ in 0..repeats {
+            self.stream
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(|e| device_error("device copy", e))?;
+            let start = event()?;
+            self.linear(&x, &w, None)?;
+            let cold = event()?;
+            self.linear(&x, &w, None)?;
+            let warm = event()?;
+            from_hbm.push(elapsed(&start, &cold)?);
+            again.push(elapsed(&cold, &warm)?);
+        }
+        let median = |mut samples: Vec<f64>| {
+            samples.sort_by(f64::total_cmp);
+            samples[samples.len() / 2]
+        };
+        Ok((median(from_hbm), median(again)))
     }
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ` with bf16 inputs and f32 accumulation.
