@@ -80,8 +80,7 @@ pub fn calibrate(base: &HardwareProfile, runs: &[BenchRun]) -> Result<Calibratio
         .iter()
         .flat_map(|run| run.decode.iter().map(|d| d.seconds))
         .collect();
-    let layer_counts: Vec<usize> = models.iter().map(|m| m.layers).collect();
-    let per_launch = layer_counts.iter().any(|&l| l != layer_counts[0]);
+    let per_launch = models.iter().any(|m| m.layers != models[0].layers);
     let unknowns = if per_launch { 4 } else { 3 };
     if seconds.len() < unknowns || runs.iter().all(|run| run.prefill.is_empty()) {
         return Err(SimError::Input(format!(

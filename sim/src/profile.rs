@@ -108,6 +108,20 @@ impl HardwareProfile {
                 )));
             }
         }
+        if let Some(value) = self.prefill_efficiency
+            && !(value > 0.0 && value <= 1.0)
+        {
+            return Err(SimError::Input(format!(
+                "prefill_efficiency must be in (0, 1], got {value}"
+            )));
+        }
+        if let Some(value) = self.prefill_exposed_reads
+            && !(value.is_finite() && value >= 0.0)
+        {
+            return Err(SimError::Input(format!(
+                "prefill_exposed_reads must be >= 0, got {value}"
+            )));
+        }
         if self.nvlink_domain == 0 {
             return Err(SimError::Input("nvlink_domain must be >= 1".into()));
         }
@@ -157,6 +171,23 @@ mod tests {
         }
         let error = HardwareProfile::load("tpu-v9").expect_err("unknown");
         assert!(error.to_string().contains("gb200-nvl72"), "{error}");
+    }
+
+    #[test]
+    fn calibrated_prefill_terms_out_of_range_are_refused() {
+        let mut profile = HardwareProfile::load("h100").expect("h100");
+        profile.prefill_exposed_reads = Some(0.7);
+        profile.check().expect("in range");
+        profile.prefill_exposed_reads = Some(-0.1);
+        let error = profile.check().expect_err("negative share");
+        assert!(
+            error.to_string().contains("prefill_exposed_reads"),
+            "{error}"
+        );
+        profile.prefill_exposed_reads = None;
+        profile.prefill_efficiency = Some(1.5);
+        let error = profile.check().expect_err("over 1");
+        assert!(error.to_string().contains("prefill_efficiency"), "{error}");
     }
 
     #[test]
