@@ -106,6 +106,7 @@ fn main() {
         let (cold, warm) = backend
             .gemv_seconds(k, n, 256 << 20, GEMV_SAMPLES)
             .expect("gemv");
+        let (cold, warm) = (median(cold), median(warm));
         let bytes = (k * n * BF16) as f64;
         println!(
             "| {name} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |",

@@ -72,6 +72,13 @@ pub fn calibrate(base: &HardwareProfile, runs: &[BenchRun]) -> Result<Calibratio
     let Some(first) = runs.first() else {
         return Err(SimError::Input("calibration needs a bench run".into()));
     };
+    // Their rates are averaged: one GPU's runs only.
+    if let Some(other) = runs.iter().find(|run| run.device != first.device) {
+        return Err(SimError::Input(format!(
+            "calibration takes runs of one GPU; got {} and {}",
+            first.device, other.device
+        )));
+    }
     let models = runs
         .iter()
         .map(|run| ModelShape::from_config("bench", &run.config))
@@ -307,6 +314,11 @@ mod tests {
         // One layer count cannot tell a launch's time from the step's: none is fitted.
         let one = calibrate(&base, &runs[..1]).expect("fit");
         assert_eq!(one.profile.launch_us, 0.0);
+        // Runs of two GPUs are refused, naming both.
+        let mut mixed = runs.clone();
+        mixed[1].device = "other".into();
+        let error = calibrate(&base, &mixed).expect_err("two GPUs");
+        assert!(error.to_string().contains("other"), "{error}");
     }
 
     /// The check, kept: the profile fitted to the H100 engine bench runs measured on

@@ -146,7 +146,7 @@ impl CudaBackend {
     }
 
     /// Seconds of one row's `x · wᵀ` (`k` values, a weight of `n` rows: the matrix-vector
-    /// kernel of a decode step of one sequence), medians over `repeats`: with the weight in
+    /// kernel of a decode step of one sequence), `repeats` samples of each: with the weight in
     /// HBM only (L2 emptied first by a copy of `flush_bytes`), and read again at once (from
     /// L2, where it fits). Each is timed alone between events.
     pub fn gemv_seconds(
@@ -155,7 +155,7 @@ impl CudaBackend {
         n: usize,
         flush_bytes: usize,
         repeats: usize,
-    ) -> Result<(f64, f64)> {
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
         let x = CudaTensor {
             rows: 1,
             cols: k,
@@ -189,11 +189,7 @@ impl CudaBackend {
             from_hbm.push(elapsed(&start, &cold)?);
             again.push(elapsed(&cold, &warm)?);
         }
-        let median = |mut samples: Vec<f64>| {
-            samples.sort_by(f64::total_cmp);
-            samples[samples.len() / 2]
-        };
-        Ok((median(from_hbm), median(again)))
+        Ok((from_hbm, again))
     }
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ` with bf16 inputs and f32 accumulation.
