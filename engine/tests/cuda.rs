@@ -18,7 +18,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use tandem_engine::cuda::{CudaBackend, KERNEL_NAMES, NcclCollective, compile_kernels};
+use tandem_engine::cuda::{
+    CudaBackend, KERNEL_MAX_ARGS, KERNEL_NAMES, NcclCollective, compile_kernels,
+};
 use tandem_engine::{
     AttentionBatch, AttentionSeq, Backend, BlockId, Collective, CpuBackend, Engine, EngineConfig,
     EngineGroup, ExpertPlacement, ExpertWeights, HeadTransforms, HostTensor, KvSpec, Model,
@@ -191,6 +193,17 @@ fn every_kernel_compiles_with_nvrtc() {
             assert!(
                 entry.contains("griddepcontrol.wait"),
                 "kernel {name} never waits for the previous kernel in the {arch} PTX"
+            );
+            // A launch holds at most KERNEL_MAX_ARGS arguments (and panics past them).
+            let params = entry
+                .split(')')
+                .next()
+                .unwrap_or(entry)
+                .matches(".param")
+                .count();
+            assert!(
+                params <= KERNEL_MAX_ARGS,
+                "kernel {name} takes {params} parameters, over the {KERNEL_MAX_ARGS} a launch holds"
             );
         }
     }

@@ -46,6 +46,7 @@ mod projection;
 mod sampling;
 
 pub use kernels::{KERNEL_NAMES, KERNELS_SOURCE, compile_kernels};
+pub use launch::MAX_ARGS as KERNEL_MAX_ARGS;
 pub use moe::CudaExpertCounters;
 pub use nccl::{NCCL_ID_BYTES, NcclCollective, nccl_probe, nccl_unique_id};
 pub use peer::CudaPeerKv;

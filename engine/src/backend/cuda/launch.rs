@@ -16,8 +16,9 @@ use super::kernels::Kernel;
 use super::{CudaBackend, device_error};
 use crate::error::Result;
 
-/// The most arguments a kernel takes (`moe_route_place` and the attention kernels: 14).
-const MAX_ARGS: usize = 16;
+/// The most arguments a launch holds (`moe_route_place` and the attention kernels take 14);
+/// a kernel test checks every kernel's parameters against it.
+pub const MAX_ARGS: usize = 16;
 
 /// Whether kernels may start before the previous kernel ends: on devices that have
 /// programmatic dependent launch (9.0 and up), unless `TANDEM_CUDA_PDL=0` turns it off (to
