@@ -43,6 +43,8 @@ const PREFILL_SAMPLES: usize = 3;
 /// Matrix-vector products timed for each median.
 const GEMV_SAMPLES: usize = 50;
 const BF16: usize = 2;
+/// One expert's gate, up and down weights.
+const EXPERT_BYTES: usize = 3 * HIDDEN * EXPERT_WIDTH * BF16;
 
 fn main() {
     if let Err(reason) = tandem_engine::cuda::probe() {
@@ -181,9 +183,13 @@ fn main() {
 
     // A prompt and its first token; then the same prompt with its KV exported to the host
     // layer by layer, as a prefill worker does for a decode worker it shares no GPU with.
+    // Bound: the least time the prompt can take here (prefill_bound_seconds), and the share
+    // of the GEMM rate that time would read as.
     println!("\nprefill");
-    println!("| prompt | ms (median) | tokens/s | TFLOP/s | of GEMM rate | with host export ms |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| prompt | ms (median) | tokens/s | TFLOP/s | of GEMM rate | bound ms | bound's share of GEMM rate | with host export ms |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for len in PREFILL_LENGTHS {
         let mut sample = |export| {
             median(
@@ -199,12 +205,15 @@ fn main() {
             .expect("array")
             .push(json!({"tokens": len, "seconds": seconds, "exporting_seconds": exporting}));
         let flops = prefill_flops(len, layers);
+        let bound = prefill_bound_seconds(len, layers, copy, gemm);
         println!(
-            "| {len} | {:.2} | {:.0} | {:.1} | {:.0}% | {:.2} |",
+            "| {len} | {:.2} | {:.0} | {:.1} | {:.0}% | {:.2} | {:.0}% | {:.2} |",
             seconds * 1e3,
             len as f64 / seconds,
             flops / seconds / 1e12,
             100.0 * flops / seconds / gemm,
+            bound * 1e3,
+            100.0 * flops / bound / gemm,
             exporting * 1e3
         );
     }
@@ -338,14 +347,19 @@ fn decode_step_seconds(
 /// Bytes one decode step must read at least: the experts its tokens touch (expected distinct
 /// experts under uniform routing), the dense weights, the LM head and the KV of the context.
 fn decode_floor_bytes(batch: usize, layers: usize) -> f64 {
-    let expert = (3 * HIDDEN * EXPERT_WIDTH * BF16) as f64;
-    let miss = 1.0 - TOP_K as f64 / EXPERTS as f64;
-    let touched = EXPERTS as f64 * (1.0 - miss.powi(batch as i32));
+    let touched = touched_experts(batch);
     let attention = (HIDDEN * (HEADS + 2 * KV_HEADS) * HEAD_DIM + HEADS * HEAD_DIM * HIDDEN) * BF16;
     let router = HIDDEN * EXPERTS * BF16;
     let kv = batch * CONTEXT * 2 * KV_HEADS * HEAD_DIM * BF16;
-    let per_layer = touched * expert + (attention + router + kv) as f64;
+    let per_layer = touched * EXPERT_BYTES as f64 + (attention + router + kv) as f64;
     per_layer * layers as f64 + (VOCAB * HIDDEN * BF16) as f64
+}
+
+/// Experts `tokens` independently routed tokens touch in a layer, expected under uniform
+/// routing.
+fn touched_experts(tokens: usize) -> f64 {
+    let miss = 1.0 - TOP_K as f64 / EXPERTS as f64;
+    EXPERTS as f64 * (1.0 - miss.powf(tokens as f64))
 }
 
 /// The middle value (the upper one of an even count).
@@ -382,4 +396,16 @@ fn prefill_flops(len: usize, layers: usize) -> f64 {
     // QKᵀ and PV over the causal half: 2 · 2 · len² / 2 · heads · head_dim per layer.
     let attention = 2.0 * (len * len) as f64 * (HEADS * HEAD_DIM * layers) as f64;
     dense + attention + 2.0 * (VOCAB * HIDDEN) as f64
+}
+
+/// The least time a `len`-token prefill can take at these rates: each layer's expert GEMMs
+/// take the longer of their FLOPs at the GEMM rate and reading the weights of every expert
+/// the prompt touches at the copy rate (a 2k prompt gives each expert ~128 tokens, under
+/// the ~260 FLOPs a weight byte an H100 needs to be compute-bound), and every other FLOP
+/// runs at the GEMM rate.
+fn prefill_bound_seconds(len: usize, layers: usize, copy: f64, gemm: f64) -> f64 {
+    let expert_flops = 2.0 * (len * TOP_K * 3 * HIDDEN * EXPERT_WIDTH) as f64;
+    let expert_reads = touched_experts(len) * EXPERT_BYTES as f64;
+    let experts = (expert_flops / gemm).max(expert_reads / copy) * layers as f64;
+    experts + (prefill_flops(len, layers) - expert_flops * layers as f64) / gemm
 }
