@@ -5,6 +5,8 @@
 // through shared memory by bulk copies (many more bytes in flight an SM than registers hold)
 // gets closer. Standalone, built on the GPU machine:
 //   nvcc -O3 -gencode=arch=compute_90a,code=sm_90a -o /tmp/gemv-probe gemv-probe.cu && /tmp/gemv-probe
+// Rows cut into parts (gemv_parts: half or quarter rows a warp) were added after its first
+// run (CUDA_NOTES v20-v22) and have not run yet.
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -75,6 +77,39 @@ __global__ void __launch_bounds__(256, 4) gemv_warp_rows(const float* x, const b
     }
     acc = warp_sum(acc);
     if (lane == 0) y[j] = acc;
+}
+
+// Rows cut into parts of 32 · L chunks (L 16-byte loads a lane, all in flight at once), a
+// warp a part, a row's parts in one block meeting in shared memory: more, shorter warps than
+// a warp a row (L = 8 for 2048-value rows), so the last wave of blocks is a smaller share.
+template <int L>
+__global__ void __launch_bounds__(256, 8) gemv_parts(const float* x, const bf16_t* w, float* y, int n, int k) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int chunks = k / 8, parts = chunks / (32 * L);
+    int unit = blockIdx.x * 8 + warp;
+    int j = unit / parts, part = unit % parts;
+    float acc = 0.0f;
+    if (j < n) {
+        const uint4* row = (const uint4*)(w + (size_t)j * k) + part * 32 * L;
+        uint4 a[L];
+#pragma unroll
+        for (int u = 0; u < L; u++) a[u] = row[lane + 32 * u];
+#pragma unroll
+        for (int u = 0; u < L; u++) {
+            int c = part * 32 * L + lane + 32 * u;
+            float4 lo = *(const float4*)(x + c * 8), hi = *(const float4*)(x + c * 8 + 4);
+            float xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+            acc += dot8(a[u], xv);
+        }
+    }
+    acc = warp_sum(acc);
+    __shared__ float partial[8];
+    if (lane == 0) partial[warp] = acc;
+    __syncthreads();
+    if (j >= n || part != 0 || lane != 0) return;
+    float sum = 0.0f;
+    for (int p = 0; p < parts; p++) sum += partial[warp + p];
+    y[j] = sum;
 }
 
 // Bulk-copy staging: block b takes rows [b n / grid, (b + 1) n / grid), a contiguous byte
@@ -200,10 +235,15 @@ int main() {
                 ref[j] = (float)s;
             }
             const int smem_stages[] = {4, 8, 12};
-            for (int variant = 0; variant < 4; variant++) {
+            for (int variant = 0; variant < 6; variant++) {
                 CHECK(cudaMemset(y, 0, n * 4));
+                int chunks = k / 8;
                 if (variant == 0) {
                     gemv_warp_rows<<<(n + 7) / 8, 256>>>(x, (const bf16_t*)weights, y, n, k);
+                } else if (variant == 4) {
+                    gemv_parts<4><<<(n * (chunks / 128) + 7) / 8, 256>>>(x, (const bf16_t*)weights, y, n, k);
+                } else if (variant == 5) {
+                    gemv_parts<2><<<(n * (chunks / 64) + 7) / 8, 256>>>(x, (const bf16_t*)weights, y, n, k);
                 } else {
                     int st = smem_stages[variant - 1];
                     gemv_bulk<<<sms, THREADS, st * CHUNK>>>(x, (const bf16_t*)weights, y, n, k, st);
@@ -225,14 +265,17 @@ int main() {
     struct Shape { const char* name; int n, k; } shapes[] = {{"q, k, v", 5120, 2048}, {"o", 2048, 4096}, {"expert gate/up x8", 8 * 1536, 2048}};
     for (auto shape : shapes) {
         size_t bytes = (size_t)shape.n * shape.k * 2;
-                for (int variant = 0; variant < 8; variant++) {
-            const char* names[] = {"read-only, 4 blocks an SM", "read-only, 8 blocks an SM", "gemv_rows (engine)", "bulk ring 4 x 16 KB", "bulk ring 8 x 16 KB", "bulk ring 12 x 16 KB", "bulk ring 8, 2 blocks an SM", "read-only, 1 block an SM"};
+                for (int variant = 0; variant < 10; variant++) {
+            const char* names[] = {"read-only, 4 blocks an SM", "read-only, 8 blocks an SM", "gemv_rows (engine)", "bulk ring 4 x 16 KB", "bulk ring 8 x 16 KB", "bulk ring 12 x 16 KB", "bulk ring 8, 2 blocks an SM", "read-only, 1 block an SM", "parts of 128 chunks", "parts of 64 chunks"};
+            int chunks = shape.k / 8;
             auto launch = [&](int c) {
                 const unsigned char* w = weights + (size_t)c * max_bytes;
                 switch (variant) {
                 case 0: read_only<<<sms * 4, 256>>>((const uint4*)w, bytes / 16, sink); break;
                 case 1: read_only<<<sms * 8, 256>>>((const uint4*)w, bytes / 16, sink); break;
                 case 7: read_only<<<sms, 1024>>>((const uint4*)w, bytes / 16, sink); break;
+                case 8: gemv_parts<4><<<(shape.n * (chunks / 128) + 7) / 8, 256>>>(x, (const bf16_t*)w, y + (size_t)c * max_rows, shape.n, shape.k); break;
+                case 9: gemv_parts<2><<<(shape.n * (chunks / 64) + 7) / 8, 256>>>(x, (const bf16_t*)w, y + (size_t)c * max_rows, shape.n, shape.k); break;
                 case 2: gemv_warp_rows<<<(shape.n + 7) / 8, 256>>>(x, (const bf16_t*)w, y + (size_t)c * max_rows, shape.n, shape.k); break;
                 default: {
                     int st = variant == 3 ? 4 : variant == 4 ? 8 : variant == 5 ? 12 : 6;
