@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(256, 4) gemv_warp_rows(const float* x, const b
 // warp a part, a row's parts in one block meeting in shared memory: more, shorter warps than
 // a warp a row (L = 8 for 2048-value rows), so the last wave of blocks is a smaller share.
 template <int L>
-__global__ void __launch_bounds__(256, 8) gemv_parts(const float* x, const bf16_t* w, float* y, int n, int k) {
+__global__ void __launch_bounds__(256, 6) gemv_parts(const float* x, const bf16_t* w, float* y, int n, int k) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int chunks = k / 8, parts = chunks / (32 * L);
     int unit = blockIdx.x * 8 + warp;
