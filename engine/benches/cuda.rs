@@ -5,7 +5,8 @@
 //! - decode step time at 2k context versus the HBM floor: (expert bytes touched + dense bytes
 //!   + KV bytes read) / device-to-device copy bandwidth (bytes read and written per second);
 //! - prefill tokens/s versus FLOPs / this backend's bf16 GEMM rate on an 8192³ product (its
-//!   input already bf16).
+//!   input already bf16), and the least time the prompt can take at both rates (its expert
+//!   GEMMs bound by reading their weights where the prompt gives each expert few tokens).
 //!
 //! Times are medians (of `TIMED_STEPS` decode steps, of `PREFILL_SAMPLES` prefills): single
 //! steps hit hiccups of a few ms that moved a mean of 8 steps by up to 0.5 ms between runs.
