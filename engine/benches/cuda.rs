@@ -99,6 +99,8 @@ fn main() {
     }
     // A decode step of one sequence reads each projection once, from HBM; read again at
     // once it comes from L2 (50 MB on an H100): what prefetching weights ahead could give.
+    // Each time includes the launch between its two events (6.5 µs for an empty kernel on
+    // an H100, experiments/gemv-probe.cu): compare the columns, not with the copy rate.
     println!("\nmatrix-vector products of one row (median of {GEMV_SAMPLES}, each timed alone)");
     println!("| projection | MB | from HBM µs | GB/s | again µs | GB/s |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");

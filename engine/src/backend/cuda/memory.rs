@@ -141,7 +141,7 @@ impl CudaBackend {
             .stream
             .clone_dtoh(device)
             .map_err(|e| device_error("copying to the host", e))?;
-        let waited = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let waited = nanos_since(started);
         self.host_wait_ns.fetch_add(waited, Ordering::Relaxed);
         // The copy waited for everything queued: the stream is empty from here.
         self.idle_since_ns
@@ -150,7 +150,7 @@ impl CudaBackend {
     }
 
     fn nanos_since_start(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        nanos_since(self.started)
     }
 
     /// Ends the idle time a copy back to the host began (a kernel is being launched).
@@ -201,4 +201,9 @@ impl CudaBackend {
             bf16: None,
         })
     }
+}
+
+/// Nanoseconds elapsed since `start` (saturating: a u64 holds 584 years).
+fn nanos_since(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
