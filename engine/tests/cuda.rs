@@ -757,12 +757,13 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     ));
 
     // Attention over the paged cache, blocks scattered: a 9-row prefill, decode rows at
-    // positions 13 and 150 (three splits of the grouped decode kernel), chunked prefills of 8
+    // positions 13, 150 (three splits of the grouped decode kernel) and 2100 (34 splits:
+    // attention_combine's path for more than 32), chunked prefills of 8
     // rows at 20, of 5 rows at 45 and of 70 rows at 100 (query tiles across key tiles), a
     // 40-row prefill (several key tiles of the CUDA-core kernel) and a 200-row one (four
     // query and key tiles of the tensor-core kernel, so key slots are found ahead).
     let (heads, kv_heads, block_size) = (4, 2, 4);
-    let num_blocks = 200;
+    let num_blocks = 800;
     let spec = KvSpec {
         num_blocks,
         block_size,
@@ -770,9 +771,10 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         head_dim,
     };
     let mut store = b.kv_store(&spec).expect("store");
-    let layout: [(usize, usize); 8] = [
+    let layout: [(usize, usize); 9] = [
         (9, 0),
         (1, 13),
+        (1, 2100),
         (8, 20),
         (40, 0),
         (5, 45),
@@ -780,7 +782,9 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         (200, 0),
         (70, 100),
     ];
-    let mut free: Vec<u32> = (0..num_blocks as u32).map(|i| (i * 37) % 200).collect();
+    let mut free: Vec<u32> = (0..num_blocks as u32)
+        .map(|i| (i * 37) % num_blocks as u32)
+        .collect();
     let tables: Vec<Vec<BlockId>> = layout
         .iter()
         .map(|&(n, first)| {

@@ -5,8 +5,10 @@
 // through shared memory by bulk copies (many more bytes in flight an SM than registers hold)
 // gets closer. Standalone, built on the GPU machine:
 //   nvcc -O3 -gencode=arch=compute_90a,code=sm_90a -o /tmp/gemv-probe gemv-probe.cu && /tmp/gemv-probe
-// Rows cut into parts (gemv_parts: half or quarter rows a warp) were added after its first
-// run (CUDA_NOTES v20-v22) and have not run yet.
+// Rows cut into parts (gemv_parts: half or quarter rows a warp) ran at the read-only
+// kernel's rate where a warp a row did not; the engine's version of them was slower
+// (CUDA_NOTES v25).
+// It also builds on a CPU-only machine with pip's nvcc wheels, the binary carried over.
 #include <cstdio>
 #include <cstdlib>
 #include <vector>

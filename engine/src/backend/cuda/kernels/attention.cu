@@ -103,7 +103,10 @@ extern "C" __global__ void attention_split(const float* q, const bf16_t* k_cache
 // up to a warp. Each warp finds the splits' largest max and weighted sum itself (lanes over
 // the splits, shuffles); then, 32 splits at a time, lane l weighs split l and the warp takes
 // each weight by shuffle as it sums its dimensions. No barrier, no shared memory, so no
-// limit on the splits.
+// limit on the splits. Up to 32 splits (a decode step's 2k context) every load is issued at
+// once, before any result is used: the block's time is then one round trip to L2, where
+// finding the max first, then the sums, then the values in rounds took five or six.
+#define COMBINE_AT_ONCE 32
 extern "C" __global__ void attention_combine(const float* partial_out, const float* partial_max,
                                              const float* partial_sum, float* out,
                                              const int* positions, int num_heads, int head_dim,
@@ -115,28 +118,44 @@ extern "C" __global__ void attention_combine(const float* partial_out, const flo
     if (positions[row] < 0) return;
     size_t first = ((size_t)row * num_heads + head) * splits;
     const float* maxes = partial_max + first;
-    float m = NEG_INF;
-    for (int s = lane; s < splits; s += 32) m = fmaxf(m, maxes[s]);
-    m = warp_max(m);
-    // An empty split (max -inf) weighs 0; its values (never written) are read but not used.
-    float total = 0.0f;
-    for (int s = lane; s < splits; s += 32) {
-        if (maxes[s] != NEG_INF) total += expf(maxes[s] - m) * partial_sum[first + s];
-    }
-    total = warp_sum(total);
     // Lanes past head_dim stay for the shuffles.
     bool in_head = d < head_dim;
     const float* values = partial_out + first * head_dim + (in_head ? d : 0);
-    float value = 0.0f;
-    for (int s0 = 0; s0 < splits; s0 += 32) {
-        int s = s0 + lane;
-        float w = s < splits && maxes[s] != NEG_INF ? expf(maxes[s] - m) : 0.0f;
-        int count = min(32, splits - s0);
-#pragma unroll 8
-        for (int j = 0; j < count; j++) {
+    float value = 0.0f, total = 0.0f;
+    if (splits <= COMBINE_AT_ONCE) {
+        bool mine = lane < splits;
+        float my_max = mine ? maxes[lane] : NEG_INF;
+        float my_sum = mine ? partial_sum[first + lane] : 0.0f;
+        float v[COMBINE_AT_ONCE];
+#pragma unroll
+        for (int j = 0; j < COMBINE_AT_ONCE; j++) v[j] = j < splits ? values[(size_t)j * head_dim] : 0.0f;
+        float m = warp_max(my_max);
+        // An empty split (max -inf) weighs 0; its values (never written) are read but not used.
+        float w = my_max != NEG_INF ? expf(my_max - m) : 0.0f;
+        total = warp_sum(w * my_sum);
+#pragma unroll
+        for (int j = 0; j < COMBINE_AT_ONCE; j++) {
             float wj = __shfl_sync(0xffffffffu, w, j);
-            float v = values[(size_t)(s0 + j) * head_dim];
-            value += wj != 0.0f ? wj * v : 0.0f;
+            value += wj != 0.0f ? wj * v[j] : 0.0f;
+        }
+    } else {
+        float m = NEG_INF;
+        for (int s = lane; s < splits; s += 32) m = fmaxf(m, maxes[s]);
+        m = warp_max(m);
+        for (int s = lane; s < splits; s += 32) {
+            if (maxes[s] != NEG_INF) total += expf(maxes[s] - m) * partial_sum[first + s];
+        }
+        total = warp_sum(total);
+        for (int s0 = 0; s0 < splits; s0 += 32) {
+            int s = s0 + lane;
+            float w = s < splits && maxes[s] != NEG_INF ? expf(maxes[s] - m) : 0.0f;
+            int count = min(32, splits - s0);
+#pragma unroll 8
+            for (int j = 0; j < count; j++) {
+                float wj = __shfl_sync(0xffffffffu, w, j);
+                float v = values[(size_t)(s0 + j) * head_dim];
+                value += wj != 0.0f ? wj * v : 0.0f;
+            }
         }
     }
     if (in_head) out[(size_t)row * num_heads * head_dim + head * head_dim + d] = value / total;

@@ -87,52 +87,63 @@ extern "C" __global__ void moe_route(const float* logits, int* expert_ids, float
     }
 }
 
+// The sum of v over this lane and the lanes below it.
+__device__ __forceinline__ int inclusive_warp_scan(int v) {
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        int below = __shfl_up_sync(0xffffffffu, v, offset);
+        if (lane >= offset) v += below;
+    }
+    return v;
+}
+
 // Exclusive scan of the per-expert counts (`offsets`, num_experts + 1 entries), and the
 // table of tiles of `tile_rows` positions: tile t's expert and first position at tiles[2t]
 // and tiles[2t + 1], expert -1 for the tiles past the last (up to max_tiles), so a GEMM
 // block finds its tile in one load instead of a search over the experts. `cursor` (when
 // given) starts at each expert's offset. One block of at least num_experts threads (at most
-// 1024). With
-// place_pairs > 0 the block also places that many slots (moe_place's work, a launch fewer
-// for a decode step's few).
+// 1024, a multiple of 32). With place_pairs > 0 the block also places that many slots
+// (moe_place's work, a launch fewer for a decode step's few).
 __device__ __forceinline__ void offsets_and_tiles(int count, int* offsets, int* tiles,
                                                   int* cursor, int num_experts, int tile_rows,
                                                   int max_tiles, const int* expert_ids,
                                                   int* sorted_slot, int* slot_position,
                                                   int place_pairs) {
-    __shared__ int rows[1024];
-    __shared__ int tile_end[1024];
-    int e = threadIdx.x;
+    // Inclusive scans of the counts and the tile counts: in each warp by shuffles, then over
+    // the warps' totals (two barriers where a scan through shared memory took fourteen, a
+    // dependent chain a decode layer waits on).
+    __shared__ int warp_rows[32], warp_tiles[32];
+    __shared__ int cursors[1024];
+    int e = threadIdx.x, lane = e & 31, warp = e >> 5;
     int my_tiles = (count + tile_rows - 1) / tile_rows;
-    rows[e] = count;
-    tile_end[e] = my_tiles;
+    int rows = inclusive_warp_scan(count), tile_end = inclusive_warp_scan(my_tiles);
+    if (lane == 31) warp_rows[warp] = rows, warp_tiles[warp] = tile_end;
     __syncthreads();
-    for (int offset = 1; offset < blockDim.x; offset <<= 1) {
-        int r = e >= offset ? rows[e - offset] : 0;
-        int t = e >= offset ? tile_end[e - offset] : 0;
-        __syncthreads();
-        rows[e] += r;
-        tile_end[e] += t;
-        __syncthreads();
+    if (warp == 0) {
+        bool has_warp = lane < (int)(blockDim.x >> 5);
+        warp_rows[lane] = inclusive_warp_scan(has_warp ? warp_rows[lane] : 0);
+        warp_tiles[lane] = inclusive_warp_scan(has_warp ? warp_tiles[lane] : 0);
     }
-    int first = rows[e] - count;
+    __syncthreads();
+    if (warp > 0) rows += warp_rows[warp - 1], tile_end += warp_tiles[warp - 1];
+    int all_tiles = warp_tiles[(blockDim.x >> 5) - 1];
+    int first = rows - count;
     if (e < num_experts) {
-        offsets[e + 1] = rows[e];
+        offsets[e + 1] = rows;
         if (cursor) cursor[e] = first;
-        for (int i = 0, t = tile_end[e] - my_tiles; i < my_tiles; i++, t++) {
+        for (int i = 0, t = tile_end - my_tiles; i < my_tiles; i++, t++) {
             tiles[2 * t] = e;
             tiles[2 * t + 1] = first + i * tile_rows;
         }
     }
     if (e == 0) offsets[0] = 0;
-    for (int t = tile_end[blockDim.x - 1] + e; t < max_tiles; t += blockDim.x) tiles[2 * t] = -1;
+    for (int t = all_tiles + e; t < max_tiles; t += blockDim.x) tiles[2 * t] = -1;
     if (place_pairs == 0) return;
-    // The tile ends are read; their array becomes the cursors.
-    __syncthreads();
-    tile_end[e] = first;
+    cursors[e] = first;
     __syncthreads();
     for (int p = e; p < place_pairs; p += blockDim.x) {
-        int position = atomicAdd(&tile_end[expert_ids[p]], 1);
+        int position = atomicAdd(&cursors[expert_ids[p]], 1);
         sorted_slot[position] = p;
         slot_position[p] = position;
     }
