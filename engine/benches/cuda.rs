@@ -187,22 +187,23 @@ fn main() {
     // A prompt and its first token; then the same prompt with its KV exported to the host
     // layer by layer, as a prefill worker does for a decode worker it shares no GPU with.
     // Bound: the least time the prompt can take here (prefill_bound_seconds), and the share
-    // of the GEMM rate that time would read as.
+    // of the GEMM rate that time would read as. Host waits and device idle as in the decode
+    // table, over the pass: the GPU idle while the host prepares the pass or between copies
+    // back, and how long the host waited for the token (the pass less its launch time).
     println!("\nprefill");
     println!(
-        "| prompt | ms (median) | tokens/s | TFLOP/s | of GEMM rate | bound ms | bound's share of GEMM rate | with host export ms |"
+        "| prompt | ms (median) | tokens/s | TFLOP/s | of GEMM rate | bound ms | bound's share of GEMM rate | with host export ms | host waits ms | device idle ms |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for len in PREFILL_LENGTHS {
         let mut sample = |export| {
-            median(
-                (0..PREFILL_SAMPLES)
-                    .map(|_| prefill_seconds(&mut engine, len, export))
-                    .collect(),
-            )
+            let samples: Vec<[f64; 3]> = (0..PREFILL_SAMPLES)
+                .map(|_| prefill_seconds(&mut engine, len, export))
+                .collect();
+            [0, 1, 2].map(|i| median(samples.iter().map(|s| s[i]).collect()))
         };
-        let seconds = sample(false);
-        let exporting = sample(true);
+        let [seconds, waits, idle] = sample(false);
+        let [exporting, ..] = sample(true);
         measured["prefill"]
             .as_array_mut()
             .expect("array")
@@ -210,14 +211,16 @@ fn main() {
         let flops = prefill_flops(len, layers);
         let bound = prefill_bound_seconds(len, layers, copy, gemm);
         println!(
-            "| {len} | {:.2} | {:.0} | {:.1} | {:.0}% | {:.2} | {:.0}% | {:.2} |",
+            "| {len} | {:.2} | {:.0} | {:.1} | {:.0}% | {:.2} | {:.0}% | {:.2} | {:.2} | {:.3} |",
             seconds * 1e3,
             len as f64 / seconds,
             flops / seconds / 1e12,
             100.0 * flops / seconds / gemm,
             bound * 1e3,
             100.0 * flops / bound / gemm,
-            exporting * 1e3
+            exporting * 1e3,
+            waits * 1e3,
+            idle * 1e3
         );
     }
 
@@ -372,10 +375,14 @@ fn median(mut samples: Vec<f64>) -> f64 {
 }
 
 /// Seconds to prefill a `len`-token prompt and pick its first token, exporting its KV to
-/// the host or not.
-fn prefill_seconds(engine: &mut Engine<CudaBackend>, len: usize, export: bool) -> f64 {
+/// the host or not; and of those, the seconds the host waited for copies back and the
+/// device sat idle (`CudaBackend::take_host_wait`, `take_idle`).
+fn prefill_seconds(engine: &mut Engine<CudaBackend>, len: usize, export: bool) -> [f64; 3] {
     let prompt: Vec<u32> = (0..len as u32).map(|t| 3 + (t * 7) % 5000).collect();
     engine.score(&prompt[..16]).expect("warm-up");
+    let backend = engine.model().backend();
+    backend.take_host_wait();
+    backend.take_idle();
     let id = SeqId(9_999_999);
     let started = Instant::now();
     let params = SamplingParams::greedy();
@@ -388,7 +395,9 @@ fn prefill_seconds(engine: &mut Engine<CudaBackend>, len: usize, export: bool) -
     while engine.has_work() {
         engine.step().expect("step");
     }
-    started.elapsed().as_secs_f64()
+    let seconds = started.elapsed().as_secs_f64();
+    let backend = engine.model().backend();
+    [seconds, backend.take_host_wait(), backend.take_idle()]
 }
 
 /// Matrix FLOPs of a prefill: 2 per active parameter per token, plus causal attention.
