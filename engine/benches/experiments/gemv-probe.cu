@@ -7,7 +7,8 @@
 //   nvcc -O3 -gencode=arch=compute_90a,code=sm_90a -o /tmp/gemv-probe gemv-probe.cu && /tmp/gemv-probe
 // Rows cut into parts (gemv_parts: half or quarter rows a warp) ran at the read-only
 // kernel's rate where a warp a row did not; the engine's version of them was slower
-// (CUDA_NOTES v25).
+// (CUDA_NOTES v25). The last variant holds parts to the engine's four blocks an SM, to
+// tell occupancy from the rest of the engine's kernel (not yet run).
 // It also builds on a CPU-only machine with pip's nvcc wheels, the binary carried over.
 #include <cstdio>
 #include <cstdlib>
@@ -213,6 +214,9 @@ int main() {
     CHECK(cudaMalloc(&x, 4096 * 4));
     CHECK(cudaMalloc(&y, (size_t)max_rows * 4 * copies));
     CHECK(cudaFuncSetAttribute(gemv_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, 12 * CHUNK));
+    // A quarter of an SM's shared memory, less the 1 KB each block reserves.
+    const int quarter_sm = (int)prop.sharedMemPerMultiprocessor / 4 - 2048;
+    CHECK(cudaFuncSetAttribute(gemv_parts<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, quarter_sm));
     CHECK(cudaMalloc(&sink, 4));
     {
         std::vector<bf16_t> h(max_bytes / 2);
@@ -267,8 +271,8 @@ int main() {
     struct Shape { const char* name; int n, k; } shapes[] = {{"q, k, v", 5120, 2048}, {"o", 2048, 4096}, {"expert gate/up x8", 8 * 1536, 2048}};
     for (auto shape : shapes) {
         size_t bytes = (size_t)shape.n * shape.k * 2;
-                for (int variant = 0; variant < 10; variant++) {
-            const char* names[] = {"read-only, 4 blocks an SM", "read-only, 8 blocks an SM", "gemv_rows (engine)", "bulk ring 4 x 16 KB", "bulk ring 8 x 16 KB", "bulk ring 12 x 16 KB", "bulk ring 8, 2 blocks an SM", "read-only, 1 block an SM", "parts of 128 chunks", "parts of 64 chunks"};
+        for (int variant = 0; variant < 11; variant++) {
+            const char* names[] = {"read-only, 4 blocks an SM", "read-only, 8 blocks an SM", "gemv_rows (engine)", "bulk ring 4 x 16 KB", "bulk ring 8 x 16 KB", "bulk ring 12 x 16 KB", "bulk ring 8, 2 blocks an SM", "read-only, 1 block an SM", "parts of 128 chunks", "parts of 64 chunks", "parts of 64 chunks, 4 blocks an SM"};
             int chunks = shape.k / 8;
             auto launch = [&](int c) {
                 const unsigned char* w = weights + (size_t)c * max_bytes;
@@ -278,6 +282,9 @@ int main() {
                 case 7: read_only<<<sms, 1024>>>((const uint4*)w, bytes / 16, sink); break;
                 case 8: gemv_parts<4><<<(shape.n * (chunks / 128) + 7) / 8, 256>>>(x, (const bf16_t*)w, y + (size_t)c * max_rows, shape.n, shape.k); break;
                 case 9: gemv_parts<2><<<(shape.n * (chunks / 64) + 7) / 8, 256>>>(x, (const bf16_t*)w, y + (size_t)c * max_rows, shape.n, shape.k); break;
+                // Shared memory no block uses holds the SM to four blocks: the engine's
+                // gemv_rows occupancy (64 registers), where the kernel alone gets eight.
+                case 10: gemv_parts<2><<<(shape.n * (chunks / 64) + 7) / 8, 256, quarter_sm>>>(x, (const bf16_t*)w, y + (size_t)c * max_rows, shape.n, shape.k); break;
                 case 2: gemv_warp_rows<<<(shape.n + 7) / 8, 256>>>(x, (const bf16_t*)w, y + (size_t)c * max_rows, shape.n, shape.k); break;
                 default: {
                     int st = variant == 3 ? 4 : variant == 4 ? 8 : variant == 5 ? 12 : 6;
