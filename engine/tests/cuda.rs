@@ -512,6 +512,85 @@ fn top2_of_4(tokens: usize) -> Routing {
     }
 }
 
+/// `moe_routed` and `moe_routed_add_rms_norm` of `num_experts` experts of width 128, top-2,
+/// over each of `token_counts` tokens of 256 values, and the experts' counters after them.
+fn routed_outputs<B: Backend>(
+    b: &B,
+    v: &mut Values,
+    num_experts: usize,
+    token_counts: &[usize],
+    out: &mut Vec<(String, Vec<f32>)>,
+) {
+    let (hidden_r, inter_r) = (256, 128);
+    let rule = RouteRule {
+        num_experts,
+        experts_per_token: 2,
+        renormalize: true,
+    };
+    let router = b
+        .matrix(HostTensor {
+            shape: vec![num_experts, hidden_r],
+            data: (0..num_experts * hidden_r)
+                .map(|i| [-0.125, 0.0, 0.125][(i * 7 + i / 5) % 3])
+                .collect(),
+        })
+        .expect("router");
+    let routed_experts: Vec<ExpertWeights<B>> = (0..num_experts)
+        .map(|_| ExpertWeights {
+            gate_up: matrix(b, v, 2 * inter_r, hidden_r),
+            down: matrix(b, v, hidden_r, inter_r),
+        })
+        .collect();
+    let counters = b.expert_counters(num_experts).expect("counters");
+    let norm_r = b.vector(v.take(hidden_r, 1.0)).expect("norm");
+    for &tokens in token_counts {
+        let data = (0..tokens * hidden_r)
+            .map(|i| ((i * 13 + i / 7) % 17) as f32 / 8.0 - 1.0)
+            .collect();
+        let xr = tensor(b, tokens, hidden_r, data);
+        let y = b
+            .moe_routed(&xr, &router, &rule, &routed_experts, &counters)
+            .expect("moe_routed");
+        out.push((
+            format!("moe_routed_{num_experts}x_{tokens}"),
+            b.to_host(&y).expect("host"),
+        ));
+        // The same experts summed into a residual and the norm after it.
+        let mut h = tensor(b, tokens, hidden_r, v.take(tokens * hidden_r, 1.0));
+        let norm = ResidualNorm {
+            h: &mut h,
+            weight: &norm_r,
+            eps: 1e-6,
+        };
+        let normed = b
+            .moe_routed_add_rms_norm(&xr, &router, &rule, &routed_experts, &counters, norm)
+            .expect("moe_routed_add_rms_norm");
+        let values = [
+            b.to_host(&h).expect("host"),
+            b.to_host(&normed).expect("host"),
+        ];
+        out.push((
+            format!("moe_routed_add_rms_norm_{num_experts}x_{tokens}"),
+            values.concat(),
+        ));
+    }
+    let load = b.read_expert_counters(&counters).expect("counters");
+    let slots: usize = token_counts
+        .iter()
+        .map(|t| 2 * t * rule.experts_per_token)
+        .sum();
+    assert_eq!(
+        load.iter().sum::<u64>(),
+        slots as u64,
+        "{} counts every slot",
+        b.name()
+    );
+    out.push((
+        format!("expert_counters_{num_experts}x"),
+        load.iter().map(|&c| c as f32).collect(),
+    ));
+}
+
 /// Runs every kernel on `b` with the same seeded inputs; returns each output by name.
 fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     let mut v = Values(42);
@@ -690,71 +769,12 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     // matrix-vector path), 10 (20 slots: grouped GEMMs, one row tile an expert), 300 (600
     // slots: several row tiles an expert, two column tiles, eight k steps; on Hopper the
     // narrow tiles of a decode batch) and 600 (1200 slots: on Hopper the wide tiles, as a
-    // prompt's). Inputs are multiples of 1/8 and router weights of ±1/8, so every logit is
-    // exact in f32 and both backends rank the experts alike.
-    let (hidden_r, inter_r, num_experts) = (256, 128, 8);
-    let rule = RouteRule {
-        num_experts,
-        experts_per_token: 2,
-        renormalize: true,
-    };
-    let router = b
-        .matrix(HostTensor {
-            shape: vec![num_experts, hidden_r],
-            data: (0..num_experts * hidden_r)
-                .map(|i| [-0.125, 0.0, 0.125][(i * 7 + i / 5) % 3])
-                .collect(),
-        })
-        .expect("router");
-    let routed_experts: Vec<ExpertWeights<B>> = (0..num_experts)
-        .map(|_| ExpertWeights {
-            gate_up: matrix(b, &mut v, 2 * inter_r, hidden_r),
-            down: matrix(b, &mut v, hidden_r, inter_r),
-        })
-        .collect();
-    let counters = b.expert_counters(num_experts).expect("counters");
-    let norm_r = b.vector(v.take(hidden_r, 1.0)).expect("norm");
-    let token_counts = [4, 10, 300, 600];
-    for tokens in token_counts {
-        let data = (0..tokens * hidden_r)
-            .map(|i| ((i * 13 + i / 7) % 17) as f32 / 8.0 - 1.0)
-            .collect();
-        let xr = tensor(b, tokens, hidden_r, data);
-        let y = b
-            .moe_routed(&xr, &router, &rule, &routed_experts, &counters)
-            .expect("moe_routed");
-        out.push((format!("moe_routed_{tokens}"), b.to_host(&y).expect("host")));
-        // The same experts summed into a residual and the norm after it.
-        let mut h = tensor(b, tokens, hidden_r, v.take(tokens * hidden_r, 1.0));
-        let norm = ResidualNorm {
-            h: &mut h,
-            weight: &norm_r,
-            eps: 1e-6,
-        };
-        let normed = b
-            .moe_routed_add_rms_norm(&xr, &router, &rule, &routed_experts, &counters, norm)
-            .expect("moe_routed_add_rms_norm");
-        let values = [
-            b.to_host(&h).expect("host"),
-            b.to_host(&normed).expect("host"),
-        ];
-        out.push((format!("moe_routed_add_rms_norm_{tokens}"), values.concat()));
+    // prompt's). Then 80 experts over 4 and 300 tokens: the placement's scan over three
+    // warps of experts. Inputs are multiples of 1/8 and router weights of ±1/8, so every
+    // logit is exact in f32 and both backends rank the experts alike.
+    for (num_experts, token_counts) in [(8, &[4, 10, 300, 600][..]), (80, &[4, 300][..])] {
+        routed_outputs(b, &mut v, num_experts, token_counts, &mut out);
     }
-    let load = b.read_expert_counters(&counters).expect("counters");
-    let slots: usize = token_counts
-        .iter()
-        .map(|t| 2 * t * rule.experts_per_token)
-        .sum();
-    assert_eq!(
-        load.iter().sum::<u64>(),
-        slots as u64,
-        "{} counts every slot",
-        b.name()
-    );
-    out.push((
-        "expert_counters".into(),
-        load.iter().map(|&c| c as f32).collect(),
-    ));
 
     // Attention over the paged cache, blocks scattered: a 9-row prefill, decode rows at
     // positions 13, 150 (three splits of the grouped decode kernel) and 2100 (34 splits:
@@ -840,6 +860,16 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
             .expect("host"),
     ));
     out
+}
+
+/// The GPU comparison's inputs, built and run on the CPU backend: a shape or routing mistake
+/// in them fails here, before a GPU run is spent on it (`routed_outputs` checks its counters).
+#[test]
+fn every_kernel_input_runs_on_the_cpu_backend() {
+    for head_dim in [16, 128] {
+        let outputs = run_ops(&CpuBackend, head_dim);
+        assert!(outputs.iter().all(|(_, values)| !values.is_empty()));
+    }
 }
 
 #[test]
