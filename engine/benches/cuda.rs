@@ -45,7 +45,8 @@ const PREFILL_SAMPLES: usize = 3;
 const GEMV_SAMPLES: usize = 50;
 const BF16: usize = 2;
 /// One expert's gate, up and down weights.
-const EXPERT_BYTES: usize = 3 * HIDDEN * EXPERT_WIDTH * BF16;
+const EXPERT_PARAMS: usize = 3 * HIDDEN * EXPERT_WIDTH;
+const EXPERT_BYTES: usize = EXPERT_PARAMS * BF16;
 
 fn main() {
     if let Err(reason) = tandem_engine::cuda::probe() {
@@ -403,7 +404,7 @@ fn prefill_seconds(engine: &mut Engine<CudaBackend>, len: usize, export: bool) -
 /// Matrix FLOPs of a prefill: 2 per active parameter per token, plus causal attention.
 fn prefill_flops(len: usize, layers: usize) -> f64 {
     let attention_params = HIDDEN * (HEADS + 2 * KV_HEADS) * HEAD_DIM + HEADS * HEAD_DIM * HIDDEN;
-    let expert_params = TOP_K * 3 * HIDDEN * EXPERT_WIDTH + HIDDEN * EXPERTS;
+    let expert_params = TOP_K * EXPERT_PARAMS + HIDDEN * EXPERTS;
     let dense = 2.0 * len as f64 * ((attention_params + expert_params) * layers) as f64;
     // QKᵀ and PV over the causal half: 2 · 2 · len² / 2 · heads · head_dim per layer.
     let attention = 2.0 * (len * len) as f64 * (HEADS * HEAD_DIM * layers) as f64;
@@ -416,7 +417,7 @@ fn prefill_flops(len: usize, layers: usize) -> f64 {
 /// the ~260 FLOPs a weight byte an H100 needs to be compute-bound), and every other FLOP
 /// runs at the GEMM rate.
 fn prefill_bound_seconds(len: usize, layers: usize, copy: f64, gemm: f64) -> f64 {
-    let expert_flops = 2.0 * (len * TOP_K * 3 * HIDDEN * EXPERT_WIDTH) as f64;
+    let expert_flops = 2.0 * (len * TOP_K * EXPERT_PARAMS) as f64;
     let expert_reads = touched_experts(len) * EXPERT_BYTES as f64;
     let experts = (expert_flops / gemm).max(expert_reads / copy) * layers as f64;
     experts + (prefill_flops(len, layers) - expert_flops * layers as f64) / gemm
