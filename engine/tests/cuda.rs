@@ -778,10 +778,10 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
 
     // Attention over the paged cache, blocks scattered: a 9-row prefill, decode rows at
     // positions 13, 150 (three splits of the grouped decode kernel) and 2100 (34 splits:
-    // attention_combine's path for more than 32), chunked prefills of 8
-    // rows at 20, of 5 rows at 45 and of 70 rows at 100 (query tiles across key tiles), a
-    // 40-row prefill (several key tiles of the CUDA-core kernel) and a 200-row one (four
-    // query and key tiles of the tensor-core kernel, so key slots are found ahead).
+    // attention_combine's path for more than 32), chunked prefills of 8 rows at 20, of 5
+    // rows at 45 and of 70 rows at 100 (query tiles across key tiles), a 40-row prefill
+    // (several key tiles of the CUDA-core kernel) and a 200-row one (four query and key
+    // tiles of the tensor-core kernel, so key slots are found ahead).
     let (heads, kv_heads, block_size) = (4, 2, 4);
     let num_blocks = 800;
     let spec = KvSpec {

@@ -128,7 +128,9 @@ extern "C" __global__ void attention_combine(const float* partial_out, const flo
         float my_sum = mine ? partial_sum[first + lane] : 0.0f;
         float v[COMBINE_AT_ONCE];
 #pragma unroll
-        for (int j = 0; j < COMBINE_AT_ONCE; j++) v[j] = j < splits ? values[(size_t)j * head_dim] : 0.0f;
+        for (int j = 0; j < COMBINE_AT_ONCE; j++) {
+            v[j] = j < splits ? values[(size_t)j * head_dim] : 0.0f;
+        }
         float m = warp_max(my_max);
         // An empty split (max -inf) weighs 0; its values (never written) are read but not used.
         float w = my_max != NEG_INF ? expf(my_max - m) : 0.0f;
