@@ -100,6 +100,21 @@ pub struct GenerateOutput {
     pub device: String,
 }
 
+impl GenerateOutput {
+    /// Ends a `generate` run's output in `format`: the streamed text's closing newline, or
+    /// the one JSON object on a line of its own.
+    pub fn finish(
+        &self,
+        format: OutputFormat,
+        out: &mut impl std::io::Write,
+    ) -> std::io::Result<()> {
+        if format == OutputFormat::Json {
+            serde_json::to_writer(&mut *out, self).map_err(std::io::Error::from)?;
+        }
+        writeln!(out)
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct TopLogprobJson {
     pub token_id: u32,
@@ -227,6 +242,34 @@ mod tests {
                 .expect("to_args output parses")
                 .args;
         assert_eq!(args, again);
+    }
+
+    #[test]
+    fn finish_ends_text_with_a_newline_and_json_with_one_object_a_line() {
+        let out = GenerateOutput {
+            token_ids: vec![7, 8],
+            text: "hi".into(),
+            logprobs: vec![-0.5, -1.0],
+            top_logprobs: Vec::new(),
+            finish_reason: "length",
+            prompt_token_ids: vec![1],
+            usage: Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+            },
+            device: "cpu".into(),
+        };
+        let mut text = Vec::new();
+        out.finish(OutputFormat::Text, &mut text).expect("writes");
+        assert_eq!(text, b"\n");
+        let mut json = Vec::new();
+        out.finish(OutputFormat::Json, &mut json).expect("writes");
+        let line = std::str::from_utf8(&json).expect("utf-8");
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        let value: serde_json::Value = serde_json::from_str(line).expect("one JSON object");
+        assert_eq!(value["token_ids"], serde_json::json!([7, 8]));
+        assert_eq!(value["usage"]["completion_tokens"], 2);
+        assert!(value.get("top_logprobs").is_none(), "{line}");
     }
 
     #[test]

@@ -157,14 +157,7 @@ fn generate<B: Backend>(
         }
     }
     out.usage.completion_tokens = out.token_ids.len();
-    let mut lock = stdout.lock();
-    match args.output {
-        OutputFormat::Text => writeln!(lock)?,
-        OutputFormat::Json => {
-            serde_json::to_writer(&mut lock, &out).map_err(std::io::Error::from)?;
-            writeln!(lock)?;
-        }
-    }
+    out.finish(args.output, &mut stdout.lock())?;
     Ok(())
 }
 

@@ -139,13 +139,6 @@ async fn generate(
             Some(generate_response::Kind::Error(_)) | None => {}
         }
     }
-    let mut lock = stdout.lock();
-    match args.output {
-        OutputFormat::Text => writeln!(lock)?,
-        OutputFormat::Json => {
-            serde_json::to_writer(&mut lock, &out).map_err(std::io::Error::from)?;
-            writeln!(lock)?;
-        }
-    }
+    out.finish(args.output, &mut stdout.lock())?;
     Ok(())
 }
