@@ -765,6 +765,26 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         .expect("host"),
     ));
 
+    // 600 tokens (1200 slots: on Hopper the wide tiles) over experts whose widths are not
+    // multiples of a tile: hidden 72 and width 136 leave a last k step of 8 values in both
+    // GEMMs and a last column block of 8 gate/up columns (of 72 down rows).
+    let (wide, hidden_w, inter_w) = (600, 72, 136);
+    let wide_experts: Vec<ExpertWeights<B>> = (0..4)
+        .map(|_| ExpertWeights {
+            gate_up: matrix(b, &mut v, 2 * inter_w, hidden_w),
+            down: matrix(b, &mut v, hidden_w, inter_w),
+        })
+        .collect();
+    let x_wide = tensor(b, wide, hidden_w, v.take(wide * hidden_w, 1.0));
+    out.push((
+        "moe_wide_tiles".into(),
+        b.to_host(
+            &b.moe_experts(&x_wide, &top2_of_4(wide), &wide_experts)
+                .expect("moe"),
+        )
+        .expect("host"),
+    ));
+
     // Routed where the logits are: 8 experts of width 128, top-2, over 4 tokens (8 slots:
     // matrix-vector path), 10 (20 slots: grouped GEMMs, one row tile an expert), 300 (600
     // slots: several row tiles an expert, two column tiles, eight k steps; on Hopper the

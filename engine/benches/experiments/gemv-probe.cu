@@ -9,7 +9,10 @@
 // kernel's rate where a warp a row did not; the engine's version of them was slower
 // (CUDA_NOTES v25). The last variant holds parts to the engine's four blocks an SM, to
 // tell occupancy from the rest of the engine's kernel (not yet run).
-// It also builds on a CPU-only machine with pip's nvcc wheels, the binary carried over.
+// It also builds on a CPU-only machine, the binary carried over: pip's 13.0 wheels
+// nvidia-cuda-nvcc, nvidia-cuda-crt (crt/host_config.h) and nvidia-nvvm (cicc) unpacked
+// into one tree, nvidia-cuda-runtime for cuda_runtime.h and libcudart_static.a; add
+// -I<runtime>/include -L<runtime>/lib -cudart static to the command above.
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
