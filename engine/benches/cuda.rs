@@ -5,8 +5,10 @@
 //! - decode step time at 2k context versus the HBM floor: (expert bytes touched + dense bytes
 //!   + KV bytes read) / device-to-device copy bandwidth (bytes read and written per second);
 //! - prefill tokens/s versus FLOPs / this backend's bf16 GEMM rate on an 8192³ product (its
-//!   input already bf16), and the least time the prompt can take at both rates (its expert
-//!   GEMMs bound by reading their weights where the prompt gives each expert few tokens).
+//!   input already bf16), and the least time the pass can take at both rates (its expert
+//!   GEMMs bound by reading their weights where the pass gives each expert few tokens), for
+//!   a 2k and an 8k prompt alone and for four 2k prompts in one pass (a loaded prefill
+//!   worker's).
 //!
 //! Times are medians (of `TIMED_STEPS` decode steps, of `PREFILL_SAMPLES` prefills): single
 //! steps hit hiccups of a few ms that moved a mean of 8 steps by up to 0.5 ms between runs.
@@ -38,6 +40,9 @@ const VOCAB: usize = 151_936;
 const CONTEXT: usize = 2048;
 const BATCHES: [usize; 5] = [1, 8, 32, 64, 128];
 const PREFILL_LENGTHS: [usize; 2] = [2048, 8192];
+/// The prefill table's passes as (prompts, tokens each): one prompt alone, and a loaded
+/// prefill worker's pass of several 2k prompts, which share each expert's weight reads.
+const PREFILL_PASSES: [(usize, usize); 3] = [(1, 2048), (1, 8192), (4, 2048)];
 const BLOCK_SIZE: usize = 16;
 const TIMED_STEPS: usize = 32;
 const PREFILL_SAMPLES: usize = 3;
@@ -196,10 +201,10 @@ fn main() {
         "| prompt | ms (median) | tokens/s | TFLOP/s | of GEMM rate | bound ms | bound's share of GEMM rate | with host export ms | host waits ms | device idle ms |"
     );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for len in PREFILL_LENGTHS {
+    for (prompts, len) in PREFILL_PASSES {
         let mut sample = |export| {
             let samples: Vec<[f64; 3]> = (0..PREFILL_SAMPLES)
-                .map(|_| prefill_seconds(&mut engine, len, export))
+                .map(|_| prefill_seconds(&mut engine, prompts, len, export))
                 .collect();
             [0, 1, 2].map(|i| median(samples.iter().map(|s| s[i]).collect()))
         };
@@ -208,13 +213,22 @@ fn main() {
         measured["prefill"]
             .as_array_mut()
             .expect("array")
-            .push(json!({"tokens": len, "seconds": seconds, "exporting_seconds": exporting}));
-        let flops = prefill_flops(len, layers);
-        let bound = prefill_bound_seconds(len, layers, copy, gemm);
+            .push(json!({
+                "tokens": prompts * len,
+                "prompt_tokens": len,
+                "seconds": seconds,
+                "exporting_seconds": exporting
+            }));
+        let flops = prefill_flops(prompts, len, layers);
+        let bound = prefill_bound_seconds(prompts, len, layers, copy, gemm);
+        let pass = match prompts {
+            1 => len.to_string(),
+            _ => format!("{prompts} × {len}"),
+        };
         println!(
-            "| {len} | {:.2} | {:.0} | {:.1} | {:.0}% | {:.2} | {:.0}% | {:.2} | {:.2} | {:.3} |",
+            "| {pass} | {:.2} | {:.0} | {:.1} | {:.0}% | {:.2} | {:.0}% | {:.2} | {:.2} | {:.3} |",
             seconds * 1e3,
-            len as f64 / seconds,
+            (prompts * len) as f64 / seconds,
             flops / seconds / 1e12,
             100.0 * flops / seconds / gemm,
             bound * 1e3,
@@ -240,8 +254,9 @@ fn main() {
         );
     }
     for len in PREFILL_LENGTHS {
+        warm_up(&mut engine);
         engine.model().backend().start_profile();
-        prefill_seconds(&mut engine, len, true);
+        prefill_seconds(&mut engine, 1, len, true);
         println!(
             "\nprofile: prefill {len}\n{}",
             engine.model().backend().take_profile()
@@ -375,24 +390,40 @@ fn median(mut samples: Vec<f64>) -> f64 {
     samples[samples.len() / 2]
 }
 
-/// Seconds to prefill a `len`-token prompt and pick its first token, exporting its KV to
-/// the host or not; and of those, the seconds the host waited for copies back and the
-/// device sat idle (`CudaBackend::take_host_wait`, `take_idle`).
-fn prefill_seconds(engine: &mut Engine<CudaBackend>, len: usize, export: bool) -> [f64; 3] {
-    let prompt: Vec<u32> = (0..len as u32).map(|t| 3 + (t * 7) % 5000).collect();
-    engine.score(&prompt[..16]).expect("warm-up");
+/// A short pass before a timed one, so the timed one starts on a warm engine.
+fn warm_up(engine: &mut Engine<CudaBackend>) {
+    let prompt: Vec<u32> = (3..19).collect();
+    engine.score(&prompt).expect("warm-up");
+}
+
+/// Seconds to prefill `prompts` prompts of `len` tokens in one pass and pick their first
+/// tokens, exporting their KV to the host or not; and of those, the seconds the host waited
+/// for copies back and the device sat idle (`CudaBackend::take_host_wait`, `take_idle`).
+fn prefill_seconds(
+    engine: &mut Engine<CudaBackend>,
+    prompts: usize,
+    len: usize,
+    export: bool,
+) -> [f64; 3] {
+    warm_up(engine);
     let backend = engine.model().backend();
     backend.take_host_wait();
     backend.take_idle();
-    let id = SeqId(9_999_999);
     let started = Instant::now();
-    let params = SamplingParams::greedy();
-    if export {
-        engine.add_prefill_request(id, prompt, params)
-    } else {
-        engine.add_request(id, prompt, params, StopCriteria::max_new_tokens(1))
+    for index in 0..prompts {
+        // Prompts of their own, so their tokens route apart as different requests' do.
+        let offset = index as u32 * 131;
+        let prompt: Vec<u32> = (0..len as u32)
+            .map(|t| 3 + (t * 7 + offset) % 5000)
+            .collect();
+        let (id, params) = (SeqId(9_000_000 + index as u64), SamplingParams::greedy());
+        if export {
+            engine.add_prefill_request(id, prompt, params)
+        } else {
+            engine.add_request(id, prompt, params, StopCriteria::max_new_tokens(1))
+        }
+        .expect("prefill");
     }
-    .expect("prefill");
     while engine.has_work() {
         engine.step().expect("step");
     }
@@ -401,24 +432,26 @@ fn prefill_seconds(engine: &mut Engine<CudaBackend>, len: usize, export: bool) -
     [seconds, backend.take_host_wait(), backend.take_idle()]
 }
 
-/// Matrix FLOPs of a prefill: 2 per active parameter per token, plus causal attention.
-fn prefill_flops(len: usize, layers: usize) -> f64 {
+/// Matrix FLOPs of a prefill of `prompts` prompts of `len` tokens: 2 per active parameter
+/// per token, plus each prompt's causal attention and its first token's LM head.
+fn prefill_flops(prompts: usize, len: usize, layers: usize) -> f64 {
     let attention_params = HIDDEN * (HEADS + 2 * KV_HEADS) * HEAD_DIM + HEADS * HEAD_DIM * HIDDEN;
     let expert_params = TOP_K * EXPERT_PARAMS + HIDDEN * EXPERTS;
     let dense = 2.0 * len as f64 * ((attention_params + expert_params) * layers) as f64;
     // QKᵀ and PV over the causal half: 2 · 2 · len² / 2 · heads · head_dim per layer.
     let attention = 2.0 * (len * len) as f64 * (HEADS * HEAD_DIM * layers) as f64;
-    dense + attention + 2.0 * (VOCAB * HIDDEN) as f64
+    prompts as f64 * (dense + attention + 2.0 * (VOCAB * HIDDEN) as f64)
 }
 
-/// The least time a `len`-token prefill can take at these rates: each layer's expert GEMMs
-/// take the longer of their FLOPs at the GEMM rate and reading the weights of every expert
-/// the prompt touches at the copy rate (a 2k prompt gives each expert ~128 tokens, under
-/// the ~260 FLOPs a weight byte an H100 needs to be compute-bound), and every other FLOP
-/// runs at the GEMM rate.
-fn prefill_bound_seconds(len: usize, layers: usize, copy: f64, gemm: f64) -> f64 {
-    let expert_flops = 2.0 * (len * TOP_K * EXPERT_PARAMS) as f64;
-    let expert_reads = touched_experts(len) * EXPERT_BYTES as f64;
+/// The least time a prefill of `prompts` prompts of `len` tokens can take at these rates:
+/// each layer's expert GEMMs take the longer of their FLOPs at the GEMM rate and reading the
+/// weights of every expert the pass touches at the copy rate (a 2k prompt alone gives each
+/// expert ~128 tokens, under the ~260 FLOPs a weight byte an H100 needs to be
+/// compute-bound), and every other FLOP runs at the GEMM rate.
+fn prefill_bound_seconds(prompts: usize, len: usize, layers: usize, copy: f64, gemm: f64) -> f64 {
+    let tokens = prompts * len;
+    let expert_flops = 2.0 * (tokens * TOP_K * EXPERT_PARAMS) as f64;
+    let expert_reads = touched_experts(tokens) * EXPERT_BYTES as f64;
     let experts = (expert_flops / gemm).max(expert_reads / copy) * layers as f64;
-    experts + (prefill_flops(len, layers) - expert_flops * layers as f64) / gemm
+    experts + (prefill_flops(prompts, len, layers) - expert_flops * layers as f64) / gemm
 }

@@ -623,11 +623,13 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     // second round of 32-value blocks, the last of them partial; two tiles take 16 warps a
     // tile (fewer tiles than SMs: 2088 values are 66 blocks, 64 a round), 250 tiles take 8
     // (1064 values are 34 blocks, 32 a round). Three rows over 4104 values: four warps share
-    // each weight row's three rounds of chunks, the last round one chunk, one warp idle.
+    // each weight row's three rounds of chunks, the last round one chunk, one warp idle. One
+    // row over 2056 values: eight parts a weight row, the fifth one chunk, three empty.
     for (name, x_rows, weight_rows, long_k) in [
         ("linear_seven_rows_long_k", 7, 20, 2088),
         ("linear_seven_rows_many_tiles", 7, 4000, 1064),
         ("linear_few_rows_long_k", 3, 20, 4104),
+        ("linear_one_row_in_parts", 1, 20, 2056),
     ] {
         let x_long = tensor(b, x_rows, long_k, v.take(x_rows * long_k, 1.0));
         let w_long = matrix(b, &mut v, weight_rows, long_k);
@@ -751,6 +753,24 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         "moe".into(),
         b.to_host(&b.moe_experts(&x, &routing, &experts).expect("moe"))
             .expect("host"),
+    ));
+    // 3 tokens of 2056 values (6 routing slots): matrix-vector products, gate and up rows
+    // in eight parts a row of two loads a lane, the fifth part one chunk, three empty.
+    let long_hidden = 2056;
+    let long_experts: Vec<ExpertWeights<B>> = (0..4)
+        .map(|_| ExpertWeights {
+            gate_up: matrix(b, &mut v, 16, long_hidden),
+            down: matrix(b, &mut v, long_hidden, 8),
+        })
+        .collect();
+    let x_long = tensor(b, 3, long_hidden, v.take(3 * long_hidden, 1.0));
+    out.push((
+        "moe_few_long_rows".into(),
+        b.to_host(
+            &b.moe_experts(&x_long, &top2_of_4(3), &long_experts)
+                .expect("moe"),
+        )
+        .expect("host"),
     ));
     // 40 tokens (80 routing slots): the grouped GEMMs, like the 18 rows above.
     let many = 40;

@@ -5,7 +5,7 @@
 use serde::Deserialize;
 
 use crate::SimError;
-use crate::cost::CostModel;
+use crate::cost::{Cost, CostModel};
 use crate::model::ModelShape;
 use crate::profile::HardwareProfile;
 
@@ -31,8 +31,29 @@ pub struct DecodeStep {
 
 #[derive(Debug, Clone, Copy, Deserialize)]
 pub struct PrefillRun {
+    /// Tokens of the pass, over all its prompts.
     pub tokens: f64,
+    /// Tokens of each prompt (runs before prompts were batched: the whole pass).
+    #[serde(default)]
+    pub prompt_tokens: Option<f64>,
     pub seconds: f64,
+}
+
+impl PrefillRun {
+    fn prompt_tokens(&self) -> f64 {
+        self.prompt_tokens.unwrap_or(self.tokens)
+    }
+
+    fn cost(&self, model: &CostModel) -> Cost {
+        model.prefill(1, self.tokens, self.prompt_tokens())
+    }
+
+    fn name(&self) -> String {
+        match self.prompt_tokens() {
+            len if len < self.tokens => format!("prefill {} × {len} tokens", self.tokens / len),
+            _ => format!("prefill {} tokens", self.tokens),
+        }
+    }
 }
 
 /// One measured operation beside the calibrated model's prediction.
@@ -161,9 +182,9 @@ pub fn calibrate(base: &HardwareProfile, runs: &[BenchRun]) -> Result<Calibratio
             predicted_s: cost.decode_step(1, d.batch, run.context).seconds(),
         }));
         checks.extend(run.prefill.iter().map(|p| Check {
-            operation: name(format!("prefill {} tokens", p.tokens), model.layers),
+            operation: name(p.name(), model.layers),
             measured_s: p.seconds,
-            predicted_s: cost.prefill(1, p.tokens, p.tokens).seconds(),
+            predicted_s: p.cost(cost).seconds(),
         }));
     }
     Ok(Calibration { profile, checks })
@@ -182,7 +203,7 @@ fn fit_prefill(profile: &mut HardwareProfile, runs: &[BenchRun], costs: &[CostMo
         .zip(costs)
         .flat_map(|(run, cost)| {
             run.prefill.iter().map(|p| {
-                let c = cost.prefill(1, p.tokens, p.tokens);
+                let c = p.cost(cost);
                 let full_rate_memory_s = c.memory_s * profile.memory_efficiency;
                 let busy = (p.seconds - c.launch_s).max(c.compute_s * 1e-3);
                 [c.compute_s, full_rate_memory_s, busy]
@@ -282,10 +303,12 @@ mod tests {
                             seconds: cost.decode_step(1, batch, 2048.0).seconds(),
                         })
                         .to_vec(),
-                    prefill: [2048.0, 8192.0]
-                        .map(|tokens| PrefillRun {
+                    // A 2k and an 8k prompt alone, and four 2k prompts in one pass.
+                    prefill: [(2048.0, 2048.0), (8192.0, 8192.0), (8192.0, 2048.0)]
+                        .map(|(tokens, len)| PrefillRun {
                             tokens,
-                            seconds: cost.prefill(1, tokens, tokens).seconds(),
+                            prompt_tokens: Some(len),
+                            seconds: cost.prefill(1, tokens, len).seconds(),
                         })
                         .to_vec(),
                 }
@@ -308,6 +331,14 @@ mod tests {
         }
         assert!(
             fit.checks.iter().all(|c| c.relative_error().abs() < 0.02),
+            "{:?}",
+            fit.checks
+        );
+        // The batched pass is costed with each prompt's own attention, and named so.
+        assert!(
+            fit.checks
+                .iter()
+                .any(|c| c.operation == "prefill 4 × 2048 tokens, 12 layers"),
             "{:?}",
             fit.checks
         );

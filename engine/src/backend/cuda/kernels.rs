@@ -97,6 +97,7 @@ kernel_table! {
     MoeCombine => "moe_combine",
     MoeCombineAddRmsNorm => "moe_combine_add_rms_norm",
     GemvRows => "gemv_rows",
+    GemvRowParts => "gemv_row_parts",
     GemvRowsMma => "gemv_rows_mma",
     AddRmsNorm => "add_rms_norm",
     AttentionInputs => "attention_inputs",

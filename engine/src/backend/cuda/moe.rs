@@ -20,6 +20,9 @@ use crate::weights::ExpertWeights;
 const MOE_GEMV_MAX_PAIRS: usize = 8;
 /// Warps a block of `moe_gate_up` / `moe_down` has: `moe_gate_up` computes a row a warp.
 const MOE_WARPS_PER_BLOCK: usize = (ROW_THREADS / 32) as usize;
+/// 16-byte loads a lane of `moe_gate_up` issues at once from each of gate and up (its
+/// kernel's `GATE_UP_LOADS`): a row's part.
+const GATE_UP_LOADS: usize = 2;
 /// Rows a warp of `moe_down` computes (its kernel's `DOWN_ROWS_PER_WARP`).
 const DOWN_ROWS_PER_WARP: usize = 4;
 /// Most routing slots one block of the matrix-vector kernels takes (`MOE_MAX_GROUP`).
@@ -338,6 +341,12 @@ impl CudaBackend {
                 block_dim: (ROW_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
+            // Gate and up rows in parts of GATE_UP_LOADS loads a lane, a warp each.
+            let parts = (hidden / 8)
+                .div_ceil(32 * GATE_UP_LOADS)
+                .next_power_of_two()
+                .min(MOE_WARPS_PER_BLOCK);
+            let parts_i = parts as i32;
             let mut launch = self.launch(Kernel::MoeGateUp);
             launch
                 .arg(&x.data)
@@ -349,12 +358,13 @@ impl CudaBackend {
                 .arg(&group_i)
                 .arg(&hidden_i)
                 .arg(&inter_i)
-                .arg(&top_k);
+                .arg(&top_k)
+                .arg(&parts_i);
             // SAFETY: the pointer table holds a live [2·inter, hidden] bf16 matrix per expert;
             // blocks past the last group return; positions index act ([pairs, inter]) and
             // sorted_slot names slots below pairs = x.rows · top_k, rows of x ([x.rows,
             // hidden], hidden a multiple of 8).
-            unsafe { launch.launch(grid(inter, 1)) }?;
+            unsafe { launch.launch(grid(inter * parts, 1)) }?;
             let mut launch = self.launch(Kernel::MoeDown);
             launch
                 .arg(&act)
@@ -602,6 +612,7 @@ mod tests {
     fn launch_constants_match_the_kernels() {
         assert_host_constants(&[
             ("DOWN_ROWS_PER_WARP", DOWN_ROWS_PER_WARP),
+            ("GATE_UP_LOADS", GATE_UP_LOADS),
             ("MOE_MAX_GROUP", MOE_MAX_GROUP),
             ("GEMM_BM", GEMM_BM),
             ("GEMM_BN", GEMM_BN),

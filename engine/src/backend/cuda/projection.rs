@@ -23,6 +23,11 @@ const GEMV_MAX_ROWS: usize = 4;
 const GEMV_WARPS: usize = 8;
 const GEMV_BLOCKS_PER_SM: usize = 4;
 const GEMV_ROUND_CHUNKS: usize = 32 * 8;
+/// One row of x runs as `gemv_row_parts` where a weight row is at most GEMV_WARPS parts of
+/// GEMV_PART_LOADS 16-byte loads a lane and the launch at most GEMV_PARTS_MAX_WAVES waves of
+/// gemv_rows' warps (longer ones, the LM head, stream at the copy rate a warp a row).
+const GEMV_PART_LOADS: usize = 2;
+const GEMV_PARTS_MAX_WAVES: usize = 4;
 /// Rows of x up to which projections run as matrix-vector products, past GEMV_MAX_ROWS as
 /// `gemv_rows_mma`: a block of GEMV_MMA_WARPS warps a tile of GEMV_MMA_TILE weight rows, or
 /// of GEMV_MMA_MAX_WARPS where the launch has fewer tiles than the GPU has SMs (a batch of
@@ -328,7 +333,11 @@ impl CudaBackend {
             std::array::from_fn(|m| weights.get(m).map_or(0, |w| w.out_dim as i32));
         // Warps a weight row, or a block a tile of them (each weight's rows start a tile).
         let mut launch;
-        let config = if x.rows <= GEMV_MAX_ROWS {
+        let config = if let Some(parts) = self.gemv_row_parts(x.rows, total, input.cols()) {
+            launch = self.launch(Kernel::GemvRowParts);
+            launch.arg(&x.data).arg(&k).arg(&parts);
+            blocks(total * parts as usize * WARP as usize, ROW_THREADS)
+        } else if x.rows <= GEMV_MAX_ROWS {
             let split = self.gemv_split(total, input.cols());
             launch = self.launch(Kernel::GemvRows);
             launch.arg(&x.data).arg(&rows).arg(&k).arg(&split);
@@ -356,13 +365,24 @@ impl CudaBackend {
             launch.arg(n);
         }
         // SAFETY: `split` warps of one block per weight row j (gemv_rows; split divides the
-        // block's warps), or a block per GEMV_MMA_TILE rows from j (gemv_rows_mma), of each
-        // weight m (w_m holds n_m · k bf16 values, k a multiple of 8; rows past n_m and absent
-        // weights, n_m = 0, are never read), reading the rows of x (at most the kernel's
-        // limit, rows · k floats, allocation-aligned) and writing columns j … below n_m of
-        // y_m (rows · n_m).
+        // block's warps; gemv_row_parts: `parts` of them, x one row), or a block per
+        // GEMV_MMA_TILE rows from j (gemv_rows_mma), of each weight m (w_m holds n_m · k bf16
+        // values, k a multiple of 8; rows past n_m and absent weights, n_m = 0, are never
+        // read), reading the rows of x (at most the kernel's limit, rows · k floats,
+        // allocation-aligned) and writing columns j … below n_m of y_m (rows · n_m).
         unsafe { launch.launch(config) }?;
         Ok(ys)
+    }
+
+    /// The parts of `gemv_row_parts` a weight row of `k` values takes, where one row of x
+    /// times `rows` weight rows runs there (see GEMV_PART_LOADS).
+    fn gemv_row_parts(&self, x_rows: usize, rows: usize, k: usize) -> Option<i32> {
+        let parts = (k / 8)
+            .div_ceil(WARP as usize * GEMV_PART_LOADS)
+            .next_power_of_two();
+        let warps = GEMV_WARPS * GEMV_BLOCKS_PER_SM * self.multiprocessors;
+        (x_rows == 1 && parts <= GEMV_WARPS && rows <= GEMV_PARTS_MAX_WAVES * warps)
+            .then_some(parts as i32)
     }
 
     /// Warps of `gemv_rows` a weight row of `k` values takes, of `rows` rows in all: the
@@ -439,6 +459,7 @@ mod tests {
             ("GEMV_WARPS", GEMV_WARPS),
             ("GEMV_WARPS * 32", ROW_THREADS as usize),
             ("LOADS_IN_FLIGHT * 32", GEMV_ROUND_CHUNKS),
+            ("GEMV_PART_LOADS", GEMV_PART_LOADS),
             ("GEMV_MMA_ROWS", GEMV_MMA_ROWS),
             ("GEMV_MMA_TILE", GEMV_MMA_TILE),
             ("GEMV_MMA_MAX_WARPS", GEMV_MMA_MAX_WARPS as usize),

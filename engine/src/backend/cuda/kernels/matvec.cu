@@ -118,6 +118,47 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
     y[(size_t)lane * n + j] = sum;
 }
 
+// The same products for one row of x (a batch-1 step's projections), each weight row cut
+// into `parts` parts (1, 2, 4 or 8, those past the row's chunks empty) of 32 ·
+// GEMV_PART_LOADS chunks, a warp each, a row's parts meeting in shared memory. Short warps
+// and eight blocks an SM (32 registers): 64 KB of loads in flight an SM, where gemv_rows
+// cut into parts ran four blocks an SM, 32 KB, and slower (CUDA_NOTES v25). A batch-1 step's
+// q/k/v read 20.2 → 16.1 µs from HBM this way, o 15.6 → 14.4 (v32).
+#define GEMV_PART_LOADS 2
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 6)
+    gemv_row_parts(const float* x, int k, int parts, const bf16_t* w0, float* y0, int n0,
+                   const bf16_t* w1, float* y1, int n1, const bf16_t* w2, float* y2, int n2) {
+    let_next_kernel_launch();
+    const bf16_t* w;
+    float* y;
+    int n;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int unit = blockIdx.x * GEMV_WARPS + warp;
+    int j = pick_weight(unit / parts, 1, w, y, n, w0, y0, n0, w1, y1, n1, w2, y2, n2);
+    int part = unit % parts;
+    bool has_row = j < n;
+    int chunks = k / 8;
+    int c0 = lane + part * 32 * GEMV_PART_LOADS;
+    // As in gemv_rows, the weights are read while the previous kernel finishes.
+    uint4 a[GEMV_PART_LOADS];
+    if (has_row) load_row_chunks<GEMV_PART_LOADS>(a, (const uint4*)(w + (size_t)j * k), c0, chunks);
+    wait_for_previous_kernel();
+    float acc = 0.0f;
+#pragma unroll
+    for (int u = 0; u < GEMV_PART_LOADS; u++) {
+        int c = c0 + 32 * u;
+        if (has_row && c < chunks) acc += dot8_global(a[u], x + c * 8);
+    }
+    acc = warp_sum(acc);
+    __shared__ float partial[GEMV_WARPS];
+    if (lane == 0) partial[warp] = acc;
+    __syncthreads();
+    if (!has_row || part != 0 || lane != 0) return;
+    float sum = 0.0f;
+    for (int p = 0; p < parts; p++) sum += partial[warp + p];
+    y[j] = sum;
+}
+
 // The same products for up to GEMV_MMA_ROWS rows of x (a batch of 8) on the tensor cores:
 // a block takes GEMV_MMA_TILE consecutive rows of one weight (a tile), its warps (8, or up
 // to GEMV_MMA_MAX_WARPS for launches of fewer tiles than SMs) split k (warp w the 32-value
@@ -209,34 +250,41 @@ __device__ __forceinline__ void group_rows(const float** rows, const float* base
 }
 
 // act[position, i] = silu(gate row i · x[t]) · (up row i · x[t]) for the positions of group
-// blockIdx.x (t = sorted_slot[position] / top_k); a warp per row i, grid (groups, ceil(inter
-// / warps)); blocks past the last group return.
-extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long* gate_up,
-                                       const int* offsets, const int* tiles,
-                                       const int* sorted_slot, float* act, int group_size,
-                                       int hidden, int inter, int top_k) {
+// blockIdx.x (t = sorted_slot[position] / top_k); grid (groups, ceil(inter · parts /
+// GEMV_WARPS)), GEMV_WARPS warps a block. Rows i of gate and up are cut alike into `parts`
+// parts (1, 2, 4 or 8) of 32 · GATE_UP_LOADS chunks, a warp each (longer rows in rounds of
+// them), a row's parts meeting in shared memory: short warps, four blocks an SM (64 KB of
+// loads in flight; five spilled at 48 registers). Blocks past the last group return.
+#define GATE_UP_LOADS 2
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
+    moe_gate_up(const float* x, const unsigned long long* gate_up, const int* offsets,
+                const int* tiles, const int* sorted_slot, float* act, int group_size, int hidden,
+                int inter, int top_k, int parts) {
     // moe_down launches once every block here is past its wait, so the routing it reads
     // before its own wait (two kernels back) is complete.
     wait_for_previous_kernel();
     let_next_kernel_launch();
     int expert, first, count;
     if (!moe_tile(offsets, tiles, group_size, blockIdx.x, &expert, &first, &count)) return;
-    int i = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (i >= inter) return;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int unit = blockIdx.y * GEMV_WARPS + warp;
+    int i = unit / parts, part = unit % parts;
+    bool has_row = i < inter;
     const float* xs[MOE_MAX_GROUP];
     group_rows(xs, x, sorted_slot, first, count, top_k, hidden);
     const bf16_t* w = (const bf16_t*)gate_up[expert];
     const uint4* gate = (const uint4*)(w + (size_t)i * hidden);
     const uint4* up = (const uint4*)(w + (size_t)(inter + i) * hidden);
-    int lane = threadIdx.x & 31, chunks = hidden / 8;
+    int chunks = hidden / 8;
     float gs[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
     float us[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int c0 = lane; c0 < chunks; c0 += 32 * LOADS_IN_FLIGHT) {
-        uint4 a[LOADS_IN_FLIGHT], b[LOADS_IN_FLIGHT];
-        load_row_chunks(a, gate, c0, chunks);
-        load_row_chunks(b, up, c0, chunks);
+    for (int c0 = lane + part * 32 * GATE_UP_LOADS; has_row && c0 < chunks;
+         c0 += 32 * GATE_UP_LOADS * parts) {
+        uint4 a[GATE_UP_LOADS], b[GATE_UP_LOADS];
+        load_row_chunks<GATE_UP_LOADS>(a, gate, c0, chunks);
+        load_row_chunks<GATE_UP_LOADS>(b, up, c0, chunks);
 #pragma unroll
-        for (int u = 0; u < LOADS_IN_FLIGHT; u++) {
+        for (int u = 0; u < GATE_UP_LOADS; u++) {
             int c = c0 + 32 * u;
 #pragma unroll
             for (int j = 0; j < MOE_MAX_GROUP; j++) {
@@ -249,14 +297,17 @@ extern "C" __global__ void moe_gate_up(const float* x, const unsigned long long*
             }
         }
     }
+    __shared__ float partial[2][MOE_MAX_GROUP][GEMV_WARPS];
 #pragma unroll
     for (int j = 0; j < MOE_MAX_GROUP; j++) {
-        if (j < count) {
-            float gv = warp_sum(gs[j]);
-            float uv = warp_sum(us[j]);
-            if (lane == 0) act[(size_t)(first + j) * inter + i] = gv / (1.0f + expf(-gv)) * uv;
-        }
+        float gv = warp_sum(gs[j]), uv = warp_sum(us[j]);
+        if (lane == 0) partial[0][j][warp] = gv, partial[1][j][warp] = uv;
     }
+    __syncthreads();
+    if (!has_row || part != 0 || lane >= count) return;
+    float gv = 0.0f, uv = 0.0f;
+    for (int p = 0; p < parts; p++) gv += partial[0][lane][warp + p], uv += partial[1][lane][warp + p];
+    act[(size_t)(first + lane) * inter + i] = gv / (1.0f + expf(-gv)) * uv;
 }
 
 // y[position, h] = down row h · act[position] for the positions of group blockIdx.x; a warp
