@@ -15,8 +15,9 @@
 //!
 //! `cargo bench -p tandem-engine --bench cuda` (`TANDEM_BENCH_LAYERS`, default 8;
 //! `TANDEM_BENCH_DIR` for the checkpoint, default under the temp dir; `TANDEM_BENCH_BATCHES`,
-//! comma-separated, the decode batches, default 1,8,32,64,128: empty runs prefill only, so a
-//! profiler's first MoE kernels are the 2k prompt's, and one batch puts that batch's steps
+//! comma-separated, the decode batches, default 1,8,32,64,128: empty or `,` (which ncu
+//! passes on where it drops an empty value) runs prefill only, so a profiler's first MoE
+//! kernels are the 2k prompt's, and one batch puts that batch's steps
 //! first). Prints why it skips where no GPU is found.
 
 use std::path::PathBuf;
@@ -204,7 +205,10 @@ fn main() {
     for (prompts, len) in PREFILL_PASSES {
         let mut sample = |export| {
             let samples: Vec<[f64; 3]> = (0..PREFILL_SAMPLES)
-                .map(|_| prefill_seconds(&mut engine, prompts, len, export))
+                .map(|_| {
+                    warm_up(&mut engine);
+                    prefill_seconds(&mut engine, prompts, len, export)
+                })
                 .collect();
             [0, 1, 2].map(|i| median(samples.iter().map(|s| s[i]).collect()))
         };
@@ -399,13 +403,13 @@ fn warm_up(engine: &mut Engine<CudaBackend>) {
 /// Seconds to prefill `prompts` prompts of `len` tokens in one pass and pick their first
 /// tokens, exporting their KV to the host or not; and of those, the seconds the host waited
 /// for copies back and the device sat idle (`CudaBackend::take_host_wait`, `take_idle`).
+/// The caller warms up first (`warm_up`), outside a profile.
 fn prefill_seconds(
     engine: &mut Engine<CudaBackend>,
     prompts: usize,
     len: usize,
     export: bool,
 ) -> [f64; 3] {
-    warm_up(engine);
     let backend = engine.model().backend();
     backend.take_host_wait();
     backend.take_idle();
