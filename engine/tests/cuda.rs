@@ -772,6 +772,25 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         )
         .expect("host"),
     ));
+    // One token (2 slots, a group each: the batch-1 kernels) of 2056 values over experts of
+    // width 1032: gate and up rows in eight parts of two loads a lane, the fifth one chunk;
+    // down rows in two rounds of 3 loads a lane, the second of 33 chunks.
+    let (one_hidden, one_inter) = (2056, 1032);
+    let one_experts: Vec<ExpertWeights<B>> = (0..4)
+        .map(|_| ExpertWeights {
+            gate_up: matrix(b, &mut v, 2 * one_inter, one_hidden),
+            down: matrix(b, &mut v, one_hidden, one_inter),
+        })
+        .collect();
+    let x_one = tensor(b, 1, one_hidden, v.take(one_hidden, 1.0));
+    out.push((
+        "moe_one_token".into(),
+        b.to_host(
+            &b.moe_experts(&x_one, &top2_of_4(1), &one_experts)
+                .expect("moe"),
+        )
+        .expect("host"),
+    ));
     // 40 tokens (80 routing slots): the grouped GEMMs, like the 18 rows above.
     let many = 40;
     let x_many = tensor(b, many, hidden, v.take(many * hidden, 1.0));
@@ -805,14 +824,14 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         .expect("host"),
     ));
 
-    // Routed where the logits are: 8 experts of width 128, top-2, over 4 tokens (8 slots:
-    // matrix-vector path), 10 (20 slots: grouped GEMMs, one row tile an expert), 300 (600
+    // Routed where the logits are: 8 experts of width 128, top-2, over 1 token (2 slots, a
+    // group each), 4 tokens (8 slots: matrix-vector path), 10 (20 slots: grouped GEMMs, one row tile an expert), 300 (600
     // slots: several row tiles an expert, two column tiles, eight k steps; on Hopper the
     // narrow tiles of a decode batch) and 600 (1200 slots: on Hopper the wide tiles, as a
     // prompt's). Then 80 experts over 4 and 300 tokens: the placement's scan over three
     // warps of experts. Inputs are multiples of 1/8 and router weights of ±1/8, so every
     // logit is exact in f32 and both backends rank the experts alike.
-    for (num_experts, token_counts) in [(8, &[4, 10, 300, 600][..]), (80, &[4, 300][..])] {
+    for (num_experts, token_counts) in [(8, &[1, 4, 10, 300, 600][..]), (80, &[4, 300][..])] {
         routed_outputs(b, &mut v, num_experts, token_counts, &mut out);
     }
 

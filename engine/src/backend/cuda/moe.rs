@@ -23,6 +23,8 @@ const MOE_WARPS_PER_BLOCK: usize = (ROW_THREADS / 32) as usize;
 /// 16-byte loads a lane of `moe_gate_up` issues at once from each of gate and up (its
 /// kernel's `GATE_UP_LOADS`): a row's part.
 const GATE_UP_LOADS: usize = 2;
+/// The same for one token's slots (`moe_gate_up_one`'s `GATE_UP_ONE_LOADS`).
+const GATE_UP_ONE_LOADS: usize = 2;
 /// Rows a warp of `moe_down` computes (its kernel's `DOWN_ROWS_PER_WARP`).
 const DOWN_ROWS_PER_WARP: usize = 4;
 /// Most routing slots one block of the matrix-vector kernels takes (`MOE_MAX_GROUP`).
@@ -56,11 +58,15 @@ const PLACE_IN_OFFSETS_MAX_PAIRS: usize = 1024;
 /// (also a warp a routed row).
 const MAX_EXPERTS: usize = 1024;
 
-/// Rows of a placement's tiles for `pairs` routing slots: matrix-vector groups for a few
-/// (pairs <= MOE_GEMV_MAX_PAIRS), GEMM row tiles for more (narrow ones on Hopper up to
-/// WGMMA_NARROW_MAX_PAIRS).
-fn tile_rows(pairs: usize, hopper: bool) -> usize {
-    if pairs <= MOE_GEMV_MAX_PAIRS {
+/// Rows of a placement's tiles for `pairs` routing slots of `tokens` tokens: matrix-vector
+/// groups for a few (pairs <= MOE_GEMV_MAX_PAIRS), of one slot where one token has them
+/// (its experts differ, so a group of one loses nothing and `moe_gate_up_one` and
+/// `moe_down_one` run in fewer registers); GEMM row tiles for more (narrow ones on Hopper up
+/// to WGMMA_NARROW_MAX_PAIRS).
+fn tile_rows(tokens: usize, pairs: usize, hopper: bool) -> usize {
+    if tokens == 1 && pairs <= MOE_GEMV_MAX_PAIRS {
+        1
+    } else if pairs <= MOE_GEMV_MAX_PAIRS {
         MOE_MAX_GROUP
     } else if hopper && pairs <= WGMMA_NARROW_MAX_PAIRS {
         WGMMA_NARROW_BM
@@ -170,7 +176,7 @@ impl CudaBackend {
         // run_experts takes for that many slots.
         let threads = (x.rows * 32).max(rule.num_experts.next_multiple_of(32));
         if (1..=PLACE_IN_OFFSETS_MAX_PAIRS).contains(&pairs) && threads <= MAX_EXPERTS {
-            let tile_rows = tile_rows(pairs, self.hopper);
+            let tile_rows = tile_rows(x.rows, pairs, self.hopper);
             let mut place = self.new_placement(pairs, rule.num_experts, tile_rows)?;
             let (tile_rows_i, max_tiles_i) = (tile_rows as i32, place.max_tiles as i32);
             let mut launch = self.launch(Kernel::MoeRoutePlace);
@@ -303,9 +309,9 @@ impl CudaBackend {
             return self.then_norm(out, norm);
         }
         let gemv = pairs <= MOE_GEMV_MAX_PAIRS;
-        let tile_rows = tile_rows(pairs, self.hopper);
+        let tile_rows = tile_rows(x.rows, pairs, self.hopper);
         let place = match slots {
-            // Placed in tiles of tile_rows(pairs, self.hopper) too.
+            // Placed in tiles of tile_rows(x.rows, pairs, self.hopper) too.
             Slots::Placed(place) => place,
             Slots::Counted(counts) => self.place(routing, &counts, experts.len(), tile_rows)?,
         };
@@ -330,7 +336,11 @@ impl CudaBackend {
         let mut y = self.uninit::<u16>(pairs * hidden)?;
         let (hidden_i, inter_i, top_k) = (hidden as i32, inter as i32, routing.top_k as i32);
         if gemv {
-            let group_i = MOE_MAX_GROUP as i32;
+            let group_i = tile_rows as i32;
+            let (gate_up_kernel, down_kernel, part_loads) = match tile_rows {
+                1 => (Kernel::MoeGateUpOne, Kernel::MoeDownOne, GATE_UP_ONE_LOADS),
+                _ => (Kernel::MoeGateUp, Kernel::MoeDown, GATE_UP_LOADS),
+            };
             let mut act = self.uninit::<f32>(pairs * inter)?;
             let grid = |rows: usize, rows_per_warp: usize| LaunchConfig {
                 grid_dim: (
@@ -341,13 +351,13 @@ impl CudaBackend {
                 block_dim: (ROW_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // Gate and up rows in parts of GATE_UP_LOADS loads a lane, a warp each.
+            // Gate and up rows in parts of part_loads loads a lane, a warp each.
             let parts = (hidden / 8)
-                .div_ceil(32 * GATE_UP_LOADS)
+                .div_ceil(32 * part_loads)
                 .next_power_of_two()
                 .min(MOE_WARPS_PER_BLOCK);
             let parts_i = parts as i32;
-            let mut launch = self.launch(Kernel::MoeGateUp);
+            let mut launch = self.launch(gate_up_kernel);
             launch
                 .arg(&x.data)
                 .arg(&gate_up)
@@ -365,7 +375,7 @@ impl CudaBackend {
             // sorted_slot names slots below pairs = x.rows · top_k, rows of x ([x.rows,
             // hidden], hidden a multiple of 8).
             unsafe { launch.launch(grid(inter * parts, 1)) }?;
-            let mut launch = self.launch(Kernel::MoeDown);
+            let mut launch = self.launch(down_kernel);
             launch
                 .arg(&act)
                 .arg(&down)
@@ -518,8 +528,9 @@ impl CudaBackend {
         num_experts: usize,
         tile_rows: usize,
     ) -> Result<Placement> {
-        // At most one partial tile per expert beyond the full ones.
-        let max_tiles = pairs.div_ceil(tile_rows) + num_experts.min(pairs);
+        // The most tiles the slots can make: each of at most min(experts, pairs) experts
+        // fills a last tile by at least 1 of tile_rows (none partial in groups of one).
+        let max_tiles = (pairs + num_experts.min(pairs) * (tile_rows - 1)) / tile_rows;
         Ok(Placement {
             max_tiles,
             offsets: self.uninit(num_experts + 1)?,
@@ -599,13 +610,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn decode_batches_take_narrow_tiles_on_hopper_only() {
-        assert_eq!(tile_rows(8, true), MOE_MAX_GROUP);
-        assert_eq!(tile_rows(9, true), WGMMA_NARROW_BM);
+    fn one_token_takes_groups_of_one_and_decode_batches_narrow_tiles_on_hopper_only() {
+        assert_eq!(tile_rows(1, 8, true), 1);
+        assert_eq!(tile_rows(2, 8, true), MOE_MAX_GROUP);
+        assert_eq!(tile_rows(1, 9, true), WGMMA_NARROW_BM);
         // A decode batch of 128 at top-8.
-        assert_eq!(tile_rows(1024, true), WGMMA_NARROW_BM);
-        assert_eq!(tile_rows(1025, true), GEMM_BM);
-        assert_eq!(tile_rows(64, false), GEMM_BM);
+        assert_eq!(tile_rows(128, 1024, true), WGMMA_NARROW_BM);
+        assert_eq!(tile_rows(1025, 1025, true), GEMM_BM);
+        assert_eq!(tile_rows(64, 64, false), GEMM_BM);
     }
 
     #[test]
@@ -613,6 +625,7 @@ mod tests {
         assert_host_constants(&[
             ("DOWN_ROWS_PER_WARP", DOWN_ROWS_PER_WARP),
             ("GATE_UP_LOADS", GATE_UP_LOADS),
+            ("GATE_UP_ONE_LOADS", GATE_UP_ONE_LOADS),
             ("MOE_MAX_GROUP", MOE_MAX_GROUP),
             ("GEMM_BM", GEMM_BM),
             ("GEMM_BN", GEMM_BN),

@@ -237,12 +237,14 @@ extern "C" __global__ void __launch_bounds__(768, 1)
     }
 }
 
-// Rows of `width` values of a group: position j's row (the last repeated past count, unread).
+// Rows of `width` values of a group of up to GROUP: position j's row (the last repeated past
+// count, unread).
+template <int GROUP>
 __device__ __forceinline__ void group_rows(const float** rows, const float* base,
                                            const int* row_of, int first, int count,
                                            int divisor, int width) {
 #pragma unroll
-    for (int j = 0; j < MOE_MAX_GROUP; j++) {
+    for (int j = 0; j < GROUP; j++) {
         int position = first + min(j, count - 1);
         int row = row_of ? row_of[position] / divisor : position;
         rows[j] = base + (size_t)row * width;
@@ -256,38 +258,41 @@ __device__ __forceinline__ void group_rows(const float** rows, const float* base
 // them), a row's parts meeting in shared memory: short warps, four blocks an SM (64 KB of
 // loads in flight; five spilled at 48 registers). Blocks past the last group return.
 #define GATE_UP_LOADS 2
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
-    moe_gate_up(const float* x, const unsigned long long* gate_up, const int* offsets,
-                const int* tiles, const int* sorted_slot, float* act, int group_size, int hidden,
-                int inter, int top_k, int parts) {
+template <int GROUP, int LOADS>
+__device__ __forceinline__ void moe_gate_up_group(const float* x,
+                                                  const unsigned long long* gate_up,
+                                                  const int* offsets, const int* tiles,
+                                                  const int* sorted_slot, float* act,
+                                                  int group_size, int hidden, int inter,
+                                                  int top_k, int parts) {
     // moe_down launches once every block here is past its wait, so the routing it reads
     // before its own wait (two kernels back) is complete.
     wait_for_previous_kernel();
     let_next_kernel_launch();
     int expert, first, count;
     if (!moe_tile(offsets, tiles, group_size, blockIdx.x, &expert, &first, &count)) return;
+    count = min(count, GROUP);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int unit = blockIdx.y * GEMV_WARPS + warp;
     int i = unit / parts, part = unit % parts;
     bool has_row = i < inter;
-    const float* xs[MOE_MAX_GROUP];
-    group_rows(xs, x, sorted_slot, first, count, top_k, hidden);
+    const float* xs[GROUP];
+    group_rows<GROUP>(xs, x, sorted_slot, first, count, top_k, hidden);
     const bf16_t* w = (const bf16_t*)gate_up[expert];
     const uint4* gate = (const uint4*)(w + (size_t)i * hidden);
     const uint4* up = (const uint4*)(w + (size_t)(inter + i) * hidden);
     int chunks = hidden / 8;
-    float gs[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
-    float us[MOE_MAX_GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int c0 = lane + part * 32 * GATE_UP_LOADS; has_row && c0 < chunks;
-         c0 += 32 * GATE_UP_LOADS * parts) {
-        uint4 a[GATE_UP_LOADS], b[GATE_UP_LOADS];
-        load_row_chunks<GATE_UP_LOADS>(a, gate, c0, chunks);
-        load_row_chunks<GATE_UP_LOADS>(b, up, c0, chunks);
+    float gs[GROUP] = {}, us[GROUP] = {};
+    for (int c0 = lane + part * 32 * LOADS; has_row && c0 < chunks;
+         c0 += 32 * LOADS * parts) {
+        uint4 a[LOADS], b[LOADS];
+        load_row_chunks<LOADS>(a, gate, c0, chunks);
+        load_row_chunks<LOADS>(b, up, c0, chunks);
 #pragma unroll
-        for (int u = 0; u < GATE_UP_LOADS; u++) {
+        for (int u = 0; u < LOADS; u++) {
             int c = c0 + 32 * u;
 #pragma unroll
-            for (int j = 0; j < MOE_MAX_GROUP; j++) {
+            for (int j = 0; j < GROUP; j++) {
                 if (c < chunks && j < count) {
                     float xv[8];
                     load8(xv, xs[j] + c * 8);
@@ -297,9 +302,9 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
             }
         }
     }
-    __shared__ float partial[2][MOE_MAX_GROUP][GEMV_WARPS];
+    __shared__ float partial[2][GROUP][GEMV_WARPS];
 #pragma unroll
-    for (int j = 0; j < MOE_MAX_GROUP; j++) {
+    for (int j = 0; j < GROUP; j++) {
         float gv = warp_sum(gs[j]), uv = warp_sum(us[j]);
         if (lane == 0) partial[0][j][warp] = gv, partial[1][j][warp] = uv;
     }
@@ -310,15 +315,36 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
     act[(size_t)(first + lane) * inter + i] = gv / (1.0f + expf(-gv)) * uv;
 }
 
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
+    moe_gate_up(const float* x, const unsigned long long* gate_up, const int* offsets,
+                const int* tiles, const int* sorted_slot, float* act, int group_size, int hidden,
+                int inter, int top_k, int parts) {
+    moe_gate_up_group<MOE_MAX_GROUP, GATE_UP_LOADS>(x, gate_up, offsets, tiles, sorted_slot, act,
+                                                    group_size, hidden, inter, top_k, parts);
+}
+
+// One token's slots (a batch-1 step: an expert takes at most one of them, so a group is one
+// slot): the same product with one slot's sums and parts of GATE_UP_ONE_LOADS loads a lane,
+// five blocks an SM (at 40 registers, six, it spills).
+#define GATE_UP_ONE_LOADS 2
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 5)
+    moe_gate_up_one(const float* x, const unsigned long long* gate_up, const int* offsets,
+                    const int* tiles, const int* sorted_slot, float* act, int group_size,
+                    int hidden, int inter, int top_k, int parts) {
+    moe_gate_up_group<1, GATE_UP_ONE_LOADS>(x, gate_up, offsets, tiles, sorted_slot, act,
+                                            group_size, hidden, inter, top_k, parts);
+}
+
 // y[position, h] = down row h · act[position] for the positions of group blockIdx.x; a warp
 // per DOWN_ROWS_PER_WARP rows h, grid (groups, ceil(hidden / (warps · DOWN_ROWS_PER_WARP))).
 // Down rows are short (an expert's width: 768 values, 3 chunks a lane), so a warp loads
 // several rows' chunks at once; a row a warp spent most of its time finding its tile.
 #define DOWN_ROWS_PER_WARP 4
 #define DOWN_LOADS 4
-extern "C" __global__ void moe_down(const float* act, const unsigned long long* down,
-                                    const int* offsets, const int* tiles, bf16_t* y,
-                                    int group_size, int hidden, int inter) {
+template <int GROUP, int LOADS>
+__device__ __forceinline__ void moe_down_group(const float* act, const unsigned long long* down,
+                                               const int* offsets, const int* tiles, bf16_t* y,
+                                               int group_size, int hidden, int inter) {
     let_next_kernel_launch();
     // The tile table is moe_gate_up's input, complete once moe_down launches (moe_gate_up
     // lets it launch only past its own wait): the tile and the first weight chunks are read
@@ -327,36 +353,37 @@ extern "C" __global__ void moe_down(const float* act, const unsigned long long* 
     int h0 = (blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * DOWN_ROWS_PER_WARP;
     bool has_rows =
         moe_tile(offsets, tiles, group_size, blockIdx.x, &expert, &first, &count) && h0 < hidden;
+    count = min(count, GROUP);
     const bf16_t* w = has_rows ? (const bf16_t*)__ldcg(down + expert) : nullptr;
     int lane = threadIdx.x & 31, chunks = inter / 8;
-    uint4 a[DOWN_ROWS_PER_WARP][DOWN_LOADS];
+    uint4 a[DOWN_ROWS_PER_WARP][LOADS];
 #pragma unroll
     for (int r = 0; r < DOWN_ROWS_PER_WARP; r++) {
         if (has_rows && h0 + r < hidden) {
-            load_row_chunks<DOWN_LOADS>(a[r], (const uint4*)(w + (size_t)(h0 + r) * inter), lane,
+            load_row_chunks<LOADS>(a[r], (const uint4*)(w + (size_t)(h0 + r) * inter), lane,
                                         chunks);
         }
     }
     wait_for_previous_kernel();
     if (!has_rows) return;
-    const float* as[MOE_MAX_GROUP];
-    group_rows(as, act, nullptr, first, count, 1, inter);
-    float ds[DOWN_ROWS_PER_WARP][MOE_MAX_GROUP] = {};
-    for (int c0 = lane; c0 < chunks; c0 += 32 * DOWN_LOADS) {
+    const float* as[GROUP];
+    group_rows<GROUP>(as, act, nullptr, first, count, 1, inter);
+    float ds[DOWN_ROWS_PER_WARP][GROUP] = {};
+    for (int c0 = lane; c0 < chunks; c0 += 32 * LOADS) {
         if (c0 != lane) {
 #pragma unroll
             for (int r = 0; r < DOWN_ROWS_PER_WARP; r++) {
                 if (h0 + r < hidden) {
-                    load_row_chunks<DOWN_LOADS>(a[r], (const uint4*)(w + (size_t)(h0 + r) * inter),
+                    load_row_chunks<LOADS>(a[r], (const uint4*)(w + (size_t)(h0 + r) * inter),
                                                 c0, chunks);
                 }
             }
         }
 #pragma unroll
-        for (int u = 0; u < DOWN_LOADS; u++) {
+        for (int u = 0; u < LOADS; u++) {
             int c = c0 + 32 * u;
 #pragma unroll
-            for (int j = 0; j < MOE_MAX_GROUP; j++) {
+            for (int j = 0; j < GROUP; j++) {
                 if (c < chunks && j < count) {
                     float av[8];
                     load8(av, as[j] + c * 8);
@@ -371,11 +398,26 @@ extern "C" __global__ void moe_down(const float* act, const unsigned long long* 
 #pragma unroll
     for (int r = 0; r < DOWN_ROWS_PER_WARP; r++) {
 #pragma unroll
-        for (int j = 0; j < MOE_MAX_GROUP; j++) {
+        for (int j = 0; j < GROUP; j++) {
             if (h0 + r < hidden && j < count) {
                 float d = warp_sum(ds[r][j]);
                 if (lane == 0) y[(size_t)(first + j) * hidden + h0 + r] = f32_to_bf16(d);
             }
         }
     }
+}
+
+extern "C" __global__ void moe_down(const float* act, const unsigned long long* down,
+                                    const int* offsets, const int* tiles, bf16_t* y,
+                                    int group_size, int hidden, int inter) {
+    moe_down_group<MOE_MAX_GROUP, DOWN_LOADS>(act, down, offsets, tiles, y, group_size, hidden,
+                                              inter);
+}
+
+// One token's slots (see moe_gate_up_one): one slot's sums, and loads of 3 chunks a lane (a
+// 768-wide row in one round), so three blocks an SM fit where two did.
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 3)
+    moe_down_one(const float* act, const unsigned long long* down, const int* offsets,
+                 const int* tiles, bf16_t* y, int group_size, int hidden, int inter) {
+    moe_down_group<1, 3>(act, down, offsets, tiles, y, group_size, hidden, inter);
 }
