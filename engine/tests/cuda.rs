@@ -773,7 +773,7 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
         .expect("host"),
     ));
     // One token (2 slots, a group each: the batch-1 kernels) of 2056 values over experts of
-    // width 1032: gate and up rows in eight parts of two loads a lane, the fifth one chunk;
+    // width 1032: gate and up rows in four parts of four loads a lane, the third one chunk;
     // down rows in two rounds of 3 loads a lane, the second of 33 chunks.
     let (one_hidden, one_inter) = (2056, 1032);
     let one_experts: Vec<ExpertWeights<B>> = (0..4)

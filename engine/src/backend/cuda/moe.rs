@@ -24,7 +24,7 @@ const MOE_WARPS_PER_BLOCK: usize = (ROW_THREADS / 32) as usize;
 /// kernel's `GATE_UP_LOADS`): a row's part.
 const GATE_UP_LOADS: usize = 2;
 /// The same for one token's slots (`moe_gate_up_one`'s `GATE_UP_ONE_LOADS`).
-const GATE_UP_ONE_LOADS: usize = 2;
+const GATE_UP_ONE_LOADS: usize = 4;
 /// Rows a warp of `moe_down` computes (its kernel's `DOWN_ROWS_PER_WARP`).
 const DOWN_ROWS_PER_WARP: usize = 4;
 /// Most routing slots one block of the matrix-vector kernels takes (`MOE_MAX_GROUP`).

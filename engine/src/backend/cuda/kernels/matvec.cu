@@ -325,9 +325,11 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
 
 // One token's slots (a batch-1 step: an expert takes at most one of them, so a group is one
 // slot): the same product with one slot's sums and parts of GATE_UP_ONE_LOADS loads a lane,
-// five blocks an SM (at 40 registers, six, it spills).
-#define GATE_UP_ONE_LOADS 2
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 5)
+// four blocks an SM: 128 KB of loads in flight an SM. Loads in flight set the rate here, not
+// warps: one load a lane at six blocks was slower than the group-of-four kernel, two at five
+// and four at four faster (CUDA_NOTES v34-v36).
+#define GATE_UP_ONE_LOADS 4
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
     moe_gate_up_one(const float* x, const unsigned long long* gate_up, const int* offsets,
                     const int* tiles, const int* sorted_slot, float* act, int group_size,
                     int hidden, int inter, int top_k, int parts) {
