@@ -64,10 +64,8 @@ const MAX_EXPERTS: usize = 1024;
 /// `moe_down_one` run in fewer registers); GEMM row tiles for more (narrow ones on Hopper up
 /// to WGMMA_NARROW_MAX_PAIRS).
 fn tile_rows(tokens: usize, pairs: usize, hopper: bool) -> usize {
-    if tokens == 1 && pairs <= MOE_GEMV_MAX_PAIRS {
-        1
-    } else if pairs <= MOE_GEMV_MAX_PAIRS {
-        MOE_MAX_GROUP
+    if pairs <= MOE_GEMV_MAX_PAIRS {
+        if tokens == 1 { 1 } else { MOE_MAX_GROUP }
     } else if hopper && pairs <= WGMMA_NARROW_MAX_PAIRS {
         WGMMA_NARROW_BM
     } else {

@@ -68,17 +68,27 @@ __device__ __forceinline__ int pick_weight(int unit, int per_unit, const bf16_t*
 // layer's q, k and v rows fill the GPU in fewer waves.
 #define GEMV_MAX_ROWS 4
 #define GEMV_WARPS 8
+// The weight row this warp of a gemv launch reads a part of (`per_row` warps a row, in
+// turn across up to three weights): w, y and n become that weight's, `part` the warp's part;
+// the row's index in its weight is returned (n or more past its last row).
+__device__ __forceinline__ int gemv_warp_row(int per_row, int& part, const bf16_t*& w, float*& y,
+                                             int& n, const bf16_t* w0, float* y0, int n0,
+                                             const bf16_t* w1, float* y1, int n1,
+                                             const bf16_t* w2, float* y2, int n2) {
+    int unit = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    part = unit % per_row;
+    return pick_weight(unit / per_row, 1, w, y, n, w0, y0, n0, w1, y1, n1, w2, y2, n2);
+}
+
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
     gemv_rows(const float* x, int rows, int k, int split, const bf16_t* w0, float* y0, int n0,
               const bf16_t* w1, float* y1, int n1, const bf16_t* w2, float* y2, int n2) {
     let_next_kernel_launch();
     const bf16_t* w;
     float* y;
-    int n;
+    int n, part;
+    int j = gemv_warp_row(split, part, w, y, n, w0, y0, n0, w1, y1, n1, w2, y2, n2);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int unit = blockIdx.x * GEMV_WARPS + warp;
-    int j = pick_weight(unit / split, 1, w, y, n, w0, y0, n0, w1, y1, n1, w2, y2, n2);
-    int part = unit % split;
     bool has_row = j < n;
     int chunks = k / 8;
     int first = lane + part * 32 * LOADS_IN_FLIGHT;
@@ -131,11 +141,9 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 6)
     let_next_kernel_launch();
     const bf16_t* w;
     float* y;
-    int n;
+    int n, part;
+    int j = gemv_warp_row(parts, part, w, y, n, w0, y0, n0, w1, y1, n1, w2, y2, n2);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int unit = blockIdx.x * GEMV_WARPS + warp;
-    int j = pick_weight(unit / parts, 1, w, y, n, w0, y0, n0, w1, y1, n1, w2, y2, n2);
-    int part = unit % parts;
     bool has_row = j < n;
     int chunks = k / 8;
     int c0 = lane + part * 32 * GEMV_PART_LOADS;
