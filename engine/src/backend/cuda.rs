@@ -111,6 +111,8 @@ pub struct CudaBackend {
     hopper: bool,
     /// Kernels launch while the previous one drains (programmatic dependent launch).
     dependent_launch: bool,
+    /// Kernels launched twice, to measure their cost in the stream (`TANDEM_CUDA_REPEAT`).
+    repeated: Vec<Kernel>,
     /// Streaming multiprocessors: how many blocks one wave of a launch runs.
     multiprocessors: usize,
     reused_i32: ReusedUploads<i32>,
@@ -271,6 +273,7 @@ impl CudaBackend {
             device_uuid,
             hopper: (major, minor) == HOPPER,
             dependent_launch: launch::dependent_launch_enabled((major, minor)),
+            repeated: launch::repeated_kernels()?,
             multiprocessors,
             reused_i32: ReusedUploads::default(),
             reused_f32: ReusedUploads::default(),

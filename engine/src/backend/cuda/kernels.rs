@@ -50,6 +50,11 @@ macro_rules! kernel_table {
             pub(super) const fn name(self) -> &'static str {
                 KERNEL_NAMES[self as usize]
             }
+
+            /// The kernel of that name in the PTX.
+            pub(super) fn named(name: &str) -> Option<Kernel> {
+                Kernel::ALL.into_iter().find(|kernel| kernel.name() == name)
+            }
         }
 
         /// Every kernel `KERNELS_SOURCE` defines.

@@ -14,7 +14,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig};
 
 use super::kernels::Kernel;
 use super::{CudaBackend, device_error};
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 
 /// The most arguments a launch holds (`moe_route_place` and the attention kernels take 14);
 /// a kernel test checks every kernel's parameters against it.
@@ -26,6 +26,49 @@ pub const MAX_ARGS: usize = 16;
 pub(super) fn dependent_launch_enabled((major, _): (i32, i32)) -> bool {
     major >= 9 && std::env::var("TANDEM_CUDA_PDL").map_or(true, |v| v != "0")
 }
+
+/// The kernels `TANDEM_CUDA_REPEAT` (comma-separated names) asks to launch twice: how much
+/// a step grows then is what the kernel costs inside the stream, its overlap with the kernels
+/// around it included, where a profiler times each kernel alone. Only kernels whose second
+/// run writes what the first did.
+pub(super) fn repeated_kernels() -> Result<Vec<Kernel>> {
+    let Ok(list) = std::env::var("TANDEM_CUDA_REPEAT") else {
+        return Ok(Vec::new());
+    };
+    parse_kernel_list(&list)
+}
+
+fn parse_kernel_list(list: &str) -> Result<Vec<Kernel>> {
+    let error = |why: String| EngineError::Unsupported(format!("TANDEM_CUDA_REPEAT: {why}"));
+    list.split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| match Kernel::named(name) {
+            None => Err(error(format!("no kernel is named {name:?}"))),
+            Some(kernel) if CHANGED_BY_A_SECOND_RUN.contains(&kernel) => Err(error(format!(
+                "{name} updates its output in place or counts with atomics, so a second run \
+                 would change the results (routing counts past their tables)"
+            ))),
+            Some(kernel) => Ok(kernel),
+        })
+        .collect()
+}
+
+/// Kernels that add to their output in place or count with atomics: not to be repeated.
+const CHANGED_BY_A_SECOND_RUN: [Kernel; 12] = [
+    Kernel::AddAssign,
+    Kernel::AddBias,
+    Kernel::ScaleRows,
+    Kernel::Rope,
+    Kernel::AttentionInputs,
+    Kernel::ScatterAddWeighted,
+    Kernel::AddRmsNorm,
+    Kernel::MoeCombineAddRmsNorm,
+    Kernel::MoeRoute,
+    Kernel::MoeOffsets,
+    Kernel::MoeRoutePlace,
+    Kernel::MoePlace,
+];
 
 /// A kernel argument: a device buffer's address (`&mut` for a buffer the kernel writes) or a
 /// scalar, as the 8-byte word the driver reads its `sizeof(parameter)` bytes from.
@@ -150,18 +193,22 @@ impl<'a> Launch<'a> {
             numAttrs: u32::from(dependent),
         };
         backend.end_idle();
-        // SAFETY: `params` points at `words`, which outlive the call; the caller vouches for
-        // the arguments and the grid.
-        unsafe {
-            cudarc::driver::sys::cuLaunchKernelEx(
-                &driver_config,
-                backend.function(self.kernel).cu_function(),
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
+        let launches = 1 + usize::from(backend.repeated.contains(&self.kernel));
+        for _ in 0..launches {
+            // SAFETY: `params` points at `words`, which outlive the call; the caller vouches
+            // for the arguments and the grid.
+            unsafe {
+                cudarc::driver::sys::cuLaunchKernelEx(
+                    &driver_config,
+                    backend.function(self.kernel).cu_function(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+            .result()
+            .map_err(|e| device_error(name, e))?;
         }
-        .result()
-        .map_err(|e| device_error(name, e))
+        Ok(())
     }
 }
 
@@ -180,6 +227,16 @@ mod tests {
             1.5
         );
         assert_eq!(word_of(u64::MAX.to_ne_bytes()), u64::MAX);
+    }
+
+    #[test]
+    fn a_repeat_list_names_kernels() {
+        let kernels = parse_kernel_list("attention_combine, gemv_row_parts,").unwrap();
+        assert_eq!(kernels, [Kernel::AttentionCombine, Kernel::GemvRowParts]);
+        let error = parse_kernel_list("attention_combine,gemv").unwrap_err();
+        assert!(error.to_string().contains("\"gemv\""), "{error}");
+        let error = parse_kernel_list("moe_route_place").unwrap_err();
+        assert!(error.to_string().contains("atomics"), "{error}");
     }
 
     #[test]
