@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use tandem_engine::cuda::{
     CudaBackend, KERNEL_MAX_ARGS, KERNEL_NAMES, NcclCollective, compile_kernels,
@@ -25,7 +26,7 @@ use tandem_engine::{
     AttentionBatch, AttentionSeq, Backend, BlockId, Collective, CpuBackend, Engine, EngineConfig,
     EngineGroup, ExpertPlacement, ExpertWeights, HeadTransforms, HostTensor, KvSpec, Model,
     Parallelism, ResidualNorm, RopeTable, RouteRule, Routing, SamplingParams, SeqId, Sharding,
-    StopCriteria, load_ranks, load_tensor_parallel,
+    StopCriteria, load_ranks, load_tensor_parallel, write_random_checkpoint,
 };
 
 const RELATIVE_TOLERANCE: f32 = 2e-2;
@@ -130,6 +131,69 @@ fn bf16_copy(dir: &Path) -> PathBuf {
         safetensors::serialize_to_file(views, None, &copy.join(&name)).expect("write");
     }
     copy
+}
+
+/// A Qwen3-MoE checkpoint of random bf16 weights at the MoE families' head_dim, 128, which
+/// the fixtures' small heads do not reach (the GPU's `_hd128` kernels and Hopper's prefill
+/// attention run only there): 2 layers of 8 query and 2 KV heads, 16 experts top-4. Written
+/// once per process.
+fn head_dim_128_checkpoint() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("tandem-hd128-{}", std::process::id()));
+        let config = serde_json::json!({
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "vocab_size": 512,
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "moe_intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "head_dim": 128,
+            "num_experts": 16,
+            "num_experts_per_tok": 4,
+            "norm_topk_prob": true,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1_000_000.0,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": false,
+            "attention_bias": false,
+            "dtype": "bfloat16",
+            "eos_token_id": 2
+        });
+        write_random_checkpoint(&dir, &config, 11).expect("head_dim 128 checkpoint");
+        dir
+    })
+    .clone()
+}
+
+/// Every checkpoint the model-level GPU tests run: each fixture family as a bf16 copy, and
+/// the head_dim 128 one.
+fn checkpoints() -> Vec<(&'static str, PathBuf)> {
+    FAMILIES
+        .iter()
+        .map(|&family| (family, bf16_copy(&fixture(family))))
+        .chain([("qwen3-moe-head-dim-128", head_dim_128_checkpoint())])
+        .collect()
+}
+
+#[test]
+fn the_head_dim_128_checkpoint_runs_on_the_cpu_backend() {
+    // The GPU tests' inputs, checked where CI runs: a config mistake fails here, before a GPU
+    // run is spent on it.
+    let mut cpu = engine(&head_dim_128_checkpoint(), CpuBackend);
+    assert_eq!(cpu.model().config().head_dim, 128);
+    let vocab = cpu.model().config().vocab_size;
+    let logits = cpu.score(&prompt(40, 1)).expect("score");
+    assert_eq!(logits.len(), 40 * vocab);
+    assert!(logits.iter().all(|x| x.is_finite()));
+    let tokens = batched_greedy(&mut cpu, &[prompt(9, 2)], 4);
+    assert_eq!(tokens[0].len(), 4);
 }
 
 /// The relative L2 error ‖gpu − cpu‖ / ‖cpu‖ of each row of `cols` values.
@@ -363,8 +427,7 @@ fn gpu_logits_match_the_cpu_backend_on_every_family() {
         return;
     }
     let mut failed = Vec::new();
-    for family in FAMILIES {
-        let dir = bf16_copy(&fixture(family));
+    for (family, dir) in checkpoints() {
         let mut cpu = engine(&dir, CpuBackend);
         let mut gpu = engine(&dir, CudaBackend::new(0).expect("cuda backend"));
         let vocab = cpu.model().config().vocab_size;
@@ -431,8 +494,7 @@ fn gpu_greedy_tokens_equal_the_cpu_backend_single_and_batched() {
     if cuda_or_skip("gpu_greedy_tokens_equal_the_cpu_backend_single_and_batched").is_none() {
         return;
     }
-    for family in FAMILIES {
-        let dir = bf16_copy(&fixture(family));
+    for (family, dir) in checkpoints() {
         let mut cpu = engine(&dir, CpuBackend);
         let mut gpu = engine(&dir, CudaBackend::new(0).expect("cuda backend"));
         let vocab = cpu.model().config().vocab_size;
