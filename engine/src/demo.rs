@@ -61,9 +61,10 @@ pub fn ensure_demo_model() -> Result<PathBuf> {
     }
 }
 
-/// Writes the demo checkpoint (config, bf16 safetensors, tokenizer) into `dir`.
-pub fn write_demo_model(dir: &Path) -> Result<()> {
-    let config_json = json!({
+/// The demo model's `config.json`: a small all-sparse Qwen3-MoE shape, which tests also vary
+/// (another head_dim, fewer layers) for random checkpoints of their own.
+pub fn demo_config() -> serde_json::Value {
+    json!({
         "architectures": ["Qwen3MoeForCausalLM"],
         "model_type": "qwen3_moe",
         "vocab_size": 1024,
@@ -87,8 +88,12 @@ pub fn write_demo_model(dir: &Path) -> Result<()> {
         "attention_bias": false,
         "dtype": "bfloat16",
         "eos_token_id": 2
-    });
-    write_random_checkpoint(dir, &config_json, DEMO_SEED)?;
+    })
+}
+
+/// Writes the demo checkpoint (config, bf16 safetensors, tokenizer) into `dir`.
+pub fn write_demo_model(dir: &Path) -> Result<()> {
+    write_random_checkpoint(dir, &demo_config(), DEMO_SEED)?;
     write_file(&dir.join("tokenizer.json"), TOKENIZER_JSON)?;
     let tokenizer_config = json!({
         "eos_token": "<|im_end|>",

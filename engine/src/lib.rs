@@ -40,7 +40,8 @@ pub use block_pool::{BlockId, BlockPool};
 pub use checkpoint::{HostTensor, LoadProgress};
 pub use config::{Family, ModelConfig, MoeConfig, WeightDtype};
 pub use demo::{
-    DEMO_MODEL_NAME, demo_model_dir, ensure_demo_model, write_demo_model, write_random_checkpoint,
+    DEMO_MODEL_NAME, demo_config, demo_model_dir, ensure_demo_model, write_demo_model,
+    write_random_checkpoint,
 };
 pub use engine::{Engine, EngineConfig, FinishReason, LayerKv, StepOutput, TokenEvent};
 pub use error::EngineError;

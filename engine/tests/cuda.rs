@@ -26,7 +26,7 @@ use tandem_engine::{
     AttentionBatch, AttentionSeq, Backend, BlockId, Collective, CpuBackend, Engine, EngineConfig,
     EngineGroup, ExpertPlacement, ExpertWeights, HeadTransforms, HostTensor, KvSpec, Model,
     Parallelism, ResidualNorm, RopeTable, RouteRule, Routing, SamplingParams, SeqId, Sharding,
-    StopCriteria, load_ranks, load_tensor_parallel, write_random_checkpoint,
+    StopCriteria, demo_config, load_ranks, load_tensor_parallel, write_random_checkpoint,
 };
 
 const RELATIVE_TOLERANCE: f32 = 2e-2;
@@ -135,37 +135,20 @@ fn bf16_copy(dir: &Path) -> PathBuf {
 
 /// A Qwen3-MoE checkpoint of random bf16 weights at the MoE families' head_dim, 128, which
 /// the fixtures' small heads do not reach (the GPU's `_hd128` kernels and Hopper's prefill
-/// attention run only there): 2 layers of 8 query and 2 KV heads, 16 experts top-4. Written
-/// once per process.
+/// attention run only there): the demo model's shape with 2 layers of 8 query and 2 KV heads
+/// of 128. Written once per process.
 fn head_dim_128_checkpoint() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("tandem-hd128-{}", std::process::id()));
-        let config = serde_json::json!({
-            "architectures": ["Qwen3MoeForCausalLM"],
-            "model_type": "qwen3_moe",
-            "vocab_size": 512,
-            "hidden_size": 256,
-            "intermediate_size": 512,
-            "moe_intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 8,
-            "num_key_value_heads": 2,
-            "head_dim": 128,
-            "num_experts": 16,
-            "num_experts_per_tok": 4,
-            "norm_topk_prob": true,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "hidden_act": "silu",
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1_000_000.0,
-            "max_position_embeddings": 4096,
-            "tie_word_embeddings": false,
-            "attention_bias": false,
-            "dtype": "bfloat16",
-            "eos_token_id": 2
-        });
+        let mut config = demo_config();
+        for (key, value) in [
+            ("head_dim", 128),
+            ("num_key_value_heads", 2),
+            ("num_hidden_layers", 2),
+        ] {
+            config[key] = value.into();
+        }
         write_random_checkpoint(&dir, &config, 11).expect("head_dim 128 checkpoint");
         dir
     })
