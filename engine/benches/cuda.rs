@@ -410,16 +410,19 @@ fn prefill_seconds(
     len: usize,
     export: bool,
 ) -> [f64; 3] {
+    // Prompts of their own, so their tokens route apart as different requests' do.
+    let texts: Vec<Vec<u32>> = (0..prompts as u32)
+        .map(|index| {
+            (0..len as u32)
+                .map(|t| 3 + (t * 7 + index * 131) % 5000)
+                .collect()
+        })
+        .collect();
     let backend = engine.model().backend();
     backend.take_host_wait();
     backend.take_idle();
     let started = Instant::now();
-    for index in 0..prompts {
-        // Prompts of their own, so their tokens route apart as different requests' do.
-        let offset = index as u32 * 131;
-        let prompt: Vec<u32> = (0..len as u32)
-            .map(|t| 3 + (t * 7 + offset) % 5000)
-            .collect();
+    for (index, prompt) in texts.into_iter().enumerate() {
         let (id, params) = (SeqId(9_000_000 + index as u64), SamplingParams::greedy());
         if export {
             engine.add_prefill_request(id, prompt, params)

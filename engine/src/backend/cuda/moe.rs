@@ -5,6 +5,7 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 
+use super::projection::row_parts;
 use super::{
     CudaBackend, CudaMatrix, CudaTensor, Kernel, ROW_THREADS, blocks, per_row, shape_error,
 };
@@ -350,10 +351,7 @@ impl CudaBackend {
                 shared_mem_bytes: 0,
             };
             // Gate and up rows in parts of part_loads loads a lane, a warp each.
-            let parts = (hidden / 8)
-                .div_ceil(32 * part_loads)
-                .next_power_of_two()
-                .min(MOE_WARPS_PER_BLOCK);
+            let parts = row_parts(hidden, part_loads).min(MOE_WARPS_PER_BLOCK);
             let parts_i = parts as i32;
             let mut launch = self.launch(gate_up_kernel);
             launch

@@ -42,6 +42,15 @@ const GEMV_MAX_WEIGHTS: usize = 3;
 /// Values one thread of `to_bf16` converts.
 const TO_BF16_VALUES: usize = 8;
 
+/// Warps a weight row of `k` bf16 values is cut into, each lane of a warp loading
+/// `loads_per_lane` 16-byte chunks (a power of two, parts past the row's chunks empty): how
+/// the kernels' rows in parts (`gemv_row_parts`, `moe_gate_up`) share a row out.
+pub(super) fn row_parts(k: usize, loads_per_lane: usize) -> usize {
+    (k / 8)
+        .div_ceil(WARP as usize * loads_per_lane)
+        .next_power_of_two()
+}
+
 /// Whether projections of `rows` rows read them in bf16 (GEMMs), not f32 (`gemv_rows` and
 /// `gemv_rows_mma`, up to GEMV_MMA_ROWS).
 pub(super) fn projections_read_bf16(rows: usize) -> bool {
@@ -377,9 +386,7 @@ impl CudaBackend {
     /// The parts of `gemv_row_parts` a weight row of `k` values takes, where one row of x
     /// times `rows` weight rows runs there (see GEMV_PART_LOADS).
     fn gemv_row_parts(&self, x_rows: usize, rows: usize, k: usize) -> Option<i32> {
-        let parts = (k / 8)
-            .div_ceil(WARP as usize * GEMV_PART_LOADS)
-            .next_power_of_two();
+        let parts = row_parts(k, GEMV_PART_LOADS);
         let warps = GEMV_WARPS * GEMV_BLOCKS_PER_SM * self.multiprocessors;
         (x_rows == 1 && parts <= GEMV_WARPS && rows <= GEMV_PARTS_MAX_WAVES * warps)
             .then_some(parts as i32)
@@ -465,6 +472,16 @@ mod tests {
             ("GEMV_MMA_MAX_WARPS", GEMV_MMA_MAX_WARPS as usize),
             ("TO_BF16_VALUES", TO_BF16_VALUES),
         ]);
+    }
+
+    #[test]
+    fn rows_in_parts_round_up_to_a_power_of_two() {
+        // 2048 values are 256 chunks: two loads a lane take 4 parts, four loads 2.
+        assert_eq!(row_parts(2048, 2), 4);
+        assert_eq!(row_parts(2048, 4), 2);
+        // 2056 values are 257 chunks: 5 parts of 64, rounded up to 8 (three empty).
+        assert_eq!(row_parts(2056, 2), 8);
+        assert_eq!(row_parts(8, 2), 1);
     }
 
     #[test]
