@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use serde_json::json;
-use tandem_engine::cuda::CudaBackend;
+use tandem_engine::cuda::{CudaBackend, TimelineLaunch, timeline_by_kernel};
 use tandem_engine::{
     Engine, EngineConfig, KvRows, Logprobs, Model, SamplingParams, SeqId, StopCriteria,
     write_random_checkpoint,
@@ -171,8 +171,15 @@ fn main() {
         "| batch | step ms (median) | floor ms | of floor | tokens/s | host waits ms | device idle ms |"
     );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let mut timelines = Vec::new();
     for &batch in &batches {
-        let (step, wait, idle) = decode_step_seconds(&mut engine, batch, layers);
+        let DecodeSteps {
+            step,
+            host_wait: wait,
+            idle,
+            timeline,
+        } = decode_step_seconds(&mut engine, batch, layers);
+        timelines.extend(timeline.map(|launches| (batch, step, launches)));
         measured["decode"]
             .as_array_mut()
             .expect("array")
@@ -189,6 +196,10 @@ fn main() {
             wait * 1e3,
             idle * 1e3
         );
+    }
+
+    for (batch, step, launches) in &timelines {
+        print_timeline(*batch, *step, launches);
     }
 
     // A prompt and its first token; then the same prompt with its KV exported to the host
@@ -312,14 +323,24 @@ fn config(layers: usize) -> serde_json::Value {
     })
 }
 
-/// Median time of one decode step of `batch` sequences holding CONTEXT tokens each, their
-/// prompt KV imported (its values do not change the work), the median time the host waited
-/// in it for the device, and the median time the device sat idle before its first kernel.
+/// What `decode_step_seconds` measures.
+struct DecodeSteps {
+    /// Medians over the timed steps: a step, the host's wait in it for the device, and the
+    /// device's idle time before its first kernel.
+    step: f64,
+    host_wait: f64,
+    idle: f64,
+    /// The timed steps' launches on the stream's timeline (`TANDEM_CUDA_TIMELINE=1`).
+    timeline: Option<Vec<TimelineLaunch>>,
+}
+
+/// Decode steps of `batch` sequences holding CONTEXT tokens each, their prompt KV imported
+/// (its values do not change the work), timed.
 fn decode_step_seconds(
     engine: &mut Engine<CudaBackend>,
     batch: usize,
     layers: usize,
-) -> (f64, f64, f64) {
+) -> DecodeSteps {
     let width = KV_HEADS * HEAD_DIM;
     let rows = KvRows {
         k: vec![0.01; CONTEXT * width],
@@ -353,6 +374,7 @@ fn decode_step_seconds(
     // Warm up, then time.
     engine.step().expect("step");
     engine.model().backend().take_idle();
+    engine.model().backend().take_timeline().expect("timeline");
     let mut samples = [Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..TIMED_STEPS {
         engine.model().backend().take_host_wait();
@@ -363,11 +385,47 @@ fn decode_step_seconds(
         samples[1].push(backend.take_host_wait());
         samples[2].push(backend.take_idle());
     }
+    let timeline = engine.model().backend().take_timeline().expect("timeline");
     for id in ids {
         engine.abort(id);
     }
-    let [steps, waits, idle] = samples.map(median);
-    (steps, waits, idle)
+    let [step, host_wait, idle] = samples.map(median);
+    DecodeSteps {
+        step,
+        host_wait,
+        idle,
+        timeline,
+    }
+}
+
+/// The timed steps' launches summed by kernel: each kernel's span on the critical path (from
+/// the previous kernel's end to its own) and how early its first block was in place.
+fn print_timeline(batch: usize, step: f64, launches: &[TimelineLaunch]) {
+    println!(
+        "\ntimeline: decode batch {batch}, {TIMED_STEPS} steps (each launch from the previous kernel's end to its own; a step's last also holds the host's turn)"
+    );
+    println!("| kernel | launches a step | µs a step | µs a launch | head start µs a launch |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let steps = TIMED_STEPS as f64;
+    let mut total_ns = 0;
+    for kernel in timeline_by_kernel(launches) {
+        total_ns += kernel.span_ns;
+        let launches = kernel.launches as f64;
+        println!(
+            "| {} | {:.0} | {:.1} | {:.2} | {:.2} |",
+            kernel.kernel,
+            launches / steps,
+            kernel.span_ns as f64 / 1e3 / steps,
+            kernel.span_ns as f64 / 1e3 / launches,
+            kernel.head_start_ns as f64 / 1e3 / launches
+        );
+    }
+    println!(
+        "| all | {:.0} | {:.1} (step median {:.1}) | | |",
+        launches.len() as f64 / steps,
+        total_ns as f64 / 1e3 / steps,
+        step * 1e6
+    );
 }
 
 /// Bytes one decode step must read at least: the experts its tokens touch (expected distinct

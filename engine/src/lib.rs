@@ -28,8 +28,9 @@ pub use backend::cpu::{CpuBackend, CpuKvStore, CpuMatrix, CpuTensor};
 pub mod cuda {
     pub use crate::backend::cuda::{
         CudaBackend, CudaExpertCounters, CudaKvStore, CudaMatrix, CudaPeerKv, CudaTensor,
-        CudaVector, KERNEL_MAX_ARGS, KERNEL_NAMES, KERNELS_SOURCE, NCCL_ID_BYTES, NcclCollective,
-        compile_kernels, nccl_probe, nccl_unique_id, probe,
+        CudaVector, KERNEL_MAX_ARGS, KERNEL_NAMES, KERNELS_SOURCE, KernelOnTimeline, NCCL_ID_BYTES,
+        NcclCollective, TimelineLaunch, compile_kernels, nccl_probe, nccl_unique_id, probe,
+        timeline_by_kernel,
     };
 }
 pub use backend::{

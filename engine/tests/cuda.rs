@@ -214,7 +214,7 @@ fn worst_relative_error(cpu: &[f32], gpu: &[f32], vocab: usize) -> f32 {
 fn every_kernel_compiles_with_nvrtc() {
     // sm_90a adds Hopper's warpgroup instructions to the MoE GEMMs.
     for arch in ["sm_90", "sm_90a"] {
-        let Some(ptx) = kernels_ptx("every_kernel_compiles_with_nvrtc", arch) else {
+        let Some(ptx) = kernels_ptx("every_kernel_compiles_with_nvrtc", arch, false) else {
             return;
         };
         if let Some(dir) = std::env::var_os("TANDEM_PTX_DIR") {
@@ -258,8 +258,8 @@ fn every_kernel_compiles_with_nvrtc() {
 
 /// The kernels' PTX for `arch`; `None` (printed) where libnvrtc is missing, unless
 /// `TANDEM_REQUIRE_NVRTC` is set.
-fn kernels_ptx(test: &str, arch: &'static str) -> Option<String> {
-    match compile_kernels(arch) {
+fn kernels_ptx(test: &str, arch: &'static str, timeline: bool) -> Option<String> {
+    match compile_kernels(arch, timeline) {
         Ok(ptx) => Some(ptx),
         Err(e) if std::env::var_os("TANDEM_REQUIRE_NVRTC").is_none() => {
             eprintln!("skipping {test}: {e}");
@@ -267,6 +267,36 @@ fn kernels_ptx(test: &str, arch: &'static str) -> Option<String> {
         }
         Err(e) => panic!("kernels did not compile for {arch}: {e}"),
     }
+}
+
+/// The timeline's build (`TANDEM_CUDA_TIMELINE=1`): every kernel records its launch at its
+/// wait for the previous one, so the host can pair each launch with a record.
+#[test]
+fn every_kernel_records_its_launch_in_the_timeline_build() {
+    let Some(ptx) = kernels_ptx(
+        "every_kernel_records_its_launch_in_the_timeline_build",
+        "sm_90a",
+        true,
+    ) else {
+        return;
+    };
+    for entry in ptx.split(".entry ").skip(1) {
+        let name = entry.split('(').next().unwrap_or(entry);
+        assert!(
+            entry.contains("%globaltimer") && entry.contains("%gridid"),
+            "kernel {name} records no launch in the timeline build"
+        );
+    }
+    let plain = kernels_ptx(
+        "every_kernel_records_its_launch_in_the_timeline_build",
+        "sm_90a",
+        false,
+    )
+    .expect("compiled once already");
+    assert!(
+        !plain.contains("%globaltimer"),
+        "the plain build records a timeline"
+    );
 }
 
 /// Kernels allowed to spill registers to local memory, and why; every other kernel must fit.
@@ -369,7 +399,7 @@ fn every_kernel_assembles_without_spilling() {
     let dir = std::env::temp_dir().join(format!("tandem-ptxas-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     for arch in ["sm_90", "sm_90a"] {
-        let Some(ptx) = kernels_ptx(test, arch) else {
+        let Some(ptx) = kernels_ptx(test, arch, false) else {
             return;
         };
         let source = dir.join(format!("{arch}.ptx"));

@@ -44,12 +44,14 @@ mod peer;
 mod profile;
 mod projection;
 mod sampling;
+mod timeline;
 
 pub use kernels::{KERNEL_NAMES, KERNELS_SOURCE, compile_kernels};
 pub use launch::MAX_ARGS as KERNEL_MAX_ARGS;
 pub use moe::CudaExpertCounters;
 pub use nccl::{NCCL_ID_BYTES, NcclCollective, nccl_probe, nccl_unique_id};
 pub use peer::CudaPeerKv;
+pub use timeline::{KernelOnTimeline, TimelineLaunch, timeline_by_kernel};
 
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
@@ -113,6 +115,9 @@ pub struct CudaBackend {
     dependent_launch: bool,
     /// Kernels launched twice, to measure their cost in the stream (`TANDEM_CUDA_REPEAT`).
     repeated: Vec<Kernel>,
+    /// The kernels launched since the timeline was last read, in order
+    /// (`TANDEM_CUDA_TIMELINE=1`).
+    timeline: Option<Mutex<Vec<&'static str>>>,
     /// Streaming multiprocessors: how many blocks one wave of a launch runs.
     multiprocessors: usize,
     reused_i32: ReusedUploads<i32>,
@@ -274,6 +279,7 @@ impl CudaBackend {
             hopper: (major, minor) == HOPPER,
             dependent_launch: launch::dependent_launch_enabled((major, minor)),
             repeated: launch::repeated_kernels()?,
+            timeline: timeline::timeline_enabled().then(Mutex::default),
             multiprocessors,
             reused_i32: ReusedUploads::default(),
             reused_f32: ReusedUploads::default(),

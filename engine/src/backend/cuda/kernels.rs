@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaContext, CudaFunction};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
-use super::{attention, device_error, moe};
+use super::{attention, device_error, moe, timeline};
 use crate::error::{EngineError, Result};
 
 /// The parts of `kernels/` concatenated in order, each after a `#line` directive so NVRTC's
@@ -124,8 +124,9 @@ fn kernel_arch((major, minor): (i32, i32)) -> String {
     }
 }
 
-/// Compiles the kernels for `arch` (`sm_90`, `sm_90a`, …) to PTX. Needs libnvrtc, not a GPU.
-pub fn compile_kernels(arch: &'static str) -> Result<String> {
+/// Compiles the kernels for `arch` (`sm_90`, `sm_90a`, …) to PTX, with the timeline's records
+/// where `timeline` (`TANDEM_CUDA_TIMELINE`). Needs libnvrtc, not a GPU.
+pub fn compile_kernels(arch: &'static str, timeline: bool) -> Result<String> {
     // SAFETY: only tries to dlopen libnvrtc.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(EngineError::DeviceUnavailable {
@@ -136,6 +137,11 @@ pub fn compile_kernels(arch: &'static str) -> Result<String> {
     let options = CompileOptions {
         arch: Some(arch),
         name: Some("tandem_kernels.cu".into()),
+        options: if timeline {
+            vec!["-DTANDEM_TIMELINE".into()]
+        } else {
+            Vec::new()
+        },
         ..CompileOptions::default()
     };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS_SOURCE, options)
@@ -155,13 +161,14 @@ fn cached_ptx(arch: &str) -> Result<Ptx> {
     }
     // NVRTC takes the architecture as a 'static str; there are only a few, each leaked once.
     let arch_static: &'static str = Box::leak(arch.to_owned().into_boxed_str());
-    let src = compile_kernels(arch_static)?;
+    let src = compile_kernels(arch_static, timeline::timeline_enabled())?;
     cache.insert(arch.to_owned(), src.clone());
     Ok(Ptx::from_src(src))
 }
 
 /// Every kernel, loaded for one device, indexed by [`Kernel`].
 pub(super) struct Kernels {
+    module: Arc<CudaModule>,
     functions: Vec<CudaFunction>,
 }
 
@@ -180,7 +187,7 @@ impl Kernels {
                     .map_err(|e| device_error(&format!("kernel {}", kernel.name()), e))
             })
             .collect::<Result<Vec<_>>>()?;
-        let kernels = Self { functions };
+        let kernels = Self { module, functions };
         for (kernel, bytes) in [
             (Kernel::AttentionPrefillMma, attention::FLASH_SHARED_BYTES),
             (
@@ -208,6 +215,11 @@ impl Kernels {
                 .map_err(|e| device_error(&format!("opting {name} in to its shared memory"), e))?;
         }
         Ok(kernels)
+    }
+
+    /// The module the kernels were loaded from (its globals: the timeline's records).
+    pub(super) fn module(&self) -> &Arc<CudaModule> {
+        &self.module
     }
 
     pub(super) fn get(&self, kernel: Kernel) -> &CudaFunction {

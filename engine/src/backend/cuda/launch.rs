@@ -6,6 +6,7 @@
 //! ramp with the previous kernel's tail.
 
 use std::ffi::c_void;
+use std::sync::PoisonError;
 
 use cudarc::driver::sys::{
     CUlaunchAttribute, CUlaunchAttributeID, CUlaunchAttributeValue, CUlaunchConfig,
@@ -207,6 +208,12 @@ impl<'a> Launch<'a> {
             }
             .result()
             .map_err(|e| device_error(name, e))?;
+            if let Some(timeline) = &backend.timeline {
+                timeline
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(name);
+            }
         }
         Ok(())
     }

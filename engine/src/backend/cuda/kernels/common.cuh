@@ -71,9 +71,40 @@ __device__ __forceinline__ void load8(float* v, const float* p) {
 // was written by a kernel that lets none launch before it is done (the KV cache's older
 // positions, which decode attention reads before its wait). Elsewhere
 // both are no-ops, and a kernel launched without the attribute passes the wait at once.
+#ifdef TANDEM_TIMELINE
+// The step's timeline (TANDEM_CUDA_TIMELINE=1 compiles it in): each launch's first block
+// records, at its wait for the previous kernel, the launch (%gridid) and the global clock
+// (ns) when it got there and when the wait let it go, so the host can tell how long each
+// kernel held the stream's critical path and how early its blocks were in place.
+#define TIMELINE_CAPACITY 65536
+__device__ unsigned long long timeline_records[TIMELINE_CAPACITY * 3];
+__device__ unsigned int timeline_count;
+
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+#endif
+
 __device__ __forceinline__ void wait_for_previous_kernel() {
+#ifdef TANDEM_TIMELINE
+    unsigned long long arrived = global_ns();
+#endif
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+#ifdef TANDEM_TIMELINE
+    if ((threadIdx.x | threadIdx.y | threadIdx.z | blockIdx.x | blockIdx.y | blockIdx.z) == 0) {
+        unsigned long long released = global_ns(), grid;
+        asm volatile("mov.u64 %0, %%gridid;" : "=l"(grid));
+        unsigned int slot = atomicAdd(&timeline_count, 1u);
+        if (slot < TIMELINE_CAPACITY) {
+            timeline_records[3 * slot] = grid;
+            timeline_records[3 * slot + 1] = arrived;
+            timeline_records[3 * slot + 2] = released;
+        }
+    }
 #endif
 }
 
