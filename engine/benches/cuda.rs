@@ -426,6 +426,32 @@ fn print_timeline(batch: usize, step: f64, launches: &[TimelineLaunch]) {
         total_ns as f64 / 1e3 / steps,
         step * 1e6
     );
+    // Every step launches the same kernels in the same order: each place in it, averaged.
+    let per_step = launches.len() / TIMED_STEPS;
+    let same_order = launches.len().is_multiple_of(TIMED_STEPS)
+        && launches.chunks(per_step).all(|one| {
+            one.iter()
+                .zip(&launches[..per_step])
+                .all(|(a, b)| a.kernel == b.kernel)
+        });
+    if !same_order {
+        println!("(the steps launched different kernels: no table by place in the step)");
+        return;
+    }
+    println!("\n| place in the step | kernel | µs | head start µs |");
+    println!("| ---: | --- | ---: | ---: |");
+    for place in 0..per_step {
+        let at_place = launches.iter().skip(place).step_by(per_step);
+        let (span, head): (u64, u64) = at_place
+            .map(|l| (l.span_ns.unwrap_or(0), l.head_start_ns))
+            .fold((0, 0), |(s, h), (ls, lh)| (s + ls, h + lh));
+        println!(
+            "| {place} | {} | {:.2} | {:.2} |",
+            launches[place].kernel,
+            span as f64 / 1e3 / steps,
+            head as f64 / 1e3 / steps
+        );
+    }
 }
 
 /// Bytes one decode step must read at least: the experts its tokens touch (expected distinct
