@@ -3,7 +3,9 @@
 //! the wait let it go (`wait_for_previous_kernel`, kernels/common.cuh). A launch's span on
 //! the critical path runs from its own release (the previous kernel's end) to the next
 //! launch's (its own end). ncu times kernels one at a time, and `TANDEM_CUDA_REPEAT` cannot
-//! repeat the kernels that update in place, so neither shows this.
+//! repeat the kernels that update in place, so neither shows this. cuBLAS's GEMMs (prefill,
+//! decode batches past 8) record nothing: their time lands in the span of the kernel before
+//! them.
 
 use std::collections::HashMap;
 use std::sync::{OnceLock, PoisonError};
