@@ -279,7 +279,7 @@ impl CudaBackend {
             hopper: (major, minor) == HOPPER,
             dependent_launch: launch::dependent_launch_enabled((major, minor)),
             repeated: launch::repeated_kernels()?,
-            timeline: timeline::timeline_enabled().then(Mutex::default),
+            timeline: timeline::timeline_enabled()?.then(Mutex::default),
             multiprocessors,
             reused_i32: ReusedUploads::default(),
             reused_f32: ReusedUploads::default(),

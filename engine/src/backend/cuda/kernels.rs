@@ -161,7 +161,7 @@ fn cached_ptx(arch: &str) -> Result<Ptx> {
     }
     // NVRTC takes the architecture as a 'static str; there are only a few, each leaked once.
     let arch_static: &'static str = Box::leak(arch.to_owned().into_boxed_str());
-    let src = compile_kernels(arch_static, timeline::timeline_enabled())?;
+    let src = compile_kernels(arch_static, timeline::timeline_enabled()?)?;
     cache.insert(arch.to_owned(), src.clone());
     Ok(Ptx::from_src(src))
 }

@@ -17,11 +17,23 @@ use crate::error::{EngineError, Result};
 /// error, not a silent cut.
 pub(super) const TIMELINE_CAPACITY: usize = 65_536;
 
-/// Whether `TANDEM_CUDA_TIMELINE=1` asks for the timeline. Read once: it decides how the
-/// process's kernels compile.
-pub(super) fn timeline_enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("TANDEM_CUDA_TIMELINE").is_ok_and(|v| v == "1"))
+/// Whether `TANDEM_CUDA_TIMELINE=1` asks for the timeline (unset or 0: no). Read once: it
+/// decides how the process's kernels compile.
+pub(super) fn timeline_enabled() -> Result<bool> {
+    static ENABLED: OnceLock<std::result::Result<bool, String>> = OnceLock::new();
+    ENABLED
+        .get_or_init(|| timeline_switch(std::env::var("TANDEM_CUDA_TIMELINE").ok().as_deref()))
+        .clone()
+        .map_err(EngineError::Unsupported)
+}
+
+/// The switch's value read: any other than 0 or 1 is refused, not taken for off.
+fn timeline_switch(value: Option<&str>) -> std::result::Result<bool, String> {
+    match value.map(str::trim) {
+        None | Some("" | "0") => Ok(false),
+        Some("1") => Ok(true),
+        Some(other) => Err(format!("TANDEM_CUDA_TIMELINE={other}: expected 0 or 1")),
+    }
 }
 
 /// One launch on the timeline.
@@ -191,6 +203,18 @@ mod tests {
         let error = launches_on_timeline(&[[1, 0, 5]], &["norm", "gemv"]).unwrap_err();
         assert!(
             error.to_string().contains("1 launches recorded, 2 made"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_switch_takes_0_or_1_and_refuses_anything_else() {
+        assert_eq!(timeline_switch(None), Ok(false));
+        assert_eq!(timeline_switch(Some("0")), Ok(false));
+        assert_eq!(timeline_switch(Some("1")), Ok(true));
+        let error = timeline_switch(Some("yes")).unwrap_err();
+        assert!(
+            error.contains("TANDEM_CUDA_TIMELINE=yes: expected 0 or 1"),
             "{error}"
         );
     }
