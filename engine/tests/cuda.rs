@@ -574,12 +574,13 @@ fn matrix<B: Backend>(b: &B, v: &mut Values, out: usize, inp: usize) -> B::Matri
     .expect("matrix")
 }
 
-/// Top-2 routing of `tokens` over 4 experts: two distinct experts a token, as top-k gives.
-fn top2_of_4(tokens: usize) -> Routing {
+/// Top-2 routing of `tokens` over `experts` experts: two distinct experts a token, as top-k
+/// gives.
+fn top2_of(experts: usize, tokens: usize) -> Routing {
     Routing {
         experts_per_token: 2,
         expert_ids: (0..tokens)
-            .flat_map(|i| [i % 4, (i + 1 + i / 4 % 3) % 4])
+            .flat_map(|i| [i % experts, (i + 1 + i / experts % (experts - 1)) % experts])
             .collect(),
         weights: (0..tokens)
             .flat_map(|i| [0.75 - (i % 40) as f32 * 0.01, 0.25 + (i % 40) as f32 * 0.01])
@@ -823,7 +824,7 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
             down: matrix(b, &mut v, hidden, 8),
         })
         .collect();
-    let routing = top2_of_4(rows);
+    let routing = top2_of(4, rows);
     out.push((
         "moe".into(),
         b.to_host(&b.moe_experts(&x, &routing, &experts).expect("moe"))
@@ -842,7 +843,7 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     out.push((
         "moe_few_long_rows".into(),
         b.to_host(
-            &b.moe_experts(&x_long, &top2_of_4(3), &long_experts)
+            &b.moe_experts(&x_long, &top2_of(4, 3), &long_experts)
                 .expect("moe"),
         )
         .expect("host"),
@@ -861,7 +862,7 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     out.push((
         "moe_one_token".into(),
         b.to_host(
-            &b.moe_experts(&x_one, &top2_of_4(1), &one_experts)
+            &b.moe_experts(&x_one, &top2_of(4, 1), &one_experts)
                 .expect("moe"),
         )
         .expect("host"),
@@ -869,7 +870,7 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     // 40 tokens (80 routing slots): the grouped GEMMs, like the 18 rows above.
     let many = 40;
     let x_many = tensor(b, many, hidden, v.take(many * hidden, 1.0));
-    let routing_many = top2_of_4(many);
+    let routing_many = top2_of(4, many);
     out.push((
         "moe_grouped".into(),
         b.to_host(
@@ -893,7 +894,28 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     out.push((
         "moe_wide_tiles".into(),
         b.to_host(
-            &b.moe_experts(&x_wide, &top2_of_4(wide), &wide_experts)
+            &b.moe_experts(&x_wide, &top2_of(4, wide), &wide_experts)
+                .expect("moe"),
+        )
+        .expect("host"),
+    ));
+
+    // 8192 tokens (16384 slots) over 64 experts of width 136 and hidden 264: ~150 wide row
+    // tiles of three column blocks each, more items than the persistent GEMMs' grid on
+    // Hopper (two blocks an SM), so blocks walk several items, their copies crossing from
+    // one item to the next; last column blocks partial in both GEMMs.
+    let (walk, hidden_k, inter_k, experts_k) = (8192, 264, 136, 64);
+    let walk_experts: Vec<ExpertWeights<B>> = (0..experts_k)
+        .map(|_| ExpertWeights {
+            gate_up: matrix(b, &mut v, 2 * inter_k, hidden_k),
+            down: matrix(b, &mut v, hidden_k, inter_k),
+        })
+        .collect();
+    let x_walk = tensor(b, walk, hidden_k, v.take(walk * hidden_k, 1.0));
+    out.push((
+        "moe_walked_tiles".into(),
+        b.to_host(
+            &b.moe_experts(&x_walk, &top2_of(experts_k, walk), &walk_experts)
                 .expect("moe"),
         )
         .expect("host"),
