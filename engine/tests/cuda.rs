@@ -588,6 +588,30 @@ fn top2_of(experts: usize, tokens: usize) -> Routing {
     }
 }
 
+/// A row of `moe_experts`: `experts` experts of width `inter` over `tokens` tokens of `hidden`
+/// values, routed by [`top2_of`].
+fn moe_row<B: Backend>(
+    b: &B,
+    v: &mut Values,
+    name: &str,
+    experts: usize,
+    tokens: usize,
+    hidden: usize,
+    inter: usize,
+) -> (String, Vec<f32>) {
+    let weights: Vec<ExpertWeights<B>> = (0..experts)
+        .map(|_| ExpertWeights {
+            gate_up: matrix(b, v, 2 * inter, hidden),
+            down: matrix(b, v, hidden, inter),
+        })
+        .collect();
+    let x = tensor(b, tokens, hidden, v.take(tokens * hidden, 1.0));
+    let y = b
+        .moe_experts(&x, &top2_of(experts, tokens), &weights)
+        .expect("moe");
+    (name.into(), b.to_host(&y).expect("host"))
+}
+
 /// `moe_routed` and `moe_routed_add_rms_norm` of `num_experts` experts of width 128, top-2,
 /// over each of `token_counts` tokens of 256 values, and the experts' counters after them.
 fn routed_outputs<B: Backend>(
@@ -832,41 +856,11 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     ));
     // 3 tokens of 2056 values (6 routing slots): matrix-vector products, gate and up rows
     // in eight parts a row of two loads a lane, the fifth part one chunk, three empty.
-    let long_hidden = 2056;
-    let long_experts: Vec<ExpertWeights<B>> = (0..4)
-        .map(|_| ExpertWeights {
-            gate_up: matrix(b, &mut v, 16, long_hidden),
-            down: matrix(b, &mut v, long_hidden, 8),
-        })
-        .collect();
-    let x_long = tensor(b, 3, long_hidden, v.take(3 * long_hidden, 1.0));
-    out.push((
-        "moe_few_long_rows".into(),
-        b.to_host(
-            &b.moe_experts(&x_long, &top2_of(4, 3), &long_experts)
-                .expect("moe"),
-        )
-        .expect("host"),
-    ));
+    out.push(moe_row(b, &mut v, "moe_few_long_rows", 4, 3, 2056, 8));
     // One token (2 slots, a group each: the batch-1 kernels) of 2056 values over experts of
     // width 1032: gate and up rows in four parts of four loads a lane, the third one chunk;
     // down rows in two rounds of 3 loads a lane, the second of 33 chunks.
-    let (one_hidden, one_inter) = (2056, 1032);
-    let one_experts: Vec<ExpertWeights<B>> = (0..4)
-        .map(|_| ExpertWeights {
-            gate_up: matrix(b, &mut v, 2 * one_inter, one_hidden),
-            down: matrix(b, &mut v, one_hidden, one_inter),
-        })
-        .collect();
-    let x_one = tensor(b, 1, one_hidden, v.take(one_hidden, 1.0));
-    out.push((
-        "moe_one_token".into(),
-        b.to_host(
-            &b.moe_experts(&x_one, &top2_of(4, 1), &one_experts)
-                .expect("moe"),
-        )
-        .expect("host"),
-    ));
+    out.push(moe_row(b, &mut v, "moe_one_token", 4, 1, 2056, 1032));
     // 40 tokens (80 routing slots): the grouped GEMMs, like the 18 rows above.
     let many = 40;
     let x_many = tensor(b, many, hidden, v.take(many * hidden, 1.0));
@@ -883,43 +877,13 @@ fn run_ops<B: Backend>(b: &B, head_dim: usize) -> Vec<(String, Vec<f32>)> {
     // 600 tokens (1200 slots: on Hopper the wide tiles) over experts whose widths are not
     // multiples of a tile: hidden 72 and width 136 leave a last k step of 8 values in both
     // GEMMs and a last column block of 8 gate/up columns (of 72 down rows).
-    let (wide, hidden_w, inter_w) = (600, 72, 136);
-    let wide_experts: Vec<ExpertWeights<B>> = (0..4)
-        .map(|_| ExpertWeights {
-            gate_up: matrix(b, &mut v, 2 * inter_w, hidden_w),
-            down: matrix(b, &mut v, hidden_w, inter_w),
-        })
-        .collect();
-    let x_wide = tensor(b, wide, hidden_w, v.take(wide * hidden_w, 1.0));
-    out.push((
-        "moe_wide_tiles".into(),
-        b.to_host(
-            &b.moe_experts(&x_wide, &top2_of(4, wide), &wide_experts)
-                .expect("moe"),
-        )
-        .expect("host"),
-    ));
+    out.push(moe_row(b, &mut v, "moe_wide_tiles", 4, 600, 72, 136));
 
     // 8192 tokens (16384 slots) over 64 experts of width 136 and hidden 264: ~150 wide row
-    // tiles of three column blocks each, more items than the persistent GEMMs' grid on
-    // Hopper (two blocks an SM), so blocks walk several items, their copies crossing from
-    // one item to the next; last column blocks partial in both GEMMs.
-    let (walk, hidden_k, inter_k, experts_k) = (8192, 264, 136, 64);
-    let walk_experts: Vec<ExpertWeights<B>> = (0..experts_k)
-        .map(|_| ExpertWeights {
-            gate_up: matrix(b, &mut v, 2 * inter_k, hidden_k),
-            down: matrix(b, &mut v, hidden_k, inter_k),
-        })
-        .collect();
-    let x_walk = tensor(b, walk, hidden_k, v.take(walk * hidden_k, 1.0));
-    out.push((
-        "moe_walked_tiles".into(),
-        b.to_host(
-            &b.moe_experts(&x_walk, &top2_of(experts_k, walk), &walk_experts)
-                .expect("moe"),
-        )
-        .expect("host"),
-    ));
+    // tiles of three column blocks each, ~450 (tile, column) items a GEMM, more than two
+    // blocks an SM hold at once (so a persistent GEMM's blocks would walk several, CUDA_NOTES
+    // v48); last column blocks partial in both GEMMs.
+    out.push(moe_row(b, &mut v, "moe_walked_tiles", 64, 8192, 264, 136));
 
     // Routed where the logits are: 8 experts of width 128, top-2, over 1 token (2 slots, a
     // group each), 4 tokens (8 slots: matrix-vector path), 10 (20 slots: grouped GEMMs, one row tile an expert), 300 (600

@@ -20,14 +20,7 @@
 #include <cmath>
 #include <cstring>
 
-#define CHECK(x)                                                                             \
-    do {                                                                                     \
-        cudaError_t e = (x);                                                                 \
-        if (e != cudaSuccess) {                                                              \
-            fprintf(stderr, "%s: %s (line %d)\n", #x, cudaGetErrorString(e), __LINE__);      \
-            exit(1);                                                                         \
-        }                                                                                    \
-    } while (0)
+#include "probe-check.cuh"
 
 typedef unsigned short bf16_t;
 

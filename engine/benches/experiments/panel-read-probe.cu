@@ -18,14 +18,7 @@
 #include <cstdlib>
 #include <vector>
 
-#define CHECK(x)                                                                             \
-    do {                                                                                     \
-        cudaError_t e = (x);                                                                 \
-        if (e != cudaSuccess) {                                                              \
-            fprintf(stderr, "%s: %s (line %d)\n", #x, cudaGetErrorString(e), __LINE__);      \
-            exit(1);                                                                         \
-        }                                                                                    \
-    } while (0)
+#include "probe-check.cuh"
 
 constexpr int EXPERTS = 128, ROWS = 1536, ROW_BYTES = 2048 * 2, PANEL_ROWS = 128;
 constexpr int STAGE_BYTES = 16 * 1024, STAGES = 3, THREADS = 256;
