@@ -1,6 +1,6 @@
 //! Engine throughput on the CPU backend, printed as a table of ratios against limits measured
 //! in the same run: the `gemm` crate's own rate on a square product (compute bound) and a
-//! plain memory read (bandwidth bound).
+//! plain memory read (bandwidth bound); and a model load against the same read.
 //!
 //! `cargo bench -p tandem-engine --bench forward` (add `-- --quick` for a smaller model).
 
@@ -76,6 +76,15 @@ fn main() {
 
     let dir = std::env::temp_dir().join(format!("tandem-bench-{}", std::process::id()));
     write_random_checkpoint(&dir, &config_json(&shape), 1).expect("synthetic checkpoint");
+    let (bytes, secs) = load_seconds(&dir);
+    println!("\n| model load (page cache warm) | checkpoint GB | s | GB/s | of copy bandwidth |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| Model::load, CPU backend | {:.2} | {secs:.2} | {:.2} | {:.0}% |",
+        bytes / 1e9,
+        bytes / secs / 1e9,
+        100.0 * bytes / secs / bandwidth
+    );
     println!("\n| batch | prefill tok/s | decode tok/s | decode step ms |");
     println!("|---|---|---|---|");
     for batch in BATCHES {
@@ -96,6 +105,22 @@ fn config_json(s: &Shape) -> serde_json::Value {
         "head_dim": 64, "num_experts": s.experts, "num_experts_per_tok": s.top_k, "norm_topk_prob": true,
         "max_position_embeddings": 4096, "dtype": "bfloat16"
     })
+}
+
+/// The checkpoint's bytes and the fastest of three loads of it (the first also warms the
+/// page cache): reading, widening to f32 and each backend's layout.
+fn load_seconds(dir: &std::path::Path) -> (f64, f64) {
+    let bytes = std::fs::metadata(dir.join("model.safetensors"))
+        .expect("checkpoint file")
+        .len() as f64;
+    let secs = (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            black_box(Model::load(dir, CpuBackend, &mut |_| {}).expect("model loads"));
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    (bytes, secs)
 }
 
 /// Repeats `f` until `MIN_MEASURE` has passed; returns seconds per call.

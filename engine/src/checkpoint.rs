@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use memmap2::Mmap;
+use rayon::prelude::*;
 use safetensors::tensor::{Dtype, Metadata, SafeTensors};
 use serde::Deserialize;
 
@@ -175,13 +176,43 @@ impl Checkpoint {
                 ),
             });
         }
-        let mut selected = Vec::new();
-        copy_box(bytes, elem, &info.shape, ranges, 0, 0, &mut selected);
+        let data = match contiguous_run(&info.shape, ranges) {
+            // A whole tensor or a run of its rows: widened where the file maps it.
+            Some(run) => widen(name, info.dtype, &bytes[run.start * elem..run.end * elem])?,
+            None => {
+                let mut selected = Vec::new();
+                copy_box(bytes, elem, &info.shape, ranges, 0, 0, &mut selected);
+                widen(name, info.dtype, &selected)?
+            }
+        };
         Ok(HostTensor {
             shape: ranges.iter().map(|r| r.len()).collect(),
-            data: widen(name, info.dtype, &selected)?,
+            data,
         })
     }
+}
+
+/// The box `ranges` of a row-major tensor of `shape` as one run of flat indices, where it is
+/// one: single indices on the leading axes, any range on the next, whole axes after it.
+fn contiguous_run(shape: &[usize], ranges: &[Range<usize>]) -> Option<Range<usize>> {
+    if shape.is_empty() {
+        // A 0-d tensor: one value.
+        return Some(0..1);
+    }
+    let whole_tail = shape
+        .iter()
+        .zip(ranges)
+        .rev()
+        .take_while(|(d, r)| r.start == 0 && r.end == **d)
+        .count();
+    // The axis that may take any range; those before it must take one index each.
+    let axis = (shape.len() - 1).saturating_sub(whole_tail);
+    if ranges[..axis].iter().any(|r| r.len() != 1) {
+        return None;
+    }
+    let stride = |i: usize| -> usize { shape[i + 1..].iter().product() };
+    let start: usize = (0..=axis).map(|i| ranges[i].start * stride(i)).sum();
+    Some(start..start + ranges[axis].len() * stride(axis))
 }
 
 /// Appends the bytes of the box `ranges` of a row-major tensor to `out`, axis by axis;
@@ -243,18 +274,27 @@ fn map_read_only(file: &File) -> std::io::Result<Mmap> {
     unsafe { Mmap::map(file) }
 }
 
+/// Values a thread widens at least: a model's weights (billions of values) take every core,
+/// a norm's vector one.
+const WIDEN_MIN_VALUES: usize = 1 << 16;
+
+/// Little-endian values as f32, on every core for large tensors (a checkpoint's load was
+/// mostly this loop, one value at a time).
 fn widen(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     let values = match dtype {
         Dtype::F32 => bytes
-            .chunks_exact(4)
+            .par_chunks_exact(4)
+            .with_min_len(WIDEN_MIN_VALUES)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
         Dtype::BF16 => bytes
-            .chunks_exact(2)
+            .par_chunks_exact(2)
+            .with_min_len(WIDEN_MIN_VALUES)
             .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
         Dtype::F16 => bytes
-            .chunks_exact(2)
+            .par_chunks_exact(2)
+            .with_min_len(WIDEN_MIN_VALUES)
             .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
         other => {
@@ -265,4 +305,28 @@ fn widen(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
         }
     };
     Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boxes_of_whole_trailing_axes_are_one_run() {
+        let shape = [4, 6, 8];
+        // The whole tensor, rows of its first axis, a part of one expert's rows.
+        assert_eq!(contiguous_run(&shape, &[0..4, 0..6, 0..8]), Some(0..192));
+        assert_eq!(contiguous_run(&shape, &[1..3, 0..6, 0..8]), Some(48..144));
+        assert_eq!(contiguous_run(&shape, &[2..3, 1..4, 0..8]), Some(104..128));
+        assert_eq!(contiguous_run(&shape, &[2..3, 5..6, 3..7]), Some(139..143));
+        // Columns of several rows, or several experts' parts, are not.
+        assert_eq!(contiguous_run(&shape, &[0..4, 0..6, 0..4]), None);
+        assert_eq!(contiguous_run(&shape, &[0..2, 1..4, 0..8]), None);
+        assert_eq!(contiguous_run(&[], &[]), Some(0..1));
+        let empty = 2..2;
+        assert_eq!(
+            contiguous_run(&[5], std::slice::from_ref(&empty)),
+            Some(2..2)
+        );
+    }
 }

@@ -20,6 +20,7 @@ use std::time::Instant;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig};
+use rayon::prelude::*;
 
 use crate::backend::{
     AttentionBatch, Backend, HeadTransforms, KvRows, KvSpec, ResidualNorm, RopeTable, RouteRule,
@@ -453,10 +454,12 @@ impl Backend for CudaBackend {
                 format!("shape {:?} is not 2-D", host.shape),
             ));
         };
-        // Round to nearest even, as torch converts.
+        // Round to nearest even, as torch converts; on every core (a model's load was
+        // mostly this loop and the checkpoint's widening).
         let bits: Vec<u16> = host
             .data
-            .iter()
+            .par_iter()
+            .with_min_len(1 << 16)
             .map(|&x| half::bf16::from_f32(x).to_bits())
             .collect();
         Ok(CudaMatrix {
