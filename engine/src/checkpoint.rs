@@ -274,9 +274,10 @@ fn map_read_only(file: &File) -> std::io::Result<Mmap> {
     unsafe { Mmap::map(file) }
 }
 
-/// Values a thread widens at least: a model's weights (billions of values) take every core,
-/// a norm's vector one.
-const WIDEN_MIN_VALUES: usize = 1 << 16;
+/// Values a thread converts at least where a tensor's are converted on every core (widened
+/// here, narrowed to bf16 by the CUDA backend): a model's weights take every core, a norm's
+/// vector one.
+pub(crate) const PARALLEL_MIN_VALUES: usize = 1 << 16;
 
 /// Little-endian values as f32, on every core for large tensors (a checkpoint's load was
 /// mostly this loop, one value at a time).
@@ -284,17 +285,17 @@ fn widen(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     let values = match dtype {
         Dtype::F32 => bytes
             .par_chunks_exact(4)
-            .with_min_len(WIDEN_MIN_VALUES)
+            .with_min_len(PARALLEL_MIN_VALUES)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
         Dtype::BF16 => bytes
             .par_chunks_exact(2)
-            .with_min_len(WIDEN_MIN_VALUES)
+            .with_min_len(PARALLEL_MIN_VALUES)
             .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
         Dtype::F16 => bytes
             .par_chunks_exact(2)
-            .with_min_len(WIDEN_MIN_VALUES)
+            .with_min_len(PARALLEL_MIN_VALUES)
             .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
         other => {

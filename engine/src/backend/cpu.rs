@@ -97,28 +97,26 @@ impl CpuTensor {
     }
 }
 
-/// Rows and columns of the tiles `CpuMatrix::from_rows` transposes.
-const TRANSPOSE_TILE: usize = 64;
+/// Input columns in each band `CpuMatrix::from_rows` transposes on one core.
+const TRANSPOSE_BAND: usize = 64;
 
 impl CpuMatrix {
-    /// Builds a matrix from `[out, in]` rows: bands of TRANSPOSE_TILE input columns on
-    /// separate cores, each filled TRANSPOSE_TILE rows at a time so its reads and writes stay
-    /// in cache (a value at a time down whole columns was most of a model's load).
+    /// Builds a matrix from `[out, in]` rows: bands of TRANSPOSE_BAND input columns on
+    /// separate cores, each written a short run of every row at a time, so the band's output
+    /// rows stay in cache (a value at a time down whole columns was most of a model's load).
     fn from_rows(out_dim: usize, in_dim: usize, rows: &[f32]) -> Self {
         let mut transposed = vec![0.0; rows.len()];
         if out_dim > 0 && in_dim > 0 {
             transposed
-                .par_chunks_mut(TRANSPOSE_TILE * out_dim)
+                .par_chunks_mut(TRANSPOSE_BAND * out_dim)
                 .enumerate()
                 .for_each(|(band, columns)| {
-                    let first = band * TRANSPOSE_TILE;
+                    let first = band * TRANSPOSE_BAND;
                     let width = columns.len() / out_dim;
-                    for o0 in (0..out_dim).step_by(TRANSPOSE_TILE) {
-                        for o in o0..(o0 + TRANSPOSE_TILE).min(out_dim) {
-                            let row = &rows[o * in_dim + first..o * in_dim + first + width];
-                            for (i, &value) in row.iter().enumerate() {
-                                columns[i * out_dim + o] = value;
-                            }
+                    for o in 0..out_dim {
+                        let row = &rows[o * in_dim + first..o * in_dim + first + width];
+                        for (i, &value) in row.iter().enumerate() {
+                            columns[i * out_dim + o] = value;
                         }
                     }
                 });
@@ -549,7 +547,7 @@ mod tests {
 
     #[test]
     fn matrices_are_stored_transposed_across_tile_edges() {
-        // Shapes across TRANSPOSE_TILE's edges, a single row and an empty matrix.
+        // Shapes across TRANSPOSE_BAND's edges, a single row and an empty matrix.
         for (out_dim, in_dim) in [(70, 130), (64, 64), (1, 5), (5, 1), (0, 3)] {
             let rows: Vec<f32> = (0..out_dim * in_dim).map(|x| x as f32).collect();
             let m = CpuMatrix::from_rows(out_dim, in_dim, &rows);

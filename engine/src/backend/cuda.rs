@@ -26,7 +26,7 @@ use crate::backend::{
     AttentionBatch, Backend, HeadTransforms, KvRows, KvSpec, ResidualNorm, RopeTable, RouteRule,
     Routing, check_scatter_rows,
 };
-use crate::checkpoint::HostTensor;
+use crate::checkpoint::{HostTensor, PARALLEL_MIN_VALUES};
 use crate::error::{EngineError, Result};
 use crate::parallel::Collective;
 use crate::parallel::host::host_collectives;
@@ -459,7 +459,7 @@ impl Backend for CudaBackend {
         let bits: Vec<u16> = host
             .data
             .par_iter()
-            .with_min_len(1 << 16)
+            .with_min_len(PARALLEL_MIN_VALUES)
             .map(|&x| half::bf16::from_f32(x).to_bits())
             .collect();
         Ok(CudaMatrix {
