@@ -63,29 +63,46 @@ __device__ __forceinline__ void gemm_row_sources(const bf16_t** row_src, const b
     }
 }
 
-// Queues one stage's copies of a grouped GEMM's tiles: values [k0 + column, k0 + column + 8)
-// of rows first_row + i · row_step (i < GEMM_COPIES, of A's BM rows fewer) of the A and B
-// tiles (sources from gemm_row_sources; zeros past the rows, the matrix or k) to a_dst and
-// b_dst plus i · row_step · row_bytes. A zero-filled copy names `a` or `w`, unread.
+// The 16-byte chunks one thread copies each stage: chunk `column` of rows first_row + i ·
+// row_step of the A and B tiles (of A's BM rows fewer), their sources from gemm_row_sources
+// (null past the rows or the matrix), held in registers rather than read from the table at
+// every stage (the barriers keep the compiler from hoisting those loads).
 template <int BM = GEMM_BM>
-__device__ __forceinline__ void queue_gemm_copies(const bf16_t* const* row_src, const bf16_t* a,
-                                                  const bf16_t* w, unsigned int a_dst,
-                                                  unsigned int b_dst, int row_bytes,
-                                                  int first_row, int row_step, int column,
-                                                  int k0, int k) {
-    bool in_k = k0 + column < k;
+struct GemmCopies {
+    static constexpr int A_COPIES = BM * GEMM_BK / 8 / GEMM_THREADS;
+    const bf16_t* a_src[A_COPIES];
+    const bf16_t* b_src[GEMM_COPIES];
+    __device__ __forceinline__ GemmCopies(const bf16_t* const* row_src, int first_row,
+                                          int row_step, int column) {
 #pragma unroll
-    for (int i = 0; i < GEMM_COPIES; i++) {
-        unsigned int at = i * row_step * row_bytes;
-        const bf16_t* src;
-        if (i < BM * GEMM_BK / 8 / GEMM_THREADS) {
-            src = row_src[first_row + i * row_step];
-            copy16_async_to(a_dst + at, in_k && src ? src + k0 + column : a, in_k && src);
+        for (int i = 0; i < A_COPIES; i++) {
+            const bf16_t* src = row_src[first_row + i * row_step];
+            a_src[i] = src ? src + column : nullptr;
         }
-        src = row_src[BM + first_row + i * row_step];
-        copy16_async_to(b_dst + at, in_k && src ? src + k0 + column : w, in_k && src);
+#pragma unroll
+        for (int i = 0; i < GEMM_COPIES; i++) {
+            const bf16_t* src = row_src[BM + first_row + i * row_step];
+            b_src[i] = src ? src + column : nullptr;
+        }
     }
-}
+    // Queues one stage's copies, values [k0 + column, k0 + column + 8) of each row, to a_dst
+    // and b_dst plus i · row_step · row_bytes; zeros past k (`in_k`: every output reads
+    // them; such a copy names `a` or `w`, unread). Rows past the tile or the matrix are not
+    // copied: their stale values reach only output rows or columns no epilogue stores, and
+    // zero-filling them took shared memory's bandwidth from the tiles' real rows.
+    __device__ __forceinline__ void queue(const bf16_t* a, const bf16_t* w, unsigned int a_dst,
+                                          unsigned int b_dst, int row_bytes, int row_step,
+                                          int k0, bool in_k) const {
+#pragma unroll
+        for (int i = 0; i < GEMM_COPIES; i++) {
+            unsigned int at = i * row_step * row_bytes;
+            if (i < A_COPIES && a_src[i]) {
+                copy16_async_to(a_dst + at, in_k ? a_src[i] + k0 : a, in_k);
+            }
+            if (b_src[i]) copy16_async_to(b_dst + at, in_k ? b_src[i] + k0 : w, in_k);
+        }
+    }
+};
 
 // Queues step `step`'s copies (load(stage, k0) of k values k0 …) into stage step % stages as
 // one commit group, empty past the last step, so every step waits for its own group alike.
@@ -125,10 +142,10 @@ __device__ __forceinline__ void grouped_gemm(const bf16_t* a, const int* a_rows,
     int first_row = tid / (GEMM_BK / 8);
     unsigned int a_dst = shared_address(&as[0][first_row][chunk]);
     unsigned int b_dst = shared_address(&bs[0][first_row][chunk]);
+    const GemmCopies<> copies(row_src, first_row, row_step, chunk);
     auto load = [&](int stage, int k0) {
-        queue_gemm_copies(row_src, a, w, a_dst + stage * sizeof(ATile),
-                          b_dst + stage * sizeof(BTile), GEMM_LD * 2, first_row, row_step, chunk,
-                          k0, k);
+        copies.queue(a, w, a_dst + stage * sizeof(ATile), b_dst + stage * sizeof(BTile),
+                     GEMM_LD * 2, row_step, k0, k0 + chunk < k);
     };
     float acc[GEMM_MI][GEMM_NI][4];
 #pragma unroll
@@ -293,10 +310,10 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const bf16_t* a, const int* a
     int first_row = tid / (GEMM_BK / 8);
     // row_step is a multiple of 8, so every row this thread copies swizzles its chunk alike.
     unsigned int dst = base + first_row * 128 + ((chunk ^ (first_row & 7)) << 4);
+    const GemmCopies<BM> copies(row_src, first_row, row_step, chunk * 8);
     auto load = [&](int stage, int k0) {
         unsigned int at = dst + stage * STAGE_BYTES;
-        queue_gemm_copies<BM>(row_src, a, w, at, at + BM * 128, 128, first_row, row_step,
-                              chunk * 8, k0, k);
+        copies.queue(a, w, at, at + BM * 128, 128, row_step, k0, k0 + chunk * 8 < k);
     };
     float d[4 * N8];
 #pragma unroll
