@@ -188,16 +188,18 @@ async fn serve_model<B: Backend>(
         .clone()
         .unwrap_or_else(|| grpc_addr.to_string());
     let description = describe(&args, default_role, &advertised, &served);
+    let config = args.engine_config(served.model().backend_name());
     tracing::info!(
         model = %served.name,
         dir = %served.dir.display(),
         device = %description.device,
+        max_batch_tokens = config.max_batch_tokens,
         seconds = started.elapsed().as_secs_f64(),
         "model loaded"
     );
     let d = &description;
     let (num_layers, kv_heads, head_dim) = (d.num_layers as usize, d.num_kv_heads, d.head_dim);
-    let engine = served.into_engines(args.engine_config())?;
+    let engine = served.into_engines(config)?;
     let shared_kv = if args.no_shared_kv {
         None
     } else {
