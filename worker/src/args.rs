@@ -178,7 +178,7 @@ impl WorkerArgs {
 /// `--max-batch-tokens` where it is not given: a GPU computes a whole prompt (up to the
 /// router's default `--max-prompt-tokens`) in one pass, the CPU in chunks that keep other
 /// sequences' steps coming.
-pub fn default_max_batch_tokens(backend: &str) -> usize {
+fn default_max_batch_tokens(backend: &str) -> usize {
     match backend {
         "cpu" => 512,
         _ => 8192,
