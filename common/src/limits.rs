@@ -4,12 +4,15 @@ use std::time::Duration;
 
 use clap::Args;
 
+/// `--max-prompt-tokens` unless given (GPU workers take prompts this long in one pass).
+pub const DEFAULT_MAX_PROMPT_TOKENS: u32 = 8192;
+
 /// Every limit a request is checked against. Flags `--max-prompt-tokens` etc., environment
 /// `TANDEM_MAX_PROMPT_TOKENS` etc., Helm `config.router.max-prompt-tokens` etc.
 #[derive(Debug, Clone, PartialEq, Args)]
 pub struct Limits {
     /// Most prompt tokens a request may have.
-    #[arg(long, env = "TANDEM_MAX_PROMPT_TOKENS", default_value_t = 8192)]
+    #[arg(long, env = "TANDEM_MAX_PROMPT_TOKENS", default_value_t = DEFAULT_MAX_PROMPT_TOKENS)]
     pub max_prompt_tokens: u32,
     /// Most tokens a request may ask to generate.
     #[arg(long, env = "TANDEM_MAX_NEW_TOKENS", default_value_t = 4096)]

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use tandem_common::generate::DeviceArg;
+use tandem_common::limits::DEFAULT_MAX_PROMPT_TOKENS;
 use tandem_engine::{DeviceChoice, EngineConfig, Sharding};
 
 /// Flags every worker takes.
@@ -181,7 +182,7 @@ impl WorkerArgs {
 fn default_max_batch_tokens(backend: &str) -> usize {
     match backend {
         "cpu" => 512,
-        _ => 8192,
+        _ => DEFAULT_MAX_PROMPT_TOKENS as usize,
     }
 }
 

@@ -89,7 +89,7 @@ struct GemmCopies {
     // and b_dst plus i · row_step · row_bytes; zeros past k (`in_k`: every output reads
     // them; such a copy names `a` or `w`, unread). Rows past the tile or the matrix are not
     // copied: their stale values reach only output rows or columns no epilogue stores, and
-    // zero-filling them took shared memory's bandwidth from the tiles' real rows.
+    // zero-filling them crowded the copy queue (MIO) the tiles' real rows go through.
     __device__ __forceinline__ void queue(const bf16_t* a, const bf16_t* w, unsigned int a_dst,
                                           unsigned int b_dst, int row_bytes, int row_step,
                                           int k0, bool in_k) const {
